@@ -1,0 +1,210 @@
+"""The one configuration object of a fedq run, validated once at the edge.
+
+Flower hands apps a flat mapping of kebab-case keys to TOML scalars (the
+``[tool.flwr.app.config]`` table of ``pyproject.toml``, ``--run-config`` overrides and,
+on each device, ``--node-config``). :func:`FedqConfig.from_mapping` turns such a mapping
+into a typed, frozen :class:`FedqConfig` and refuses anything it cannot trust with a
+:class:`ConfigError` that names the offending key, so no run starts training on a
+config that would fail (or silently misbehave) later.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+ConfigScalar = bool | int | float | str
+
+_LOSSES = ("huber", "mse")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, mistyped or out of range."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"config field '{key}': {problem}")
+        self.key = key
+
+
+def _check(predicate: Callable[[Any], bool], problem: str) -> Callable[[Any], str | None]:
+    return lambda value: None if predicate(value) else problem
+
+
+_positive = _check(lambda v: v > 0, "must be > 0")
+_non_negative = _check(lambda v: v >= 0, "must be >= 0")
+_at_least_one = _check(lambda v: v >= 1, "must be >= 1")
+_probability = _check(lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]")
+_open_unit = _check(lambda v: 0.0 < v <= 1.0, "must be in (0, 1]")
+
+
+def _opt(default: Any, doc: str, check: Callable[[Any], str | None] | None = None) -> Any:
+    return field(default=default, metadata={"doc": doc, "check": check})
+
+
+@dataclass(frozen=True)
+class FedqConfig:
+    """Everything that shapes a run: environment, learner, federation and outputs.
+
+    Field names map to config keys by replacing ``_`` with ``-`` (``learning_rate`` is
+    ``learning-rate``). Env-step counts are per device.
+    """
+
+    # --- environment -------------------------------------------------------------
+    env_id: str = _opt("CartPole-v1", "gymnasium id; Box observations, Discrete actions")
+    env_kwargs: dict[str, Any] = field(default_factory=dict, metadata={
+        "doc": "JSON object of keyword arguments for gymnasium.make", "check": None})
+    seed: int = _opt(0, "base seed; device k uses seed + 1000 * k", _non_negative)
+    # --- Q-network and DQN learner -------------------------------------------------
+    hidden_sizes: tuple[int, ...] = _opt(
+        (64, 64),
+        "comma-separated hidden layer widths of the MLP Q-network",
+        _check(lambda v: len(v) >= 1 and all(h >= 1 for h in v), "needs widths >= 1"),
+    )
+    learning_rate: float = _opt(1e-3, "Adam learning rate", _positive)
+    gamma: float = _opt(0.99, "discount factor", _open_unit)
+    buffer_size: int = _opt(50_000, "replay buffer capacity (transitions)", _at_least_one)
+    batch_size: int = _opt(64, "transitions per gradient step", _at_least_one)
+    learning_starts: int = _opt(1_000, "env steps before the first update", _non_negative)
+    train_frequency: int = _opt(1, "env steps between updates", _at_least_one)
+    gradient_steps: int = _opt(1, "gradient steps per update", _at_least_one)
+    target_update_interval: int = _opt(
+        250, "env steps between target-network syncs", _at_least_one
+    )
+    tau: float = _opt(1.0, "target sync weight (1 = hard copy, <1 = Polyak)", _open_unit)
+    double_dqn: bool = _opt(True, "use the Double DQN target")
+    loss: str = _opt(
+        "huber", "TD loss: huber or mse", _check(lambda v: v in _LOSSES, f"one of {_LOSSES}")
+    )
+    max_grad_norm: float = _opt(10.0, "gradient-norm clip", _positive)
+    exploration_initial_eps: float = _opt(1.0, "epsilon at step 0", _probability)
+    exploration_final_eps: float = _opt(0.02, "epsilon after the decay", _probability)
+    exploration_steps: int = _opt(
+        10_000, "device env steps of the linear epsilon decay", _non_negative
+    )
+    # --- federation ------------------------------------------------------------------
+    num_server_rounds: int = _opt(10, "federated rounds", _at_least_one)
+    local_steps: int = _opt(5_000, "env steps each client runs per round", _at_least_one)
+    fraction_train: float = _opt(1.0, "share of connected clients sampled per round", _open_unit)
+    min_available_clients: int = _opt(
+        1, "clients that must be connected before a round starts", _at_least_one
+    )
+    eval_episodes: int = _opt(10, "greedy episodes per client in federated evaluation",
+                              _at_least_one)
+    round_timeout: float = _opt(3600.0, "seconds to wait for replies in a round", _positive)
+    # --- outputs -----------------------------------------------------------------------
+    run_dir: str = _opt(
+        "runs/default", "where config, metrics, checkpoints and plots are written",
+        _check(lambda v: v.strip() != "", "must not be empty"),
+    )
+    resume: bool = _opt(False, "continue from the run directory's last checkpoint")
+    state_dir: str = _opt(
+        "", "device state directory (empty: <run-dir>/devices/<partition-id>)"
+    )
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, ConfigScalar]) -> FedqConfig:
+        """Parse and validate a flat kebab-case mapping; missing keys take defaults."""
+        known = {f.name.replace("_", "-"): f for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for key, raw in mapping.items():
+            if key not in known:
+                hint = difflib.get_close_matches(key, known, n=1)
+                suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
+                raise ConfigError(key, f"unknown key{suggestion}")
+            values[known[key].name] = _coerce(key, known[key].type, raw)
+        config = replace(cls(), **values)
+        config.validate()
+        return config
+
+    def with_overrides(self, mapping: Mapping[str, ConfigScalar]) -> FedqConfig:
+        """Return a copy with some keys overridden (e.g. a device's node config)."""
+        return FedqConfig.from_mapping({**self.to_mapping(), **mapping})
+
+    def validate(self) -> None:
+        """Check every field's range and the constraints between fields."""
+        for f in fields(self):
+            check = f.metadata.get("check")
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(_key(f.name), f"must be finite, got {value}")
+            problem = check(value) if check else None
+            if problem:
+                raise ConfigError(_key(f.name), f"{problem}, got {value!r}")
+        if self.batch_size > self.buffer_size:
+            raise ConfigError(
+                "batch-size", f"{self.batch_size} exceeds buffer-size {self.buffer_size}"
+            )
+        if self.exploration_final_eps > self.exploration_initial_eps:
+            raise ConfigError(
+                "exploration-final-eps",
+                f"{self.exploration_final_eps} exceeds exploration-initial-eps "
+                f"{self.exploration_initial_eps}",
+            )
+
+    def to_mapping(self) -> dict[str, ConfigScalar]:
+        """The flat kebab-case form (what ``pyproject.toml`` and Flower carry)."""
+        out: dict[str, ConfigScalar] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, tuple):
+                value = ",".join(str(v) for v in value)
+            elif isinstance(value, dict):
+                value = json.dumps(value, sort_keys=True)
+            out[_key(f.name)] = value
+        return out
+
+    @staticmethod
+    def describe() -> list[tuple[str, str, str]]:
+        """(key, default, meaning) rows, used by the README and ``--help`` output."""
+        rows = []
+        for key, value in FedqConfig().to_mapping().items():
+            doc = next(f.metadata["doc"] for f in fields(FedqConfig) if _key(f.name) == key)
+            rows.append((key, json.dumps(value), doc))
+        return rows
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _coerce(key: str, annotation: str, raw: Any) -> Any:
+    """Turn a TOML scalar into the field's type, refusing lossy or ambiguous input."""
+    kind = annotation.replace(" ", "")
+    if kind == "bool":
+        if isinstance(raw, bool):
+            return raw
+        raise ConfigError(key, f"expected true or false, got {raw!r}")
+    if isinstance(raw, bool):  # bool is an int subclass: never let True mean 1
+        raise ConfigError(key, f"expected a number, got {raw!r}")
+    if kind == "int":
+        if isinstance(raw, int):
+            return raw
+        if isinstance(raw, float) and raw.is_integer():
+            return int(raw)
+        raise ConfigError(key, f"expected an integer, got {raw!r}")
+    if kind == "float":
+        if isinstance(raw, int | float):
+            return float(raw)
+        raise ConfigError(key, f"expected a number, got {raw!r}")
+    if not isinstance(raw, str):
+        raise ConfigError(key, f"expected a string, got {raw!r}")
+    if kind == "str":
+        return raw
+    if kind == "tuple[int,...]":
+        try:
+            return tuple(int(part) for part in raw.split(",") if part.strip())
+        except ValueError:
+            raise ConfigError(key, f"expected comma-separated integers, got {raw!r}") from None
+    if kind == "dict[str,Any]":
+        try:
+            parsed = json.loads(raw) if raw.strip() else {}
+        except json.JSONDecodeError as err:
+            raise ConfigError(key, f"invalid JSON ({err.msg}): {raw!r}") from None
+        if not isinstance(parsed, dict):
+            raise ConfigError(key, f"expected a JSON object, got {raw!r}")
+        return parsed
+    raise TypeError(f"no parser for field type {annotation}")  # programming error

@@ -1,0 +1,104 @@
+"""The DQN learner: online and target Q-networks, the TD update and the epsilon schedule.
+
+Read top to bottom like CleanRL's ``dqn.py``, packaged as a component: the env loop
+lives in :mod:`common.trainer`, the transitions in :mod:`common.replay_buffer`.
+
+The TD target bootstraps on ``terminated`` only. A truncated transition (time limit)
+still bootstraps from its real next observation, because the episode did not end in
+the MDP's sense.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common.config import FedqConfig
+from common.networks import NumpyPolicy, QNetwork
+from common.replay_buffer import ReplayBuffer
+
+
+def linear_epsilon(step: int, initial: float, final: float, decay_steps: int) -> float:
+    """Epsilon after ``step`` env steps: linear from ``initial`` to ``final``, then flat."""
+    if decay_steps <= 0 or step >= decay_steps:
+        return final
+    return initial + (final - initial) * (step / decay_steps)
+
+
+def td_targets(rewards: torch.Tensor, next_q_online: torch.Tensor | None,
+               next_q_target: torch.Tensor, terminated: torch.Tensor, gamma: float) -> torch.Tensor:
+    """r + gamma * (1 - terminated) * Q_target(s', a*), shape (batch, 1).
+
+    With ``next_q_online`` given (Double DQN), a* is the online net's argmax and the
+    target net evaluates it; otherwise a* is the target net's own argmax.
+    """
+    if next_q_online is None:
+        next_value = next_q_target.max(dim=1, keepdim=True).values
+    else:
+        next_value = next_q_target.gather(1, next_q_online.argmax(dim=1, keepdim=True))
+    return rewards + gamma * (1.0 - terminated) * next_value
+
+
+class DQNLearner:
+    """Owns the networks and optimizer; one :meth:`update` is one gradient step."""
+
+    def __init__(self, obs_dim: int, n_actions: int, config: FedqConfig) -> None:
+        self.config = config
+        self.online = QNetwork(obs_dim, n_actions, config.hidden_sizes)
+        self.target = QNetwork(obs_dim, n_actions, config.hidden_sizes)
+        self.target.load_state_dict(self.online.state_dict())
+        self.target.requires_grad_(False)
+        # fused Adam: one kernel for all parameters instead of a Python loop per tensor
+        self.optimizer = torch.optim.Adam(self.online.parameters(), lr=config.learning_rate,
+                                          fused=True)
+        self.policy = NumpyPolicy(self.online)
+        self.loss_fn = F.smooth_l1_loss if config.loss == "huber" else F.mse_loss
+        self.params = list(self.online.parameters())
+
+    def bind(self, buffer: ReplayBuffer) -> None:
+        """Attach the buffer whose (shared-memory) batch tensors updates read."""
+        self.buffer = buffer
+        self._batch = buffer.batch_tensors()
+
+    def update(self) -> float:
+        """Sample a batch and take one gradient step; returns the loss."""
+        self.buffer.sample()
+        obs, actions, rewards, next_obs, terminated = self._batch
+        cfg = self.config
+        with torch.no_grad():
+            next_q_target = self.target(next_obs)
+            next_q_online = self.online(next_obs) if cfg.double_dqn else None
+            target = td_targets(rewards, next_q_online, next_q_target, terminated, cfg.gamma)
+        q = self.online(obs).gather(1, actions)
+        loss = self.loss_fn(q, target)
+        self.optimizer.zero_grad(set_to_none=False)
+        loss.backward()
+        nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm, foreach=True)
+        self.optimizer.step()
+        return loss.item()
+
+    @torch.no_grad()
+    def sync_target(self) -> None:
+        """Hard copy (tau = 1) or Polyak average of online into target."""
+        tau = self.config.tau
+        if tau >= 1.0:
+            self.target.load_state_dict(self.online.state_dict())
+            return
+        for t, o in zip(self.target.parameters(), self.params, strict=True):
+            t.lerp_(o, tau)
+
+    def load_online(self, state: dict[str, torch.Tensor], sync_target: bool = True) -> None:
+        """Load weights in place (the numpy policy keeps pointing at them)."""
+        self.online.load_state_dict(state)
+        if sync_target:
+            self.target.load_state_dict(self.online.state_dict())
+
+    def state_dict(self) -> dict:
+        return {"online": self.online.state_dict(), "target": self.target.state_dict(),
+                "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.online.load_state_dict(state["online"])
+        self.target.load_state_dict(state["target"])
+        self.optimizer.load_state_dict(state["optimizer"])

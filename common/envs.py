@@ -1,0 +1,59 @@
+"""Environment factory: gymnasium id + make kwargs, checked for what the DQN needs.
+
+The learner drives one plain (non-vector) gymnasium env, so there is no autoreset to
+get wrong: the final observation of an episode, whether it ended by ``terminated`` or
+by ``truncated``, is the one ``step`` returned, and the learner resets explicitly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+from common.config import ConfigError
+
+
+@dataclass(frozen=True)
+class EnvSpec:
+    """What the Q-network needs to know about an environment."""
+
+    obs_dim: int
+    n_actions: int
+
+
+def make_env(env_id: str, env_kwargs: dict[str, Any] | None = None) -> gym.Env:
+    """Create the env, turning gymnasium's errors into errors that name the config key."""
+    try:
+        env = gym.make(env_id, **(env_kwargs or {}))
+    except gym.error.Error as err:  # unknown id, missing dependency, bad version
+        known = sorted(k for k in gym.registry if "/" not in k)
+        raise ConfigError("env-id", f"cannot make {env_id!r}: {err}. Known ids include "
+                          f"{', '.join(known[:12])}, ...") from None
+    except TypeError as err:  # unexpected keyword argument
+        raise ConfigError("env-kwargs", f"{env_id!r} rejected {env_kwargs}: {err}") from None
+    check_spaces(env_id, env)
+    return env
+
+
+def check_spaces(env_id: str, env: gym.Env) -> EnvSpec:
+    """Refuse envs a DQN with an MLP cannot drive: non-Box observations, non-Discrete actions."""
+    obs_space, act_space = env.observation_space, env.action_space
+    if not isinstance(act_space, gym.spaces.Discrete):
+        raise ConfigError("env-id", f"{env_id!r} has action space {act_space}; "
+                          "DQN needs a Discrete action space")
+    if not isinstance(obs_space, gym.spaces.Box):
+        raise ConfigError("env-id", f"{env_id!r} has observation space {obs_space}; "
+                          "fedq needs a Box observation space")
+    return EnvSpec(obs_dim=int(np.prod(obs_space.shape)), n_actions=int(act_space.n))
+
+
+def env_spec(env_id: str, env_kwargs: dict[str, Any] | None = None) -> EnvSpec:
+    """Make the env once to read its spaces (also the config-time check of env-id)."""
+    env = make_env(env_id, env_kwargs)
+    try:
+        return check_spaces(env_id, env)
+    finally:
+        env.close()

@@ -1,0 +1,115 @@
+"""A numpy ring buffer of transitions, with sampling that allocates nothing per step.
+
+Sampling writes into preallocated batch arrays; :meth:`ReplayBuffer.batch_tensors`
+exposes torch views of those same arrays, so a DQN update reads the freshly sampled
+batch without copying or allocating tensors. The buffer saves to and loads from one
+``.npz`` file so a device's experience survives restarts.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.atomic import atomic_open
+
+_FORMAT_VERSION = 1
+
+
+class ReplayBuffer:
+    """Fixed-capacity FIFO store of (obs, action, reward, next_obs, terminated).
+
+    ``terminated`` is stored, not ``done``: a transition cut off by a time limit
+    (truncation) keeps bootstrapping from its next observation.
+    """
+
+    def __init__(self, capacity: int, obs_dim: int, batch_size: int, seed: int) -> None:
+        if capacity < 1 or obs_dim < 1 or batch_size < 1:
+            raise ValueError("capacity, obs_dim and batch_size must be >= 1")
+        self.capacity = capacity
+        self.obs_dim = obs_dim
+        self.batch_size = batch_size
+        self.obs = np.zeros((capacity, obs_dim), dtype=np.float32)
+        self.next_obs = np.zeros((capacity, obs_dim), dtype=np.float32)
+        self.actions = np.zeros(capacity, dtype=np.int64)
+        self.rewards = np.zeros(capacity, dtype=np.float32)
+        self.terminated = np.zeros(capacity, dtype=np.float32)
+        self.pos = 0
+        self.size = 0
+        self.rng = np.random.default_rng(seed)
+        self._idx = np.empty(batch_size, dtype=np.int64)
+        self._b_obs = np.empty((batch_size, obs_dim), dtype=np.float32)
+        self._b_next_obs = np.empty((batch_size, obs_dim), dtype=np.float32)
+        self._b_actions = np.empty((batch_size, 1), dtype=np.int64)
+        self._b_rewards = np.empty((batch_size, 1), dtype=np.float32)
+        self._b_terminated = np.empty((batch_size, 1), dtype=np.float32)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def add(self, obs: np.ndarray, action: int, reward: float, next_obs: np.ndarray,
+            terminated: bool) -> None:
+        """Store one transition, overwriting the oldest once full."""
+        i = self.pos
+        self.obs[i] = obs.reshape(-1)
+        self.next_obs[i] = next_obs.reshape(-1)
+        self.actions[i] = action
+        self.rewards[i] = reward
+        self.terminated[i] = terminated
+        self.pos = (i + 1) % self.capacity
+        if self.size < self.capacity:
+            self.size += 1
+
+    def sample(self) -> None:
+        """Draw ``batch_size`` transitions uniformly (with replacement) into the batch arrays."""
+        if self.size == 0:
+            raise RuntimeError("cannot sample from an empty replay buffer")
+        idx = self._idx
+        idx[:] = self.rng.integers(0, self.size, size=self.batch_size)
+        np.take(self.obs, idx, axis=0, out=self._b_obs)
+        np.take(self.next_obs, idx, axis=0, out=self._b_next_obs)
+        np.take(self.actions, idx, out=self._b_actions[:, 0])
+        np.take(self.rewards, idx, out=self._b_rewards[:, 0])
+        np.take(self.terminated, idx, out=self._b_terminated[:, 0])
+
+    def batch_tensors(self) -> tuple[torch.Tensor, ...]:
+        """Torch views (shared memory) of the batch arrays: obs, actions, rewards, next_obs,
+        terminated. Call once; every :meth:`sample` refreshes their contents in place."""
+        return tuple(torch.from_numpy(a) for a in (
+            self._b_obs, self._b_actions, self._b_rewards, self._b_next_obs, self._b_terminated))
+
+    def save(self, path: Path) -> None:
+        """Write atomically (temp file + rename) so a crash never leaves a torn buffer."""
+        n = self.size
+        with atomic_open(path) as fh:
+            np.savez(fh, version=_FORMAT_VERSION, capacity=self.capacity, pos=self.pos,
+                     obs=self.obs[:n], next_obs=self.next_obs[:n], actions=self.actions[:n],
+                     rewards=self.rewards[:n], terminated=self.terminated[:n],
+                     rng_state=np.frombuffer(
+                         repr(self.rng.bit_generator.state).encode(), dtype=np.uint8))
+
+    def load(self, path: Path) -> None:
+        """Restore contents, write position and sampling RNG exactly (same capacity), or
+        keep the newest transitions if the capacity changed."""
+        with np.load(path, allow_pickle=False) as data:
+            if int(data["version"]) != _FORMAT_VERSION:
+                raise ValueError(f"{path}: unsupported replay buffer format {data['version']}")
+            if data["obs"].shape[1:] != (self.obs_dim,):
+                raise ValueError(f"{path}: stored observations have shape "
+                                 f"{data['obs'].shape[1:]}, expected ({self.obs_dim},)")
+            stored, pos = len(data["actions"]), int(data["pos"])
+            same_layout = int(data["capacity"]) == self.capacity
+            wrapped = stored == int(data["capacity"])
+            order = (np.arange(pos - stored, pos) % stored if wrapped and not same_layout
+                     else np.arange(stored))  # oldest first, unless the layout is kept
+            n = min(stored, self.capacity)
+            for name in ("obs", "next_obs", "actions", "rewards", "terminated"):
+                getattr(self, name)[:n] = data[name][order[-n:]]
+            state = bytes(data["rng_state"]).decode()
+        self.size = n
+        self.pos = pos % self.capacity if same_layout else n % self.capacity
+        # repr() of a bit-generator state is a dict of str/int literals only
+        self.rng.bit_generator.state = ast.literal_eval(state)

@@ -1,0 +1,192 @@
+"""The local DQN loop on one device: act, step the env, store, update, sync the target.
+
+:class:`LocalTrainer` is what a Flower client runs each round and what the single-agent
+benchmarks run directly. Its whole learning state (networks, optimizer, replay buffer,
+step counters, RNGs) saves to a directory and loads back, so a device that restarts
+continues exactly where its last completed round left it.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.atomic import atomic_open, atomic_write_text
+from common.config import FedqConfig
+from common.dqn import DQNLearner, linear_epsilon
+from common.envs import check_spaces, make_env
+from common.replay_buffer import ReplayBuffer
+
+_LEARNER_FILE = "learner.pt"
+_BUFFER_FILE = "replay_buffer.npz"
+_COUNTERS_FILE = "counters.json"
+_POINTER_FILE = "CURRENT"
+
+
+@dataclass
+class Counters:
+    """Lifetime totals of a device, persisted with its state."""
+
+    env_steps: int = 0
+    updates: int = 0
+    episodes: int = 0
+    rounds: int = 0
+
+
+@dataclass
+class TrainStats:
+    """What one :meth:`LocalTrainer.train` call did (all scalars leave the device)."""
+
+    env_steps: int
+    updates: int
+    mean_loss: float
+    episode_returns: list[float] = field(default_factory=list)
+    epsilon: float = 0.0
+    seconds: float = 0.0
+
+
+class LocalTrainer:
+    """One device's DQN: its env, replay buffer, learner and counters."""
+
+    def __init__(self, config: FedqConfig, seed: int) -> None:
+        self.config = config
+        self.seed = seed
+        self.env = make_env(config.env_id, config.env_kwargs)
+        spec = check_spaces(config.env_id, self.env)
+        torch.manual_seed(seed)
+        self.learner = DQNLearner(spec.obs_dim, spec.n_actions, config)
+        self.buffer = ReplayBuffer(config.buffer_size, spec.obs_dim, config.batch_size, seed)
+        self.learner.bind(self.buffer)
+        self.counters = Counters()
+        self.rng = random.Random(seed)
+        self.n_actions = spec.n_actions
+        self._obs: np.ndarray | None = None
+        self._episode_return = 0.0
+
+    def epsilon(self) -> float:
+        c = self.config
+        return linear_epsilon(self.counters.env_steps, c.exploration_initial_eps,
+                              c.exploration_final_eps, c.exploration_steps)
+
+    def train(self, n_steps: int) -> TrainStats:
+        """Run ``n_steps`` env steps with epsilon-greedy acting and DQN updates."""
+        c, counters, env, buffer, learner = (
+            self.config, self.counters, self.env, self.buffer, self.learner)
+        rng_random, policy_act, n_actions = self.rng.random, learner.policy.act, self.n_actions
+        eps_start, eps_end, eps_steps = (
+            c.exploration_initial_eps, c.exploration_final_eps, c.exploration_steps)
+        start_time = time.perf_counter()
+        returns: list[float] = []
+        loss_sum, n_updates = 0.0, 0
+        if self._obs is None:
+            self._obs, _ = env.reset(seed=self.seed + counters.episodes)
+            self._episode_return = 0.0
+        obs, episode_return = self._obs, self._episode_return
+        step = counters.env_steps
+        for _ in range(n_steps):
+            if rng_random() < linear_epsilon(step, eps_start, eps_end, eps_steps):
+                action = int(rng_random() * n_actions)
+            else:
+                action = policy_act(obs)
+            next_obs, reward, terminated, truncated, _ = env.step(action)
+            buffer.add(obs, action, float(reward), next_obs, terminated)
+            episode_return += float(reward)
+            step += 1
+            if terminated or truncated:
+                returns.append(episode_return)
+                counters.episodes += 1
+                obs, _ = env.reset()
+                episode_return = 0.0
+            else:
+                obs = next_obs
+            if step > c.learning_starts and step % c.train_frequency == 0:
+                for _ in range(c.gradient_steps):
+                    loss_sum += learner.update()
+                    n_updates += 1
+            if step % c.target_update_interval == 0:
+                learner.sync_target()
+        self._obs, self._episode_return = obs, episode_return
+        counters.env_steps = step
+        counters.updates += n_updates
+        return TrainStats(env_steps=n_steps, updates=n_updates,
+                          mean_loss=loss_sum / n_updates if n_updates else float("nan"),
+                          episode_returns=returns, epsilon=self.epsilon(),
+                          seconds=time.perf_counter() - start_time)
+
+    def evaluate(self, n_episodes: int, seed: int | None = None) -> list[float]:
+        """Greedy returns over ``n_episodes`` on a separate env instance."""
+        env = make_env(self.config.env_id, self.config.env_kwargs)
+        act = self.learner.policy.act
+        base = (self.seed + 10**6) if seed is None else seed
+        returns = []
+        try:
+            for episode in range(n_episodes):
+                obs, _ = env.reset(seed=base + episode)
+                total, done = 0.0, False
+                while not done:
+                    obs, reward, terminated, truncated, _ = env.step(act(obs))
+                    total += float(reward)
+                    done = terminated or truncated
+                returns.append(total)
+        finally:
+            env.close()
+        return returns
+
+    # --- persistence -------------------------------------------------------------------
+    def save(self, directory: Path) -> None:
+        """Write the whole state as a new generation, then flip the ``CURRENT`` pointer.
+
+        The pointer is replaced atomically after every file of the generation is on
+        disk, so a crash at any moment leaves either the old or the new state complete,
+        never a mix of both.
+        """
+        directory.mkdir(parents=True, exist_ok=True)
+        current = _current_generation(directory)
+        generation = f"gen-{(int(current[4:]) + 1) if current else 1:06d}"
+        target = directory / generation
+        target.mkdir(exist_ok=True)
+        state = {"learner": self.learner.state_dict(), "python_rng": self.rng.getstate(),
+                 "torch_rng": torch.get_rng_state()}
+        with atomic_open(target / _LEARNER_FILE) as fh:
+            torch.save(state, fh)
+        self.buffer.save(target / _BUFFER_FILE)
+        atomic_write_text(target / _COUNTERS_FILE, json.dumps(asdict(self.counters)))
+        atomic_write_text(directory / _POINTER_FILE, generation)
+        for old in directory.glob("gen-*"):
+            if old.name != generation:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def load(self, directory: Path) -> bool:
+        """Restore the state :meth:`save` last completed; False if there is none yet."""
+        generation = _current_generation(directory)
+        if generation is None:
+            return False
+        source = directory / generation
+        state = torch.load(source / _LEARNER_FILE, weights_only=True)
+        self.learner.load_state_dict(state["learner"])
+        self.rng.setstate(_as_tuples(state["python_rng"]))
+        torch.set_rng_state(state["torch_rng"])
+        self.buffer.load(source / _BUFFER_FILE)
+        self.counters = Counters(**json.loads((source / _COUNTERS_FILE).read_text()))
+        self._obs = None
+        return True
+
+    def close(self) -> None:
+        self.env.close()
+
+
+def _current_generation(directory: Path) -> str | None:
+    pointer = directory / _POINTER_FILE
+    return pointer.read_text().strip() if pointer.exists() else None
+
+
+def _as_tuples(value: object) -> object:
+    """``random.setstate`` wants tuples; a torch round-trip may hand back lists."""
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, list | tuple) else value

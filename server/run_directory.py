@@ -1,0 +1,116 @@
+"""A run's outputs on disk: resolved config, per-round metrics, checkpoints, plot.
+
+Layout of ``<run-dir>``::
+
+    config.json            the resolved config of the run
+    metrics.jsonl          one JSON object per completed round
+    checkpoints/round-NNNN.pt   global Q-network after round NNNN (last few kept)
+    checkpoints/LATEST     name of the newest complete checkpoint
+    learning_curve.png     written when the run ends
+    devices/<name>/        simulated devices' state (replay buffer, learner, counters)
+
+A round is logged to ``metrics.jsonl`` first and checkpointed second. On resume, rows
+past the newest checkpoint (a round whose checkpoint never landed) are dropped, so the
+resumed run repeats exactly that round and the file has no gaps or duplicates.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.atomic import atomic_open, atomic_write_text
+from common.config import FedqConfig
+
+_KEEP_CHECKPOINTS = 3
+
+
+class RunDirectoryError(RuntimeError):
+    """The run directory cannot be used as asked (e.g. resume with another config)."""
+
+
+class RunDirectory:
+    """Reads and writes one run's outputs."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.config_path = root / "config.json"
+        self.metrics_path = root / "metrics.jsonl"
+        self.checkpoints = root / "checkpoints"
+        self.plot_path = root / "learning_curve.png"
+
+    def start(self, config: FedqConfig) -> int:
+        """Prepare for a run; returns the last completed round (0 for a fresh run).
+
+        A fresh run refuses a directory that already holds metrics, so results are never
+        overwritten by accident; ``resume = true`` continues it instead.
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.checkpoints.mkdir(exist_ok=True)
+        last_round = self.latest_round()
+        if not config.resume:
+            if self.metrics_path.exists() or last_round:
+                raise RunDirectoryError(
+                    f"run-dir '{self.root}' already holds a run; set resume=true to continue "
+                    "it or choose another run-dir")
+        elif self.config_path.exists():
+            _check_resumable(json.loads(self.config_path.read_text()), config)
+        atomic_write_text(self.config_path, json.dumps(config.to_mapping(), indent=2) + "\n")
+        self._truncate_metrics(last_round)
+        return last_round
+
+    # --- metrics ----------------------------------------------------------------------
+    def append_metrics(self, row: dict[str, Any]) -> None:
+        with open(self.metrics_path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        if not self.metrics_path.exists():
+            return []
+        rows = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line torn by a crash mid-write
+                break
+        return rows
+
+    def _truncate_metrics(self, last_round: int) -> None:
+        rows = [r for r in self.read_metrics() if r["round"] <= last_round]
+        atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
+
+    # --- checkpoints ------------------------------------------------------------------
+    def save_checkpoint(self, server_round: int, state_dict: dict[str, torch.Tensor],
+                        extra: dict[str, Any]) -> Path:
+        path = self.checkpoints / f"round-{server_round:04d}.pt"
+        with atomic_open(path) as fh:
+            torch.save({"round": server_round, "state_dict": state_dict, **extra}, fh)
+        atomic_write_text(self.checkpoints / "LATEST", path.name)
+        for old in sorted(self.checkpoints.glob("round-*.pt"))[:-_KEEP_CHECKPOINTS]:
+            old.unlink()
+        return path
+
+    def latest_round(self) -> int:
+        pointer = self.checkpoints / "LATEST"
+        if not pointer.exists():
+            return 0
+        return int(pointer.read_text().strip()[len("round-"):-len(".pt")])
+
+    def load_checkpoint(self, server_round: int | None = None) -> dict[str, Any]:
+        server_round = self.latest_round() if server_round is None else server_round
+        return torch.load(self.checkpoints / f"round-{server_round:04d}.pt", weights_only=True)
+
+
+def _check_resumable(saved: dict[str, Any], config: FedqConfig) -> None:
+    """Resuming may extend or tweak a run, but not change what the weights mean."""
+    now = config.to_mapping()
+    for key in ("env-id", "hidden-sizes"):
+        if saved.get(key) != now[key]:
+            raise RunDirectoryError(f"cannot resume: config field '{key}' was "
+                                    f"{saved.get(key)!r}, now {now[key]!r}")

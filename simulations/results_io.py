@@ -1,0 +1,72 @@
+"""Where benchmarks put their results: a JSON file for machines, a markdown table for
+people, both stamped with the exact command and the software that produced them."""
+
+from __future__ import annotations
+
+import json
+import platform
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from common.atomic import atomic_write_text
+
+RESULTS_ROOT = Path(__file__).resolve().parent / "results"
+
+
+def environment() -> dict[str, str]:
+    import flwr
+    import gymnasium
+    import numpy
+    import torch
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "flwr": flwr.__version__, "gymnasium": gymnasium.__version__,
+            "numpy": numpy.__version__, "machine": platform.machine(),
+            "cpu": _cpu_model()}
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def command_line() -> str:
+    return "python -m " + _module_name() + " " + shlex.join(sys.argv[1:])
+
+
+def _module_name() -> str:
+    main = Path(sys.argv[0]).resolve()
+    try:
+        rel = main.relative_to(RESULTS_ROOT.parent.parent)
+    except ValueError:
+        return str(main)
+    return ".".join(rel.with_suffix("").parts)
+
+
+def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:,.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_results(name: str, payload: dict[str, Any], markdown: str) -> Path:
+    """Write ``results/<name>/results.json`` and ``results.md``; returns the folder."""
+    folder = RESULTS_ROOT / name
+    folder.mkdir(parents=True, exist_ok=True)
+    payload = {"command": command_line(), "environment": environment(), **payload}
+    atomic_write_text(folder / "results.json", json.dumps(payload, indent=2) + "\n")
+    header = f"Command: `{payload['command']}`\n\nEnvironment: {payload['environment']}\n\n"
+    atomic_write_text(folder / "results.md", header + markdown + "\n")
+    return folder

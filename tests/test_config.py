@@ -1,0 +1,79 @@
+"""Bad config fails before training, with a message that names the field; the defaults
+in pyproject.toml are exactly the config object's defaults."""
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from common.config import ConfigError, FedqConfig
+from common.envs import env_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_pyproject_app_config_lists_every_key_with_its_default():
+    app_config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"][
+        "config"]
+    assert app_config == FedqConfig().to_mapping()
+
+
+def test_round_trip_through_the_flat_mapping():
+    cfg = FedqConfig.from_mapping({"hidden-sizes": "32,16", "env-kwargs": '{"a": 1}'})
+    assert cfg.hidden_sizes == (32, 16) and cfg.env_kwargs == {"a": 1}
+    assert FedqConfig.from_mapping(cfg.to_mapping()) == cfg
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("learning-rate", -0.001, "must be > 0"),
+    ("learning-rate", float("nan"), "finite"),
+    ("min-available-clients", 0, "must be >= 1"),
+    ("num-server-rounds", 0, "must be >= 1"),
+    ("local-steps", 2.5, "expected an integer"),
+    ("gamma", 1.5, "(0, 1]"),
+    ("batch-size", True, "expected a number"),
+    ("double-dqn", "yes", "true or false"),
+    ("hidden-sizes", "64,x", "comma-separated integers"),
+    ("hidden-sizes", "0", "widths >= 1"),
+    ("env-kwargs", "[1, 2]", "JSON object"),
+    ("env-kwargs", "{bad", "invalid JSON"),
+    ("loss", "l1", "one of"),
+    ("exploration-final-eps", 1.2, "[0, 1]"),
+    ("run-dir", " ", "must not be empty"),
+])
+def test_bad_values_name_the_field(key, value, message):
+    with pytest.raises(ConfigError, match=f"config field '{key}'") as err:
+        FedqConfig.from_mapping({key: value})
+    assert message in str(err.value)
+
+
+def test_unknown_key_is_refused_with_a_suggestion():
+    with pytest.raises(ConfigError, match=r"'learning-rte': unknown key.*learning-rate"):
+        FedqConfig.from_mapping({"learning-rte": 0.1})
+
+
+def test_cross_field_constraints():
+    with pytest.raises(ConfigError, match=r"'batch-size'.*exceeds buffer-size"):
+        FedqConfig.from_mapping({"batch-size": 128, "buffer-size": 64})
+    with pytest.raises(ConfigError, match="'exploration-final-eps'"):
+        FedqConfig.from_mapping({"exploration-initial-eps": 0.1, "exploration-final-eps": 0.5})
+
+
+def test_unknown_env_id_names_env_id():
+    with pytest.raises(ConfigError, match=r"'env-id'.*CartPol-v9"):
+        env_spec("CartPol-v9")
+
+
+def test_continuous_action_space_is_refused():
+    with pytest.raises(ConfigError, match=r"'env-id'.*Discrete action space"):
+        env_spec("Pendulum-v1")
+
+
+def test_bad_make_kwargs_name_env_kwargs():
+    with pytest.raises(ConfigError, match="'env-kwargs'"):
+        env_spec("CartPole-v1", {"no_such_option": 3})
+
+
+def test_env_spec_reads_the_spaces():
+    spec = env_spec("Acrobot-v1")
+    assert (spec.obs_dim, spec.n_actions) == (6, 3)
