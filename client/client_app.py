@@ -5,18 +5,29 @@ network and re-sync the target network to them, run ``local-steps`` env steps, s
 the state, reply with the online weights and scalar metrics. Evaluate: greedy episodes
 of the global model on the device's own env. Only weights and scalars leave the device;
 the replay buffer never does.
+
+The train reply also carries the device's lifetime (epsilon, delta) ((inf, 0) without
+``dp-enabled``) and the accountant segments this round added. A device whose next round
+would exceed its ``dp-target-epsilon`` replies with an error (code
+``PRIVACY_BUDGET_ERROR_CODE``) that says why, and keeps answering evaluation. An error
+reply, not a zero-weight one: Flower's FedAvg leaves error replies out of aggregation,
+while a ``num-examples`` of 0 would divide by zero when every device declines.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 
 import numpy as np
 import torch
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.supercore import log
 
 from client.device import Device, device_from_context
+from common.privacy import PRIVACY_BUDGET_ERROR_CODE, PrivacyBudgetExhausted, PrivacyReport
 from common.trainer import LocalTrainer
 from common.weights import to_record, to_state_dict
 
@@ -43,11 +54,18 @@ def train(msg: Message, context: Context) -> Message:
     trainer = _load_trainer(device)
     trainer.learner.load_online(_global_weights(msg, trainer), sync_target=True)
     local_steps = int(msg.content["config"].get("local-steps", device.config.local_steps))
-    stats = trainer.train(local_steps)
+    try:
+        stats = trainer.train(local_steps)
+    except PrivacyBudgetExhausted as declined:
+        trainer.close()
+        log(logging.WARNING, "[fedq] %s: %s", device.name, declined)
+        return Message(Error(code=PRIVACY_BUDGET_ERROR_CODE, reason=str(declined)),
+                       reply_to=msg)
     trainer.counters.rounds += 1
     trainer.save(device.state_dir)
     returns = stats.episode_returns
     metrics = MetricRecord({
+        **_privacy_metrics(stats.privacy),
         "num-examples": stats.env_steps,  # FedAvg weight: env steps collected this round
         "env-steps-total": trainer.counters.env_steps,
         "updates": stats.updates,
@@ -63,6 +81,33 @@ def train(msg: Message, context: Context) -> Message:
     trainer.close()
     return Message(RecordDict({"arrays": to_record(trainer.learner.online), "metrics": metrics}),
                    reply_to=msg)
+
+
+def _privacy_metrics(
+    report: PrivacyReport | None,
+) -> dict[str, float | int | list[float] | list[int]]:
+    """The device's lifetime (epsilon, delta), and this round's accountant segments so
+    anyone can recompute epsilon from the logged replies.
+
+    A device without DP reports (inf, 0) and empty segments rather than leaving the keys
+    out: Flower's strategies refuse to aggregate replies whose metric keys differ, and
+    federations may mix private and non-private devices.
+    """
+    enabled = report is not None
+    if report is None:
+        report = PrivacyReport(epsilon=math.inf, delta=0.0, noise_multiplier=0.0,
+                               sample_rate=0.0, steps_total=0, round_history=[])
+    return {
+        "dp-enabled": int(enabled),
+        "dp-epsilon": report.epsilon,
+        "dp-delta": report.delta,
+        "dp-noise-multiplier": report.noise_multiplier,
+        "dp-sample-rate": report.sample_rate,
+        "dp-steps-total": report.steps_total,
+        "dp-round-noise-multipliers": [s[0] for s in report.round_history],
+        "dp-round-sample-rates": [s[1] for s in report.round_history],
+        "dp-round-steps": [s[2] for s in report.round_history],
+    }
 
 
 @app.evaluate()

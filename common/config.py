@@ -20,6 +20,7 @@ from typing import Any
 ConfigScalar = bool | int | float | str
 
 _LOSSES = ("huber", "mse")
+_ACCOUNTANTS = ("rdp", "prv")
 
 
 class ConfigError(ValueError):
@@ -41,8 +42,10 @@ _probability = _check(lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]")
 _open_unit = _check(lambda v: 0.0 < v <= 1.0, "must be in (0, 1]")
 
 
-def _opt(default: Any, doc: str, check: Callable[[Any], str | None] | None = None) -> Any:
-    return field(default=default, metadata={"doc": doc, "check": check})
+def _opt(default: Any, doc: str, check: Callable[[Any], str | None] | None = None,
+         allow_inf: bool = False) -> Any:
+    """A config field; ``allow_inf`` lets +inf through (TOML ``inf``) where it means "none"."""
+    return field(default=default, metadata={"doc": doc, "check": check, "allow_inf": allow_inf})
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,28 @@ class FedqConfig:
     eval_episodes: int = _opt(10, "greedy episodes per client in federated evaluation",
                               _at_least_one)
     round_timeout: float = _opt(3600.0, "seconds to wait for replies in a round", _positive)
+    # --- differential privacy on the device (common/privacy.py) --------------------------
+    dp_enabled: bool = _opt(False, "DP-SGD on the online Q-network (privacy unit: one transition)")
+    dp_noise_multiplier: float = _opt(
+        1.0, "Gaussian noise std per update, in units of dp-clip-norm", _non_negative
+    )
+    dp_clip_norm: float = _opt(1.0, "per-transition gradient-norm bound of DP-SGD", _positive)
+    dp_delta: float = _opt(
+        1e-5, "delta of the reported (epsilon, delta)",
+        _check(lambda v: 0.0 < v < 1.0, "must be in (0, 1)"),
+    )
+    dp_accountant: str = _opt(
+        "rdp", "Opacus accountant: rdp or prv",
+        _check(lambda v: v in _ACCOUNTANTS, f"one of {_ACCOUNTANTS}"),
+    )
+    dp_target_epsilon: float = _opt(
+        math.inf, "lifetime epsilon budget of a device (inf: no budget); a device declines "
+        "a round that would exceed it", _positive, allow_inf=True,
+    )
+    dp_planned_updates: int = _opt(
+        0, "> 0: derive the noise multiplier so that this many private updates over the "
+        "device's lifetime spend dp-target-epsilon", _non_negative,
+    )
     # --- outputs -----------------------------------------------------------------------
     run_dir: str = _opt(
         "runs/default", "where config, metrics, checkpoints and plots are written",
@@ -129,7 +154,8 @@ class FedqConfig:
         for f in fields(self):
             check = f.metadata.get("check")
             value = getattr(self, f.name)
-            if isinstance(value, float) and not math.isfinite(value):
+            if (isinstance(value, float) and not math.isfinite(value)
+                    and not (f.metadata.get("allow_inf") and value == math.inf)):
                 raise ConfigError(_key(f.name), f"must be finite, got {value}")
             problem = check(value) if check else None
             if problem:
@@ -143,6 +169,11 @@ class FedqConfig:
                 "exploration-final-eps",
                 f"{self.exploration_final_eps} exceeds exploration-initial-eps "
                 f"{self.exploration_initial_eps}",
+            )
+        if self.dp_planned_updates and self.dp_target_epsilon == math.inf:
+            raise ConfigError(
+                "dp-planned-updates", "needs a finite dp-target-epsilon to derive the noise "
+                "multiplier from"
             )
 
     def to_mapping(self) -> dict[str, ConfigScalar]:

@@ -10,12 +10,15 @@ the MDP's sense.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from common.config import FedqConfig
+from common.dp_sgd import DPSGD, poisson_indices
 from common.networks import NumpyPolicy, QNetwork
+from common.privacy import DevicePrivacy, sample_rate
 from common.replay_buffer import ReplayBuffer
 
 
@@ -65,18 +68,24 @@ class DQNLearner:
         """Sample a batch and take one gradient step; returns the loss."""
         self.buffer.sample()
         obs, actions, rewards, next_obs, terminated = self._batch
-        cfg = self.config
-        with torch.no_grad():
-            next_q_target = self.target(next_obs)
-            next_q_online = self.online(next_obs) if cfg.double_dqn else None
-            target = td_targets(rewards, next_q_online, next_q_target, terminated, cfg.gamma)
+        target = self.td_target(rewards, next_obs, terminated)
         q = self.online(obs).gather(1, actions)
         loss = self.loss_fn(q, target)
         self.optimizer.zero_grad(set_to_none=False)
         loss.backward()
-        nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm, foreach=True)
+        nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm, foreach=True)
         self.optimizer.step()
         return loss.item()
+
+    @torch.no_grad()
+    def td_target(self, rewards: torch.Tensor, next_obs: torch.Tensor,
+                  terminated: torch.Tensor) -> torch.Tensor:
+        """TD targets of a batch, outside autograd: no gradient ever reaches the target
+        net, and each row depends on its own transition only (what DP-SGD needs)."""
+        cfg = self.config
+        next_q_target = self.target(next_obs)
+        next_q_online = self.online(next_obs) if cfg.double_dqn else None
+        return td_targets(rewards, next_q_online, next_q_target, terminated, cfg.gamma)
 
     @torch.no_grad()
     def sync_target(self) -> None:
@@ -102,3 +111,40 @@ class DQNLearner:
         self.online.load_state_dict(state["online"])
         self.target.load_state_dict(state["target"])
         self.optimizer.load_state_dict(state["optimizer"])
+
+
+class PrivateDQNLearner(DQNLearner):
+    """A DQN learner whose online-network steps are DP-SGD steps, each one stepped into
+    the device's Opacus accountant (:class:`common.privacy.DevicePrivacy`).
+
+    What differs from :meth:`DQNLearner.update`, each for the guarantee: the batch is a
+    Poisson sample at :func:`common.privacy.sample_rate` (what the accountants analyse;
+    fixed-size sampling with replacement is not); per-transition clipping to
+    ``dp-clip-norm`` replaces the global ``max-grad-norm`` clip; Gaussian noise is added;
+    and batches and noise draw from OS entropy instead of the run's seed, which the
+    server knows and could replay them from. The target network is never trained.
+    """
+
+    def __init__(self, obs_dim: int, n_actions: int, config: FedqConfig,
+                 privacy: DevicePrivacy) -> None:
+        super().__init__(obs_dim, n_actions, config)
+        noise_generator = torch.Generator()
+        noise_generator.seed()  # from OS entropy; torch.Generator() alone has a fixed seed
+        self.dp = DPSGD(self.online, config.dp_clip_norm, noise_generator)
+        self.privacy = privacy
+        self.sampling_rng = np.random.default_rng()  # from OS entropy
+
+    def update(self) -> float:
+        """One DP-SGD step on a Poisson-sampled batch; returns the batch's mean loss."""
+        n = len(self.buffer)
+        rate = sample_rate(self.config.batch_size, n)
+        noise = self.privacy.noise_multiplier
+        obs, actions, rewards, next_obs, terminated = self.buffer.gather(
+            poisson_indices(n, rate, self.sampling_rng))
+        target = self.td_target(rewards, next_obs, terminated)
+        losses = self.loss_fn(self.dp.forward(obs).gather(1, actions), target,
+                              reduction="none")
+        self.dp.backward(losses, noise, expected_batch_size=rate * n)
+        self.optimizer.step()
+        self.privacy.accountant.step(noise_multiplier=noise, sample_rate=rate)
+        return losses.sum().item() / max(len(losses), 1)

@@ -75,6 +75,15 @@ class ReplayBuffer:
         np.take(self.rewards, idx, out=self._b_rewards[:, 0])
         np.take(self.terminated, idx, out=self._b_terminated[:, 0])
 
+    def gather(self, indices: np.ndarray) -> tuple[torch.Tensor, ...]:
+        """New tensors of the transitions at ``indices``, in :meth:`batch_tensors`' order,
+        for batches whose size varies (DP-SGD's Poisson sampling)."""
+        return (torch.from_numpy(self.obs[indices]),
+                torch.from_numpy(self.actions[indices, None]),
+                torch.from_numpy(self.rewards[indices, None]),
+                torch.from_numpy(self.next_obs[indices]),
+                torch.from_numpy(self.terminated[indices, None]))
+
     def batch_tensors(self) -> tuple[torch.Tensor, ...]:
         """Torch views (shared memory) of the batch arrays: obs, actions, rewards, next_obs,
         terminated. Call once; every :meth:`sample` refreshes their contents in place."""

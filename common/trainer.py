@@ -2,8 +2,10 @@
 
 :class:`LocalTrainer` is what a Flower client runs each round and what the single-agent
 benchmarks run directly. Its whole learning state (networks, optimizer, replay buffer,
-step counters, RNGs) saves to a directory and loads back, so a device that restarts
-continues exactly where its last completed round left it.
+step counters, RNGs and, with DP, the privacy ledger of :mod:`common.privacy`) saves to
+a directory and loads back, so a device that restarts continues exactly where its last
+completed round left it (with DP, up to the noise and batch draws, which come from OS
+entropy on purpose) and its epsilon keeps adding up.
 """
 
 from __future__ import annotations
@@ -20,13 +22,15 @@ import torch
 
 from common.atomic import atomic_open, atomic_write_text
 from common.config import FedqConfig
-from common.dqn import DQNLearner, linear_epsilon
+from common.dqn import DQNLearner, PrivateDQNLearner, linear_epsilon
 from common.envs import check_spaces, make_env
+from common.privacy import DevicePrivacy, PrivacyReport
 from common.replay_buffer import ReplayBuffer
 
 _LEARNER_FILE = "learner.pt"
 _BUFFER_FILE = "replay_buffer.npz"
 _COUNTERS_FILE = "counters.json"
+_PRIVACY_FILE = "privacy.json"
 _POINTER_FILE = "CURRENT"
 
 
@@ -50,6 +54,7 @@ class TrainStats:
     episode_returns: list[float] = field(default_factory=list)
     epsilon: float = 0.0
     seconds: float = 0.0
+    privacy: PrivacyReport | None = None  # with dp-enabled
 
 
 class LocalTrainer:
@@ -61,7 +66,10 @@ class LocalTrainer:
         self.env = make_env(config.env_id, config.env_kwargs)
         spec = check_spaces(config.env_id, self.env)
         torch.manual_seed(seed)
-        self.learner = DQNLearner(spec.obs_dim, spec.n_actions, config)
+        self.privacy = DevicePrivacy(config) if config.dp_enabled else None
+        self.learner = (
+            DQNLearner(spec.obs_dim, spec.n_actions, config) if self.privacy is None
+            else PrivateDQNLearner(spec.obs_dim, spec.n_actions, config, self.privacy))
         self.buffer = ReplayBuffer(config.buffer_size, spec.obs_dim, config.batch_size, seed)
         self.learner.bind(self.buffer)
         self.counters = Counters()
@@ -76,7 +84,14 @@ class LocalTrainer:
                               c.exploration_final_eps, c.exploration_steps)
 
     def train(self, n_steps: int) -> TrainStats:
-        """Run ``n_steps`` env steps with epsilon-greedy acting and DQN updates."""
+        """Run ``n_steps`` env steps with epsilon-greedy acting and DQN updates.
+
+        With DP, raises :class:`common.privacy.PrivacyBudgetExhausted` before any step
+        if the round's updates would take the device past ``dp-target-epsilon``.
+        """
+        if self.privacy is not None:
+            self.privacy.begin_round(self.planned_update_buffer_lengths(n_steps),
+                                     self._buffer_lengths_of_next_updates)
         c, counters, env, buffer, learner = (
             self.config, self.counters, self.env, self.buffer, self.learner)
         rng_random, policy_act, n_actions = self.rng.random, learner.policy.act, self.n_actions
@@ -118,7 +133,28 @@ class LocalTrainer:
         return TrainStats(env_steps=n_steps, updates=n_updates,
                           mean_loss=loss_sum / n_updates if n_updates else float("nan"),
                           episode_returns=returns, epsilon=self.epsilon(),
-                          seconds=time.perf_counter() - start_time)
+                          seconds=time.perf_counter() - start_time,
+                          privacy=self.privacy.report() if self.privacy else None)
+
+    def planned_update_buffer_lengths(self, n_steps: int) -> np.ndarray:
+        """The replay buffer's length at each update the next ``n_steps`` env steps make.
+
+        Mirrors :meth:`train`'s update condition (a test holds the two together), so DP
+        accounting knows a round's sample rates before the round starts.
+        """
+        c = self.config
+        start = self.counters.env_steps
+        steps = np.arange(start + 1, start + n_steps + 1)
+        lengths = np.minimum(len(self.buffer) + (steps - start), c.buffer_size)
+        updating = (steps > c.learning_starts) & (steps % c.train_frequency == 0)
+        return np.repeat(lengths[updating], c.gradient_steps)
+
+    def _buffer_lengths_of_next_updates(self, n_updates: int) -> np.ndarray:
+        c = self.config
+        update_steps = -(-max(n_updates, 0) // c.gradient_steps)
+        n_steps = max(0, c.learning_starts - self.counters.env_steps) + (
+            c.train_frequency * update_steps)
+        return self.planned_update_buffer_lengths(n_steps)[:max(n_updates, 0)]
 
     def evaluate(self, n_episodes: int, seed: int | None = None) -> list[float]:
         """Greedy returns over ``n_episodes`` on a separate env instance."""
@@ -158,6 +194,8 @@ class LocalTrainer:
             torch.save(state, fh)
         self.buffer.save(target / _BUFFER_FILE)
         atomic_write_text(target / _COUNTERS_FILE, json.dumps(asdict(self.counters)))
+        if self.privacy is not None:
+            atomic_write_text(target / _PRIVACY_FILE, json.dumps(self.privacy.state_dict()))
         atomic_write_text(directory / _POINTER_FILE, generation)
         for old in directory.glob("gen-*"):
             if old.name != generation:
@@ -175,6 +213,10 @@ class LocalTrainer:
         torch.set_rng_state(state["torch_rng"])
         self.buffer.load(source / _BUFFER_FILE)
         self.counters = Counters(**json.loads((source / _COUNTERS_FILE).read_text()))
+        if self.privacy is not None:
+            if (source / _PRIVACY_FILE).exists():
+                self.privacy.load_state_dict(json.loads((source / _PRIVACY_FILE).read_text()))
+            self.privacy.untracked_updates = self.counters.updates - self.privacy.steps
         self._obs = None
         return True
 
