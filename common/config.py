@@ -67,7 +67,7 @@ class FedqConfig:
         "comma-separated hidden layer widths of the MLP Q-network",
         _check(lambda v: len(v) >= 1 and all(h >= 1 for h in v), "needs widths >= 1"),
     )
-    learning_rate: float = _opt(1e-3, "Adam learning rate", _positive)
+    learning_rate: float = _opt(5e-4, "Adam learning rate", _positive)
     gamma: float = _opt(0.99, "discount factor", _open_unit)
     buffer_size: int = _opt(50_000, "replay buffer capacity (transitions)", _at_least_one)
     batch_size: int = _opt(64, "transitions per gradient step", _at_least_one)

@@ -342,12 +342,14 @@ def submit_run(handle: SuperLinkHandle, app_dir: Path, *,
                num_supernodes: int | None = None,
                federation_config: Mapping[str, ConfigValue] | None = None,
                stream: bool = True, timeout: float = 3600.0,
-               log_path: Path | None = None) -> RunResult:
+               log_path: Path | None = None,
+               echo_filter: Callable[[str], bool] | None = None) -> RunResult:
     """Run the Flower App in ``app_dir`` on ``handle`` and wait for it to finish.
 
     ``flwr run`` packs ``app_dir`` into a FAB (no install needed) and always runs with
     ``--stream``, since the log stream is what ends when the run does. Each line goes to
-    ``log_path`` (ANSI colours stripped) and, if ``stream``, to our stdout as it arrives.
+    ``log_path`` (ANSI colours stripped) and, if ``stream``, to our stdout as it arrives
+    (only the lines whose colourless text ``echo_filter`` accepts, if given).
     ``run_config`` overrides keys of the app's ``[tool.flwr.app.config]``;
     ``num_supernodes`` and ``federation_config`` (keys in :data:`FEDERATION_CONFIG_KEYS`,
     e.g. ``client-resources-num-cpus``) configure a simulation. Both travel as TOML files,
@@ -381,7 +383,8 @@ def submit_run(handle: SuperLinkHandle, app_dir: Path, *,
             log_path.parent.mkdir(parents=True, exist_ok=True)
             log = stack.enter_context(log_path.open("w"))
         reader = threading.Thread(
-            target=_pump, args=(cli.root.stdout, stream, log, lines, run_ids), daemon=True)
+            target=_pump, args=(cli.root.stdout, stream, log, lines, run_ids, echo_filter),
+            daemon=True)
         reader.start()
         stack.callback(reader.join, 10.0)
         stack.callback(cli.stop, kill=True)  # LIFO: on any exit, end the CLI, then the reader
@@ -651,16 +654,16 @@ def _run_status(handle: SuperLinkHandle, run_id: int) -> tuple[str | None, str |
 
 
 def _pump(pipe: IO[bytes] | None, echo: bool, log: IO[str] | None, lines: list[str],
-          run_ids: list[int]) -> None:
+          run_ids: list[int], echo_filter: Callable[[str], bool] | None = None) -> None:
     """Copy CLI output line by line to stdout, the log and ``lines``; spot the run ID."""
     if pipe is None:
         return
     for raw in iter(pipe.readline, b""):
         text = raw.decode(errors="replace")
-        if echo:
+        clean = _ANSI.sub("", text)
+        if echo and (echo_filter is None or echo_filter(clean)):
             sys.stdout.write(text)
             sys.stdout.flush()
-        clean = _ANSI.sub("", text)
         lines.append(clean)
         if log is not None:
             log.write(clean)
