@@ -98,6 +98,9 @@ class FedqConfig:
     eval_episodes: int = _opt(10, "greedy episodes per client in federated evaluation",
                               _at_least_one)
     round_timeout: float = _opt(3600.0, "seconds to wait for replies in a round", _positive)
+    target_return: float = _opt(
+        math.inf, "stop after the first round whose federated greedy return mean reaches "
+        "this (inf: run every round)", allow_inf=True)
     # --- differential privacy on the device (common/privacy.py) --------------------------
     dp_enabled: bool = _opt(False, "DP-SGD on the online Q-network (privacy unit: one transition)")
     dp_noise_multiplier: float = _opt(

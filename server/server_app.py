@@ -11,6 +11,7 @@ after its last checkpoint instead of at round 1.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -91,6 +92,10 @@ def run_rounds(grid: Grid, strategy: Strategy, config: FedqConfig, run_dir: RunD
         run_dir.save_checkpoint(server_round, arrays.to_torch_state_dict(),
                                 {"env-steps-per-client-total": steps_per_client})
         log(logging.INFO, "%s", progress_line(row, config.num_server_rounds))
+        if row["eval"].get("eval-return-mean", -math.inf) >= config.target_return:
+            log(logging.INFO, "[fedq] target return %g reached in round %d; stopping",
+                config.target_return, server_round)
+            break
     return arrays
 
 
