@@ -197,7 +197,8 @@ class FedqConfig:
         rows = []
         for key, value in FedqConfig().to_mapping().items():
             doc = next(f.metadata["doc"] for f in fields(FedqConfig) if _key(f.name) == key)
-            rows.append((key, json.dumps(value), doc))
+            shown = "inf" if value == math.inf else json.dumps(value)  # TOML spelling
+            rows.append((key, shown, doc))
         return rows
 
 

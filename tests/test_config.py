@@ -77,3 +77,16 @@ def test_bad_make_kwargs_name_env_kwargs():
 def test_env_spec_reads_the_spaces():
     spec = env_spec("Acrobot-v1")
     assert (spec.obs_dim, spec.n_actions) == (6, 3)
+
+
+def config_table_markdown() -> str:
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    rows += [f"| `{key}` | `{default}` | {doc} |" for key, default, doc in FedqConfig.describe()]
+    return "\n".join(rows)
+
+
+def test_readme_documents_every_config_key_with_its_default():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = readme.split("<!-- config-table:start -->\n")[1].split("<!-- config-table:end -->")[0]
+    expected = config_table_markdown()
+    assert table.strip() == expected, f"README config table is stale; replace it with:\n{expected}"

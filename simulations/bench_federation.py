@@ -1,0 +1,137 @@
+"""Does federation pay? Per-client env steps until the global model solves CartPole, N = 1..8.
+
+Each cell is a real run in Flower's simulation engine (``simulations.run.simulate``):
+N homogeneous CartPole-v1 devices (different seeds), FedAvg every ``--local-steps`` env
+steps, federated greedy evaluation after every round, stopped by ``target-return`` at the
+first round whose mean greedy return over the devices reaches 475. A cell's result is
+its round count times ``--local-steps`` (env steps *per client*); runs that never reach
+the goal within ``--max-rounds`` count as unsolved.
+
+The same runs give the round overhead: the share of a round's wall time not spent in
+local training (sending weights, Ray scheduling, loading/saving device state,
+aggregation, and, for the full round, federated evaluation). Local training's wall time
+is the slowest client's ``train-seconds`` when every client has its own core, else the
+clients' summed ``train-seconds`` spread over the cores. Round 1 (Ray actors importing
+torch) is left out.
+
+    python -m simulations.bench_federation --clients 1,2,4,8 --seeds 3
+
+Each finished cell is kept in ``runs/bench_federation/`` (the run directory itself), so an
+interrupted benchmark continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+from pathlib import Path
+from typing import Any
+
+from simulations.results_io import markdown_table, write_results
+from simulations.run import resolve_run_config, simulate
+
+GOAL = 475.0
+CACHE = Path("runs/bench_federation")
+
+
+def cell_dir(clients: int, seed: int, local_steps: int) -> Path:
+    return (CACHE / f"n{clients}-seed{seed}-local{local_steps}").resolve()
+
+
+def run_cell(clients: int, seed: int, local_steps: int, max_rounds: int,
+             eval_episodes: int) -> list[dict[str, Any]]:
+    """The metrics rows of one federated run (reused when the run already finished)."""
+    run_dir = cell_dir(clients, seed, local_steps)
+    done = run_dir / "DONE"
+    if not done.exists():
+        if run_dir.exists():  # an interrupted cell: start it again from scratch
+            for path in sorted(run_dir.rglob("*"), reverse=True):
+                path.unlink() if path.is_file() else path.rmdir()
+        overrides = {"seed": seed, "local-steps": local_steps, "num-server-rounds": max_rounds,
+                     "eval-episodes": eval_episodes, "target-return": GOAL,
+                     "min-available-clients": clients, "run-dir": str(run_dir)}
+        _, run_config = resolve_run_config(overrides, clients)
+        result = simulate(run_config, clients, stream=False, timeout=4 * 3600)
+        if not result.ok:
+            raise RuntimeError(f"N={clients} seed={seed}: run ended {result.status}: "
+                               f"{result.status_details}; see {run_dir / 'flower.log'}")
+        done.write_text("ok\n")
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def overhead_shares(rows: list[dict[str, Any]], clients: int, cores: int) -> tuple[float, float]:
+    """Median share of (train phase, whole round) outside local training, rounds >= 2."""
+    train_phase, whole = [], []
+    for row in rows[1:]:
+        t = row["train"]
+        training = max(t["train-seconds-max"], t["train-seconds-sum"] / min(clients, cores))
+        train_phase.append(1 - training / row["train-phase-seconds"])
+        whole.append(1 - training / row["round-seconds"])
+    if not train_phase:
+        return float("nan"), float("nan")
+    return statistics.median(train_phase), statistics.median(whole)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", default="1,2,4,8")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--local-steps", type=int, default=2500)
+    parser.add_argument("--max-rounds", type=int, default=40)
+    parser.add_argument("--eval-episodes", type=int, default=5)
+    args = parser.parse_args()
+    cores = len(os.sched_getaffinity(0))
+    cells, table = [], []
+    for n in [int(x) for x in args.clients.split(",")]:
+        per_seed = []
+        for seed in range(args.seeds):
+            rows = run_cell(n, seed, args.local_steps, args.max_rounds, args.eval_episodes)
+            solved = rows[-1]["eval"].get("eval-return-mean", 0.0) >= GOAL
+            steps = rows[-1]["env-steps-per-client-total"] if solved else None
+            train_share, round_share = overhead_shares(rows, n, cores)
+            cell = {"clients": n, "seed": seed, "solved": solved, "rounds": len(rows),
+                    "steps-per-client": steps, "final-return": rows[-1]["eval"].get(
+                        "eval-return-mean"), "overhead-share-train-phase": train_share,
+                    "overhead-share-round": round_share,
+                    "median-round-seconds": statistics.median(
+                        r["round-seconds"] for r in rows[1:]) if len(rows) > 1 else None}
+            print(json.dumps(cell), flush=True)
+            per_seed.append(cell)
+        cells += per_seed
+        solved_steps = [c["steps-per-client"] for c in per_seed if c["solved"]]
+        table.append({
+            "clients": n, "solved": f"{len(solved_steps)}/{len(per_seed)}",
+            "median steps/client to 475": statistics.median(solved_steps) if solved_steps
+            else None,
+            "total env steps (median)": n * statistics.median(solved_steps) if solved_steps
+            else None,
+            "overhead share, train phase": statistics.median(
+                c["overhead-share-train-phase"] for c in per_seed),
+            "overhead share, whole round": statistics.median(
+                c["overhead-share-round"] for c in per_seed),
+            "median round s": statistics.median(
+                c["median-round-seconds"] for c in per_seed if c["median-round-seconds"]),
+        })
+    base = table[0]["median steps/client to 475"]
+    for row in table:
+        steps = row["median steps/client to 475"]
+        row["vs N=1"] = steps / base if steps and base else None
+    columns = ["clients", "solved", "median steps/client to 475", "vs N=1",
+               "total env steps (median)", "overhead share, train phase",
+               "overhead share, whole round", "median round s"]
+    markdown = markdown_table(table, columns)
+    print(markdown)
+    write_results("federation", {"summary": table, "cells": cells, "cores": cores,
+                                 "local-steps": args.local_steps, "goal": GOAL,
+                                 "max-rounds": args.max_rounds,
+                                 "eval-episodes": args.eval_episodes},
+                  f"{markdown}\n\nSteps per client are counted at the first round whose "
+                  f"federated greedy return (mean over clients, {args.eval_episodes} episodes "
+                  f"each) reaches {GOAL:g}; FedAvg every {args.local_steps} local env steps; "
+                  f"{cores} cores. Overhead shares are medians over rounds >= 2.\n")
+
+
+if __name__ == "__main__":
+    main()
