@@ -35,6 +35,8 @@ def make_env(env_id: str, env_kwargs: dict[str, Any] | None = None) -> gym.Env:
     except TypeError as err:  # unexpected keyword argument
         raise ConfigError("env-kwargs", f"{env_id!r} rejected {env_kwargs}: {err}") from None
     check_spaces(env_id, env)
+    if len(env.observation_space.shape) != 1:  # the MLP and the replay buffer take flat rows
+        env = gym.wrappers.FlattenObservation(env)
     return env
 
 
@@ -44,6 +46,9 @@ def check_spaces(env_id: str, env: gym.Env) -> EnvSpec:
     if not isinstance(act_space, gym.spaces.Discrete):
         raise ConfigError("env-id", f"{env_id!r} has action space {act_space}; "
                           "DQN needs a Discrete action space")
+    if act_space.start != 0:
+        raise ConfigError("env-id", f"{env_id!r} has action space {act_space} starting at "
+                          f"{act_space.start}; fedq's Q-network indexes actions from 0")
     if not isinstance(obs_space, gym.spaces.Box):
         raise ConfigError("env-id", f"{env_id!r} has observation space {obs_space}; "
                           "fedq needs a Box observation space")

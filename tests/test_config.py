@@ -4,10 +4,13 @@ in pyproject.toml are exactly the config object's defaults."""
 import tomllib
 from pathlib import Path
 
+import gymnasium as gym
+import numpy as np
 import pytest
 
 from common.config import ConfigError, FedqConfig
 from common.envs import env_spec
+from common.trainer import LocalTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,6 +75,39 @@ def test_continuous_action_space_is_refused():
 def test_bad_make_kwargs_name_env_kwargs():
     with pytest.raises(ConfigError, match="'env-kwargs'"):
         env_spec("CartPole-v1", {"no_such_option": 3})
+
+
+class _ImageLikeEnv(gym.Env):
+    """A 2-D Box observation (like a small image) with Discrete actions."""
+
+    def __init__(self, action_start: int = 0) -> None:
+        self.observation_space = gym.spaces.Box(0.0, 1.0, shape=(3, 4), dtype=np.float32)
+        self.action_space = gym.spaces.Discrete(2, start=action_start)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return self.observation_space.sample(), {}
+
+    def step(self, action):
+        return self.observation_space.sample(), 1.0, bool(self.np_random.random() < 0.1), False, {}
+
+
+gym.register("fedq-test/ImageLike-v0", entry_point=_ImageLikeEnv)
+
+
+def test_multi_dimensional_box_observations_are_flattened_for_training():
+    assert env_spec("fedq-test/ImageLike-v0").obs_dim == 12
+    trainer = LocalTrainer(FedqConfig.from_mapping({
+        "env-id": "fedq-test/ImageLike-v0", "hidden-sizes": "8", "learning-starts": 20,
+        "batch-size": 8, "buffer-size": 100}), seed=0)
+    stats = trainer.train(60)
+    assert stats.updates == 40 and trainer.buffer.obs.shape[1] == 12
+    assert len(trainer.evaluate(1)) == 1
+
+
+def test_actions_not_starting_at_zero_are_refused():
+    with pytest.raises(ConfigError, match=r"'env-id'.*starting at 1"):
+        env_spec("fedq-test/ImageLike-v0", {"action_start": 1})
 
 
 def test_env_spec_reads_the_spaces():
