@@ -3,7 +3,9 @@
 Each cell is a real run in Flower's simulation engine (``simulations.run.simulate``):
 N homogeneous CartPole-v1 devices (different seeds), FedAvg every ``--local-steps`` env
 steps, federated greedy evaluation after every round, stopped by ``target-return`` at the
-first round whose mean greedy return over the devices reaches 475. A cell's result is
+first round whose mean greedy return reaches 475 over ``--eval-episodes-total`` episodes
+split evenly across the devices (every N is judged on as many episodes: with 5 per device,
+one device would pass on 5 lucky episodes where 8 devices need 40). A cell's result is
 its round count times ``--local-steps`` (env steps *per client*); runs that never reach
 the goal within ``--max-rounds`` count as unsolved.
 
@@ -36,14 +38,14 @@ GOAL = 475.0
 CACHE = Path("runs/bench_federation")
 
 
-def cell_dir(clients: int, seed: int, local_steps: int) -> Path:
-    return (CACHE / f"n{clients}-seed{seed}-local{local_steps}").resolve()
+def cell_dir(clients: int, seed: int, local_steps: int, eval_episodes: int) -> Path:
+    return (CACHE / f"n{clients}-seed{seed}-local{local_steps}-eval{eval_episodes}").resolve()
 
 
 def run_cell(clients: int, seed: int, local_steps: int, max_rounds: int,
              eval_episodes: int) -> list[dict[str, Any]]:
     """The metrics rows of one federated run (reused when the run already finished)."""
-    run_dir = cell_dir(clients, seed, local_steps)
+    run_dir = cell_dir(clients, seed, local_steps, eval_episodes)
     done = run_dir / "DONE"
     if not done.exists():
         if run_dir.exists():  # an interrupted cell: start it again from scratch
@@ -80,14 +82,18 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--local-steps", type=int, default=2500)
     parser.add_argument("--max-rounds", type=int, default=40)
-    parser.add_argument("--eval-episodes", type=int, default=5)
+    parser.add_argument("--eval-episodes-total", type=int, default=24,
+                        help="greedy episodes per evaluation over all clients (each of N "
+                             "clients runs total // N), so every N is judged on as many "
+                             "episodes")
     args = parser.parse_args()
     cores = len(os.sched_getaffinity(0))
     cells, table = [], []
     for n in [int(x) for x in args.clients.split(",")]:
         per_seed = []
         for seed in range(args.seeds):
-            rows = run_cell(n, seed, args.local_steps, args.max_rounds, args.eval_episodes)
+            rows = run_cell(n, seed, args.local_steps, args.max_rounds,
+                            max(1, args.eval_episodes_total // n))
             solved = rows[-1]["eval"].get("eval-return-mean", 0.0) >= GOAL
             steps = rows[-1]["env-steps-per-client-total"] if solved else None
             train_share, round_share = overhead_shares(rows, n, cores)
@@ -126,10 +132,11 @@ def main() -> None:
     write_results("federation", {"summary": table, "cells": cells, "cores": cores,
                                  "local-steps": args.local_steps, "goal": GOAL,
                                  "max-rounds": args.max_rounds,
-                                 "eval-episodes": args.eval_episodes},
+                                 "eval-episodes-total": args.eval_episodes_total},
                   f"{markdown}\n\nSteps per client are counted at the first round whose "
-                  f"federated greedy return (mean over clients, {args.eval_episodes} episodes "
-                  f"each) reaches {GOAL:g}; FedAvg every {args.local_steps} local env steps; "
+                  f"federated greedy return (mean over {args.eval_episodes_total} episodes "
+                  f"split evenly over the clients) reaches {GOAL:g}; FedAvg every "
+                  f"{args.local_steps} local env steps; "
                   f"{cores} cores. Overhead shares are medians over rounds >= 2.\n")
 
 
