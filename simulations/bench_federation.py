@@ -25,8 +25,10 @@ interrupted benchmark continues where it stopped.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
+import shutil
 import statistics
 from pathlib import Path
 from typing import Any
@@ -47,20 +49,27 @@ def run_cell(clients: int, seed: int, local_steps: int, max_rounds: int,
     """The metrics rows of one federated run (reused when the run already finished)."""
     run_dir = cell_dir(clients, seed, local_steps, eval_episodes)
     done = run_dir / "DONE"
-    if not done.exists():
-        if run_dir.exists():  # an interrupted cell: start it again from scratch
-            for path in sorted(run_dir.rglob("*"), reverse=True):
-                path.unlink() if path.is_file() else path.rmdir()
-        overrides = {"seed": seed, "local-steps": local_steps, "num-server-rounds": max_rounds,
-                     "eval-episodes": eval_episodes, "target-return": GOAL,
-                     "min-available-clients": clients, "run-dir": str(run_dir)}
-        _, run_config = resolve_run_config(overrides, clients)
-        result = simulate(run_config, clients, stream=False, timeout=4 * 3600)
-        if not result.ok:
-            raise RuntimeError(f"N={clients} seed={seed}: run ended {result.status}: "
-                               f"{result.status_details}; see {run_dir / 'flower.log'}")
-        done.write_text("ok\n")
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(run_dir.parent / f"{run_dir.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # benchmark processes may share the cache
+        if not done.exists():
+            _run_fresh(run_dir, clients, seed, local_steps, max_rounds, eval_episodes)
+            done.write_text("ok\n")
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _run_fresh(run_dir: Path, clients: int, seed: int, local_steps: int, max_rounds: int,
+               eval_episodes: int) -> None:
+    """Run one cell from scratch (an interrupted cell's leftovers are removed first)."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    overrides = {"seed": seed, "local-steps": local_steps, "num-server-rounds": max_rounds,
+                 "eval-episodes": eval_episodes, "target-return": GOAL,
+                 "min-available-clients": clients, "run-dir": str(run_dir)}
+    _, run_config = resolve_run_config(overrides, clients)
+    result = simulate(run_config, clients, stream=False, timeout=4 * 3600)
+    if not result.ok:
+        raise RuntimeError(f"N={clients} seed={seed}: run ended {result.status}: "
+                           f"{result.status_details}; see {run_dir / 'flower.log'}")
 
 
 def overhead_shares(rows: list[dict[str, Any]], clients: int, cores: int) -> tuple[float, float]:
@@ -80,6 +89,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", default="1,2,4,8")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--local-steps", type=int, default=2500)
     parser.add_argument("--max-rounds", type=int, default=40)
     parser.add_argument("--eval-episodes-total", type=int, default=24,
@@ -91,7 +101,7 @@ def main() -> None:
     cells, table = [], []
     for n in [int(x) for x in args.clients.split(",")]:
         per_seed = []
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             rows = run_cell(n, seed, args.local_steps, args.max_rounds,
                             max(1, args.eval_episodes_total // n))
             solved = rows[-1]["eval"].get("eval-return-mean", 0.0) >= GOAL
