@@ -2,9 +2,13 @@
 
 Train: load the device's state from its disk, load the global weights into the online
 network and re-sync the target network to them, run ``local-steps`` env steps, save
-the state, reply with the online weights and scalar metrics. Evaluate: greedy episodes
-of the global model on the device's own env. Only weights and scalars leave the device;
-the replay buffer never does.
+the state, reply with the online weights (or, when the round config asks for
+``update-compression``, their fp16/int8 delta to the global model with an error-feedback
+residual kept on disk: :mod:`common.compression`) and scalar metrics. With FedProx's
+``proximal-mu`` in the round config, local training adds the proximal term.
+Evaluate: greedy episodes of the global model on the device's own env and, with
+``personalize-steps``, after a short local fine-tune of it (:mod:`client.personalize`).
+Only weights and scalars leave the device; the replay buffer never does.
 
 The train reply also carries the device's lifetime (epsilon, delta) ((inf, 0) without
 ``dp-enabled``) and the accountant segments this round added. A device whose next round
@@ -22,18 +26,24 @@ import time
 
 import numpy as np
 import torch
-from flwr.app import Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.supercore import log
 
-from client.device import Device, device_from_context
+from client.central_dp import central_dp_clipping_mod
+from client.device import Device, device_from_context, device_lock
+from client.fault_injection import inject_fault
+from client.message_audit import message_audit_mod
+from client.personalize import personalized_returns
+from common.compression import encode_update
 from common.privacy import PRIVACY_BUDGET_ERROR_CODE, PrivacyBudgetExhausted, PrivacyReport
 from common.trainer import LocalTrainer
-from common.weights import to_record, to_state_dict
+from common.weights import to_state_dict
 
 torch.set_num_threads(1)  # tiny MLPs: threads cost more than they give, and devices share cores
 
-app = ClientApp()
+# the audit mod is outermost: it sees each reply as it leaves, after central DP clipping
+app = ClientApp(mods=[message_audit_mod])
 
 
 def _load_trainer(device: Device) -> LocalTrainer:
@@ -46,14 +56,22 @@ def _global_weights(msg: Message, trainer: LocalTrainer) -> dict[str, torch.Tens
     return to_state_dict(msg.content["arrays"], trainer.learner.online)
 
 
-@app.train()
+@app.train(mods=[central_dp_clipping_mod])
 def train(msg: Message, context: Context) -> Message:
-    """One round of local training on the device."""
+    """One round of local training on the device, holding its state exclusively."""
     started = time.perf_counter()
     device = device_from_context(context)
+    with device_lock(device.state_dir):
+        return _train(msg, device, context, started)
+
+
+def _train(msg: Message, device: Device, context: Context, started: float) -> Message:
     trainer = _load_trainer(device)
-    trainer.learner.load_online(_global_weights(msg, trainer), sync_target=True)
-    local_steps = int(msg.content["config"].get("local-steps", device.config.local_steps))
+    global_state = _global_weights(msg, trainer)
+    trainer.learner.load_online(global_state, sync_target=True)
+    round_config = msg.content["config"]
+    local_steps = int(round_config.get("local-steps", device.config.local_steps))
+    trainer.learner.set_proximal(float(round_config.get("proximal-mu", 0.0)))
     try:
         stats = trainer.train(local_steps)
     except PrivacyBudgetExhausted as declined:
@@ -62,9 +80,12 @@ def train(msg: Message, context: Context) -> Message:
         return Message(Error(code=PRIVACY_BUDGET_ERROR_CODE, reason=str(declined)),
                        reply_to=msg)
     trainer.counters.rounds += 1
+    arrays = _outgoing_update(trainer, context, global_state,
+                              str(round_config.get("update-compression", "none")))
     trainer.save(device.state_dir)
     returns = stats.episode_returns
     metrics = MetricRecord({
+        **device.identity_metrics(),
         **_privacy_metrics(stats.privacy),
         "num-examples": stats.env_steps,  # FedAvg weight: env steps collected this round
         "env-steps-total": trainer.counters.env_steps,
@@ -79,8 +100,23 @@ def train(msg: Message, context: Context) -> Message:
         "handler-seconds": time.perf_counter() - started,
     })
     trainer.close()
-    return Message(RecordDict({"arrays": to_record(trainer.learner.online), "metrics": metrics}),
-                   reply_to=msg)
+    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+
+def _outgoing_update(trainer: LocalTrainer, context: Context,
+                     global_state: dict[str, torch.Tensor], mode: str) -> ArrayRecord:
+    """The reply's arrays: the online weights, or with ``update-compression`` their
+    quantised delta to the global model (the error-feedback residual is kept in the
+    trainer and saved with its state). A benchmark attacker sends bad weights instead."""
+    global_weights = {k: v.numpy() for k, v in global_state.items()}
+    local = {k: v.numpy() for k, v in trainer.learner.online.state_dict().items()}
+    partition = context.node_config.get("partition-id")
+    local = inject_fault(local, global_weights, trainer.config,
+                         None if partition is None else int(partition),
+                         np.random.default_rng([trainer.seed, trainer.counters.rounds]))
+    record, trainer.update_residual = encode_update(local, global_weights,
+                                                    trainer.update_residual, mode)
+    return record
 
 
 def _privacy_metrics(
@@ -115,16 +151,24 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Greedy episodes of the global model on this device's env (device state untouched)."""
     device = device_from_context(context)
     trainer = LocalTrainer(device.config, seed=device.seed)
-    trainer.learner.load_online(_global_weights(msg, trainer), sync_target=False)
-    server_round = int(msg.content["config"].get("server-round", 0))
-    returns = trainer.evaluate(device.config.eval_episodes,
-                               seed=device.seed + 10**6 + 1000 * server_round)
+    global_state = _global_weights(msg, trainer)
+    trainer.learner.load_online(global_state, sync_target=False)
+    round_config = msg.content["config"]
+    server_round = int(round_config.get("server-round", 0))
+    eval_seed = device.seed + 10**6 + 1000 * server_round
+    returns = trainer.evaluate(device.config.eval_episodes, seed=eval_seed)
     trainer.close()
     metrics = MetricRecord({
+        **device.identity_metrics(),
         "num-examples": len(returns),
         "eval-return-mean": float(np.mean(returns)),
         "eval-return-min": float(np.min(returns)),
         "eval-return-max": float(np.max(returns)),
     })
+    personalize_steps = int(round_config.get("personalize-steps", 0))
+    if personalize_steps:  # same episodes' seeds as above: a paired comparison
+        personal = personalized_returns(device, global_state, personalize_steps,
+                                        device.config.eval_episodes, eval_seed)
+        metrics["personalized-return-mean"] = float(np.mean(personal))
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 

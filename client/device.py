@@ -3,11 +3,16 @@
 A SuperNode's ``--node-config`` may override any fedq key for that device (its env id,
 env kwargs, seed, state directory, ...). In Flower's simulation engine the node config
 holds only ``partition-id`` / ``num-partitions``; the partition id then picks the
-device's seed and its state directory under the run directory.
+device's seed, its state directory under the run directory and its entry of the run
+config's ``client-overrides`` (a scenario's per-client env, physics and training
+settings, :mod:`simulations.scenario`), applied over the run config.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +32,12 @@ class Device:
     config: FedqConfig
     seed: int
     state_dir: Path
+    partition: int = -1  # simulation partition id; -1 on a real device
+
+    def identity_metrics(self) -> dict[str, int]:
+        """Lets the server tell replies apart per partition (node ids change between
+        simulations; partition ids do not)."""
+        return {"partition-id": self.partition}
 
 
 def device_from_context(context: Context) -> Device:
@@ -37,7 +48,10 @@ def device_from_context(context: Context) -> Device:
     config = FedqConfig.from_mapping({**context.run_config, **fedq_node})
     if partition is not None:
         name = f"partition-{int(partition)}"
-        seed = config.seed + SEED_STRIDE * int(partition)
+        own = config.client_overrides.get(str(int(partition)), {})
+        config = config.for_partition(int(partition))
+        # a scenario's explicit per-client seed is that device's seed, as on a real device
+        seed = config.seed if "seed" in own else config.seed + SEED_STRIDE * int(partition)
     else:  # a real device: its node config sets seed and state-dir explicitly
         name = f"node-{context.node_id}"
         seed = config.seed
@@ -45,4 +59,23 @@ def device_from_context(context: Context) -> Device:
         state_dir = Path(config.state_dir)
     else:
         state_dir = Path(config.run_dir) / "devices" / name
-    return Device(name=name, config=config, seed=seed, state_dir=state_dir)
+    return Device(name=name, config=config, seed=seed, state_dir=state_dir,
+                  partition=-1 if partition is None else int(partition))
+
+
+@contextlib.contextmanager
+def device_lock(state_dir: Path) -> Iterator[None]:
+    """Let one training handler at a time load, train and save a device's state.
+
+    A SuperNode can run ClientApps of two runs at once, e.g. when a server crashed after
+    sending a round and the resubmitted run starts before the SuperLink has given up on
+    the old one. Unserialised, both would start from the same saved state and the later
+    save would drop the other's transitions, counters and privacy accounting.
+    """
+    state_dir.mkdir(parents=True, exist_ok=True)
+    with open(state_dir / ".lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

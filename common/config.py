@@ -21,6 +21,10 @@ ConfigScalar = bool | int | float | str
 
 _LOSSES = ("huber", "mse")
 _ACCOUNTANTS = ("rdp", "prv")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
+COMPRESSIONS = ("none", "fp16", "int8")
+ATTACKS = ("none", "nan", "noise")
+CENTRAL_DP = ("none", "server-fixed", "client-fixed")
 
 
 class ConfigError(ValueError):
@@ -29,6 +33,7 @@ class ConfigError(ValueError):
     def __init__(self, key: str, problem: str) -> None:
         super().__init__(f"config field '{key}': {problem}")
         self.key = key
+        self.problem = problem
 
 
 def _check(predicate: Callable[[Any], bool], problem: str) -> Callable[[Any], str | None]:
@@ -60,6 +65,10 @@ class FedqConfig:
     env_id: str = _opt("CartPole-v1", "gymnasium id; Box observations, Discrete actions")
     env_kwargs: dict[str, Any] = field(default_factory=dict, metadata={
         "doc": "JSON object of keyword arguments for gymnasium.make", "check": None})
+    env_physics: dict[str, Any] = field(default_factory=dict, metadata={
+        "doc": "JSON object of physics overrides set on the env after make (CartPole "
+               "length/masspole/..., Acrobot link_*, LunarLander gravity/wind; see "
+               "common/physics.py)", "check": None})
     seed: int = _opt(0, "base seed; device k uses seed + 1000 * k", _non_negative)
     # --- Q-network and DQN learner -------------------------------------------------
     hidden_sizes: tuple[int, ...] = _opt(
@@ -92,15 +101,75 @@ class FedqConfig:
     num_server_rounds: int = _opt(10, "federated rounds", _at_least_one)
     local_steps: int = _opt(5_000, "env steps each client runs per round", _at_least_one)
     fraction_train: float = _opt(1.0, "share of connected clients sampled per round", _open_unit)
+    fraction_evaluate: float = _opt(
+        1.0, "share of connected clients sampled for federated evaluation per round",
+        _open_unit)
     min_available_clients: int = _opt(
         1, "clients that must be connected before a round starts", _at_least_one
     )
+    personalize_steps: int = _opt(
+        0, "> 0: in the last round's evaluation each client also fine-tunes the global "
+        "model this many env steps on its own env (from its own replay buffer, never "
+        "saved) and reports that greedy return too", _non_negative)
+    client_overrides: dict[str, Any] = field(default_factory=dict, metadata={
+        "doc": "JSON object: simulation partition id -> config keys that device overrides "
+               "(written by fedq-simulate --scenario)", "check": None})
     eval_episodes: int = _opt(10, "greedy episodes per client in federated evaluation",
                               _at_least_one)
-    round_timeout: float = _opt(3600.0, "seconds to wait for replies in a round", _positive)
+    round_timeout: float = _opt(
+        3600.0, "seconds to wait for replies in a round; devices that have not answered by "
+        "then are left out of it", _positive)
+    min_train_replies: int = _opt(
+        1, "fewest valid training replies a round aggregates; with fewer the global model "
+        "stays unchanged for that round", _at_least_one)
     target_return: float = _opt(
         math.inf, "stop after the first round whose federated greedy return mean reaches "
         "this (inf: run every round)", allow_inf=True)
+    # --- aggregation strategy (server/strategies.py) -------------------------------------
+    strategy: str = _opt(
+        "fedavg", f"server aggregation: one of {', '.join(STRATEGIES)}",
+        _check(lambda v: v in STRATEGIES, f"one of {STRATEGIES}"),
+    )
+    proximal_mu: float = _opt(
+        0.0, "FedProx: weight mu of the proximal term mu/2 ||w - w_global||^2 in the "
+        "device's loss (> 0 with strategy fedprox, else 0)", _non_negative)
+    server_learning_rate: float = _opt(
+        0.01, "FedAdam/FedYogi: server step size eta on the averaged update", _positive)
+    server_beta1: float = _opt(
+        0.9, "FedAdam/FedYogi: first-moment decay", _check(lambda v: 0.0 <= v < 1.0,
+                                                           "must be in [0, 1)"))
+    server_beta2: float = _opt(
+        0.99, "FedAdam/FedYogi: second-moment decay", _check(lambda v: 0.0 <= v < 1.0,
+                                                             "must be in [0, 1)"))
+    server_tau: float = _opt(
+        1e-3, "FedAdam/FedYogi: adaptivity epsilon tau added to sqrt(v)", _positive)
+    trim_beta: float = _opt(
+        0.2, "FedTrimmedAvg: share of updates cut at each end, per coordinate",
+        _check(lambda v: 0.0 <= v < 0.5, "must be in [0, 0.5)"))
+    krum_byzantine: int = _opt(
+        0, "Krum: number of Byzantine devices f it tolerates", _non_negative)
+    # --- update checks and compression (server/update_validation.py, common/compression.py)
+    validate_updates: bool = _opt(
+        True, "reject updates with NaN/Inf, a wrong layout or an outlying norm before "
+        "aggregation")
+    update_norm_factor: float = _opt(
+        10.0, "reject an update whose norm ||w_i - w_global|| exceeds this times the "
+        "round's median update norm (with >= 3 updates)",
+        _check(lambda v: v >= 1.0, "must be >= 1"))
+    update_compression: str = _opt(
+        "none", "device-to-server update encoding: none (fp32 weights), fp16 or int8 "
+        "deltas with error feedback", _check(lambda v: v in COMPRESSIONS,
+                                             f"one of {COMPRESSIONS}"))
+    # --- benchmark fault injection (client/fault_injection.py); never for real runs ------
+    attack: str = _opt(
+        "none", "BENCHMARK FAULT INJECTOR: devices in attack-partitions send nan "
+        "(all-NaN weights) or noise (global + N(0, attack-scale^2)) instead of their update",
+        _check(lambda v: v in ATTACKS, f"one of {ATTACKS}"))
+    attack_partitions: tuple[int, ...] = _opt(
+        (), "BENCHMARK FAULT INJECTOR: comma-separated simulation partition ids that attack",
+        _check(lambda v: all(p >= 0 for p in v), "needs partition ids >= 0"))
+    attack_scale: float = _opt(
+        10.0, "BENCHMARK FAULT INJECTOR: noise std of the noise attack", _positive)
     # --- differential privacy on the device (common/privacy.py) --------------------------
     dp_enabled: bool = _opt(False, "DP-SGD on the online Q-network (privacy unit: one transition)")
     dp_noise_multiplier: float = _opt(
@@ -123,6 +192,19 @@ class FedqConfig:
         0, "> 0: derive the noise multiplier so that this many private updates over the "
         "device's lifetime spend dp-target-epsilon", _non_negative,
     )
+    # --- central DP on the aggregate (server/strategies.py, client/central_dp.py) ---------
+    central_dp: str = _opt(
+        "none", "Flower's central DP on the averaged update: none, server-fixed (the server "
+        "clips each update) or client-fixed (devices clip); Gaussian noise on the average",
+        _check(lambda v: v in CENTRAL_DP, f"one of {CENTRAL_DP}"))
+    central_dp_noise_multiplier: float = _opt(
+        1.0, "central DP: noise std on the sum of updates, in units of central-dp-clip-norm",
+        _non_negative)
+    central_dp_clip_norm: float = _opt(
+        1.0, "central DP: bound on each device's update norm ||w_i - w_global||", _positive)
+    central_dp_clients: int = _opt(
+        0, "central DP: devices sampled per round (noise std on the average is noise x clip "
+        "/ this); required >= 1 with central-dp", _non_negative)
     # --- outputs -----------------------------------------------------------------------
     run_dir: str = _opt(
         "runs/default", "where config, metrics, checkpoints and plots are written",
@@ -132,6 +214,9 @@ class FedqConfig:
     state_dir: str = _opt(
         "", "device state directory (empty: <run-dir>/devices/<partition-id>)"
     )
+    message_audit_dir: str = _opt(
+        "", "if set, every device writes a JSON summary (array names and shapes, metrics) of "
+        "each message it sends into this directory (client/message_audit.py)")
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, ConfigScalar]) -> FedqConfig:
@@ -173,11 +258,59 @@ class FedqConfig:
                 f"{self.exploration_final_eps} exceeds exploration-initial-eps "
                 f"{self.exploration_initial_eps}",
             )
+        if (self.strategy == "fedprox") != (self.proximal_mu > 0):
+            raise ConfigError(
+                "proximal-mu", f"{self.proximal_mu} with strategy {self.strategy}: FedProx "
+                "needs proximal-mu > 0 and other strategies ignore it, so set it to 0")
+        if (self.attack == "none") != (not self.attack_partitions):
+            raise ConfigError(
+                "attack-partitions", f"{list(self.attack_partitions)} with attack "
+                f"{self.attack!r}: an attack needs partitions and partitions need an attack")
+        if self.personalize_steps and self.dp_enabled:
+            raise ConfigError(
+                "personalize-steps", "fine-tuning on private data outside the accountant "
+                "would release returns no epsilon covers; use 0 with dp-enabled")
+        self._check_client_overrides()
+        self._check_central_dp()
         if self.dp_planned_updates and self.dp_target_epsilon == math.inf:
             raise ConfigError(
                 "dp-planned-updates", "needs a finite dp-target-epsilon to derive the noise "
                 "multiplier from"
             )
+
+    def _check_central_dp(self) -> None:
+        if self.central_dp == "none":
+            return
+        if self.central_dp_clients < 1:
+            raise ConfigError("central-dp-clients", f"must be >= 1 with central-dp "
+                              f"{self.central_dp!r}: the noise is calibrated to it")
+        if self.update_compression != "none":
+            raise ConfigError("update-compression", "central DP clips full weights against "
+                              "the global model; use none with central-dp")
+        if self.strategy not in ("fedavg", "fedprox"):
+            raise ConfigError("strategy", f"central DP's noise is calibrated to an average; "
+                              f"{self.strategy!r} is not one (use fedavg or fedprox)")
+
+    def _check_client_overrides(self) -> None:
+        for partition, overrides in self.client_overrides.items():
+            key = f"client-overrides.{partition}"
+            if not partition.isdigit():
+                raise ConfigError(key, "keys are partition ids (0, 1, ...)")
+            if not isinstance(overrides, dict):
+                raise ConfigError(key, f"expected a JSON object of config keys, got "
+                                       f"{overrides!r}")
+            if "client-overrides" in overrides:
+                raise ConfigError(f"{key}.client-overrides", "cannot nest")
+
+    def for_partition(self, partition: int) -> FedqConfig:
+        """This config as simulation partition ``partition`` sees it: with its entry of
+        ``client-overrides`` applied (and the table itself dropped)."""
+        overrides = self.client_overrides.get(str(partition), {})
+        try:
+            return FedqConfig.from_mapping(
+                {**self.to_mapping(), "client-overrides": "{}", **overrides})
+        except ConfigError as err:
+            raise ConfigError(f"client-overrides.{partition}.{err.key}", err.problem) from None
 
     def to_mapping(self) -> dict[str, ConfigScalar]:
         """The flat kebab-case form (what ``pyproject.toml`` and Flower carry)."""
@@ -215,6 +348,8 @@ def _coerce(key: str, annotation: str, raw: Any) -> Any:
         raise ConfigError(key, f"expected true or false, got {raw!r}")
     if isinstance(raw, bool):  # bool is an int subclass: never let True mean 1
         raise ConfigError(key, f"expected a number, got {raw!r}")
+    if kind == "tuple[int,...]" and isinstance(raw, int):  # TOML reads "3" as an integer
+        return (raw,)
     if kind == "int":
         if isinstance(raw, int):
             return raw

@@ -14,6 +14,7 @@ import gymnasium as gym
 import numpy as np
 
 from common.config import ConfigError
+from common.physics import apply_physics, physics_make_kwargs
 
 
 @dataclass(frozen=True)
@@ -24,16 +25,21 @@ class EnvSpec:
     n_actions: int
 
 
-def make_env(env_id: str, env_kwargs: dict[str, Any] | None = None) -> gym.Env:
-    """Create the env, turning gymnasium's errors into errors that name the config key."""
+def make_env(env_id: str, env_kwargs: dict[str, Any] | None = None,
+             physics: dict[str, Any] | None = None) -> gym.Env:
+    """Create the env with its physics overrides (:mod:`common.physics`), turning
+    gymnasium's errors into errors that name the config key."""
+    physics = physics or {}
+    kwargs = {**(env_kwargs or {}), **physics_make_kwargs(env_id, physics, env_kwargs or {})}
     try:
-        env = gym.make(env_id, **(env_kwargs or {}))
+        env = gym.make(env_id, **kwargs)
     except gym.error.Error as err:  # unknown id, missing dependency, bad version
         known = sorted(k for k in gym.registry if "/" not in k)
         raise ConfigError("env-id", f"cannot make {env_id!r}: {err}. Known ids include "
                           f"{', '.join(known[:12])}, ...") from None
     except TypeError as err:  # unexpected keyword argument
         raise ConfigError("env-kwargs", f"{env_id!r} rejected {env_kwargs}: {err}") from None
+    apply_physics(env_id, env, physics)
     check_spaces(env_id, env)
     if len(env.observation_space.shape) != 1:  # the MLP and the replay buffer take flat rows
         env = gym.wrappers.FlattenObservation(env)
@@ -55,9 +61,11 @@ def check_spaces(env_id: str, env: gym.Env) -> EnvSpec:
     return EnvSpec(obs_dim=int(np.prod(obs_space.shape)), n_actions=int(act_space.n))
 
 
-def env_spec(env_id: str, env_kwargs: dict[str, Any] | None = None) -> EnvSpec:
-    """Make the env once to read its spaces (also the config-time check of env-id)."""
-    env = make_env(env_id, env_kwargs)
+def env_spec(env_id: str, env_kwargs: dict[str, Any] | None = None,
+             physics: dict[str, Any] | None = None) -> EnvSpec:
+    """Make the env once to read its spaces (also the config-time check of env-id,
+    env-kwargs and env-physics)."""
+    env = make_env(env_id, env_kwargs, physics)
     try:
         return check_spaces(env_id, env)
     finally:

@@ -40,8 +40,6 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import datetime
-import ipaddress
 import json
 import os
 import re
@@ -64,11 +62,9 @@ from pathlib import Path
 from typing import IO
 
 import tomli_w
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from flwr.proto.federation_config_pb2 import SimulationConfig
+
+from common.certs import TLSFiles, make_supernode_auth_keys, make_tls_files
 
 __all__ = [
     "FEDERATION_CONFIG_KEYS",
@@ -78,8 +74,10 @@ __all__ = [
     "TLSFiles",
     "deployment_superlink",
     "free_port",
+    "kill_serverapp",
     "make_supernode_auth_keys",
     "make_tls_files",
+    "run_tagged",
     "simulation_superlink",
     "start_supernode",
     "submit_run",
@@ -126,19 +124,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((_HOST, 0))
         return int(sock.getsockname()[1])
-
-
-@dataclass(frozen=True)
-class TLSFiles:
-    """PEM files of a SuperLink's TLS identity, passed through to Flower as paths.
-
-    ``ca_cert`` verifies ``server_cert``; SuperNodes and the CLI trust it via
-    ``--root-certificates`` / ``root-certificates``. ``server_cert`` must name 127.0.0.1.
-    """
-
-    ca_cert: Path
-    server_cert: Path
-    server_key: Path
 
 
 @dataclass(frozen=True)
@@ -337,6 +322,45 @@ def start_supernode(handle: SuperLinkHandle, workdir: Path,
     return node
 
 
+def run_tagged(handle: SuperLinkHandle, command: Sequence[str], *,
+               env: Mapping[str, str] | None = None, timeout: float = 600.0,
+               log_path: Path | None = None) -> subprocess.CompletedProcess[bytes]:
+    """Run a command (e.g. ``fedq-submit`` as docker compose runs it) with the handle's
+    environment and tag, so teardown also ends whatever it leaves behind.
+
+    Its output goes to ``log_path`` (or is captured); after ``timeout`` seconds it and
+    its children are killed and ``returncode`` is -9.
+    """
+    tag = f"{handle._env[_TAG_VAR]}/command-{handle._next_id()}"
+    group = _ProcessGroup.spawn(list(command), {**handle._env, **(env or {}), _TAG_VAR: tag},
+                                log_path)
+    try:
+        out, _ = group.root.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        group.stop(kill=True)
+        out = b""
+    finally:
+        group.stop(kill=False)
+    return subprocess.CompletedProcess(list(command), group.root.returncode, out, None)
+
+
+def kill_serverapp(handle: SuperLinkHandle) -> list[int]:
+    """SIGKILL the SuperLink's ``flwr-serverapp`` processes, the way a crash of the
+    server-side app would end them; return their pids."""
+    procs = _members(_tag_prefix(handle._env[_TAG_VAR]), [handle._group.root])
+    victims = {pid: start for pid, start in procs.items() if _is_serverapp(pid)}
+    _signal(victims, signal.SIGKILL)
+    return sorted(victims)
+
+
+def _is_serverapp(pid: int) -> bool:
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return any(Path(arg.decode(errors="replace")).name == "flwr-serverapp" for arg in argv[:2])
+
+
 def submit_run(handle: SuperLinkHandle, app_dir: Path, *,
                run_config: Mapping[str, ConfigValue] | None = None,
                num_supernodes: int | None = None,
@@ -403,60 +427,6 @@ def submit_run(handle: SuperLinkHandle, app_dir: Path, *,
     return RunResult(returncode=returncode, run_id=run_id, status=status,
                      status_details=details, output="".join(lines), timed_out=timed_out,
                      log_path=log_path)
-
-
-def make_tls_files(directory: Path) -> TLSFiles:
-    """Write a throwaway CA and a server certificate for 127.0.0.1/localhost (for tests)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP384R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedq test CA")])
-    ca_cert = (
-        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
-        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=7))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA384())
-    )
-    server_key = ec.generate_private_key(ec.SECP384R1())
-    server_cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
-        .issuer_name(ca_name).public_key(server_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=7))
-        .add_extension(x509.SubjectAlternativeName([
-            x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address(_HOST))]),
-            critical=False)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .sign(ca_key, hashes.SHA384())
-    )
-    files = TLSFiles(directory / "ca.crt", directory / "server.pem", directory / "server.key")
-    files.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    files.server_cert.write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
-    _write_private(files.server_key, server_key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption()))
-    return files
-
-
-def make_supernode_auth_keys(directory: Path, name: str) -> tuple[Path, Path]:
-    """Write an ECDSA P-384 key pair in OpenSSH format; return (private, public) paths.
-
-    The private key goes to :func:`start_supernode`, the public one to
-    :func:`deployment_superlink` (``auth_public_keys``).
-    """
-    directory.mkdir(parents=True, exist_ok=True)
-    key = ec.generate_private_key(ec.SECP384R1())
-    private, public = directory / name, directory / f"{name}.pub"
-    _write_private(private, key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-        serialization.NoEncryption()))
-    public.write_bytes(key.public_key().public_bytes(
-        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
-    return private, public
 
 
 # --------------------------------------------------------------------------- internals
@@ -687,12 +657,6 @@ def _write_toml(path: Path, data: Mapping[str, object]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(tomli_w.dumps(dict(data)))
     return path
-
-
-def _write_private(path: Path, content: bytes) -> None:
-    path.touch(mode=0o600, exist_ok=True)
-    path.chmod(0o600)
-    path.write_bytes(content)
 
 
 def _tail(path: Path, lines: int = 30) -> str:

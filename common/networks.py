@@ -2,15 +2,17 @@
 
 Acting is the hot path of data collection: one batch-1 forward per env step. Torch's
 per-call overhead (~30 µs) dwarfs the arithmetic of a small MLP, so :class:`NumpyPolicy`
-runs the same forward in numpy (~5 µs) on *views* of the live torch parameters. The
+runs the same forward in numpy (~5 µs, :mod:`common.mlp_forward`, which the torch-free
+on-device runner shares) on *views* of the live torch parameters. The
 views share memory with the tensors, and both the optimizer and ``load_state_dict``
 update parameters in place, so the numpy policy never needs re-syncing.
 """
 
 from __future__ import annotations
 
-import numpy as np
 from torch import nn
+
+from common.mlp_forward import MlpForward
 
 
 class QNetwork(nn.Sequential):
@@ -32,22 +34,9 @@ class QNetwork(nn.Sequential):
         return [m for m in self if isinstance(m, nn.Linear)]
 
 
-class NumpyPolicy:
+class NumpyPolicy(MlpForward):
     """Greedy action of a :class:`QNetwork`, computed in numpy on shared parameter views."""
 
     def __init__(self, net: QNetwork) -> None:
-        self.layers = [(layer.weight.detach().numpy().T, layer.bias.detach().numpy())
-                       for layer in net.linear_layers()]
-
-    def q_values(self, obs: np.ndarray) -> np.ndarray:
-        h = np.asarray(obs, dtype=np.float32).reshape(-1)
-        last = len(self.layers) - 1
-        for i, (w_t, b) in enumerate(self.layers):
-            h = h @ w_t
-            h += b
-            if i < last:
-                np.maximum(h, 0.0, out=h)
-        return h
-
-    def act(self, obs: np.ndarray) -> int:
-        return int(self.q_values(obs).argmax())
+        super().__init__([(layer.weight.detach().numpy().T, layer.bias.detach().numpy())
+                          for layer in net.linear_layers()])

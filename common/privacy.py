@@ -37,7 +37,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
-from opacus.accountants import create_accountant
 
 from common.config import FedqConfig
 
@@ -78,6 +77,8 @@ def epsilon_of(mechanism: str, delta: float, history: tuple[Segment, ...]) -> fl
         return 0.0
     if any(noise == 0.0 for noise, _, _ in history):
         return math.inf  # no noise, no finite epsilon (Opacus's PRV would overflow)
+    from opacus.accountants import create_accountant  # lazy: see DevicePrivacy.__init__
+
     accountant = create_accountant(mechanism=mechanism)
     accountant.history = list(history)
     options = {"eps_error": PRV_EPS_ERROR} if mechanism == "prv" else {}
@@ -133,6 +134,10 @@ class DevicePrivacy:
 
     def __init__(self, config: FedqConfig) -> None:
         self.config = config
+        # Imported here, not at module level: opacus costs ~115 MiB and ~2 s per process,
+        # which every non-private device (each ClientApp process) would otherwise pay.
+        from opacus.accountants import create_accountant
+
         self.accountant = create_accountant(mechanism=config.dp_accountant)
         self.derived: dict[str, float] | None = None  # noise multiplier from the plan
         self.untracked_updates = 0  # updates this device made without DP

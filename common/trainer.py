@@ -31,6 +31,7 @@ _LEARNER_FILE = "learner.pt"
 _BUFFER_FILE = "replay_buffer.npz"
 _COUNTERS_FILE = "counters.json"
 _PRIVACY_FILE = "privacy.json"
+_RESIDUAL_FILE = "update_residual.npz"
 _POINTER_FILE = "CURRENT"
 
 
@@ -63,7 +64,7 @@ class LocalTrainer:
     def __init__(self, config: FedqConfig, seed: int) -> None:
         self.config = config
         self.seed = seed
-        self.env = make_env(config.env_id, config.env_kwargs)
+        self.env = make_env(config.env_id, config.env_kwargs, config.env_physics)
         spec = check_spaces(config.env_id, self.env)
         torch.manual_seed(seed)
         self.privacy = DevicePrivacy(config) if config.dp_enabled else None
@@ -77,6 +78,8 @@ class LocalTrainer:
         self.n_actions = spec.n_actions
         self._obs: np.ndarray | None = None
         self._episode_return = 0.0
+        # error-feedback residual of compressed updates (common/compression.py)
+        self.update_residual: dict[str, np.ndarray] = {}
 
     def epsilon(self) -> float:
         c = self.config
@@ -158,7 +161,7 @@ class LocalTrainer:
 
     def evaluate(self, n_episodes: int, seed: int | None = None) -> list[float]:
         """Greedy returns over ``n_episodes`` on a separate env instance."""
-        env = make_env(self.config.env_id, self.config.env_kwargs)
+        env = make_env(self.config.env_id, self.config.env_kwargs, self.config.env_physics)
         act = self.learner.policy.act
         base = (self.seed + 10**6) if seed is None else seed
         returns = []
@@ -196,6 +199,9 @@ class LocalTrainer:
         atomic_write_text(target / _COUNTERS_FILE, json.dumps(asdict(self.counters)))
         if self.privacy is not None:
             atomic_write_text(target / _PRIVACY_FILE, json.dumps(self.privacy.state_dict()))
+        if self.update_residual:
+            with atomic_open(target / _RESIDUAL_FILE) as fh:
+                np.savez(fh, **self.update_residual)
         atomic_write_text(directory / _POINTER_FILE, generation)
         for old in directory.glob("gen-*"):
             if old.name != generation:
@@ -217,6 +223,9 @@ class LocalTrainer:
             if (source / _PRIVACY_FILE).exists():
                 self.privacy.load_state_dict(json.loads((source / _PRIVACY_FILE).read_text()))
             self.privacy.untracked_updates = self.counters.updates - self.privacy.steps
+        if (source / _RESIDUAL_FILE).exists():
+            with np.load(source / _RESIDUAL_FILE) as residual:
+                self.update_residual = {k: residual[k] for k in residual.files}
         self._obs = None
         return True
 

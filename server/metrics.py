@@ -36,6 +36,11 @@ def aggregate_train_metrics(records: list[RecordDict], weight_key: str) -> Metri
         "train-seconds-max": float(max(float(m["train-seconds"]) for m in rows)),
         "handler-seconds-max": float(max(float(m["handler-seconds"]) for m in rows)),
     }
+    private = [m for m in rows if m.get("dp-enabled")]
+    if private:  # the federation's worst-off device (common/privacy.py)
+        out["dp-clients"] = len(private)
+        out["dp-epsilon-max"] = float(max(float(m["dp-epsilon"]) for m in private))
+        out["dp-delta-max"] = float(max(float(m["dp-delta"]) for m in private))
     return MetricRecord(out)
 
 
@@ -44,11 +49,16 @@ def aggregate_eval_metrics(records: list[RecordDict], weight_key: str) -> Metric
     rows = _metric_rows(records)
     means = np.array([float(m["eval-return-mean"]) for m in rows])
     episodes = np.array([float(m[weight_key]) for m in rows])
-    return MetricRecord({
+    out = {
         "clients": len(rows),
         "episodes": int(episodes.sum()),
         "eval-return-mean": float(np.average(means, weights=episodes)),
         "eval-return-worst-client": float(means.min()),
         "eval-return-best-client": float(means.max()),
         "eval-return-min": float(min(float(m["eval-return-min"]) for m in rows)),
-    })
+    }
+    if "personalized-return-mean" in rows[0]:  # personalize-steps > 0 (client/personalize.py)
+        personal = np.array([float(m["personalized-return-mean"]) for m in rows])
+        out["personalized-return-mean"] = float(np.average(personal, weights=episodes))
+        out["personalized-return-worst-client"] = float(personal.min())
+    return MetricRecord(out)

@@ -4,9 +4,14 @@ Layout of ``<run-dir>``::
 
     config.json            the resolved config of the run
     metrics.jsonl          one JSON object per completed round
+    clients.jsonl          one JSON object per device reply (round, phase, its metrics)
+    privacy.jsonl          DP devices' epsilon and accountant segments per round, and budget
+                           declines (server/privacy_log.py)
+    tensorboard/           TensorBoard event files: global and per-client scalars
     checkpoints/round-NNNN.pt   global Q-network after round NNNN (last few kept)
     checkpoints/LATEST     name of the newest complete checkpoint
     learning_curve.png     written when the run ends
+    client_curves.png      per-device learning curves, written when the run ends
     devices/<name>/        simulated devices' state (replay buffer, learner, counters)
 
 A round is logged to ``metrics.jsonl`` first and checkpointed second. On resume, rows
@@ -40,6 +45,9 @@ class RunDirectory:
         self.root = root
         self.config_path = root / "config.json"
         self.metrics_path = root / "metrics.jsonl"
+        self.clients_path = root / "clients.jsonl"
+        self.tensorboard_dir = root / "tensorboard"
+        self.client_plot_path = root / "client_curves.png"
         self.checkpoints = root / "checkpoints"
         self.plot_path = root / "learning_curve.png"
 
@@ -65,25 +73,23 @@ class RunDirectory:
 
     # --- metrics ----------------------------------------------------------------------
     def append_metrics(self, row: dict[str, Any]) -> None:
-        with open(self.metrics_path, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        _append_rows(self.metrics_path, [row])
 
     def read_metrics(self) -> list[dict[str, Any]]:
-        if not self.metrics_path.exists():
-            return []
-        rows = []
-        for line in self.metrics_path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:  # a line torn by a crash mid-write
-                break
-        return rows
+        return _read_rows(self.metrics_path)
+
+    def append_client_metrics(self, rows: list[dict[str, Any]]) -> None:
+        """Per-device rows of a round; written before the round's ``metrics.jsonl`` row,
+        so resume truncation (by round) keeps the two files consistent."""
+        _append_rows(self.clients_path, rows)
+
+    def read_client_metrics(self) -> list[dict[str, Any]]:
+        return _read_rows(self.clients_path)
 
     def _truncate_metrics(self, last_round: int) -> None:
-        rows = [r for r in self.read_metrics() if r["round"] <= last_round]
-        atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
+        for path in (self.metrics_path, self.clients_path):
+            rows = [r for r in _read_rows(path) if r["round"] <= last_round]
+            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
     # --- checkpoints ------------------------------------------------------------------
     def save_checkpoint(self, server_round: int, state_dict: dict[str, torch.Tensor],
@@ -105,6 +111,25 @@ class RunDirectory:
     def load_checkpoint(self, server_round: int | None = None) -> dict[str, Any]:
         server_round = self.latest_round() if server_round is None else server_round
         return torch.load(self.checkpoints / f"round-{server_round:04d}.pt", weights_only=True)
+
+
+def _append_rows(path: Path, rows: list[dict[str, Any]]) -> None:
+    with open(path, "a") as fh:
+        fh.write("".join(json.dumps(row) + "\n" for row in rows))
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line torn by a crash mid-write
+            break
+    return rows
 
 
 def _check_resumable(saved: dict[str, Any], config: FedqConfig) -> None:

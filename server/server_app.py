@@ -1,9 +1,11 @@
 """The fedq ServerApp: federated averaging of the online Q-network, round by round.
 
 Each round: send the global weights and the round config to the sampled devices, let
-each train ``local-steps`` env steps, FedAvg their online weights (weighted by env
-steps collected), ask every device for greedy returns of the new global model on its
-own env, then append the round to ``metrics.jsonl`` and checkpoint the global model.
+each train ``local-steps`` env steps, screen their replies (decode compressed updates,
+reject bad ones: server/update_validation.py), aggregate the rest with the configured
+strategy (server/strategies.py; FedAvg weights by env steps collected), ask every
+device for greedy returns of the new global model on its own env, then append the round
+to ``metrics.jsonl`` and checkpoint the global model.
 The loop is ours (not ``Strategy.start``) so a restarted server resumes at the round
 after its last checkpoint instead of at round 1.
 """
@@ -16,37 +18,34 @@ import time
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg, Strategy
+from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
 from common.config import FedqConfig
 from common.envs import env_spec
 from common.networks import QNetwork
-from server.metrics import aggregate_eval_metrics, aggregate_train_metrics
-from server.plots import plot_learning_curve
+from server.central_dp import with_central_dp
+from server.observability import RoundRecorder
+from server.plots import plot_client_curves, plot_learning_curve
+from server.privacy_log import PrivacyLog
 from server.run_directory import RunDirectory
+from server.strategies import choose_strategy
+from server.update_validation import screen_replies
 
 app = ServerApp()
 
 
 def build_strategy(config: FedqConfig) -> Strategy:
-    """FedAvg over online weights, weighted by each device's env steps this round."""
-    return FedAvg(
-        fraction_train=config.fraction_train,
-        fraction_evaluate=1.0,
-        min_train_nodes=config.min_available_clients,
-        min_evaluate_nodes=config.min_available_clients,
-        min_available_nodes=config.min_available_clients,
-        train_metrics_aggr_fn=aggregate_train_metrics,
-        evaluate_metrics_aggr_fn=aggregate_eval_metrics,
-    )
+    """The configured aggregation strategy (server/strategies.py), wrapped in Flower's
+    central DP if ``central-dp`` asks for it (server/central_dp.py)."""
+    return with_central_dp(choose_strategy(config), config)
 
 
 def initial_model(config: FedqConfig, run_dir: RunDirectory, last_round: int) -> QNetwork:
     """A seeded fresh Q-network, or the one from the last checkpoint when resuming."""
-    spec = env_spec(config.env_id, config.env_kwargs)
+    spec = env_spec(config.env_id, config.env_kwargs, config.env_physics)
     torch.manual_seed(config.seed)
     net = QNetwork(spec.obs_dim, spec.n_actions, config.hidden_sizes)
     if last_round:
@@ -55,27 +54,38 @@ def initial_model(config: FedqConfig, run_dir: RunDirectory, last_round: int) ->
 
 
 def run_rounds(grid: Grid, strategy: Strategy, config: FedqConfig, run_dir: RunDirectory,
-               arrays: ArrayRecord, first_round: int) -> ArrayRecord:
-    """Rounds ``first_round..num-server-rounds``: train, aggregate, evaluate, record."""
+               arrays: ArrayRecord, first_round: int,
+               recorder: RoundRecorder | None = None) -> ArrayRecord:
+    """Rounds ``first_round..num-server-rounds``: train, aggregate, evaluate, record
+    (per-client rows and TensorBoard scalars too, given a ``recorder``)."""
     previous = run_dir.read_metrics()
     steps_per_client = previous[-1]["env-steps-per-client-total"] if previous else 0.0
+    privacy_log = PrivacyLog(run_dir.root, first_round)
     for server_round in range(first_round, config.num_server_rounds + 1):
         started = time.perf_counter()
-        train_config = ConfigRecord({"local-steps": config.local_steps})
-        replies = grid.send_and_receive(
-            strategy.configure_train(server_round, arrays, train_config, grid),
-            timeout=config.round_timeout)
-        new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+        train_config = ConfigRecord({"local-steps": config.local_steps,
+                                     "update-compression": config.update_compression})
+        train_messages = list(strategy.configure_train(server_round, arrays, train_config, grid))
+        replies = list(grid.send_and_receive(train_messages, timeout=config.round_timeout))
+        privacy = privacy_log.record(server_round, replies)  # devices that declined go on record
+        screening = screen_replies(list(replies), arrays, config, server_round)
+        valid = sum(not msg.has_error() for msg in screening.replies)
+        new_arrays, train_metrics = None, None
+        if valid >= config.min_train_replies:
+            new_arrays, train_metrics = strategy.aggregate_train(server_round,
+                                                                 screening.replies)
         train_phase = time.perf_counter() - started
         if new_arrays is None:
-            log(logging.WARNING, "round %d: no device returned an update; the global model "
-                "is unchanged", server_round)
+            log(logging.WARNING, "round %d: %d valid update(s) (min-train-replies %d); the "
+                "global model is unchanged", server_round, valid, config.min_train_replies)
         else:
             arrays = new_arrays
         eval_started = time.perf_counter()
-        eval_replies = grid.send_and_receive(
-            strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid),
-            timeout=config.round_timeout)
+        eval_config = ConfigRecord({"personalize-steps": config.personalize_steps
+                                    if server_round == config.num_server_rounds else 0})
+        eval_messages = list(strategy.configure_evaluate(server_round, arrays, eval_config,
+                                                         grid))
+        eval_replies = list(grid.send_and_receive(eval_messages, timeout=config.round_timeout))
         eval_metrics = strategy.aggregate_evaluate(server_round, eval_replies)
         train = dict(train_metrics or MetricRecord({"clients": 0}))
         steps_per_client += float(train.get("env-steps-per-client", 0.0))
@@ -87,7 +97,13 @@ def run_rounds(grid: Grid, strategy: Strategy, config: FedqConfig, run_dir: RunD
             "round-seconds": time.perf_counter() - started,
             "train": train,
             "eval": dict(eval_metrics or MetricRecord({"clients": 0})),
+            "updates": screening.row(),
+            "privacy": privacy,
+            "participation": {"train": participation(len(train_messages), replies),
+                              "evaluate": participation(len(eval_messages), eval_replies)},
         }
+        if recorder is not None:
+            recorder.record(row, replies, eval_replies)
         run_dir.append_metrics(row)
         run_dir.save_checkpoint(server_round, arrays.to_torch_state_dict(),
                                 {"env-steps-per-client-total": steps_per_client})
@@ -97,6 +113,16 @@ def run_rounds(grid: Grid, strategy: Strategy, config: FedqConfig, run_dir: RunD
                 config.target_return, server_round)
             break
     return arrays
+
+
+def participation(sent: int, replies: list[Message]) -> dict[str, int]:
+    """How many sampled devices answered a phase: a device that died or missed
+    ``round-timeout`` sends nothing (``missing``), and the SuperLink answers for a node it
+    has marked offline with an error (``errors``, with other failed replies). The round
+    goes on with the replies it has."""
+    errors = sum(msg.has_error() for msg in replies)
+    return {"sampled": sent, "replied": len(replies) - errors, "errors": errors,
+            "missing": sent - len(replies)}
 
 
 def progress_line(row: dict, num_rounds: int) -> str:
@@ -111,6 +137,16 @@ def progress_line(row: dict, num_rounds: int) -> str:
     if "eval-return-mean" in ev:
         parts.append(f"eval return {ev['eval-return-mean']:.1f} "
                      f"(worst client {ev['eval-return-worst-client']:.1f})")
+    if "personalized-return-mean" in ev:
+        parts.append(f"personalised {ev['personalized-return-mean']:.1f} "
+                     f"(worst {ev['personalized-return-worst-client']:.1f})")
+    if "dp-epsilon-max" in train:
+        parts.append(f"dp epsilon max {train['dp-epsilon-max']:.3g}")
+    answered = row.get("participation", {}).get("train", {})
+    if answered.get("replied", 0) < answered.get("sampled", 0):
+        parts.append(f"answered {answered['replied']}/{answered['sampled']}")
+    if row.get("privacy", {}).get("declined"):
+        parts.append(f"declined (privacy budget) {row['privacy']['declined']}")
     parts.append(f"{row['round-seconds']:.1f}s")
     return " | ".join(parts)
 
@@ -124,7 +160,14 @@ def main(grid: Grid, context: Context) -> None:
     net = initial_model(config, run_dir, last_round)
     if last_round:
         log(logging.INFO, "[fedq] resuming %s after round %d", run_dir.root, last_round)
-    run_rounds(grid, build_strategy(config), config, run_dir, ArrayRecord(net.state_dict()),
-               first_round=last_round + 1)
+    recorder = RoundRecorder(run_dir)
+    try:
+        run_rounds(grid, build_strategy(config), config, run_dir,
+                   ArrayRecord(net.state_dict()), first_round=last_round + 1,
+                   recorder=recorder)
+    finally:
+        recorder.close()
     plot_learning_curve(run_dir.read_metrics(), run_dir.plot_path, title=config.env_id)
+    plot_client_curves(run_dir.read_metrics(), run_dir.read_client_metrics(),
+                       run_dir.client_plot_path, title=config.env_id)
     log(logging.INFO, "[fedq] results in %s", run_dir.root.resolve())

@@ -8,6 +8,7 @@ SuperLink is started and always torn down, whatever happens to the run.
 Example::
 
     fedq-simulate --clients 4 --set num-server-rounds=12 --set local-steps=4000
+    fedq-simulate --scenario simulations/scenarios/hetero_cartpole.toml
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 from common.config import ConfigError, ConfigScalar, FedqConfig
 from common.envs import env_spec
 from common.flower_runtime import RunResult, simulation_superlink, submit_run
+from simulations.scenario import load_scenario
 
 APP_DIR = Path(__file__).resolve().parent.parent
 _TIMESTAMPED = re.compile(r"^\d\d/\d\d/\d{4} ")  # Flower's file-format copy of each line
@@ -69,7 +71,8 @@ def resolve_run_config(overrides: dict[str, ConfigScalar], clients: int,
     if clients < 1:
         raise ConfigError("clients", f"must be >= 1, got {clients}")
     config = FedqConfig.from_mapping({**app_defaults(app_dir), **overrides})
-    env_spec(config.env_id, config.env_kwargs)  # unknown id / wrong spaces fail here
+    # unknown id / wrong spaces / bad physics fail here
+    env_spec(config.env_id, config.env_kwargs, config.env_physics)
     if config.min_available_clients > clients:
         raise ConfigError("min-available-clients",
                           f"{config.min_available_clients} exceeds the {clients} simulated "
@@ -102,7 +105,11 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Config keys and defaults: see README.md or [tool.flwr.app.config] in "
                "pyproject.toml.")
-    parser.add_argument("--clients", type=int, default=4, help="virtual devices (default 4)")
+    parser.add_argument("--clients", type=int,
+                        help="virtual devices (default 4, or the scenario's num-clients)")
+    parser.add_argument("--scenario", type=Path,
+                        help="a federation declared in TOML (simulations/scenarios/); "
+                             "--set overrides its [run] table")
     parser.add_argument("--rounds", type=int, help="shortcut for --set num-server-rounds=N")
     parser.add_argument("--run-dir", help="results directory (default runs/sim-<timestamp>)")
     parser.add_argument("--resume", action="store_true",
@@ -128,15 +135,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             overrides["resume"] = True
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         overrides["run-dir"] = args.run_dir or overrides.get("run-dir", f"runs/sim-{stamp}")
-        config, run_config = resolve_run_config(overrides, args.clients)
+        clients = 4 if args.clients is None else args.clients
+        if args.scenario is not None:
+            scenario = load_scenario(args.scenario, args.clients, app_defaults(), overrides)
+            overrides = {**scenario.run_config(), **overrides}
+            clients = scenario.num_clients
+        config, run_config = resolve_run_config(overrides, clients)
     except ConfigError as err:
         print(f"fedq-simulate: {err}", file=sys.stderr)
         return 2
     run_dir = Path(str(run_config["run-dir"]))
-    print(f"[fedq] {args.clients} clients x {config.num_server_rounds} rounds x "
+    print(f"[fedq] {clients} clients x {config.num_server_rounds} rounds x "
           f"{config.local_steps} local steps on {config.env_id}; results in {run_dir}",
           flush=True)
-    result = simulate(run_config, args.clients, cpus_per_client=args.cpus_per_client,
+    result = simulate(run_config, clients, cpus_per_client=args.cpus_per_client,
                       timeout=args.timeout, stream=not args.quiet)
     if not result.ok:
         print(f"fedq-simulate: run {result.run_id} ended {result.status} "

@@ -86,3 +86,19 @@ def test_update_reduces_td_error_on_a_fixed_batch():
     learner.bind(buf)
     losses = [learner.update() for _ in range(200)]
     assert losses[-1] < 0.05 * losses[0]
+
+
+def test_clip_grad_norm_matches_torch():
+    from common.dqn import clip_grad_norm
+
+    torch.manual_seed(0)
+    for scale in (0.01, 100.0):  # below the bound: untouched; above: scaled down
+        grads = [torch.randn(5, 3) * scale, torch.randn(3) * scale]
+        expected = [g.clone() for g in grads]
+        params = [torch.nn.Parameter(torch.zeros_like(g)) for g in expected]
+        for p, g in zip(params, expected, strict=True):
+            p.grad = g
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        clip_grad_norm(grads, 1.0)
+        for got, want in zip(grads, expected, strict=True):
+            torch.testing.assert_close(got, want)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, Metadata, RecordDict
 from opacus import GradSampleModule
 from opacus.accountants import PRVAccountant, RDPAccountant
 
@@ -326,3 +326,45 @@ def test_the_servers_fedavg_aggregates_the_others_when_a_device_declines(tmp_pat
     private = app(_train_message(2), _context(2, run_config))  # DP next to a plain device
     _, mixed = strategy.aggregate_train(3, [replies[1], private])  # same metric keys
     assert mixed["clients"] == 2
+
+
+# --- central DP settings and the server's privacy log ---------------------------------------
+@pytest.mark.parametrize(("mapping", "key", "message"), [
+    ({"central-dp": "secagg"}, "central-dp", "one of"),
+    ({"central-dp-noise-multiplier": -1.0}, "central-dp-noise-multiplier", "must be >= 0"),
+    ({"central-dp-clip-norm": 0.0}, "central-dp-clip-norm", "must be > 0"),
+    ({"central-dp": "server-fixed"}, "central-dp-clients", "must be >= 1"),
+    ({"central-dp": "client-fixed", "central-dp-clients": 2, "update-compression": "int8"},
+     "update-compression", "use none"),
+    ({"central-dp": "server-fixed", "central-dp-clients": 2, "strategy": "fedmedian"},
+     "strategy", "not one"),
+])
+def test_bad_central_dp_settings_name_the_key(mapping, key, message):
+    with pytest.raises(ConfigError, match=f"config field '{key}'") as err:
+        FedqConfig.from_mapping(mapping)
+    assert message in str(err.value)
+
+
+def test_privacy_log_keeps_dp_devices_and_budget_declines_and_resumes_cleanly(tmp_path):
+    from server.privacy_log import PrivacyLog, read_privacy_log
+    from tests._replies import error_reply, reply, train_metrics
+
+    weights = {"w": np.zeros(2, np.float32)}
+    private = train_metrics()
+    private.update({"dp-enabled": 1, "dp-epsilon": 1.5, "dp-delta": 1e-5,
+                    "dp-round-steps": [10], "partition-id": 0})
+    plain = train_metrics()
+    plain.update({"dp-enabled": 0, "dp-epsilon": math.inf})
+    declined = Message(Error(code=PRIVACY_BUDGET_ERROR_CODE, reason="privacy budget: ..."),
+                       metadata=error_reply(3).metadata)
+    replies = [reply(1, weights, private), reply(2, weights, plain), declined,
+               error_reply(4, "crashed")]  # another error: not a privacy event
+    log = PrivacyLog(tmp_path, first_round=1)
+    assert log.record(1, replies) == {"declined": 1, "declined-nodes": [3]}
+    log.record(2, replies[:1])
+    rows = read_privacy_log(tmp_path)
+    assert [(r["round"], r["node-id"], r["status"]) for r in rows] == [
+        (1, 1, "trained"), (1, 3, "declined"), (2, 1, "trained")]
+    assert rows[0]["dp-epsilon"] == 1.5 and rows[0]["dp-round-steps"] == [10]
+    PrivacyLog(tmp_path, first_round=2)  # a server resuming after round 1 redoes round 2
+    assert [r["round"] for r in read_privacy_log(tmp_path)] == [1, 1]

@@ -44,6 +44,11 @@ def test_two_clients_two_rounds_write_all_outputs_then_resume_continues_devices(
     assert json.loads((run_dir / "config.json").read_text())["local-steps"] == 400
     assert (run_dir / "checkpoints" / "round-0002.pt").exists()
     assert (run_dir / "learning_curve.png").stat().st_size > 10_000
+    assert (run_dir / "client_curves.png").stat().st_size > 10_000
+    assert any((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    client_rows = [json.loads(line) for line in (run_dir / "clients.jsonl").open()]
+    assert sorted((r["round"], r["phase"], r["partition-id"]) for r in client_rows) == [
+        (n, phase, p) for n in (1, 2) for phase in ("evaluate", "train") for p in (0, 1)]
     assert _device_steps(run_dir, 0) == (800, 800)
 
     # A new simulation: new SuperLink, new Ray actors, so every device process restarted.

@@ -1,0 +1,179 @@
+"""``fedq-client``: join a device (a Raspberry Pi, a laptop, a container) to a federation.
+
+Wraps ``flower-supernode`` so one command gives a device everything it needs::
+
+    fedq-client --server 192.168.1.10:9093 --state-dir ~/fedq-state \\
+        --env-id CartPole-v1 --set seed=7 --set env-physics='{"length": 0.3}' \\
+        --root-certificates ca.crt --auth-key node-1
+
+* The device's settings (``--env-id``, ``--set KEY=VALUE`` for any fedq config key) are
+  validated with :class:`~common.config.FedqConfig`, and the env is built once, *before*
+  anything connects: a typo fails here with the config field it concerns, not later
+  inside a round on the server's clock.
+* ``--state-dir`` is required and written into the node config as ``state-dir``. The
+  device keeps its replay buffer, step counters, RNGs and privacy accountant there
+  (:class:`common.trainer.LocalTrainer`), so they survive restarts. Without it the
+  ClientApp would fall back to ``<run-dir>/devices/node-<id>``, and the SuperLink hands
+  out a new node id every time a SuperNode (re)starts: the device would start from
+  scratch after every reboot. Flower's own files (``FLWR_HOME``) go under it too.
+* TLS is the default: ``--root-certificates`` names the CA that signed the SuperLink's
+  certificate (see ``fedq-certs``). Plain text needs an explicit ``--insecure`` and is
+  announced on stderr. ``--auth-key`` is the device's private key for SuperNode
+  authentication (its public key must be registered at the SuperLink).
+
+The process becomes ``flower-supernode`` (``exec``), so a service manager's signals
+reach Flower directly. ``--print-command`` shows the command instead of running it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import sys
+import tomllib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import tomli_w
+
+from common.config import ConfigError, ConfigScalar, FedqConfig
+from common.envs import env_spec
+
+NODE_CONFIG_FILE = "node-config.toml"
+
+
+def parse_assignment(text: str) -> tuple[str, ConfigScalar]:
+    """``KEY=VALUE`` with VALUE read as a TOML scalar (``3``, ``0.5``, ``true``,
+    ``"text"``); anything else (e.g. a JSON object for ``env-physics``) stays a string."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(text, "expected KEY=VALUE")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return key, raw
+    return key, value if isinstance(value, bool | int | float | str) else raw
+
+
+def device_node_config(env_id: str | None, assignments: Sequence[str],
+                       state_dir: Path) -> dict[str, ConfigScalar]:
+    """The node config of a device, checked as the ClientApp will read it.
+
+    Validates the keys and values with :class:`FedqConfig` and builds the env once (env
+    id, kwargs and physics overrides); raises :class:`ConfigError` naming the field.
+    """
+    node: dict[str, ConfigScalar] = dict(parse_assignment(a) for a in assignments)
+    if env_id is not None:
+        node["env-id"] = env_id
+    if "state-dir" in node:
+        raise ConfigError("state-dir", "set it with --state-dir, not --set")
+    node["state-dir"] = str(state_dir.expanduser().resolve())
+    config = FedqConfig.from_mapping(node)
+    env_spec(config.env_id, config.env_kwargs, config.env_physics)
+    return node
+
+
+def supernode_command(server: str, node_config_path: Path, *,
+                      root_certificates: Path | None, auth_key: Path | None,
+                      insecure: bool, max_wait_time: float | None) -> list[str]:
+    """The ``flower-supernode`` command line for a device (see the module docstring)."""
+    if root_certificates is not None and insecure:
+        raise ValueError("--insecure contradicts --root-certificates; choose one")
+    if root_certificates is None and not insecure:
+        raise ValueError("give --root-certificates CA.crt (TLS), or --insecure to send "
+                         "weights and metrics in plain text")
+    if auth_key is not None and root_certificates is None:
+        raise ValueError("--auth-key needs TLS: Flower only authenticates SuperNodes over "
+                         "TLS, so give --root-certificates too")
+    command = ["flower-supernode", "--superlink", server, "--isolation", "subprocess",
+               "--node-config", str(node_config_path)]
+    if root_certificates is not None:
+        command += ["--root-certificates", str(_existing(root_certificates))]
+    else:
+        command += ["--insecure"]
+    if auth_key is not None:
+        command += ["--auth-supernode-private-key", str(_existing(auth_key))]
+    if max_wait_time is not None:
+        command += ["--max-wait-time", str(max_wait_time)]
+    return command
+
+
+def write_node_config(state_dir: Path, node: Mapping[str, ConfigScalar]) -> Path:
+    """Write the node config as TOML into the state dir (``--node-config`` takes a file,
+    so JSON strings with quotes and spaces arrive intact)."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path = state_dir / NODE_CONFIG_FILE
+    path.write_text(tomli_w.dumps(dict(node)))
+    return path
+
+
+def _existing(path: Path) -> Path:
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist or is not a file")
+    return path.resolve()
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedq-client",
+        description="Join this device to a fedq federation as a Flower SuperNode.")
+    parser.add_argument("--server", required=True,
+                        help="SuperLink address HOST:PORT (the port of flower-superlink's "
+                        "--port, 9093 in docker-compose.yml)")
+    parser.add_argument("--state-dir", type=Path, required=True,
+                        help="where this device keeps its replay buffer, counters and privacy "
+                        "accountant; must survive restarts")
+    parser.add_argument("--env-id", help="gymnasium env id of this device (default: the "
+                        "run's env-id)")
+    parser.add_argument("--set", dest="assignments", action="append", default=[],
+                        metavar="KEY=VALUE", help="override a fedq config key for this "
+                        "device (repeatable), e.g. --set seed=3 --set "
+                        "env-physics='{\"length\": 0.3}'")
+    parser.add_argument("--root-certificates", type=Path,
+                        help="CA certificate that signed the SuperLink's TLS certificate")
+    parser.add_argument("--auth-key", type=Path,
+                        help="this device's private key for SuperNode authentication")
+    parser.add_argument("--insecure", action="store_true",
+                        help="connect without TLS (only on a network you trust)")
+    parser.add_argument("--max-wait-time", type=float,
+                        help="give up after this many seconds without a SuperLink "
+                        "(default: keep retrying)")
+    parser.add_argument("--print-command", action="store_true",
+                        help="print the flower-supernode command instead of running it")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Validate the device's settings, then become ``flower-supernode``."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        node = device_node_config(args.env_id, args.assignments, args.state_dir)
+        state_dir = Path(str(node["state-dir"]))
+        command = supernode_command(
+            args.server, state_dir / NODE_CONFIG_FILE, root_certificates=args.root_certificates,
+            auth_key=args.auth_key, insecure=args.insecure, max_wait_time=args.max_wait_time)
+    except (ConfigError, ValueError) as err:
+        parser.exit(2, f"fedq-client: error: {err}\n")
+    if args.insecure:
+        print("fedq-client: WARNING: --insecure: no TLS; model weights, metrics and the "
+              "node's identity travel in plain text", file=sys.stderr)
+    write_node_config(state_dir, node)
+    if args.print_command:
+        print(shlex.join(command))
+        return
+    os.environ.setdefault("FLWR_HOME", str(state_dir / "flwr-home"))
+    executable = shutil.which("flower-supernode",
+                              path=os.pathsep.join([str(Path(sys.executable).parent),
+                                                    os.environ.get("PATH", "")]))
+    if executable is None:
+        parser.exit(2, "fedq-client: error: flower-supernode not found; install fedq "
+                    "(pip install .) in this environment\n")
+    os.execv(executable, [executable, *command[1:]])
+
+
+if __name__ == "__main__":
+    main()

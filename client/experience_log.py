@@ -1,0 +1,142 @@
+"""Feed experience a deployed policy collected into the device's replay buffer, torch-free.
+
+"Deploy and keep learning": a device runs its exported policy with ``fedq-policy run
+--epsilon 0.05 --record-to STATE_DIR`` between federated rounds; the transitions it sees
+join the replay buffer in its state directory, and the next round's
+:meth:`common.trainer.LocalTrainer.load` (called by the ClientApp at the start of every
+round) trains on them with everything else in the buffer. Raw transitions never leave
+the device, as in training.
+
+The write follows :meth:`LocalTrainer.save`'s crash-safety protocol: a complete new
+generation folder (the current one's other files copied unchanged, the buffer rewritten
+with the new transitions appended in ring order) and only then an atomic flip of the
+``CURRENT`` pointer, so a crash leaves the old state or the new one, never a mix. The
+buffer file is :class:`common.replay_buffer.ReplayBuffer`'s ``.npz`` format, read and
+written here with numpy alone because the device may act without torch installed; a
+test holds the two formats together. Learner counters are left alone: recorded steps
+are not the learner's own env steps and must not advance its exploration schedule.
+
+Do not record while a round is training on the same state directory: that round's save
+would start from the generation it loaded and drop the recorded batch (nothing breaks,
+the batch is just lost).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from common.atomic import atomic_open, atomic_write_text
+
+# The names LocalTrainer.save uses (common/trainer.py); tests/test_policy_runner.py
+# checks that LocalTrainer.load sees what this module writes.
+POINTER_FILE = "CURRENT"
+BUFFER_FILE = "replay_buffer.npz"
+_BUFFER_VERSION = 1
+
+
+class DeviceStateError(RuntimeError):
+    """The state directory has no replay buffer this device's transitions can join."""
+
+
+class ExperienceRecorder:
+    """Collects transitions in memory (a ``play_episodes`` callback) until :meth:`flush`.
+
+    Checks the state directory when created, so a wrong path fails before the device
+    spends an episode collecting experience it could not store.
+    """
+
+    def __init__(self, state_dir: Path, obs_dim: int) -> None:
+        current = _current_generation(state_dir)
+        with np.load(current / BUFFER_FILE, allow_pickle=False) as data:
+            stored_dim = data["obs"].shape[1:]
+        if stored_dim != (obs_dim,):
+            raise DeviceStateError(f"the policy observes {obs_dim} values, but the replay "
+                                   f"buffer in '{state_dir}' stores observations of shape "
+                                   f"{stored_dim}")
+        self.state_dir = state_dir
+        self._rows: list[tuple[np.ndarray, int, float, np.ndarray, bool]] = []
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __call__(self, obs: np.ndarray, action: int, reward: float, next_obs: np.ndarray,
+                 terminated: bool) -> None:
+        self._rows.append((np.array(obs, dtype=np.float32).reshape(-1), action, reward,
+                           np.array(next_obs, dtype=np.float32).reshape(-1), terminated))
+
+    def flush(self) -> int:
+        """Append everything recorded to the device's buffer; returns how many rows."""
+        if not self._rows:
+            return 0
+        obs, actions, rewards, next_obs, terminated = zip(*self._rows, strict=True)
+        append_transitions(self.state_dir, np.stack(obs), np.asarray(actions, np.int64),
+                           np.asarray(rewards, np.float32), np.stack(next_obs),
+                           np.asarray(terminated, np.float32))
+        n = len(self._rows)
+        self._rows.clear()
+        return n
+
+
+def append_transitions(state_dir: Path, obs: np.ndarray, actions: np.ndarray,
+                       rewards: np.ndarray, next_obs: np.ndarray,
+                       terminated: np.ndarray) -> int:
+    """Append transitions to the buffer of ``state_dir``'s current generation as a new
+    generation; returns the buffer's size afterwards."""
+    current = _current_generation(state_dir)
+    with np.load(current / BUFFER_FILE, allow_pickle=False) as data:
+        stored = {k: data[k] for k in data.files}
+    if int(stored["version"]) != _BUFFER_VERSION:
+        raise DeviceStateError(f"{current / BUFFER_FILE}: replay buffer format "
+                               f"{stored['version']} is not {_BUFFER_VERSION}")
+    if obs.shape[1:] != stored["obs"].shape[1:]:
+        raise DeviceStateError(f"recorded observations have shape {obs.shape[1:]}, the "
+                               f"device's buffer stores {stored['obs'].shape[1:]}")
+    _append_ring(stored, {"obs": obs, "next_obs": next_obs, "actions": actions,
+                          "rewards": rewards, "terminated": terminated})
+    target = state_dir / f"gen-{int(current.name[4:]) + 1:06d}"
+    target.mkdir(exist_ok=True)
+    for item in current.iterdir():
+        if item.is_file() and item.name != BUFFER_FILE:
+            shutil.copy2(item, target / item.name)
+    with atomic_open(target / BUFFER_FILE) as fh:
+        np.savez(fh, **stored)
+    atomic_write_text(state_dir / POINTER_FILE, target.name)
+    shutil.rmtree(current, ignore_errors=True)
+    return len(stored["actions"])
+
+
+def _current_generation(state_dir: Path) -> Path:
+    pointer = state_dir / POINTER_FILE
+    if not pointer.is_file():
+        raise DeviceStateError(
+            f"device state dir '{state_dir}' has no saved state ({POINTER_FILE} missing): "
+            "the device must complete one federated round, which creates its replay buffer, "
+            "before recorded experience can join it")
+    current = state_dir / pointer.read_text().strip()
+    if not (current / BUFFER_FILE).is_file():
+        raise DeviceStateError(f"device state dir '{state_dir}': {current.name} has no "
+                               f"{BUFFER_FILE}")
+    return current
+
+
+def _append_ring(stored: dict[str, np.ndarray], new: dict[str, np.ndarray]) -> None:
+    """Write ``new`` rows at the buffer's write position, wrapping (and overwriting the
+    oldest rows) at its capacity exactly as ``ReplayBuffer.add`` would."""
+    capacity, pos = int(stored["capacity"]), int(stored["pos"])
+    n_old, n_new = len(stored["actions"]), len(new["actions"])
+    if n_new > capacity:  # only the newest `capacity` rows can survive
+        new = {k: v[-capacity:] for k, v in new.items()}
+        pos = (pos + n_new - capacity) % capacity
+        n_new = capacity
+    size = min(capacity, n_old + n_new)
+    index = (pos + np.arange(n_new)) % capacity
+    for name, rows in new.items():
+        old = stored[name]
+        grown = np.zeros((size, *old.shape[1:]), dtype=old.dtype)
+        grown[:n_old] = old
+        grown[index] = rows
+        stored[name] = grown
+    stored["pos"] = np.asarray((pos + n_new) % capacity)

@@ -1,0 +1,71 @@
+"""What leaves the device, written down: a Flower mod that records every outgoing message.
+
+With ``message-audit-dir`` set (run or node config), each message this ClientApp sends
+(train and evaluate replies, errors included) is summarised into one JSON file in that
+directory: the message type, its serialized size in bytes, the error if any, and for
+each record its kind and content: array names with shapes and dtypes (never their
+values), every metric (they are scalars or short lists by design), config keys with
+their value types. It is the
+outermost mod, so it sees the message exactly as it leaves, after every other mod (e.g.
+central DP clipping). ``tests/test_privacy_federation.py`` uses it to check that only
+Q-network weights and scalar metrics ever leave a device, with and without DP; an
+operator can use it to audit a real device.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+from common.atomic import atomic_write_text
+
+CONFIG_KEY = "message-audit-dir"
+
+
+def message_audit_mod(msg: Message, context: Context,
+                      call_next: ClientAppCallable) -> Message:
+    """Pass the message on; summarise the reply into ``message-audit-dir`` if set."""
+    reply = call_next(msg, context)
+    directory = str(context.node_config.get(CONFIG_KEY) or context.run_config.get(CONFIG_KEY)
+                    or "")
+    if directory:
+        summary = {"message-type": msg.metadata.message_type, "node-id": context.node_id,
+                   "partition-id": context.node_config.get("partition-id"),
+                   "serialized-bytes": serialized_bytes(reply), **summarise(reply)}
+        path = Path(directory) / f"{uuid.uuid4().hex}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(summary))
+    return reply
+
+
+def serialized_bytes(message: Message) -> int:
+    """Size of the message as the SuperNode pushes it: every object of its tree (the
+    message, its records, each array) in Flower's serialized form."""
+    return sum(len(obj.deflate()) for obj in get_all_nested_objects(message).values())
+
+
+def summarise(message: Message) -> dict[str, Any]:
+    """The error, and a description of every record, of one message."""
+    if message.has_error():
+        return {"error": {"code": message.error.code, "reason": message.error.reason},
+                "records": {}}
+    records: dict[str, Any] = {}
+    for name, record in message.content.items():
+        if isinstance(record, ArrayRecord):
+            records[name] = {"kind": "arrays", "arrays": {
+                key: {"shape": list(array.shape), "dtype": array.dtype}
+                for key, array in record.items()}}
+        elif isinstance(record, MetricRecord):
+            records[name] = {"kind": "metrics", "metrics": dict(record)}
+        elif isinstance(record, ConfigRecord):
+            records[name] = {"kind": "config", "types": {
+                key: type(value).__name__ for key, value in record.items()}}
+        else:
+            records[name] = {"kind": type(record).__name__}
+    return {"error": None, "records": records}

@@ -1,0 +1,179 @@
+"""``fedq-export``: turn a global checkpoint into deployable policy files.
+
+    fedq-export runs/my-run                      # newest checkpoint of a run directory
+    fedq-export runs/my-run/checkpoints/round-0010.pt --out policies/ --formats int8,student
+
+Writes into ``--out`` (default ``<run-dir>/export``) one file per format and a
+``manifest.json`` with each file's size, parameter count and greedy-action agreement with
+the fp32 teacher on held-out teacher states:
+
+- ``policy-fp32.fqp`` / ``policy-fp16.fqp`` / ``policy-int8-ptq.fqp``: the teacher's
+  weights in that encoding (:mod:`common.export.encodings`);
+- ``policy-int8.fqp``: int8 after quantisation-aware fine-tuning
+  (:mod:`common.export.quantize_aware`), which plain int8 (``int8-ptq``) needs to keep a
+  converged DQN's greedy actions;
+- ``policy-pruned.fqp``: magnitude-pruned to ``--sparsity`` and fine-tuned back to the
+  teacher's Q-values with fixed masks (:mod:`common.export.prune`), stored sparse;
+- ``policy-student.fqp``: a ``--student-hidden`` student distilled from the teacher
+  (:mod:`common.export.distill`);
+- ``policy.onnx``: the fp32 teacher for onnxruntime (needs the ``[export]`` extra).
+
+The ``.fqp`` files run with ``fedq-policy`` (numpy only). Pruning and distillation train on
+states gathered by rolling out the teacher epsilon-greedily (``--states``, ``--seed``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from common.atomic import atomic_write_text
+from common.config import ConfigError
+from common.export.checkpoint import CheckpointError, Teacher, load_teacher, numpy_layers
+from common.export.distill import distill
+from common.export.onnx_export import OnnxUnavailableError, export_onnx, onnx_available
+from common.export.policy_file import read_policy, write_policy
+from common.export.prune import prune_and_finetune
+from common.export.quantize_aware import quantisation_aware_copy
+from common.export.rollouts import collect_states
+from common.mlp_forward import MlpForward
+from common.networks import NumpyPolicy
+
+FORMATS = ("fp32", "fp16", "int8", "int8-ptq", "pruned", "student", "onnx")
+_HELD_OUT_SEED = 10**6  # held-out states come from episodes no training state came from
+
+
+def default_student_hidden(hidden_sizes: Sequence[int]) -> tuple[int, ...]:
+    """A quarter of each teacher width (at least 8): ~1/16 of the hidden-to-hidden weights."""
+    return tuple(max(8, h // 4) for h in hidden_sizes)
+
+
+def export_policies(teacher: Teacher, out_dir: Path, formats: Sequence[str], *,
+                    n_states: int = 20_000, sparsity: float = 0.75, finetune_steps: int = 2000,
+                    student_hidden: tuple[int, ...] | None = None, seed: int = 0,
+                    log: Any = print) -> dict[str, Any]:
+    """Write the requested formats of ``teacher`` into ``out_dir``; returns the manifest."""
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown:
+        raise ConfigError("--formats", f"unknown {unknown}; choose from {', '.join(FORMATS)}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    net = teacher.net
+    act = NumpyPolicy(net).act
+    source = {"checkpoint": str(teacher.source), "round": teacher.server_round}
+    held_out = collect_states(act, teacher.env_id, 2000, seed=_HELD_OUT_SEED,
+                              env_kwargs=teacher.env_kwargs)
+    teacher_actions = _actions(numpy_layers(net), held_out)
+    states = None
+    if {"int8", "pruned", "student"} & set(formats):
+        log(f"collecting {n_states} teacher states on {teacher.env_id}")
+        states = collect_states(act, teacher.env_id, n_states, seed=seed,
+                                env_kwargs=teacher.env_kwargs)
+    entries: dict[str, dict[str, Any]] = {}
+
+    def write(name: str, layers: list, encoding: str, meta: dict[str, Any]) -> None:
+        path = out_dir / f"policy-{name}.fqp"
+        size = write_policy(path, layers, env_id=teacher.env_id, variant=name,
+                            encoding=encoding, meta={**source, **meta})
+        policy = read_policy(path)
+        entries[name] = {"file": path.name, "bytes": size, "parameters": policy.n_parameters,
+                         "agreement": _agreement(policy.layers, held_out, teacher_actions),
+                         **meta}
+        log(f"{name}: {path} ({size} bytes, agreement {entries[name]['agreement']:.4f})")
+
+    for encoding in ("fp32", "fp16"):
+        if encoding in formats:
+            write(encoding, numpy_layers(net), encoding, {})
+    if "int8-ptq" in formats:
+        write("int8-ptq", numpy_layers(net), "int8", {})
+    if "int8" in formats:
+        write("int8", numpy_layers(quantisation_aware_copy(net, states, steps=finetune_steps,
+                                                          seed=seed)), "int8",
+              {"quantisation_aware_finetuning": True})
+    if "pruned" in formats:
+        pruned, report = prune_and_finetune(net, states, sparsity, steps=finetune_steps,
+                                            seed=seed)
+        write("pruned", numpy_layers(pruned), "sparse", {"prune": asdict(report)})
+    if "student" in formats:
+        hidden = student_hidden or default_student_hidden(net.hidden_sizes)
+        student, report = distill(net, states, hidden, seed=seed)
+        write("student", numpy_layers(student), "fp32", {"distill": asdict(report)})
+    if "onnx" in formats:
+        path = out_dir / "policy.onnx"
+        size = export_onnx(net, path, {"env_id": teacher.env_id, "variant": "fp32",
+                                       "checkpoint": str(teacher.source)})
+        entries["onnx"] = {"file": path.name, "bytes": size,
+                           "parameters": sum(p.numel() for p in net.parameters())}
+        log(f"onnx: {path} ({size} bytes)")
+    manifest = {"env_id": teacher.env_id, "layer_sizes": [net.obs_dim, *net.hidden_sizes,
+                                                          net.n_actions],
+                **source, "held_out_states": len(held_out), "formats": entries}
+    atomic_write_text(out_dir / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def _actions(layers: list, states: np.ndarray) -> np.ndarray:
+    forward = MlpForward([(np.ascontiguousarray(w.T), b) for w, b in layers])
+    return np.array([forward.act(s) for s in states])
+
+
+def _agreement(layers: list, states: np.ndarray, reference: np.ndarray) -> float:
+    return float((_actions(layers, states) == reference).mean())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fedq-export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("source", type=Path,
+                        help="run directory, checkpoints folder, or round-NNNN.pt file")
+    parser.add_argument("--out", type=Path, help="output folder (default <run-dir>/export)")
+    parser.add_argument("--env-id", help="env id (default: from the run's config.json)")
+    parser.add_argument("--formats", help=f"comma-separated subset of {','.join(FORMATS)} "
+                                           "(default: all; onnx only if its extra is installed)")
+    parser.add_argument("--states", type=int, default=20_000,
+                        help="teacher states to fine-tune (int8, pruned) and distil on")
+    parser.add_argument("--sparsity", type=float, default=0.75,
+                        help="fraction of each weight matrix pruned")
+    parser.add_argument("--finetune-steps", type=int, default=2000,
+                        help="Adam steps of int8 quantisation-aware and pruning fine-tuning")
+    parser.add_argument("--student-hidden",
+                        help="student hidden sizes, e.g. 16,16 (default: teacher's / 4)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.formats:
+        formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    else:
+        formats = [f for f in FORMATS if f != "onnx" or onnx_available()]
+        if "onnx" not in formats:
+            print("fedq-export: skipping onnx (pip install 'fedq[export]' to enable it)",
+                  file=sys.stderr)
+    try:
+        student_hidden = (tuple(int(h) for h in args.student_hidden.split(","))
+                          if args.student_hidden else None)
+    except ValueError:
+        print(f"fedq-export: error: --student-hidden {args.student_hidden!r} is not a "
+              "comma-separated list of integers", file=sys.stderr)
+        return 2
+    torch.set_num_threads(1)
+    try:
+        teacher = load_teacher(args.source, args.env_id)
+        folder = teacher.source.parent
+        out = args.out or (folder.parent if folder.name == "checkpoints" else folder) / "export"
+        export_policies(teacher, out, formats, n_states=args.states, sparsity=args.sparsity,
+                        finetune_steps=args.finetune_steps, student_hidden=student_hidden,
+                        seed=args.seed)
+    except (CheckpointError, ConfigError, OnnxUnavailableError, ValueError) as err:
+        print(f"fedq-export: error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {out / 'manifest.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

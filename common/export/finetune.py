@@ -1,0 +1,58 @@
+"""Fine-tune a compressed copy of the teacher back to the teacher's behaviour.
+
+Shared by pruning (fixed masks) and quantisation-aware fine-tuning (int8 fake
+quantisation in the forward pass). Both regress the teacher's Q-values on teacher
+rollout states *and* match its greedy choices: a converged DQN's Q-values share a large
+state value (~65 on CartPole) and differ by action gaps of ~0.1% of it, so a plain MSE
+that is small on the Q-values' scale still flips the greedy action in a third of the
+states (measured: 57% agreement and a return of 176 of 500 after pruning 75%). The
+second term, ``KL(softmax(Q_teacher / T) || softmax(Q_student / T))`` at ``T = 0.01``
+(the temperature of Rusu et al.'s policy distillation), weighs exactly those small gaps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from common.networks import QNetwork
+
+Forward = Callable[[QNetwork, torch.Tensor], torch.Tensor]
+
+
+def match_teacher_loss(q: torch.Tensor, teacher_q: torch.Tensor, teacher_probs: torch.Tensor,
+                       temperature: float) -> torch.Tensor:
+    """Q-value MSE plus the KL between temperature-softened greedy choices."""
+    return F.mse_loss(q, teacher_q) + F.kl_div(F.log_softmax(q / temperature, dim=1),
+                                               teacher_probs, reduction="batchmean")
+
+
+def finetune_to_teacher(student: QNetwork, teacher: QNetwork, states: np.ndarray, *,
+                        forward: Forward | None = None,
+                        after_step: Callable[[], None] | None = None, steps: int = 2000,
+                        batch_size: int = 256, lr: float = 1e-3, temperature: float = 0.01,
+                        seed: int = 0) -> float:
+    """Train ``student`` in place (``forward`` replaces its plain forward, ``after_step``
+    runs after every optimizer step); returns the final full-data loss."""
+    forward = forward or (lambda net, x: net(x))
+    x = torch.from_numpy(states)
+    with torch.no_grad():
+        teacher_q = teacher(x)
+        teacher_probs = F.softmax(teacher_q / temperature, dim=1)
+    optimizer = torch.optim.Adam(student.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        idx = torch.randint(len(x), (batch_size,), generator=generator)
+        loss = match_teacher_loss(forward(student, x[idx]), teacher_q[idx],
+                                  teacher_probs[idx], temperature)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if after_step is not None:
+            after_step()
+    with torch.no_grad():
+        return match_teacher_loss(forward(student, x), teacher_q, teacher_probs,
+                                  temperature).item()

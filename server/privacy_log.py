@@ -1,0 +1,108 @@
+"""The server's record of every device's privacy position: ``<run-dir>/privacy.jsonl``.
+
+Each DP device's train reply carries its lifetime (epsilon, delta) and the Opacus
+accountant segments (noise multiplier, sample rate, steps) this round added
+(:func:`client.client_app._privacy_metrics`). Written down round by round, those segments
+let anyone recompute a device's epsilon with Opacus's accountant, independently of what
+the device claimed, and show how each device's budget was spent. A device that declines a
+round for its budget (error code ``PRIVACY_BUDGET_ERROR_CODE``) gets a row with its reason,
+and the round goes on with the others; the round's ``metrics.jsonl`` row counts them.
+
+One JSON object per line::
+
+    {"round": 3, "node-id": 81..., "partition-id": 0, "status": "trained",
+     "dp-epsilon": 2.1, "dp-delta": 1e-05, "dp-noise-multiplier": 1.0,
+     "dp-sample-rate": 0.004, "dp-steps-total": 7500, "dp-round-noise-multipliers": [1.0],
+     "dp-round-sample-rates": [0.004], "dp-round-steps": [2500]}
+    {"round": 4, "node-id": 81..., "status": "declined", "reason": "privacy budget: ..."}
+
+Devices without DP (``dp-enabled`` 0) have nothing to account and get no row. Like
+``clients.jsonl``, rows are written before the round's ``metrics.jsonl`` row, and a resumed
+server drops the rows of the rounds it is about to repeat.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Message
+from flwr.supercore import log
+
+from common.atomic import atomic_write_text
+from common.privacy import PRIVACY_BUDGET_ERROR_CODE
+
+FILE_NAME = "privacy.jsonl"
+_KEYS = ("partition-id", "dp-epsilon", "dp-delta", "dp-noise-multiplier", "dp-sample-rate",
+         "dp-steps-total", "dp-round-noise-multipliers", "dp-round-sample-rates",
+         "dp-round-steps")
+
+
+def privacy_rows(server_round: int, replies: Iterable[Message]) -> list[dict[str, Any]]:
+    """The log rows of one round's train replies: DP devices that trained or declined."""
+    rows = []
+    for msg in replies:
+        row: dict[str, Any] = {"round": server_round, "node-id": msg.metadata.src_node_id}
+        if msg.has_error():
+            if msg.error.code == PRIVACY_BUDGET_ERROR_CODE:
+                rows.append({**row, "status": "declined", "reason": msg.error.reason})
+            continue
+        metrics = next(iter(msg.content.metric_records.values()), None)
+        if metrics is None or not metrics.get("dp-enabled"):
+            continue
+        rows.append({**row, "status": "trained",
+                     **{k: _plain(metrics[k]) for k in _KEYS if k in metrics}})
+    return rows
+
+
+class PrivacyLog:
+    """Appends each round's privacy rows to ``privacy.jsonl`` and logs declined devices."""
+
+    def __init__(self, run_root: Path, first_round: int) -> None:
+        """Open the log of a run that continues at ``first_round`` (drops later rows)."""
+        self.path = run_root / FILE_NAME
+        if self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if (done := _round_of(line)) is not None and done < first_round]
+            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+
+    def record(self, server_round: int, replies: list[Message]) -> dict[str, Any]:
+        """Append the round's rows; return the round's ``privacy`` entry for metrics.jsonl
+        (how many devices declined for their budget, and which)."""
+        rows = privacy_rows(server_round, replies)
+        declined = {r["node-id"]: r["reason"] for r in rows if r["status"] == "declined"}
+        for node, reason in sorted(declined.items()):
+            log(logging.WARNING, "[fedq] round %d: node %d declined to train: %s",
+                server_round, node, reason)
+        if rows:
+            with open(self.path, "a") as fh:
+                fh.write("".join(json.dumps(r) + "\n" for r in rows))
+                fh.flush()
+                os.fsync(fh.fileno())
+        return {"declined": len(declined), "declined-nodes": sorted(declined)}
+
+
+def read_privacy_log(run_root: Path) -> list[dict[str, Any]]:
+    """Every row of a run's ``privacy.jsonl`` (empty if no DP device ever replied)."""
+    path = run_root / FILE_NAME
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _plain(value: Any) -> Any:
+    """Metric values as JSON: lists stay lists, inf (no finite epsilon) becomes null."""
+    if isinstance(value, list):
+        return list(value)
+    return None if isinstance(value, float) and value == float("inf") else value
+
+
+def _round_of(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["round"])
+    except (ValueError, KeyError, TypeError):  # a line torn by a crash mid-write
+        return None

@@ -1,0 +1,77 @@
+"""The aggregation strategy a run uses, chosen by the ``strategy`` config key.
+
+Every choice is one of Flower's own ``flwr.serverapp.strategy`` classes, built with the
+same sampling settings and fedq's metric aggregation, so ``run_rounds`` drives them all
+through the same ``configure_train`` / ``aggregate_train`` calls:
+
+- ``fedavg``: weighted mean of the devices' online weights (weight: env steps).
+- ``fedprox``: FedAvg on the server; ``configure_train`` puts ``proximal-mu`` in the round
+  config and each device adds mu/2 ||w - w_global||^2 to its loss (:mod:`common.dqn`).
+- ``fedadam`` / ``fedyogi``: FedAvg's mean becomes a pseudo-gradient ``mean - w_global``
+  that a server-side Adam / Yogi step applies to the global model (Reddi et al., 2021).
+  ``configure_train`` remembers the global model it sent; the moment estimates live in
+  the strategy object only, so a resumed server starts them from zero again.
+- ``fedmedian`` / ``fedtrimmedavg``: coordinate-wise median / trimmed mean (Yin et al.,
+  2018), unweighted; robust to a minority of arbitrary updates.
+- ``krum``: the single update closest to its n - f - 2 nearest neighbours (Blanchard
+  et al., 2017), with f = ``krum-byzantine``.
+
+Robust aggregation bounds what a bad update can do; :mod:`server.update_validation`
+keeps the updates that are plainly broken (NaN, wrong layout, outlying norm) from
+reaching any of these in the first place.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flwr.serverapp.strategy import (
+    FedAdam,
+    FedAvg,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
+    Strategy,
+)
+
+from common.config import FedqConfig
+from server.metrics import aggregate_eval_metrics, aggregate_train_metrics
+
+
+def choose_strategy(config: FedqConfig) -> Strategy:
+    """The configured strategy, sampling ``fraction-train`` of the connected devices for
+    training and ``fraction-evaluate`` for evaluation (at least one each), once
+    ``min-available-clients`` are connected."""
+    common: dict[str, Any] = {
+        "fraction_train": config.fraction_train,
+        "fraction_evaluate": config.fraction_evaluate,
+        # Sampling waits for min-available-clients to connect, then takes the fractions;
+        # a floor of min-available-clients here would override fraction-train (100
+        # clients, fraction 0.1 must train 10, not 100).
+        "min_train_nodes": 1,
+        "min_evaluate_nodes": 1,
+        "min_available_nodes": config.min_available_clients,
+        "train_metrics_aggr_fn": aggregate_train_metrics,
+        "evaluate_metrics_aggr_fn": aggregate_eval_metrics,
+    }
+    adaptive = {"eta": config.server_learning_rate, "eta_l": config.learning_rate,
+                "beta_1": config.server_beta1, "beta_2": config.server_beta2,
+                "tau": config.server_tau}
+    name = config.strategy
+    if name == "fedavg":
+        return FedAvg(**common)
+    if name == "fedprox":
+        return FedProx(**common, proximal_mu=config.proximal_mu)
+    if name == "fedadam":
+        return FedAdam(**common, **adaptive)
+    if name == "fedyogi":
+        return FedYogi(**common, **adaptive)
+    if name == "fedmedian":
+        return FedMedian(**common)
+    if name == "fedtrimmedavg":
+        return FedTrimmedAvg(**common, beta=config.trim_beta)
+    if name == "krum":
+        return Krum(**common, num_malicious_nodes=config.krum_byzantine)
+    raise ValueError(f"unknown strategy {name!r}")  # FedqConfig.validate refuses it first

@@ -1,0 +1,218 @@
+"""Exported policy formats side by side: file size, single-decision latency, greedy return.
+
+For each teacher (CartPole-v1 with fedq's default 64-64 MLP; Acrobot-v1 with a 256-256
+MLP), trained by :class:`common.trainer.LocalTrainer` with the default config until its
+greedy return reaches the goal (cached under ``runs/bench_export/``, reused on later
+runs), ``fedq-export``'s code writes every format, and each one is measured the same way:
+
+- size: bytes of the file a device would receive (torch row: the ``torch.save``d
+  state dict of the checkpoint);
+- latency: p50/p99 of single-observation decisions (batch 1) on held-out teacher states,
+  ``--decisions`` per repeat, formats interleaved, median over ``--repeats``; run it on
+  one core with one thread: ``torch`` eager fp32 (``inference_mode``) is the baseline row,
+  ``numpy`` rows go through :class:`client.policy_runner.PolicyRunner` (observation checks
+  included), ``onnxruntime`` with one intra-op thread;
+- return: mean greedy return over ``--episodes`` episodes (same seeds for every format)
+  and its ratio to the fp32 teacher's (``1 - (fp32 - x) / |fp32|``, so it also reads
+  right for Acrobot's negative returns).
+
+    flock /tmp/fedq-bench.lock taskset -c 0 python -m simulations.bench_export
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from client.policy_runner import PolicyRunner, measure_latency
+from common.config import FedqConfig
+from common.export.checkpoint import Teacher, load_teacher
+from common.export.cli import FORMATS, export_policies
+from common.export.onnx_export import onnx_available
+from common.export.rollouts import collect_states, play_episodes
+from common.networks import NumpyPolicy
+from common.trainer import LocalTrainer
+from server.run_directory import RunDirectory
+from simulations.results_io import markdown_table, write_results
+
+RUNS = Path("runs/bench_export")
+TEACHERS = {  # name: (config overrides, greedy goal)
+    "CartPole-v1 64-64": ({"env-id": "CartPole-v1", "hidden-sizes": "64,64"}, 475.0),
+    "Acrobot-v1 256-256": ({"env-id": "Acrobot-v1", "hidden-sizes": "256,256"}, -100.0),
+}
+_EVAL_SEED = 50_000  # episodes the teacher was never selected on
+
+
+def train_teacher(name: str, overrides: dict[str, Any], goal: float, max_steps: int,
+                  chunk: int = 5000) -> Path:
+    """Train until 20 greedy episodes average >= ``goal`` (keeping the best checkpoint
+    seen); returns the run directory. Reuses a cached one."""
+    run_dir = RunDirectory(RUNS / name.split()[0].lower())
+    if run_dir.latest_round():
+        return run_dir.root
+    config = FedqConfig.from_mapping({**overrides, "run-dir": str(run_dir.root)})
+    run_dir.start(config)
+    trainer = LocalTrainer(config, seed=0)
+    best = -np.inf
+    while trainer.counters.env_steps < max_steps:
+        trainer.train(chunk)
+        score = statistics.fmean(trainer.evaluate(20))
+        print(f"{name}: {trainer.counters.env_steps} steps, greedy return {score:.1f}",
+              flush=True)
+        if score > best:
+            best = score
+            run_dir.save_checkpoint(trainer.counters.env_steps // chunk,
+                                    trainer.learner.online.state_dict(),
+                                    {"greedy_return": score,
+                                     "env_steps": trainer.counters.env_steps})
+        if score >= goal:
+            break
+    trainer.close()
+    return run_dir.root
+
+
+def torch_act(net: torch.nn.Module) -> Callable[[np.ndarray], int]:
+    def act(obs: np.ndarray) -> int:
+        with torch.inference_mode():
+            return int(net(torch.from_numpy(obs)).argmax())
+    return act
+
+
+def onnx_act(path: Path) -> Callable[[np.ndarray], int]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    run = session.run
+
+    def act(obs: np.ndarray) -> int:
+        return int(run(None, {"obs": obs.reshape(1, -1)})[0].argmax())
+    return act
+
+
+def bench_teacher(name: str, teacher: Teacher, out: Path, args: argparse.Namespace
+                  ) -> list[dict[str, Any]]:
+    manifest = export_policies(teacher, out, [f for f in FORMATS
+                                              if f != "onnx" or onnx_available()])
+    formats = manifest["formats"]
+    buffer = io.BytesIO()
+    torch.save(teacher.net.state_dict(), buffer)
+    rows: dict[str, dict[str, Any]] = {
+        "torch eager fp32": {"bytes": buffer.getbuffer().nbytes,
+                             "parameters": formats["fp32"]["parameters"],
+                             "act": torch_act(teacher.net)}}
+    for variant in ("fp32", "fp16", "int8-ptq", "int8", "pruned", "student"):
+        runner = PolicyRunner.load(out / formats[variant]["file"])
+        rows[f"numpy {variant}"] = {"bytes": formats[variant]["bytes"],
+                                    "parameters": runner.policy.n_parameters,
+                                    "agreement": formats[variant]["agreement"],
+                                    "act": runner.act}
+    if "onnx" in formats:
+        rows["onnxruntime fp32"] = {"bytes": formats["onnx"]["bytes"],
+                                    "parameters": formats["onnx"]["parameters"],
+                                    "act": onnx_act(out / formats["onnx"]["file"])}
+    states = collect_states(NumpyPolicy(teacher.net).act, teacher.env_id, 2000, seed=_EVAL_SEED)
+    p50s: dict[str, list[float]] = {k: [] for k in rows}
+    p99s: dict[str, list[float]] = {k: [] for k in rows}
+    for rep in range(args.repeats):
+        for key, row in rows.items():
+            measure_latency(row["act"], states, 500)  # warm-up
+            latency = measure_latency(row["act"], states, args.decisions)
+            p50s[key].append(latency.p50_us)
+            p99s[key].append(latency.p99_us)
+        print(f"{name} latency repeat {rep + 1}/{args.repeats} done", flush=True)
+    fp32_bytes = formats["fp32"]["bytes"]
+    teacher_params = formats["fp32"]["parameters"]
+    table = []
+    for key, row in rows.items():
+        returns = play_episodes(row["act"], teacher.env_id, args.episodes, seed=_EVAL_SEED)
+        table.append({"teacher": name, "format": key, "bytes": row["bytes"],
+                      "size vs fp32 file": row["bytes"] / fp32_bytes,
+                      "parameters": row["parameters"],
+                      "params vs teacher": row["parameters"] / teacher_params,
+                      "p50 us": statistics.median(p50s[key]),
+                      "p99 us": statistics.median(p99s[key]),
+                      "return mean": statistics.fmean(returns),
+                      "agreement": row.get("agreement", 1.0),
+                      "p50 runs": p50s[key], "p99 runs": p99s[key], "returns": returns})
+        print(f"{name} {key}: return {table[-1]['return mean']:.1f}", flush=True)
+    reference = next(r["return mean"] for r in table if r["format"] == "numpy fp32")
+    for r in table:
+        r["return vs fp32"] = 1 - (reference - r["return mean"]) / abs(reference)
+    return table
+
+
+def check_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The issue's targets, each with the measured value and whether it is met."""
+    def row(teacher: str, fmt: str) -> dict[str, Any]:
+        return next(r for r in rows if r["teacher"] == teacher and r["format"] == fmt)
+
+    checks = []
+    for teacher in TEACHERS:
+        int8, student = row(teacher, "numpy int8"), row(teacher, "numpy student")
+        checks += [
+            {"teacher": teacher, "target": "int8 size <= 30% of fp32",
+             "measured": int8["size vs fp32 file"], "met": int8["size vs fp32 file"] <= 0.30},
+            {"teacher": teacher, "target": "int8 return >= 98% of fp32",
+             "measured": int8["return vs fp32"], "met": int8["return vs fp32"] >= 0.98},
+            {"teacher": teacher, "target": "student params <= 25% of teacher",
+             "measured": student["params vs teacher"],
+             "met": student["params vs teacher"] <= 0.25},
+            {"teacher": teacher, "target": "student return >= 95% of teacher",
+             "measured": student["return vs fp32"], "met": student["return vs fp32"] >= 0.95}]
+    cartpole = next(iter(TEACHERS))
+    numpy_p50 = row(cartpole, "numpy fp32")["p50 us"]
+    checks.append({"teacher": cartpole, "target": "numpy runner p50 <= 10 us",
+                   "measured": numpy_p50, "met": numpy_p50 <= 10.0})
+    torch_p50 = row(cartpole, "torch eager fp32")["p50 us"]
+    checks.append({"teacher": cartpole, "target": "numpy p50 speed-up vs torch eager",
+                   "measured": torch_p50 / numpy_p50, "met": torch_p50 > numpy_p50})
+    return checks
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--decisions", type=int, default=10_000)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--episodes", type=int, default=20)
+    parser.add_argument("--max-teacher-steps", type=int, default=200_000)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    rows: list[dict[str, Any]] = []
+    teachers_info = {}
+    for name, (overrides, goal) in TEACHERS.items():
+        run_dir = train_teacher(name, overrides, goal, args.max_teacher_steps)
+        teacher = load_teacher(run_dir)
+        checkpoint = torch.load(teacher.source, weights_only=True)
+        teachers_info[name] = {"run_dir": str(run_dir), "checkpoint": str(teacher.source),
+                               "env_steps": checkpoint.get("env_steps"),
+                               "greedy_return_at_selection": checkpoint.get("greedy_return")}
+        rows += bench_teacher(name, teacher, run_dir / "export", args)
+    columns = ["teacher", "format", "bytes", "size vs fp32 file", "parameters",
+               "params vs teacher", "p50 us", "p99 us", "return mean", "return vs fp32",
+               "agreement"]
+    checks = check_targets(rows)
+    table = markdown_table(rows, columns)
+    targets = markdown_table(checks, ["teacher", "target", "measured", "met"])
+    print(table)
+    print(targets)
+    notes = (f"Latency: median over {args.repeats} repeats of p50/p99 over {args.decisions} "
+             f"batch-1 decisions; return: mean greedy return over {args.episodes} episodes "
+             "(same seeds for every format); agreement: share of 2000 held-out teacher "
+             "states where the format's greedy action equals the fp32 teacher's.")
+    folder = write_results("export", {"args": vars(args), "teachers": teachers_info,
+                                      "rows": rows, "targets": checks},
+                           f"{table}\n\n{notes}\n\n{targets}")
+    print(f"results in {folder}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""The docker-compose.yml federation run as real local processes on 127.0.0.1.
+
+A real ``flower-superlink``, the compose file's three ``flower-supernode``s with their
+node configs (read from the compose file) and the run submitted with the submit
+service's own ``fedq-submit`` command line. Protects that the deployed federation
+trains and writes its outputs, survives the ServerApp crashing (a resubmitted run with
+resume=true continues at the round after the last checkpoint, metrics without gaps or
+duplicates), survives a SuperNode losing power mid-round (the round ends with the
+devices that answered; the restarted device continues from its own disk), and that with
+TLS and node authentication on, registered nodes train and an unknown node is refused.
+
+Two topologies (plain, TLS + auth), shared by the tests of each, keep the Flower process
+time to a few minutes.
+"""
+
+import json
+import threading
+import time
+
+import pytest
+
+from common.certs import make_supernode_auth_keys, make_tls_files
+from common.flower_runtime import kill_serverapp, start_supernode
+from simulations.compose_topology import TINY_RUN, compose_topology
+
+pytestmark = pytest.mark.slow
+
+
+def _rows(path):
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _counters(state_dir):
+    generation = (state_dir / "CURRENT").read_text().strip()
+    return json.loads((state_dir / generation / "counters.json").read_text())
+
+
+def _log_since(node, offset):
+    with node.log_path.open("rb") as fh:
+        fh.seek(offset)
+        return fh.read().decode(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory):
+    with compose_topology(tmp_path_factory.mktemp("compose")) as topology:
+        yield topology
+
+
+@pytest.fixture(scope="module")
+def plain_run(plain):
+    """A 3-round run whose ServerApp is SIGKILLed after round 1, then resubmitted."""
+    run_dir = plain.workdir / "run"
+    overrides = {**TINY_RUN, "num-server-rounds": 3, "round-timeout": 120}
+    outcome = {}
+    first = threading.Thread(target=lambda: outcome.setdefault(
+        "first", plain.submit(run_dir, overrides, log_name="submit-1.log")))
+    first.start()
+    deadline = time.monotonic() + 400
+    while not (run_dir / "checkpoints" / "round-0001.pt").exists():
+        assert first.is_alive() and time.monotonic() < deadline, "round 1 never finished"
+        time.sleep(0.2)
+    killed = kill_serverapp(plain.link)
+    rows_after_crash = [r["round"] for r in _rows(run_dir / "metrics.jsonl")]
+    # resubmit at once: the SuperLink marks the crashed run failed only when the dead
+    # ServerApp's heartbeat times out, and nothing needs to wait for that
+    outcome["resumed"] = plain.submit(run_dir, {**overrides, "resume": True},
+                                      log_name="submit-2.log")
+    first.join()
+    return run_dir, killed, outcome, rows_after_crash
+
+
+def test_compose_federation_trains_and_writes_checkpoints_and_metrics(plain_run):
+    run_dir, _, outcome, _ = plain_run
+    assert outcome["resumed"] == 0, "see submit-2.log"
+    rows = _rows(run_dir / "metrics.jsonl")
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    for row in rows:
+        assert row["train"]["clients"] == 3 and row["eval"]["clients"] == 3
+        assert row["participation"]["train"] == {"sampled": 3, "replied": 3, "errors": 0,
+                                                 "missing": 0}
+    assert (run_dir / "checkpoints" / "round-0003.pt").exists()
+    assert json.loads((run_dir / "config.json").read_text())["min-available-clients"] == 3
+
+
+def test_server_crash_then_resume_continues_at_the_next_round(plain_run):
+    run_dir, killed, outcome, rows_after_crash = plain_run
+    assert killed, "no flwr-serverapp process was running"
+    assert outcome["first"] == 1, "fedq-submit must report the crashed run as failed"
+    assert rows_after_crash[0] == 1 and len(rows_after_crash) <= 2
+    rows = _rows(run_dir / "metrics.jsonl")
+    assert [r["round"] for r in rows] == [1, 2, 3]  # no round lost or repeated
+    steps = [r["env-steps-per-client-total"] for r in rows]
+    assert steps == [200, 400, 600]
+    client_rounds = [(r["round"], r["phase"]) for r in _rows(run_dir / "clients.jsonl")]
+    assert sorted(set(client_rounds)) == [(n, p) for n in (1, 2, 3)
+                                          for p in ("evaluate", "train")]
+    assert len(client_rounds) == 3 * 2 * 3  # every device once per round and phase
+
+
+def test_device_killed_mid_round_does_not_stall_and_rejoins_with_its_state(plain, plain_run):
+    run_dir = plain_run[0]
+    victim = plain.nodes["supernode-2"]
+    overrides = {**TINY_RUN, "num-server-rounds": 5, "round-timeout": 120, "resume": True}
+    offset = victim.log_path.stat().st_size
+    outcome = {}
+    run = threading.Thread(target=lambda: outcome.setdefault(
+        "code", plain.submit(run_dir, overrides, log_name="submit-3.log")))
+    run.start()
+    deadline = time.monotonic() + 300
+    while "Receiving: train message" not in _log_since(victim, offset):
+        assert run.is_alive() and time.monotonic() < deadline, "round 4 never reached node 2"
+        time.sleep(0.1)
+    victim.stop(kill=True)  # power loss in the middle of round 4's local training
+    on_disk = _counters(plain.state_dirs["supernode-2"])
+    victim.start()
+    new_id = victim.wait_registered(timeout=120)
+    run.join()
+    assert outcome["code"] == 0, "see submit-3.log"
+
+    rows = _rows(run_dir / "metrics.jsonl")
+    assert [r["round"] for r in rows] == [1, 2, 3, 4, 5]
+    round4 = rows[3]["participation"]["train"]
+    assert round4["sampled"] == 3 and round4["replied"] == 2  # went on without node 2
+    assert rows[3]["train"]["clients"] == 2
+    replies = [r for r in _rows(run_dir / "clients.jsonl")
+               if r["node-id"] == new_id and r["phase"] == "train"]
+    assert [r["round"] for r in replies] == [5]
+    # the restarted device loaded its replay buffer and counters from its state dir
+    assert replies[0]["env-steps-total"] == on_disk["env_steps"] + TINY_RUN["local-steps"]
+    assert replies[0]["rounds-total"] == on_disk["rounds"] + 1
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("compose-tls")
+    # the compose service name and loopback, as fedq-certs writes them for compose
+    tls = make_tls_files(workdir / "certs", sans=("superlink", "127.0.0.1"))
+    with compose_topology(workdir, tls=tls, auth=True) as topology:
+        yield topology
+
+
+def test_tls_and_node_auth_federation_trains(secured):
+    run_dir = secured.workdir / "run"
+    code = secured.submit(run_dir, {**TINY_RUN, "num-server-rounds": 2, "round-timeout": 120},
+                          log_name="submit.log")
+    assert code == 0, "see submit.log"
+    rows = _rows(run_dir / "metrics.jsonl")
+    assert [r["round"] for r in rows] == [1, 2]
+    assert all(r["train"]["clients"] == 3 for r in rows)
+    assert "insecure" not in secured.link.log_path.read_text().lower()
+
+
+def test_node_without_registered_key_is_refused(secured):
+    rogue_key, _ = make_supernode_auth_keys(secured.workdir / "rogue", "rogue")
+    rogue = start_supernode(secured.link, secured.workdir / "rogue",
+                            {"state-dir": str(secured.workdir / "rogue" / "state")},
+                            auth_private_key=rogue_key, name="rogue", max_wait_time=20)
+    with pytest.raises((RuntimeError, TimeoutError)):
+        rogue.wait_registered(timeout=60)
+    rogue.stop(kill=True)
+    log = rogue.log_path.read_text()
+    # same CA and flags as the registered nodes that trained: only the key differs
+    assert "Failed to activate SuperNode" in log and "SuperNode ID" not in log

@@ -1,0 +1,253 @@
+"""Exported policies act like the network they came from, and the exporter refuses files
+and checkpoints it cannot trust with an error that names the problem."""
+
+import hashlib
+import importlib.util
+import json
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from common.config import FedqConfig
+from common.export.checkpoint import CheckpointError, load_teacher, numpy_layers
+from common.export.cli import main as export_main
+from common.export.distill import distill
+from common.export.encodings import INT8_MAX, encode
+from common.export.onnx_export import export_onnx, onnx_available
+from common.export.policy_file import MAGIC, PolicyFileError, read_policy, write_policy
+from common.export.prune import prune_and_finetune
+from common.export.quantize_aware import int8_forward, quantisation_aware_copy
+from common.export.rollouts import collect_states
+from common.mlp_forward import MlpForward
+from common.networks import NumpyPolicy
+from common.trainer import LocalTrainer
+from server.run_directory import RunDirectory
+
+QUICK = {"learning-starts": 200, "exploration-steps": 1000, "buffer-size": 5000}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A briefly trained CartPole 64-64 Q-network in a real run directory, and held-out
+    states from its own rollouts (the fixed states every format is compared on)."""
+    root = tmp_path_factory.mktemp("run")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # batch-64 updates of a 64-64 MLP: more threads only contend
+    config = FedqConfig.from_mapping({**QUICK, "run-dir": str(root)})
+    trainer = LocalTrainer(config, seed=0)
+    trainer.train(2500)
+    run_dir = RunDirectory(root)
+    run_dir.start(config)
+    run_dir.save_checkpoint(4, trainer.learner.online.state_dict(), {})
+    trainer.close()
+    teacher = load_teacher(root)
+    states = collect_states(NumpyPolicy(teacher.net).act, "CartPole-v1", 1000, seed=123,
+                            epsilon=0.2)
+    yield root, teacher, states
+    torch.set_num_threads(threads)
+
+
+def _actions(layers, states):
+    forward = MlpForward([(np.ascontiguousarray(w.T), b) for w, b in layers])
+    return np.array([forward.act(s) for s in states])
+
+
+def _teacher_actions(teacher, states):
+    with torch.no_grad():
+        return teacher.net(torch.from_numpy(states)).argmax(1).numpy()
+
+
+def test_round_trip_keeps_greedy_actions_exact_for_fp32_and_99_percent_for_fp16_int8(
+        trained, tmp_path):
+    """fp32 files act exactly like the network. fp16 and int8 round Q-values by ~0.01%
+    and ~0.1%, so they can only flip states whose action gap is smaller than that: a
+    DQN's near-ties (here ~10% of states, measured 96.7% overall agreement for int8). On
+    every state whose gap is at least 0.1% of its Q-values they must agree on 99%."""
+    _, teacher, states = trained
+    with torch.no_grad():
+        q = teacher.net(torch.from_numpy(states)).numpy()
+    expected = q.argmax(1)
+    decisive = np.abs(q[:, 0] - q[:, 1]) >= 1e-3 * np.abs(q).mean(axis=1)
+    assert decisive.mean() > 0.8
+    for encoding, overall in (("fp32", 1.0), ("fp16", 0.99), ("int8", 0.95)):
+        path = tmp_path / f"{encoding}.fqp"
+        write_policy(path, numpy_layers(teacher.net), env_id="CartPole-v1", variant=encoding,
+                     encoding=encoding)
+        policy = read_policy(path)
+        assert (policy.env_id, policy.layer_sizes, policy.encoding) == (
+            "CartPole-v1", (4, 64, 64, 2), encoding)
+        same = _actions(policy.layers, states) == expected
+        assert same.mean() >= overall, (encoding, same.mean())
+        assert same[decisive].mean() >= 0.99, (encoding, same[decisive].mean())
+
+
+def test_int8_is_symmetric_per_output_channel_and_within_half_a_step(trained):
+    _, teacher, _ = trained
+    layers = numpy_layers(teacher.net)
+    arrays = encode(layers, "int8")
+    first_w = layers[0][0]
+    q = arrays["weights"][:first_w.size].reshape(first_w.shape).astype(np.float32)
+    scales = arrays["scales"][:first_w.shape[0]].astype(np.float32)
+    assert (np.abs(q).max(axis=1) >= INT8_MAX - 1).all()  # every row uses its full range
+    assert (np.abs(q * scales[:, None] - first_w) <= scales[:, None] * 0.51 + 1e-6).all()
+
+
+def test_size_of_int8_file_is_under_30_percent_of_fp32(trained, tmp_path):
+    _, teacher, _ = trained
+    layers = numpy_layers(teacher.net)
+    sizes = {e: write_policy(tmp_path / e, layers, env_id="CartPole-v1", variant=e, encoding=e)
+             for e in ("fp32", "int8")}
+    assert sizes["int8"] <= 0.30 * sizes["fp32"]
+
+
+def test_pruning_keeps_masks_fixed_through_fine_tuning_and_survives_the_file(
+        trained, tmp_path):
+    _, teacher, states = trained
+    pruned, report = prune_and_finetune(teacher.net, states, 0.75, steps=200)
+    assert report.sparsity == pytest.approx(0.75, abs=0.01)
+    assert report.agreement_after >= max(report.agreement_before, 0.9)
+    path = tmp_path / "pruned.fqp"
+    small = write_policy(path, numpy_layers(pruned), env_id="CartPole-v1", variant="pruned",
+                         encoding="sparse")
+    full = write_policy(tmp_path / "full.fqp", numpy_layers(teacher.net),
+                        env_id="CartPole-v1", variant="fp32", encoding="fp32")
+    assert small < 0.4 * full
+    for (w, b), (w2, b2) in zip(numpy_layers(pruned), read_policy(path).layers, strict=True):
+        np.testing.assert_array_equal(w, w2)
+        np.testing.assert_array_equal(b, b2)
+    # the teacher itself is left unpruned
+    assert all((layer.weight == 0).float().mean() < 0.1 for layer in teacher.net.linear_layers())
+
+
+def test_quantisation_aware_forward_is_what_the_int8_file_computes(trained, tmp_path):
+    """Fine-tuning must see the weights int8 will store, or it tunes for the wrong net."""
+    _, teacher, states = trained
+    tuned = quantisation_aware_copy(teacher.net, states, steps=50)
+    path = tmp_path / "int8.fqp"
+    write_policy(path, numpy_layers(tuned), env_id="CartPole-v1", variant="int8",
+                 encoding="int8")
+    forward = MlpForward([(np.ascontiguousarray(w.T), b) for w, b in read_policy(path).layers])
+    with torch.no_grad():
+        expected = int8_forward(tuned, torch.from_numpy(states[:200])).numpy()
+    got = np.stack([forward.q_values(s) for s in states[:200]])
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_distilled_student_is_a_quarter_of_the_parameters_and_acts_like_the_teacher(trained):
+    _, teacher, states = trained
+    _, report = distill(teacher.net, states, (16, 16), steps=600)
+    assert report.student_parameters <= 0.25 * report.teacher_parameters
+    assert report.agreement >= 0.9
+
+
+def _corrupt(path, at, value=None):
+    data = bytearray(path.read_bytes())
+    data[at] = (data[at] ^ 0xFF) if value is None else value
+    path.write_bytes(bytes(data))
+
+
+def test_corrupted_truncated_or_foreign_files_are_refused_clearly(trained, tmp_path):
+    _, teacher, _ = trained
+    path = tmp_path / "p.fqp"
+    write_policy(path, numpy_layers(teacher.net), env_id="CartPole-v1", variant="int8",
+                 encoding="int8")
+    original = path.read_bytes()
+    _corrupt(path, len(original) - 10)  # one byte of the weights
+    with pytest.raises(PolicyFileError, match="checksum mismatch"):
+        read_policy(path)
+    path.write_bytes(original[:len(original) // 2])
+    with pytest.raises(PolicyFileError, match="truncated"):
+        read_policy(path)
+    path.write_bytes(original[:20])
+    with pytest.raises(PolicyFileError, match="truncated"):
+        read_policy(path)
+    path.write_bytes(b"PK\x03\x04" + original[4:])
+    with pytest.raises(PolicyFileError, match="not a fedq policy file"):
+        read_policy(path)
+    with pytest.raises(PolicyFileError, match="cannot read"):
+        read_policy(tmp_path / "missing.fqp")
+
+
+def test_a_well_checksummed_file_whose_header_lies_is_refused_naming_the_array(
+        trained, tmp_path):
+    _, teacher, _ = trained
+    path = tmp_path / "p.fqp"
+    write_policy(path, numpy_layers(teacher.net), env_id="CartPole-v1", variant="fp32",
+                 encoding="fp32")
+    data = path.read_bytes()
+    header_len = struct.unpack("<I", data[40:44])[0]
+    header = json.loads(data[44:44 + header_len])
+    header["layer_sizes"] = [4, 64, 32, 2]  # the arrays no longer fit
+    header_bytes = json.dumps(header).encode()
+    body = struct.pack("<I", len(header_bytes)) + header_bytes + data[44 + header_len:]
+    path.write_bytes(MAGIC + hashlib.sha256(body).digest() + body)
+    with pytest.raises(PolicyFileError, match="array 'weights' is float32"):
+        read_policy(path)
+
+
+def _save(path, state, **extra):
+    torch.save({"round": 1, "state_dict": state, **extra}, path)
+
+
+def test_bad_checkpoints_are_refused_naming_the_problem(trained, tmp_path):
+    root, teacher, _ = trained
+    good = {k: v.clone() for k, v in teacher.net.state_dict().items()}
+    cases = {
+        "missing keys \\['2.bias'\\]": {k: v for k, v in good.items() if k != "2.bias"},
+        "tensor '2.weight' has shape \\(64, 32\\)": {**good, "2.weight": torch.zeros(64, 32)},
+        "tensor '0.bias' has shape": {**good, "0.bias": torch.zeros(3)},
+        "CartPole-v1 has obs dim 4": {**good, "0.weight": torch.zeros(64, 5)},
+        "tensor '4.weight' is not finite": {**good, "4.weight": torch.full((2, 64), np.nan)},
+    }
+    for problem, state in cases.items():
+        path = tmp_path / "bad.pt"
+        _save(path, state)
+        with pytest.raises(CheckpointError, match=problem):
+            load_teacher(path, env_id="CartPole-v1")
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot be loaded"):
+        load_teacher(path, env_id="CartPole-v1")
+    _save(path, good)
+    with pytest.raises(CheckpointError, match="pass --env-id"):
+        load_teacher(path)
+    torch.save({"weights": good}, path)
+    with pytest.raises(CheckpointError, match="no 'state_dict'"):
+        load_teacher(path, env_id="CartPole-v1")
+    # a checkpoint inside a run whose config says other hidden sizes
+    config = json.loads((root / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "hidden-sizes": "32,32"}))
+    _save(path, good)
+    with pytest.raises(CheckpointError, match="'hidden-sizes' is '32,32'"):
+        load_teacher(path)
+
+
+def test_fedq_export_writes_the_formats_and_exits_2_on_a_bad_source(trained, tmp_path, capsys):
+    root, _, _ = trained
+    out = tmp_path / "out"
+    assert export_main([str(root), "--out", str(out), "--formats", "fp32,int8",
+                        "--states", "2000", "--finetune-steps", "300"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert set(manifest["formats"]) == {"fp32", "int8"}
+    assert manifest["formats"]["int8"]["agreement"] >= 0.9  # held-out states, near-ties too
+    assert manifest["round"] == 4
+    assert export_main([str(tmp_path / "nowhere")]) == 2
+    assert "not a checkpoint file" in capsys.readouterr().err
+    assert export_main([str(root), "--out", str(out), "--formats", "fp32,gzip"]) == 2
+    assert "unknown ['gzip']" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not onnx_available() or importlib.util.find_spec("onnxruntime") is None,
+                    reason="ONNX export/run needs the optional [export] extra "
+                           "(onnx, onnxscript, onnxruntime)")
+def test_onnx_export_gives_exactly_the_fp32_greedy_actions(trained, tmp_path):
+    import onnxruntime as ort
+
+    _, teacher, states = trained
+    path = tmp_path / "policy.onnx"
+    export_onnx(teacher.net, path, {"env_id": "CartPole-v1"})
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    q = session.run(None, {"obs": states})[0]
+    np.testing.assert_array_equal(q.argmax(1), _teacher_actions(teacher, states))
+    assert session.get_modelmeta().custom_metadata_map["env_id"] == "CartPole-v1"

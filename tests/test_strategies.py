@@ -1,0 +1,147 @@
+"""Each ``strategy`` choice aggregates a known set of device updates to the result its
+algorithm defines, driven through the same configure_train / aggregate_train calls as
+``server.server_app.run_rounds``; and the strategy keys are validated with the field named."""
+
+import numpy as np
+import pytest
+from _replies import as_numpy, reply, train_metrics
+from flwr.app import Array, ArrayRecord, ConfigRecord
+from flwr.serverapp.strategy import (
+    FedAdam,
+    FedAvg,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
+)
+from flwr.supercore.task_identity import TaskIdentity
+
+from common.config import ConfigError, FedqConfig
+from server.strategies import choose_strategy
+
+GLOBAL = {"w": np.zeros((2, 3), np.float32), "b": np.zeros(2, np.float32)}
+
+
+class _Nodes:
+    """The one thing configure_train asks of a Grid: which nodes are connected."""
+
+    def __init__(self, n: int) -> None:
+        self.ids = list(range(1, n + 1))
+
+    def get_node_ids(self):
+        return self.ids
+
+
+@pytest.fixture
+def server_process():
+    """Instruction messages carry the sending process's identity, as in a ServerApp."""
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+def _updates(values, weights=None):
+    """One reply per value: every weight of device i equals values[i]."""
+    weights = weights or [100] * len(values)
+    return [reply(i + 1, {k: np.full_like(g, v) for k, g in GLOBAL.items()},
+                  train_metrics(num_examples=n))
+            for i, (v, n) in enumerate(zip(values, weights, strict=True))]
+
+
+def _aggregate(config, values, weights=None):
+    strategy = choose_strategy(FedqConfig.from_mapping(config))
+    messages = strategy.configure_train(1, ArrayRecord({k: Array(v) for k, v in GLOBAL.items()}),
+                                        ConfigRecord({"local-steps": 10}),
+                                        _Nodes(len(values)))
+    arrays, metrics = strategy.aggregate_train(1, _updates(values, weights))
+    return strategy, list(messages), as_numpy(arrays), metrics
+
+
+@pytest.mark.parametrize(("config", "cls"), [
+    ({}, FedAvg), ({"strategy": "fedprox", "proximal-mu": 0.1}, FedProx),
+    ({"strategy": "fedadam"}, FedAdam), ({"strategy": "fedyogi"}, FedYogi),
+    ({"strategy": "fedmedian"}, FedMedian), ({"strategy": "fedtrimmedavg"}, FedTrimmedAvg),
+    ({"strategy": "krum"}, Krum),
+])
+def test_config_key_selects_the_strategy_class(config, cls):
+    assert type(choose_strategy(FedqConfig.from_mapping(config))) is cls
+
+
+def test_fedavg_is_the_env_step_weighted_mean(server_process):
+    _, _, arrays, metrics = _aggregate({}, [1.0, 4.0], weights=[300, 100])
+    np.testing.assert_allclose(arrays["w"], 1.75)  # (3 * 1 + 1 * 4) / 4
+    assert metrics["clients"] == 2 and metrics["env-steps"] == 400
+
+
+def test_fedprox_averages_like_fedavg_and_sends_mu_to_devices(server_process):
+    _, messages, arrays, _ = _aggregate({"strategy": "fedprox", "proximal-mu": 0.25},
+                                        [1.0, 4.0], weights=[300, 100])
+    np.testing.assert_allclose(arrays["b"], 1.75)
+    assert {m.content["config"]["proximal-mu"] for m in messages} == {0.25}
+
+
+def test_fedadam_takes_a_bias_corrected_adam_step_on_the_mean_update(server_process):
+    eta, b1, b2, tau = 0.05, 0.9, 0.99, 1e-3
+    config = {"strategy": "fedadam", "server-learning-rate": eta, "server-beta1": b1,
+              "server-beta2": b2, "server-tau": tau}
+    strategy, _, arrays, _ = _aggregate(config, [0.2, 0.4])
+    delta = 0.3  # mean update of round 1; first and second moments start at zero
+    m, v = (1 - b1) * delta, (1 - b2) * delta ** 2
+    step = eta * np.sqrt(1 - b2 ** 2) / (1 - b1 ** 2) * m / (np.sqrt(v) + tau)
+    np.testing.assert_allclose(arrays["w"], step, rtol=1e-5)
+    # the server optimiser's state carries to the next round: a second identical
+    # update moves the model on from the new global weights
+    new_global = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+    strategy.configure_train(2, new_global, ConfigRecord(), _Nodes(2))
+    second, _ = strategy.aggregate_train(2, _updates([step + 0.3, step + 0.3]))
+    assert (as_numpy(second)["w"] > arrays["w"]).all()
+
+
+def test_fedyogi_scales_the_step_by_its_yogi_second_moment(server_process):
+    eta, b1, b2, tau = 0.02, 0.9, 0.99, 1e-3
+    config = {"strategy": "fedyogi", "server-learning-rate": eta, "server-beta1": b1,
+              "server-beta2": b2, "server-tau": tau}
+    _, _, arrays, _ = _aggregate(config, [-0.1, -0.3])
+    delta = -0.2
+    m, v = (1 - b1) * delta, (1 - b2) * delta ** 2  # Yogi from v = 0: v + (1-b2) d^2
+    np.testing.assert_allclose(arrays["b"], eta * m / (np.sqrt(v) + tau), rtol=1e-5)
+
+
+def test_fedmedian_takes_the_coordinate_wise_median(server_process):
+    _, _, arrays, _ = _aggregate({"strategy": "fedmedian"}, [1.0, 2.0, 100.0],
+                                 weights=[1, 1, 1000])
+    np.testing.assert_allclose(arrays["w"], 2.0)  # unweighted: the big weight buys nothing
+
+
+def test_fedtrimmedavg_cuts_the_extremes_then_averages(server_process):
+    _, _, arrays, _ = _aggregate({"strategy": "fedtrimmedavg", "trim-beta": 0.2},
+                                 [-50.0, 1.0, 2.0, 3.0, 90.0])
+    np.testing.assert_allclose(arrays["w"], 2.0)  # 1 of 5 cut at each end
+
+
+def test_krum_picks_the_update_closest_to_its_neighbours(server_process):
+    # f = 1: score = squared distance to the n - f - 2 = 2 nearest others; 1.05 has
+    # 1.0 and 1.1 at 0.05 each, every other update has a nearer pair further away
+    _, _, arrays, _ = _aggregate({"strategy": "krum", "krum-byzantine": 1},
+                                 [1.0, 1.1, 0.9, 1.05, 50.0])
+    np.testing.assert_allclose(arrays["w"], 1.05)
+
+
+@pytest.mark.parametrize(("mapping", "key", "message"), [
+    ({"strategy": "fedsgd"}, "strategy", "one of"),
+    ({"strategy": "fedprox"}, "proximal-mu", "needs proximal-mu > 0"),
+    ({"proximal-mu": 0.1}, "proximal-mu", "with strategy fedavg"),
+    ({"strategy": "fedprox", "proximal-mu": -1.0}, "proximal-mu", "must be >= 0"),
+    ({"server-learning-rate": 0.0}, "server-learning-rate", "must be > 0"),
+    ({"server-beta1": 1.0}, "server-beta1", "[0, 1)"),
+    ({"server-beta2": -0.1}, "server-beta2", "[0, 1)"),
+    ({"server-tau": 0.0}, "server-tau", "must be > 0"),
+    ({"trim-beta": 0.5}, "trim-beta", "[0, 0.5)"),
+    ({"krum-byzantine": -1}, "krum-byzantine", "must be >= 0"),
+])
+def test_strategy_keys_are_validated_naming_the_field(mapping, key, message):
+    with pytest.raises(ConfigError, match=f"config field '{key}'") as err:
+        FedqConfig.from_mapping(mapping)
+    assert message in str(err.value)
