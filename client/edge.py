@@ -32,30 +32,15 @@ import os
 import shlex
 import shutil
 import sys
-import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import tomli_w
 
-from common.config import ConfigError, ConfigScalar, FedqConfig
+from common.config import ConfigError, ConfigScalar, FedqConfig, parse_assignment
 from common.envs import env_spec
 
 NODE_CONFIG_FILE = "node-config.toml"
-
-
-def parse_assignment(text: str) -> tuple[str, ConfigScalar]:
-    """``KEY=VALUE`` with VALUE read as a TOML scalar (``3``, ``0.5``, ``true``,
-    ``"text"``); anything else (e.g. a JSON object for ``env-physics``) stays a string."""
-    key, sep, raw = text.partition("=")
-    key = key.strip()
-    if not sep or not key:
-        raise ConfigError(text, "expected KEY=VALUE")
-    try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        return key, raw
-    return key, value if isinstance(value, bool | int | float | str) else raw
 
 
 def device_node_config(env_id: str | None, assignments: Sequence[str],

@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -378,3 +379,17 @@ def _coerce(key: str, annotation: str, raw: Any) -> Any:
             raise ConfigError(key, f"expected a JSON object, got {raw!r}")
         return parsed
     raise TypeError(f"no parser for field type {annotation}")  # programming error
+
+
+def parse_assignment(text: str) -> tuple[str, ConfigScalar]:
+    """``KEY=VALUE`` with VALUE read as a TOML scalar (``3``, ``0.5``, ``true``,
+    ``"text"``); anything else (e.g. a JSON object for ``env-physics``) stays a string."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(text, "expected KEY=VALUE")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return key, raw
+    return key, value if isinstance(value, bool | int | float | str) else raw

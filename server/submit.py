@@ -38,8 +38,7 @@ from pathlib import Path
 
 import tomli_w
 
-from client.edge import parse_assignment
-from common.config import ConfigError, ConfigScalar, FedqConfig
+from common.config import ConfigError, ConfigScalar, FedqConfig, parse_assignment
 
 CONNECTION = "fedq"
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")

@@ -23,7 +23,7 @@ import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 
-from common.config import ConfigError, ConfigScalar, FedqConfig
+from common.config import ConfigError, ConfigScalar, FedqConfig, parse_assignment
 from common.envs import env_spec
 from common.flower_runtime import RunResult, simulation_superlink, submit_run
 from simulations.scenario import load_scenario
@@ -44,21 +44,6 @@ def app_defaults(app_dir: Path = APP_DIR) -> dict[str, ConfigScalar]:
     """The ``[tool.flwr.app.config]`` table: what ``flwr run`` starts from."""
     with open(app_dir / "pyproject.toml", "rb") as fh:
         return dict(tomllib.load(fh)["tool"]["flwr"]["app"]["config"])
-
-
-def parse_override(text: str) -> tuple[str, ConfigScalar]:
-    """``key=value`` with a TOML scalar value; bare words are taken as strings."""
-    key, sep, raw = text.partition("=")
-    key = key.strip()
-    if not sep or not key:
-        raise ConfigError(text, "overrides are written key=value")
-    try:
-        value = tomllib.loads(f"v = {raw.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw.strip()
-    if isinstance(value, list | dict):
-        raise ConfigError(key, f"expected a scalar, got {raw!r}")
-    return key, value
 
 
 def resolve_run_config(overrides: dict[str, ConfigScalar], clients: int,
@@ -128,7 +113,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        overrides = dict(parse_override(item) for item in args.overrides)
+        overrides = dict(parse_assignment(item) for item in args.overrides)
         if args.rounds is not None:
             overrides["num-server-rounds"] = args.rounds
         if args.resume:

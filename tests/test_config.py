@@ -126,3 +126,14 @@ def test_readme_documents_every_config_key_with_its_default():
     table = readme.split("<!-- config-table:start -->\n")[1].split("<!-- config-table:end -->")[0]
     expected = config_table_markdown()
     assert table.strip() == expected, f"README config table is stale; replace it with:\n{expected}"
+
+
+def test_command_line_assignments_read_toml_scalars_and_keep_json_objects_as_text():
+    from common.config import parse_assignment
+
+    assert parse_assignment("local-steps=2500") == ("local-steps", 2500)
+    assert parse_assignment("double-dqn=false") == ("double-dqn", False)
+    assert parse_assignment("env-id=CartPole-v1") == ("env-id", "CartPole-v1")
+    assert parse_assignment('env-physics={"length": 0.3}') == ("env-physics", '{"length": 0.3}')
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        parse_assignment("local-steps")
