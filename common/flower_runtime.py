@@ -600,22 +600,28 @@ def _flwr(handle: SuperLinkHandle, args: list[str],
 
 
 def _run_status(handle: SuperLinkHandle, run_id: int) -> tuple[str | None, str | None]:
-    """Return (status, details) of a run from ``flwr ls --format json``.
+    """Return (status, details) of a run from ``flwr ls --format json``."""
+    return poll_run_status(lambda: _flwr(
+        handle, ["ls", handle.connection, "--run-id", str(run_id), "--format", "json"],
+        timeout=60.0).stdout, attempts=10)
 
-    The log stream can end a moment before the status turns final, so poll briefly.
-    """
+
+def poll_run_status(list_run: Callable[[], str],
+                    attempts: int) -> tuple[str | None, str | None]:
+    """(status, details) from the output of ``flwr ls --run-id ID --format json``, which
+    ``list_run`` returns; polled up to ``attempts`` times a second apart, since the log
+    stream can end a moment before the status turns final."""
     status: str | None = None
     details: str | None = None
-    for _ in range(10):
+    for _ in range(attempts):
         try:
-            done = _flwr(handle, ["ls", handle.connection, "--run-id", str(run_id),
-                                  "--format", "json"], timeout=60.0)
+            output = list_run()
         except subprocess.TimeoutExpired:
             return status, "flwr ls timed out"
         try:
-            run = json.loads(_ANSI.sub("", done.stdout))["runs"][0]
+            run = json.loads(_ANSI.sub("", output))["runs"][0]
         except (ValueError, KeyError, IndexError):
-            return None, done.stdout.strip() or None
+            return None, output.strip() or None
         status, details = run.get("status"), run.get("status-details")
         if status is not None and status.startswith("finished"):
             break

@@ -23,7 +23,6 @@ same ``run-dir``: the ServerApp continues at the round after its last checkpoint
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import ssl
@@ -39,6 +38,7 @@ from pathlib import Path
 import tomli_w
 
 from common.config import ConfigError, ConfigScalar, FedqConfig, parse_assignment
+from common.flower_runtime import poll_run_status
 
 CONNECTION = "fedq"
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -127,20 +127,10 @@ def submit(app: Path, config_file: Path, env: dict[str, str]) -> tuple[int | Non
 
 
 def run_status(run_id: int, env: dict[str, str]) -> tuple[str | None, str | None]:
-    """The run's (status, details) from ``flwr ls``; polled briefly, since the log stream
-    can end a moment before the status turns final."""
-    status = details = None
-    for _ in range(20):
-        done = _flwr(["ls", CONNECTION, "--run-id", str(run_id), "--format", "json"], env)
-        try:
-            run = json.loads(_ANSI.sub("", done.stdout))["runs"][0]
-        except (ValueError, KeyError, IndexError):
-            return None, done.stdout.strip() or None
-        status, details = run.get("status"), run.get("status-details")
-        if status is not None and status.startswith("finished"):
-            break
-        time.sleep(1.0)
-    return status, details
+    """The run's (status, details) from ``flwr ls``."""
+    return poll_run_status(lambda: _flwr(
+        ["ls", CONNECTION, "--run-id", str(run_id), "--format", "json"], env).stdout,
+        attempts=20)
 
 
 def _flwr(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
