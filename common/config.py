@@ -22,7 +22,8 @@ ConfigScalar = bool | int | float | str
 
 _LOSSES = ("huber", "mse")
 _ACCOUNTANTS = ("rdp", "prv")
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
+STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedmedian",
+              "fedtrimmedavg", "krum")
 COMPRESSIONS = ("none", "fp16", "int8")
 ATTACKS = ("none", "nan", "noise")
 CENTRAL_DP = ("none", "server-fixed", "client-fixed")
@@ -134,6 +135,10 @@ class FedqConfig:
     proximal_mu: float = _opt(
         0.0, "FedProx: weight mu of the proximal term mu/2 ||w - w_global||^2 in the "
         "device's loss (> 0 with strategy fedprox, else 0)", _non_negative)
+    server_momentum: float = _opt(
+        0.0, "FedAvgM: momentum beta of the server's step v = beta v + (mean - w_global), "
+        "w_global += v (> 0 with strategy fedavgm, else 0)",
+        _check(lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"))
     server_learning_rate: float = _opt(
         0.01, "FedAdam/FedYogi: server step size eta on the averaged update", _positive)
     server_beta1: float = _opt(
@@ -263,6 +268,11 @@ class FedqConfig:
             raise ConfigError(
                 "proximal-mu", f"{self.proximal_mu} with strategy {self.strategy}: FedProx "
                 "needs proximal-mu > 0 and other strategies ignore it, so set it to 0")
+        if (self.strategy == "fedavgm") != (self.server_momentum > 0):
+            raise ConfigError(
+                "server-momentum", f"{self.server_momentum} with strategy {self.strategy}: "
+                "FedAvgM needs server-momentum > 0 (with 0 it is FedAvg) and other "
+                "strategies ignore it, so set it to 0")
         if (self.attack == "none") != (not self.attack_partitions):
             raise ConfigError(
                 "attack-partitions", f"{list(self.attack_partitions)} with attack "

@@ -16,7 +16,9 @@ import logging
 import math
 import time
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.serverapp import Grid, ServerApp
@@ -31,7 +33,12 @@ from server.observability import RoundRecorder
 from server.plots import plot_client_curves, plot_learning_curve
 from server.privacy_log import PrivacyLog
 from server.run_directory import RunDirectory
-from server.strategies import choose_strategy
+from server.strategies import (
+    OptimizerState,
+    choose_strategy,
+    optimizer_state,
+    restore_optimizer_state,
+)
 from server.update_validation import screen_replies
 
 app = ServerApp()
@@ -51,6 +58,27 @@ def initial_model(config: FedqConfig, run_dir: RunDirectory, last_round: int) ->
     if last_round:
         net.load_state_dict(run_dir.load_checkpoint(last_round)["state_dict"])
     return net
+
+
+def resume_strategy(strategy: Strategy, config: FedqConfig, checkpoint: dict[str, Any]
+                    ) -> None:
+    """Give a resumed run's strategy the server optimiser state its last checkpoint holds
+    (FedAvgM momentum, FedAdam/FedYogi moments), unless the run changed strategy."""
+    saved = checkpoint.get("server-optimizer") or {}
+    if not saved:
+        return
+    if checkpoint.get("strategy") != config.strategy:
+        log(logging.WARNING, "[fedq] the checkpoint's server optimiser state is for strategy "
+            "%r, this run uses %r: starting its state afresh", checkpoint.get("strategy"),
+            config.strategy)
+        return
+    restore_optimizer_state(strategy, {name: {k: t.numpy() for k, t in arrays.items()}
+                                       for name, arrays in saved.items()})
+
+
+def _as_tensors(state: OptimizerState) -> dict[str, dict[str, torch.Tensor]]:
+    return {name: {k: torch.from_numpy(np.ascontiguousarray(a)) for k, a in arrays.items()}
+            for name, arrays in state.items()}
 
 
 def run_rounds(grid: Grid, strategy: Strategy, config: FedqConfig, run_dir: RunDirectory,
@@ -106,7 +134,9 @@ def run_rounds(grid: Grid, strategy: Strategy, config: FedqConfig, run_dir: RunD
             recorder.record(row, replies, eval_replies)
         run_dir.append_metrics(row)
         run_dir.save_checkpoint(server_round, arrays.to_torch_state_dict(),
-                                {"env-steps-per-client-total": steps_per_client})
+                                {"env-steps-per-client-total": steps_per_client,
+                                 "strategy": config.strategy,
+                                 "server-optimizer": _as_tensors(optimizer_state(strategy))})
         log(logging.INFO, "%s", progress_line(row, config.num_server_rounds))
         if row["eval"].get("eval-return-mean", -math.inf) >= config.target_return:
             log(logging.INFO, "[fedq] target return %g reached in round %d; stopping",
@@ -160,9 +190,12 @@ def main(grid: Grid, context: Context) -> None:
     net = initial_model(config, run_dir, last_round)
     if last_round:
         log(logging.INFO, "[fedq] resuming %s after round %d", run_dir.root, last_round)
+    strategy = build_strategy(config)
+    if last_round:
+        resume_strategy(strategy, config, run_dir.load_checkpoint(last_round))
     recorder = RoundRecorder(run_dir)
     try:
-        run_rounds(grid, build_strategy(config), config, run_dir,
+        run_rounds(grid, strategy, config, run_dir,
                    ArrayRecord(net.state_dict()), first_round=last_round + 1,
                    recorder=recorder)
     finally:

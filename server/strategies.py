@@ -7,10 +7,18 @@ through the same ``configure_train`` / ``aggregate_train`` calls:
 - ``fedavg``: weighted mean of the devices' online weights (weight: env steps).
 - ``fedprox``: FedAvg on the server; ``configure_train`` puts ``proximal-mu`` in the round
   config and each device adds mu/2 ||w - w_global||^2 to its loss (:mod:`common.dqn`).
+- ``fedavgm``: FedAvg's mean update ``mean - w_global`` feeds a server-side momentum
+  ``v = beta v + (mean - w_global)`` and the global model moves by ``v`` (Hsu et al.,
+  2019; server learning rate 1, so with ``beta = 0`` it is FedAvg). Updates that agree
+  from round to round add up; noise that the average did not cancel decays.
 - ``fedadam`` / ``fedyogi``: FedAvg's mean becomes a pseudo-gradient ``mean - w_global``
   that a server-side Adam / Yogi step applies to the global model (Reddi et al., 2021).
-  ``configure_train`` remembers the global model it sent; the moment estimates live in
-  the strategy object only, so a resumed server starts them from zero again.
+  ``configure_train`` remembers the global model it sent.
+
+The server optimisers' accumulated state (FedAvgM's momentum, FedAdam/FedYogi's moment
+estimates) goes into every checkpoint (:func:`optimizer_state`) and back into the
+strategy on resume (:func:`restore_optimizer_state`), so a restarted server continues
+with the momentum it had rather than from zero.
 - ``fedmedian`` / ``fedtrimmedavg``: coordinate-wise median / trimmed mean (Yin et al.,
   2018), unweighted; robust to a minority of arbitrary updates.
 - ``krum``: the single update closest to its n - f - 2 nearest neighbours (Blanchard
@@ -25,9 +33,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 from flwr.serverapp.strategy import (
     FedAdam,
     FedAvg,
+    FedAvgM,
     FedMedian,
     FedProx,
     FedTrimmedAvg,
@@ -64,6 +74,9 @@ def choose_strategy(config: FedqConfig) -> Strategy:
         return FedAvg(**common)
     if name == "fedprox":
         return FedProx(**common, proximal_mu=config.proximal_mu)
+    if name == "fedavgm":
+        return FedAvgM(**common, server_learning_rate=1.0,
+                       server_momentum=config.server_momentum)
     if name == "fedadam":
         return FedAdam(**common, **adaptive)
     if name == "fedyogi":
@@ -75,3 +88,39 @@ def choose_strategy(config: FedqConfig) -> Strategy:
     if name == "krum":
         return Krum(**common, num_malicious_nodes=config.krum_byzantine)
     raise ValueError(f"unknown strategy {name!r}")  # FedqConfig.validate refuses it first
+
+
+OptimizerState = dict[str, dict[str, np.ndarray]]
+
+
+def optimizer_state(strategy: Strategy) -> OptimizerState:
+    """What ``strategy``'s server optimiser has accumulated over the rounds so far (empty
+    for strategies without one, or before their first aggregation): FedAvgM's momentum,
+    FedAdam/FedYogi's first and second moments, each as named arrays."""
+    if isinstance(strategy, FedAvgM):
+        momentum = strategy.momentum_vector
+        return {} if momentum is None else {
+            "momentum_vector": {str(i): np.asarray(a) for i, a in enumerate(momentum)}}
+    if isinstance(strategy, FedAdam | FedYogi):
+        return {name: {k: np.asarray(a) for k, a in moments.items()}
+                for name in ("m_t", "v_t")
+                if (moments := getattr(strategy, name)) is not None}
+    return {}
+
+
+def restore_optimizer_state(strategy: Strategy, state: OptimizerState) -> None:
+    """Put state :func:`optimizer_state` took back into a fresh ``strategy`` of the same
+    kind (a resumed server); refuses state that belongs to another kind of strategy."""
+    if not state:
+        return
+    expected = ({"momentum_vector"} if isinstance(strategy, FedAvgM)
+                else {"m_t", "v_t"} if isinstance(strategy, FedAdam | FedYogi) else set())
+    if not set(state) <= expected:
+        raise ValueError(f"checkpoint holds server optimiser state {sorted(state)} that "
+                         f"strategy {type(strategy).__name__} does not keep")
+    if isinstance(strategy, FedAvgM):
+        momentum = state["momentum_vector"]
+        strategy.momentum_vector = [momentum[str(i)] for i in range(len(momentum))]
+    else:
+        for name, moments in state.items():
+            setattr(strategy, name, dict(moments))

@@ -9,6 +9,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.serverapp.strategy import (
     FedAdam,
     FedAvg,
+    FedAvgM,
     FedMedian,
     FedProx,
     FedTrimmedAvg,
@@ -18,7 +19,9 @@ from flwr.serverapp.strategy import (
 from flwr.supercore.task_identity import TaskIdentity
 
 from common.config import ConfigError, FedqConfig
-from server.strategies import choose_strategy
+from server.run_directory import RunDirectory
+from server.server_app import _as_tensors, resume_strategy
+from server.strategies import choose_strategy, optimizer_state
 
 GLOBAL = {"w": np.zeros((2, 3), np.float32), "b": np.zeros(2, np.float32)}
 
@@ -61,6 +64,7 @@ def _aggregate(config, values, weights=None):
 
 @pytest.mark.parametrize(("config", "cls"), [
     ({}, FedAvg), ({"strategy": "fedprox", "proximal-mu": 0.1}, FedProx),
+    ({"strategy": "fedavgm", "server-momentum": 0.5}, FedAvgM),
     ({"strategy": "fedadam"}, FedAdam), ({"strategy": "fedyogi"}, FedYogi),
     ({"strategy": "fedmedian"}, FedMedian), ({"strategy": "fedtrimmedavg"}, FedTrimmedAvg),
     ({"strategy": "krum"}, Krum),
@@ -80,6 +84,51 @@ def test_fedprox_averages_like_fedavg_and_sends_mu_to_devices(server_process):
                                         [1.0, 4.0], weights=[300, 100])
     np.testing.assert_allclose(arrays["b"], 1.75)
     assert {m.content["config"]["proximal-mu"] for m in messages} == {0.25}
+
+
+def _next_round(strategy, server_round, global_arrays, values):
+    strategy.configure_train(server_round, ArrayRecord({k: Array(v) for k, v in
+                                                        global_arrays.items()}),
+                             ConfigRecord(), _Nodes(len(values)))
+    arrays, _ = strategy.aggregate_train(server_round, _updates(values))
+    return as_numpy(arrays)
+
+
+def test_fedavgm_adds_up_the_mean_updates_with_server_momentum(server_process):
+    beta = 0.5
+    strategy, _, first, _ = _aggregate({"strategy": "fedavgm", "server-momentum": beta},
+                                       [0.2, 0.4])
+    np.testing.assert_allclose(first["w"], 0.3)  # round 1: v = mean update, w += v
+    # round 2: the devices again move 0.3 from the new global model:
+    # v = beta * 0.3 + 0.3, w = 0.3 + v
+    second = _next_round(strategy, 2, first, [0.5, 0.7])
+    np.testing.assert_allclose(second["w"], 0.3 + beta * 0.3 + 0.3, rtol=1e-6)
+
+
+@pytest.mark.parametrize("config", [
+    {"strategy": "fedavgm", "server-momentum": 0.5},
+    {"strategy": "fedadam", "server-learning-rate": 0.05},
+])
+def test_a_resumed_server_continues_its_optimiser_state_from_the_checkpoint(
+        server_process, tmp_path, config):
+    """A server restart between rounds 1 and 2 must not change round 2's aggregate."""
+    fedq_config = FedqConfig.from_mapping(config)
+    strategy, _, first, _ = _aggregate(config, [0.2, 0.4])
+    run_dir = RunDirectory(tmp_path)
+    run_dir.start(fedq_config)
+    run_dir.save_checkpoint(1, {}, {"strategy": config["strategy"],
+                                    "server-optimizer": _as_tensors(optimizer_state(strategy))})
+    round_2 = [first["w"][0, 0] + 0.3] * 2  # devices move 0.3 from the new global model
+    uninterrupted = _next_round(strategy, 2, first, round_2)
+
+    restarted = choose_strategy(fedq_config)
+    resume_strategy(restarted, fedq_config, run_dir.load_checkpoint(1))
+    resumed = _next_round(restarted, 2, first, round_2)
+    for key in GLOBAL:
+        np.testing.assert_allclose(resumed[key], uninterrupted[key], rtol=1e-6)
+    # and the state mattered: a server that forgot it aggregates differently
+    forgot = _next_round(choose_strategy(fedq_config), 2, first, round_2)
+    assert not np.allclose(forgot["w"], uninterrupted["w"])
 
 
 def test_fedadam_takes_a_bias_corrected_adam_step_on_the_mean_update(server_process):
@@ -135,6 +184,9 @@ def test_krum_picks_the_update_closest_to_its_neighbours(server_process):
     ({"proximal-mu": 0.1}, "proximal-mu", "with strategy fedavg"),
     ({"strategy": "fedprox", "proximal-mu": -1.0}, "proximal-mu", "must be >= 0"),
     ({"server-learning-rate": 0.0}, "server-learning-rate", "must be > 0"),
+    ({"strategy": "fedavgm"}, "server-momentum", "needs server-momentum > 0"),
+    ({"server-momentum": 0.9}, "server-momentum", "with strategy fedavg"),
+    ({"strategy": "fedavgm", "server-momentum": 1.0}, "server-momentum", "[0, 1)"),
     ({"server-beta1": 1.0}, "server-beta1", "[0, 1)"),
     ({"server-beta2": -0.1}, "server-beta2", "[0, 1)"),
     ({"server-tau": 0.0}, "server-tau", "must be > 0"),
