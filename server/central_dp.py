@@ -14,9 +14,15 @@ strategies (``flwr.serverapp.strategy``):
 
 Flower's wrappers skip aggregation for a round in which any reply is an error (a device
 that declines for its own budget included), keeping the global model: averaging fewer
-updates than m under noise calibrated to m would under-noise the average. fedq reports
-no central epsilon: Flower's central accountant (``flwr.supercore.privacy_accounting``)
-needs Google's ``dp-accounting`` package, which is not installed.
+updates than m under noise calibrated to m would under-noise the average.
+
+The central epsilon each round reports (:func:`central_dp_report`) comes from Opacus's
+RDP accountant, as device-side DP's does by default (Flower's own central accountant wraps Google's
+``dp-accounting`` package, which is not installed): every round that released a new
+global model is one Gaussian mechanism with multiplier ``central-dp-noise-multiplier``
+on a sum whose sensitivity to adding or removing one device is the clip norm. No
+amplification by sampling devices is claimed (sample rate 1), so the figure is an
+upper bound whatever ``fraction-train`` is.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from flwr.serverapp.strategy import (
 )
 
 from common.config import FedqConfig
+from common.privacy import epsilon_of
 
 
 def with_central_dp(strategy: Strategy, config: FedqConfig) -> Strategy:
@@ -39,3 +46,14 @@ def with_central_dp(strategy: Strategy, config: FedqConfig) -> Strategy:
     return wrapper(strategy, noise_multiplier=config.central_dp_noise_multiplier,
                    clipping_norm=config.central_dp_clip_norm,
                    num_sampled_clients=config.central_dp_clients)
+
+
+def central_dp_report(config: FedqConfig, released_rounds: int) -> dict[str, float]:
+    """The run's central (epsilon, delta) after ``released_rounds`` noised aggregates; the
+    unit is one device's whole contribution (all its rounds)."""
+    noise = config.central_dp_noise_multiplier
+    history = ((noise, 1.0, released_rounds),) if released_rounds else ()
+    # RDP whatever dp-accountant says: Opacus's PRV divides by zero at sample rate 1
+    return {"epsilon": epsilon_of("rdp", config.dp_delta, history),
+            "delta": config.dp_delta, "noise-multiplier": noise,
+            "released-rounds": released_rounds}

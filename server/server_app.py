@@ -28,7 +28,7 @@ from flwr.supercore import log
 from common.config import FedqConfig
 from common.envs import env_spec
 from common.networks import QNetwork
-from server.central_dp import with_central_dp
+from server.central_dp import central_dp_report, with_central_dp
 from server.observability import RoundRecorder
 from server.plots import plot_client_curves, plot_learning_curve
 from server.privacy_log import PrivacyLog
@@ -89,6 +89,9 @@ def run_rounds(grid: Grid, strategy: Strategy, config: FedqConfig, run_dir: RunD
     previous = run_dir.read_metrics()
     steps_per_client = previous[-1]["env-steps-per-client-total"] if previous else 0.0
     privacy_log = PrivacyLog(run_dir.root, first_round)
+    central_dp = config.central_dp != "none"
+    released = int(previous[-1].get("central-dp", {}).get("released-rounds", 0)) \
+        if previous else 0
     for server_round in range(first_round, config.num_server_rounds + 1):
         started = time.perf_counter()
         train_config = ConfigRecord({"local-steps": config.local_steps,
@@ -103,6 +106,7 @@ def run_rounds(grid: Grid, strategy: Strategy, config: FedqConfig, run_dir: RunD
             new_arrays, train_metrics = strategy.aggregate_train(server_round,
                                                                  screening.replies)
         train_phase = time.perf_counter() - started
+        released += central_dp and new_arrays is not None
         if new_arrays is None:
             log(logging.WARNING, "round %d: %d valid update(s) (min-train-replies %d); the "
                 "global model is unchanged", server_round, valid, config.min_train_replies)
@@ -127,6 +131,7 @@ def run_rounds(grid: Grid, strategy: Strategy, config: FedqConfig, run_dir: RunD
             "eval": dict(eval_metrics or MetricRecord({"clients": 0})),
             "updates": screening.row(),
             "privacy": privacy,
+            **({"central-dp": central_dp_report(config, released)} if central_dp else {}),
             "participation": {"train": participation(len(train_messages), replies),
                               "evaluate": participation(len(eval_messages), eval_replies)},
         }

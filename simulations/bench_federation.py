@@ -17,9 +17,13 @@ clients' summed ``train-seconds`` spread over the cores. Round 1 (Ray actors imp
 torch) is left out.
 
     python -m simulations.bench_federation --clients 1,2,4,8 --seeds 3
+    python -m simulations.bench_federation --clients 1,4 --local-steps 500 \
+        --set strategy=fedavgm --set server-momentum=0.5
 
-Each finished cell is kept in ``runs/bench_federation/`` (the run directory itself), so an
-interrupted benchmark continues where it stopped.
+``--set KEY=VALUE`` changes a config key for every N alike (the variant's cells and its
+results folder are named after the overrides and a non-default ``--local-steps``, so
+variants never mix). Each finished cell is kept in ``runs/bench_federation/`` (the run
+directory itself), so an interrupted benchmark continues where it stopped.
 """
 
 from __future__ import annotations
@@ -33,38 +37,48 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from common.config import ConfigScalar, parse_assignment
 from simulations.results_io import markdown_table, write_results
 from simulations.run import resolve_run_config, simulate
 
 GOAL = 475.0
+DEFAULT_LOCAL_STEPS = 2500
 CACHE = Path("runs/bench_federation")
 
 
-def cell_dir(clients: int, seed: int, local_steps: int, eval_episodes: int) -> Path:
-    return (CACHE / f"n{clients}-seed{seed}-local{local_steps}-eval{eval_episodes}").resolve()
+def variant_name(overrides: dict[str, ConfigScalar]) -> str:
+    """A file-name-safe tag of the ``--set`` overrides ('' for the defaults)."""
+    return "".join(f"-{k}{v}" for k, v in sorted(overrides.items()))
+
+
+def cell_dir(clients: int, seed: int, local_steps: int, eval_episodes: int,
+             overrides: dict[str, ConfigScalar]) -> Path:
+    return (CACHE / f"n{clients}-seed{seed}-local{local_steps}-eval{eval_episodes}"
+                     f"{variant_name(overrides)}").resolve()
 
 
 def run_cell(clients: int, seed: int, local_steps: int, max_rounds: int,
-             eval_episodes: int) -> list[dict[str, Any]]:
+             eval_episodes: int, overrides: dict[str, ConfigScalar]) -> list[dict[str, Any]]:
     """The metrics rows of one federated run (reused when the run already finished)."""
-    run_dir = cell_dir(clients, seed, local_steps, eval_episodes)
+    run_dir = cell_dir(clients, seed, local_steps, eval_episodes, overrides)
     done = run_dir / "DONE"
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     with open(run_dir.parent / f"{run_dir.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # benchmark processes may share the cache
         if not done.exists():
-            _run_fresh(run_dir, clients, seed, local_steps, max_rounds, eval_episodes)
+            _run_fresh(run_dir, clients, seed, local_steps, max_rounds, eval_episodes,
+                       overrides)
             done.write_text("ok\n")
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def _run_fresh(run_dir: Path, clients: int, seed: int, local_steps: int, max_rounds: int,
-               eval_episodes: int) -> None:
+               eval_episodes: int, variant: dict[str, ConfigScalar]) -> None:
     """Run one cell from scratch (an interrupted cell's leftovers are removed first)."""
     shutil.rmtree(run_dir, ignore_errors=True)
-    overrides = {"seed": seed, "local-steps": local_steps, "num-server-rounds": max_rounds,
-                 "eval-episodes": eval_episodes, "target-return": GOAL,
-                 "min-available-clients": clients, "run-dir": str(run_dir)}
+    overrides = {**variant, "seed": seed, "local-steps": local_steps,
+                 "num-server-rounds": max_rounds, "eval-episodes": eval_episodes,
+                 "target-return": GOAL, "min-available-clients": clients, "run-dir": str(run_dir)}
     _, run_config = resolve_run_config(overrides, clients)
     result = simulate(run_config, clients, stream=False, timeout=4 * 3600)
     if not result.ok:
@@ -90,20 +104,24 @@ def main() -> None:
     parser.add_argument("--clients", default="1,2,4,8")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--first-seed", type=int, default=0)
-    parser.add_argument("--local-steps", type=int, default=2500)
+    parser.add_argument("--local-steps", type=int, default=DEFAULT_LOCAL_STEPS)
     parser.add_argument("--max-rounds", type=int, default=40)
     parser.add_argument("--eval-episodes-total", type=int, default=24,
                         help="greedy episodes per evaluation over all clients (each of N "
                              "clients runs total // N), so every N is judged on as many "
                              "episodes")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="a config override for every cell")
     args = parser.parse_args()
+    overrides = dict(parse_assignment(item) for item in args.overrides)
+    resolve_run_config(overrides, 1)  # a bad override fails here, naming the field
     cores = len(os.sched_getaffinity(0))
     cells, table = [], []
     for n in [int(x) for x in args.clients.split(",")]:
         per_seed = []
         for seed in range(args.first_seed, args.first_seed + args.seeds):
             rows = run_cell(n, seed, args.local_steps, args.max_rounds,
-                            max(1, args.eval_episodes_total // n))
+                            max(1, args.eval_episodes_total // n), overrides)
             solved = rows[-1]["eval"].get("eval-return-mean", 0.0) >= GOAL
             steps = rows[-1]["env-steps-per-client-total"] if solved else None
             train_share, round_share = overhead_shares(rows, n, cores)
@@ -139,14 +157,18 @@ def main() -> None:
                "overhead share, whole round", "median round s"]
     markdown = markdown_table(table, columns)
     print(markdown)
-    write_results("federation", {"summary": table, "cells": cells, "cores": cores,
-                                 "local-steps": args.local_steps, "goal": GOAL,
-                                 "max-rounds": args.max_rounds,
-                                 "eval-episodes-total": args.eval_episodes_total},
+    folder = "federation" + variant_name(overrides) + (
+        f"-local{args.local_steps}" if args.local_steps != DEFAULT_LOCAL_STEPS else "")
+    write_results(folder, {"summary": table, "cells": cells, "cores": cores,
+                           "local-steps": args.local_steps, "goal": GOAL,
+                           "max-rounds": args.max_rounds,
+                           "eval-episodes-total": args.eval_episodes_total,
+                           "overrides": overrides},
                   f"{markdown}\n\nSteps per client are counted at the first round whose "
                   f"federated greedy return (mean over {args.eval_episodes_total} episodes "
                   f"split evenly over the clients) reaches {GOAL:g}; FedAvg every "
-                  f"{args.local_steps} local env steps; "
+                  f"{args.local_steps} local env steps"
+                  f"{'; overrides ' + str(overrides) if overrides else ''}; "
                   f"{cores} cores. Overhead shares are medians over rounds >= 2.\n")
 
 

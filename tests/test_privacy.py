@@ -27,6 +27,7 @@ from common.privacy import (
     sample_rate,
 )
 from common.trainer import LocalTrainer
+from server.central_dp import central_dp_report
 from server.server_app import build_strategy
 
 SMALL = {"hidden-sizes": "16,16", "buffer-size": 600, "batch-size": 16, "learning-starts": 100,
@@ -368,3 +369,18 @@ def test_privacy_log_keeps_dp_devices_and_budget_declines_and_resumes_cleanly(tm
     assert rows[0]["dp-epsilon"] == 1.5 and rows[0]["dp-round-steps"] == [10]
     PrivacyLog(tmp_path, first_round=2)  # a server resuming after round 1 redoes round 2
     assert [r["round"] for r in read_privacy_log(tmp_path)] == [1, 1]
+
+
+def test_central_epsilon_composes_the_released_rounds_with_opacus():
+    """Central DP's (epsilon, delta) is that of one Gaussian release per round that
+    produced a model (no sampling amplification claimed), as Opacus computes it."""
+    config = FedqConfig.from_mapping({"central-dp": "server-fixed", "central-dp-clients": 4,
+                                      "central-dp-noise-multiplier": 2.0})
+    accountant = RDPAccountant()
+    for _ in range(10):
+        accountant.step(noise_multiplier=2.0, sample_rate=1.0)
+    report = central_dp_report(config, 10)
+    assert report["epsilon"] == pytest.approx(accountant.get_epsilon(config.dp_delta))
+    assert report["released-rounds"] == 10 and report["delta"] == config.dp_delta
+    assert central_dp_report(config, 0)["epsilon"] == 0.0
+    assert central_dp_report(config, 20)["epsilon"] > report["epsilon"]

@@ -194,3 +194,9 @@ def _assert_noise_on_the_average(run_dir: Path, clip: float, noise: float,
     assert np.linalg.norm(flat) > 3 * clip  # noise dominates a clipped average
     assert flat.std() == pytest.approx(std, rel=0.15)  # 386 weights: ~4 % sampling error
     assert "central DP noise with" in (run_dir / "flower.log").read_text()
+    # the central (epsilon, delta) of the one released round, recomputed with Opacus
+    accountant = RDPAccountant()
+    accountant.step(noise_multiplier=noise, sample_rate=1.0)
+    (row,) = _rows(run_dir)
+    assert row["central-dp"]["released-rounds"] == 1
+    assert row["central-dp"]["epsilon"] == pytest.approx(accountant.get_epsilon(1e-5))
