@@ -35,10 +35,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.config import ConfigScalar
+from common.config import ConfigScalar, parse_assignment
 from common.privacy import epsilon_of
 from simulations.federated_cells import Cell, run_cell
 from simulations.results_io import RESULTS_ROOT, markdown_table, write_results
+from simulations.run import resolve_run_config
 
 CACHE = Path("runs/privacy_sweep")
 UTILITY_SHARE = 0.9  # the issue's target: >= 90 % of the non-private return
@@ -59,14 +60,16 @@ class Setting:
 def budget_name(args: argparse.Namespace) -> str:
     """The cache folder of one scenario and budget: cells in it are comparable."""
     return (f"{args.env_id}-n{args.clients}-r{args.rounds}x{args.local_steps}"
-            f"-ls{args.learning_starts}-b{args.batch_size}")
+            f"-ls{args.learning_starts}-b{args.batch_size}"
+            + "".join(f"-{k}{v}" for k, v in sorted(args.overrides.items())))
 
 
 def overrides_of(setting: Setting, seed: int, args: argparse.Namespace) -> dict[str, ConfigScalar]:
     base: dict[str, ConfigScalar] = {
         "env-id": args.env_id, "seed": seed, "num-server-rounds": args.rounds,
         "local-steps": args.local_steps, "learning-starts": args.learning_starts,
-        "batch-size": args.batch_size, "eval-episodes": args.eval_episodes}
+        "batch-size": args.batch_size, "eval-episodes": args.eval_episodes,
+        **args.overrides}
     if setting.noise is None:
         return base
     return {**base, "dp-enabled": True, "dp-noise-multiplier": setting.noise,
@@ -171,7 +174,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--eval-episodes", type=int, default=10)
     parser.add_argument("--delta", type=float, default=1e-5)
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE",
+                        help="a learner setting for every cell, DP or not (e.g. "
+                             "train-frequency=8): the baseline differs only in DP")
     args = parser.parse_args()
+    args.overrides = dict(parse_assignment(item) for item in args.overrides)
+    resolve_run_config(args.overrides, args.clients)  # a bad override fails here, naming it
 
     cache = CACHE / budget_name(args)
     settings = [Setting(None, None)] + [Setting(n, c) for c in _floats(args.clip)
@@ -213,7 +222,8 @@ def main() -> None:
         f"(target >= {UTILITY_SHARE:.0%}: {'met' if met else 'not met'})")
     markdown = "\n\n".join([
         f"Privacy-utility sweep: {title}; FedAvg every {args.local_steps} env steps, "
-        f"learning-starts {args.learning_starts}, batch {args.batch_size}. Return: the last "
+        f"learning-starts {args.learning_starts}, batch {args.batch_size}"
+        f"{', ' + str(args.overrides) if args.overrides else ''}. Return: the last "
         f"round's federated greedy return (mean over devices x {args.eval_episodes} "
         "episodes), mean and min..max over seeds. Epsilon: each device's lifetime "
         "epsilon (Opacus RDP) recomputed from its on-disk ledger; max and mean over "
