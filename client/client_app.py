@@ -36,7 +36,10 @@ from client.fault_injection import inject_fault
 from client.message_audit import message_audit_mod
 from client.personalize import personalized_returns
 from common.compression import encode_update
+from common.envs import env_spec
+from common.networks import NumpyPolicy, QNetwork
 from common.privacy import PRIVACY_BUDGET_ERROR_CODE, PrivacyBudgetExhausted, PrivacyReport
+from common.rollouts import play_episodes
 from common.trainer import LocalTrainer
 from common.weights import to_state_dict
 
@@ -148,16 +151,20 @@ def _privacy_metrics(
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Greedy episodes of the global model on this device's env (device state untouched)."""
+    """Greedy episodes of the global model on this device's env (device state untouched:
+    only the network and a fresh env are built, not the device's trainer and buffer)."""
     device = device_from_context(context)
-    trainer = LocalTrainer(device.config, seed=device.seed)
-    global_state = _global_weights(msg, trainer)
-    trainer.learner.load_online(global_state, sync_target=False)
+    config = device.config
+    spec = env_spec(config.env_id, config.env_kwargs, config.env_physics)
+    net = QNetwork(spec.obs_dim, spec.n_actions, config.hidden_sizes)
+    global_state = to_state_dict(msg.content["arrays"], net)
+    net.load_state_dict(global_state)
     round_config = msg.content["config"]
     server_round = int(round_config.get("server-round", 0))
     eval_seed = device.seed + 10**6 + 1000 * server_round
-    returns = trainer.evaluate(device.config.eval_episodes, seed=eval_seed)
-    trainer.close()
+    returns = play_episodes(NumpyPolicy(net).act, config.env_id, config.eval_episodes,
+                            seed=eval_seed, env_kwargs=config.env_kwargs,
+                            env_physics=config.env_physics)
     metrics = MetricRecord({
         **device.identity_metrics(),
         "num-examples": len(returns),

@@ -153,7 +153,7 @@ def _run(runner: PolicyRunner, args: argparse.Namespace) -> int:
         raise ConfigError("--env-kwargs", f"not valid JSON: {err}") from None
     # gymnasium only for playing episodes: embedding PolicyRunner in a device's own control
     # loop needs numpy alone
-    from common.export.rollouts import play_episodes
+    from common.rollouts import play_episodes
 
     recorder = (ExperienceRecorder(args.record_to, runner.policy.obs_dim)
                 if args.record_to else None)

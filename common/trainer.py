@@ -26,6 +26,7 @@ from common.dqn import DQNLearner, PrivateDQNLearner, linear_epsilon
 from common.envs import check_spaces, make_env
 from common.privacy import DevicePrivacy, PrivacyReport
 from common.replay_buffer import ReplayBuffer
+from common.rollouts import play_episodes
 
 _LEARNER_FILE = "learner.pt"
 _BUFFER_FILE = "replay_buffer.npz"
@@ -161,22 +162,10 @@ class LocalTrainer:
 
     def evaluate(self, n_episodes: int, seed: int | None = None) -> list[float]:
         """Greedy returns over ``n_episodes`` on a separate env instance."""
-        env = make_env(self.config.env_id, self.config.env_kwargs, self.config.env_physics)
-        act = self.learner.policy.act
-        base = (self.seed + 10**6) if seed is None else seed
-        returns = []
-        try:
-            for episode in range(n_episodes):
-                obs, _ = env.reset(seed=base + episode)
-                total, done = 0.0, False
-                while not done:
-                    obs, reward, terminated, truncated, _ = env.step(act(obs))
-                    total += float(reward)
-                    done = terminated or truncated
-                returns.append(total)
-        finally:
-            env.close()
-        return returns
+        c = self.config
+        return play_episodes(self.learner.policy.act, c.env_id, n_episodes,
+                             seed=(self.seed + 10**6) if seed is None else seed,
+                             env_kwargs=c.env_kwargs, env_physics=c.env_physics)
 
     # --- persistence -------------------------------------------------------------------
     def save(self, directory: Path) -> None:

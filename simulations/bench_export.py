@@ -36,8 +36,8 @@ from common.config import FedqConfig
 from common.export.checkpoint import Teacher, load_teacher
 from common.export.cli import FORMATS, export_policies
 from common.export.onnx_export import onnx_available
-from common.export.rollouts import collect_states, play_episodes
 from common.networks import NumpyPolicy
+from common.rollouts import collect_states, play_episodes
 from common.trainer import LocalTrainer
 from server.run_directory import RunDirectory
 from simulations.results_io import markdown_table, write_results

@@ -19,9 +19,9 @@ from common.export.onnx_export import export_onnx, onnx_available
 from common.export.policy_file import MAGIC, PolicyFileError, read_policy, write_policy
 from common.export.prune import prune_and_finetune
 from common.export.quantize_aware import int8_forward, quantisation_aware_copy
-from common.export.rollouts import collect_states
 from common.mlp_forward import MlpForward
 from common.networks import NumpyPolicy
+from common.rollouts import collect_states
 from common.trainer import LocalTrainer
 from server.run_directory import RunDirectory
 

@@ -17,7 +17,7 @@ from common import trainer as trainer_module
 from common.config import FedqConfig
 from common.export.checkpoint import numpy_layers
 from common.export.policy_file import write_policy
-from common.export.rollouts import play_episodes
+from common.rollouts import play_episodes
 from common.trainer import LocalTrainer
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -6,6 +6,6 @@ Numpy-only (what a device without torch imports): :mod:`common.export.encodings`
 :mod:`common.export.checkpoint`, :mod:`common.export.finetune` (shared by
 :mod:`common.export.prune` and :mod:`common.export.quantize_aware`),
 :mod:`common.export.distill`, :mod:`common.export.onnx_export` and the ``fedq-export``
-command in :mod:`common.export.cli`. :mod:`common.export.rollouts` (episodes with any
+command in :mod:`common.export.cli`. :mod:`common.rollouts` (episodes with any
 ``act`` function) needs gymnasium but not torch.
 """

@@ -43,9 +43,9 @@ from common.export.onnx_export import OnnxUnavailableError, export_onnx, onnx_av
 from common.export.policy_file import read_policy, write_policy
 from common.export.prune import prune_and_finetune
 from common.export.quantize_aware import quantisation_aware_copy
-from common.export.rollouts import collect_states
 from common.mlp_forward import MlpForward
 from common.networks import NumpyPolicy
+from common.rollouts import collect_states
 
 FORMATS = ("fp32", "fp16", "int8", "int8-ptq", "pruned", "student", "onnx")
 _HELD_OUT_SEED = 10**6  # held-out states come from episodes no training state came from

@@ -1,9 +1,11 @@
 """Play episodes with any ``act(obs) -> int`` policy, with no torch import.
 
-The one episode loop shared by the on-device runner (greedy or epsilon-greedy control,
-optionally recording transitions), the exporter (gathering teacher states to fine-tune
-and distil on) and the export benchmark (greedy returns of every format), so all of them
-score a policy the same way: episode ``k`` starts from ``env.reset(seed=seed + k)``.
+The one episode loop shared by greedy evaluation (a device's federated evaluation and
+:meth:`common.trainer.LocalTrainer.evaluate`), the on-device runner (greedy or
+epsilon-greedy control, optionally recording transitions), the exporter (gathering
+teacher states to fine-tune and distil on) and the export benchmark (greedy returns of
+every format), so all of them score a policy the same way: episode ``k`` starts from
+``env.reset(seed=seed + k)``.
 """
 
 from __future__ import annotations
@@ -20,11 +22,13 @@ OnTransition = Callable[[np.ndarray, int, float, np.ndarray, bool], None]
 
 
 def play_episodes(act: Act, env_id: str, episodes: int, *, seed: int = 0,
-                  env_kwargs: dict[str, Any] | None = None, epsilon: float = 0.0,
+                  env_kwargs: dict[str, Any] | None = None,
+                  env_physics: dict[str, float] | None = None, epsilon: float = 0.0,
                   on_transition: OnTransition | None = None) -> list[float]:
-    """Returns of ``episodes`` episodes; with ``epsilon`` > 0 a uniformly random action
-    replaces the policy's with that probability (exploration while deployed)."""
-    env = make_env(env_id, env_kwargs)
+    """Returns of ``episodes`` episodes on a fresh env (``env_physics``: a device's
+    physics overrides); with ``epsilon`` > 0 a uniformly random action replaces the
+    policy's with that probability (exploration while deployed)."""
+    env = make_env(env_id, env_kwargs, env_physics)
     rng = np.random.default_rng(seed)
     n_actions = int(env.action_space.n)
     returns = []
