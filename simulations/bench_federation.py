@@ -166,7 +166,7 @@ def main() -> None:
                            "overrides": overrides},
                   f"{markdown}\n\nSteps per client are counted at the first round whose "
                   f"federated greedy return (mean over {args.eval_episodes_total} episodes "
-                  f"split evenly over the clients) reaches {GOAL:g}; FedAvg every "
+                  f"split evenly over the clients) reaches {GOAL:g}; aggregation every "
                   f"{args.local_steps} local env steps"
                   f"{'; overrides ' + str(overrides) if overrides else ''}; "
                   f"{cores} cores. Overhead shares are medians over rounds >= 2.\n")
