@@ -12,7 +12,9 @@ each with the same env steps per client (``--rounds`` x ``--local-steps``):
   (``client/personalize.py``; these steps come on top of the budget).
 - **independent**: each client trains its own :class:`common.trainer.LocalTrainer`, in
   this process, no averaging, and is evaluated on its own env. Clients 0..3 of N = 8 are
-  exactly the N = 4 clients, so one set of 8 serves both sizes.
+  exactly the N = 4 clients, so one set of 8 serves both sizes. **independent-longer**
+  is the same agents evaluated again after ``--personalize-steps`` more steps: the
+  personalised policy's total steps per client, so that comparison is at equal steps too.
 - **centralised**: one LocalTrainer stepping all N clients' envs, taking them in turn
   one *episode* each (per-step switching would cut episodes apart), for N x budget
   steps in total; it is evaluated on every client's env. Short-pole clients have
@@ -56,7 +58,7 @@ from simulations.scenario import SCENARIOS_DIR, Scenario, load_scenario
 
 CACHE = Path("runs/bench_federation_pays")
 SCENARIOS = ("homo_cartpole", "hetero_cartpole", "hetero_acrobot")
-METHODS = ("federated", "personalised", "independent", "centralised")
+METHODS = ("federated", "personalised", "independent", "independent-longer", "centralised")
 torch.set_num_threads(1)
 
 
@@ -131,9 +133,11 @@ def run_federated(name: str, clients: int, overrides: dict[str, Any],
 
 
 def run_independent(name: str, clients: int, overrides: dict[str, Any],
-                    budget: int) -> dict[str, Any]:
+                    budget: int, extra_steps: int) -> dict[str, Any]:
+    """Each client alone: greedy returns after ``budget`` steps and, the same agents,
+    after ``extra_steps`` more (what personalisation adds on top of the budget)."""
     scenario, base = _scenario(name, clients, overrides)
-    returns = []
+    returns, longer = [], []
     for k in range(clients):
         config = scenario.client_config(base, k)
         seed = base.seed + SEED_STRIDE * k
@@ -141,8 +145,11 @@ def run_independent(name: str, clients: int, overrides: dict[str, Any],
         trainer.train(budget)
         returns.append(float(np.mean(trainer.evaluate(config.eval_episodes,
                                                       seed=_eval_seed(base, seed)))))
+        trainer.train(extra_steps)
+        longer.append(float(np.mean(trainer.evaluate(config.eval_episodes,
+                                                     seed=_eval_seed(base, seed)))))
         trainer.close()
-    return {"independent": returns}
+    return {"independent": returns, "independent-longer": longer}
 
 
 def run_centralised(name: str, clients: int, overrides: dict[str, Any],
@@ -178,7 +185,7 @@ def cell(kind: str, name: str, clients: int, seed: int, args: argparse.Namespace
         out = run_federated(name, clients, overrides, args.personalize_steps,
                             (CACHE / f"{key}-run").resolve())
     elif kind == "independent":
-        out = run_independent(name, clients, overrides, budget)
+        out = run_independent(name, clients, overrides, budget, args.personalize_steps)
     else:
         out = run_centralised(name, clients, overrides, budget)
     out["seconds"] = time.perf_counter() - started
@@ -199,8 +206,9 @@ def collect(name: str, clients: int, seed: int, args: argparse.Namespace,
         done = next((d for n in sizes
                      if (d := cell("independent", name, n, seed, args, cached_only=True))),
                     None) or cell("independent", name, max(args.clients), seed, args)
-        if done:
-            out["independent"] = done["independent"][:clients]
+        if done:  # cells from before independent-longer existed lack it
+            out.update({k: done[k][:clients] for k in ("independent", "independent-longer")
+                        if k in done})
     if "centralised" in kinds and (done := cell("centralised", name, clients, seed, args)):
         out["centralised"] = done["centralised"]
     return out
@@ -228,18 +236,21 @@ def summarise(results: dict[tuple[str, int, int], dict[str, list[float]]],
 
 def verdicts(table: list[dict[str, Any]]) -> list[str]:
     """The issue's target, per N: on heterogeneous CartPole, does the federated or the
-    personalised worst-client return beat the independent agents' worst client?"""
+    personalised worst-client return beat the independent agents' worst client at the
+    same steps per client? (personalised is held against independent-longer, which has
+    taken its fine-tuning steps too)."""
     lines = []
     for n in sorted({r["N"] for r in table if r["scenario"] == "hetero_cartpole"}):
         worst = {r["method"]: r["worst-client return"] for r in table
                  if r["scenario"] == "hetero_cartpole" and r["N"] == n}
-        if "independent" not in worst or "federated" not in worst:
-            continue
-        best = max(("federated", "personalised"), key=lambda m: worst.get(m, -np.inf))
-        met = worst[best] > worst["independent"]
-        lines.append(f"- hetero_cartpole, N = {n}: {best} worst client {worst[best]:.1f} vs "
-                     f"independent {worst['independent']:.1f}: target "
-                     f"{'met' if met else 'NOT met'}")
+        pairs = [("federated", "independent"), ("personalised", "independent-longer")]
+        for method, baseline in pairs:
+            if method not in worst or baseline not in worst:
+                continue
+            met = worst[method] > worst[baseline]
+            lines.append(f"- hetero_cartpole, N = {n}: {method} worst client "
+                         f"{worst[method]:.1f} vs {baseline} {worst[baseline]:.1f}: target "
+                         f"{'met' if met else 'NOT met'}")
     return lines
 
 
@@ -250,19 +261,22 @@ def plot(table: list[dict[str, Any]], args: argparse.Namespace, path: Path) -> N
     for ax, name in zip(axes[0], args.scenarios, strict=True):
         for m, method in enumerate(METHODS):
             rows = [r for r in table if r["scenario"] == name and r["method"] == method]
-            xs = np.array([args.clients.index(r["N"]) for r in rows]) + (m - 1.5) * width
-            bars = ax.bar(xs, [r["mean return"] for r in rows], width, alpha=0.45,
-                          label=f"{method} (mean)")
+            if not rows:
+                continue
+            xs = (np.array([args.clients.index(r["N"]) for r in rows])
+                  + (m - (len(METHODS) - 1) / 2) * width)
+            colour = f"C{m}"  # one colour per method in every panel
+            ax.bar(xs, [r["mean return"] for r in rows], width, alpha=0.45, color=colour,
+                   label=f"{method} (mean)")
             ax.scatter(xs, [r["worst-client return"] for r in rows], marker="v", s=40,
-                       color=bars.patches[0].get_facecolor() if bars.patches else None,
-                       edgecolor="black", zorder=3,
+                       color=colour, edgecolor="black", zorder=3,
                        label=f"{method} (worst client)")
         ax.set_xticks(range(len(args.clients)), [f"N = {n}" for n in args.clients])
         ax.set_title(name)
         ax.grid(alpha=0.3, axis="y")
     axes[0][0].set_ylabel(f"greedy return after {args.rounds * args.local_steps:,} "
                           "env steps per client")
-    axes[0][-1].legend(fontsize=7, loc="best")
+    axes[0][1 if len(args.scenarios) > 1 else 0].legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -313,7 +327,8 @@ def main() -> None:
         "eval-episodes": args.eval_episodes, "personalize-steps": args.personalize_steps,
     }, f"{markdown}\n\nEqual budget: {args.rounds} x {args.local_steps} = "
        f"{args.rounds * args.local_steps:,} env steps per client for every method "
-       f"(personalised adds {args.personalize_steps} fine-tuning steps per client on top). "
+       f"(personalised adds {args.personalize_steps} fine-tuning steps per client on top, and "
+       f"is compared with independent-longer, the independent agents after as many more). "
        "Returns are greedy, on each client's own env, "
        f"{args.eval_episodes} episodes with the same seeds for every method; mean over "
        "clients and worst client, then averaged over seeds. Plot: federation_pays.png.\n")
