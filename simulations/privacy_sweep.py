@@ -174,6 +174,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--eval-episodes", type=int, default=10)
     parser.add_argument("--delta", type=float, default=1e-5)
+    parser.add_argument("--results-name", default="privacy_sweep",
+                        help="folder under simulations/results/ for the table and plot "
+                             "(another name keeps a second scenario's sweep beside the first)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE",
                         help="a learner setting for every cell, DP or not (e.g. "
@@ -209,7 +212,7 @@ def main() -> None:
     budget = args.rounds * args.local_steps
     title = (f"{args.env_id}, {args.clients} devices, {args.seeds} seeds, {budget:,} env "
              f"steps per device, delta {args.delta:g}")
-    out_dir = RESULTS_ROOT / "privacy_sweep"
+    out_dir = RESULTS_ROOT / args.results_name
     plot(private, baseline, out_dir / "privacy_utility.png", title)
     columns = ["setting", "noise", "clip", "epsilon max", "epsilon mean", "return mean",
                "return min", "return max", "return std", "last-3-rounds return mean",
@@ -230,7 +233,7 @@ def main() -> None:
         "devices and seeds. Privacy unit: one transition of a device's replay buffer.",
         markdown_table([baseline, *private], columns),
         verdict, "Plot: `privacy_utility.png`."])
-    write_results("privacy_sweep", {
+    write_results(args.results_name, {
         "settings": vars(args), "rows": [_json_safe(r) for r in (baseline, *private)],
         "verdict": verdict}, markdown)
     print(markdown)
