@@ -17,12 +17,12 @@ that declines for its own budget included), keeping the global model: averaging 
 updates than m under noise calibrated to m would under-noise the average.
 
 The central epsilon each round reports (:func:`central_dp_report`) comes from Opacus's
-RDP accountant, as device-side DP's does by default (Flower's own central accountant wraps Google's
-``dp-accounting`` package, which is not installed): every round that released a new
-global model is one Gaussian mechanism with multiplier ``central-dp-noise-multiplier``
-on a sum whose sensitivity to adding or removing one device is the clip norm. No
-amplification by sampling devices is claimed (sample rate 1), so the figure is an
-upper bound whatever ``fraction-train`` is.
+RDP accountant, as device-side DP's does by default (Flower's own central accountant
+wraps Google's ``dp-accounting`` package, which is not installed): every round that
+released a new global model is one Gaussian mechanism with multiplier
+``central-dp-noise-multiplier`` on a sum whose sensitivity to adding or removing one
+device is the clip norm. No amplification by sampling devices is claimed (sample rate
+1), so the figure is an upper bound whatever ``fraction-train`` is.
 """
 
 from __future__ import annotations

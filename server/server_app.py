@@ -50,13 +50,13 @@ def build_strategy(config: FedqConfig) -> Strategy:
     return with_central_dp(choose_strategy(config), config)
 
 
-def initial_model(config: FedqConfig, run_dir: RunDirectory, last_round: int) -> QNetwork:
-    """A seeded fresh Q-network, or the one from the last checkpoint when resuming."""
+def initial_model(config: FedqConfig, checkpoint: dict[str, Any] | None) -> QNetwork:
+    """A seeded fresh Q-network, or the one in ``checkpoint`` when resuming."""
     spec = env_spec(config.env_id, config.env_kwargs, config.env_physics)
     torch.manual_seed(config.seed)
     net = QNetwork(spec.obs_dim, spec.n_actions, config.hidden_sizes)
-    if last_round:
-        net.load_state_dict(run_dir.load_checkpoint(last_round)["state_dict"])
+    if checkpoint is not None:
+        net.load_state_dict(checkpoint["state_dict"])
     return net
 
 
@@ -106,7 +106,8 @@ def run_rounds(grid: Grid, strategy: Strategy, config: FedqConfig, run_dir: RunD
             new_arrays, train_metrics = strategy.aggregate_train(server_round,
                                                                  screening.replies)
         train_phase = time.perf_counter() - started
-        released += central_dp and new_arrays is not None
+        if central_dp and new_arrays is not None:  # a noised aggregate was released
+            released += 1
         if new_arrays is None:
             log(logging.WARNING, "round %d: %d valid update(s) (min-train-replies %d); the "
                 "global model is unchanged", server_round, valid, config.min_train_replies)
@@ -192,12 +193,12 @@ def main(grid: Grid, context: Context) -> None:
     config = FedqConfig.from_mapping(context.run_config)
     run_dir = RunDirectory(Path(config.run_dir))
     last_round = run_dir.start(config)
-    net = initial_model(config, run_dir, last_round)
-    if last_round:
-        log(logging.INFO, "[fedq] resuming %s after round %d", run_dir.root, last_round)
+    checkpoint = run_dir.load_checkpoint(last_round) if last_round else None
+    net = initial_model(config, checkpoint)
     strategy = build_strategy(config)
-    if last_round:
-        resume_strategy(strategy, config, run_dir.load_checkpoint(last_round))
+    if checkpoint is not None:
+        log(logging.INFO, "[fedq] resuming %s after round %d", run_dir.root, last_round)
+        resume_strategy(strategy, config, checkpoint)
     recorder = RoundRecorder(run_dir)
     try:
         run_rounds(grid, strategy, config, run_dir,

@@ -15,14 +15,15 @@ through the same ``configure_train`` / ``aggregate_train`` calls:
   that a server-side Adam / Yogi step applies to the global model (Reddi et al., 2021).
   ``configure_train`` remembers the global model it sent.
 
-The server optimisers' accumulated state (FedAvgM's momentum, FedAdam/FedYogi's moment
-estimates) goes into every checkpoint (:func:`optimizer_state`) and back into the
-strategy on resume (:func:`restore_optimizer_state`), so a restarted server continues
-with the momentum it had rather than from zero.
 - ``fedmedian`` / ``fedtrimmedavg``: coordinate-wise median / trimmed mean (Yin et al.,
   2018), unweighted; robust to a minority of arbitrary updates.
 - ``krum``: the single update closest to its n - f - 2 nearest neighbours (Blanchard
   et al., 2017), with f = ``krum-byzantine``.
+
+The server optimisers' accumulated state (FedAvgM's momentum, FedAdam/FedYogi's moment
+estimates) goes into every checkpoint (:func:`optimizer_state`) and back into the
+strategy on resume (:func:`restore_optimizer_state`), so a restarted server continues
+with the momentum it had rather than from zero.
 
 Robust aggregation bounds what a bad update can do; :mod:`server.update_validation`
 keeps the updates that are plainly broken (NaN, wrong layout, outlying norm) from
@@ -93,34 +94,35 @@ def choose_strategy(config: FedqConfig) -> Strategy:
 OptimizerState = dict[str, dict[str, np.ndarray]]
 
 
+def _optimizer_fields(strategy: Strategy) -> tuple[str, ...]:
+    """The attributes in which ``strategy``'s server optimiser accumulates state."""
+    if isinstance(strategy, FedAvgM):
+        return ("momentum_vector",)  # a list of arrays, in the model's array order
+    if isinstance(strategy, FedAdam | FedYogi):
+        return ("m_t", "v_t")  # dicts of arrays by name
+    return ()
+
+
 def optimizer_state(strategy: Strategy) -> OptimizerState:
     """What ``strategy``'s server optimiser has accumulated over the rounds so far (empty
     for strategies without one, or before their first aggregation): FedAvgM's momentum,
     FedAdam/FedYogi's first and second moments, each as named arrays."""
-    if isinstance(strategy, FedAvgM):
-        momentum = strategy.momentum_vector
-        return {} if momentum is None else {
-            "momentum_vector": {str(i): np.asarray(a) for i, a in enumerate(momentum)}}
-    if isinstance(strategy, FedAdam | FedYogi):
-        return {name: {k: np.asarray(a) for k, a in moments.items()}
-                for name in ("m_t", "v_t")
-                if (moments := getattr(strategy, name)) is not None}
-    return {}
+    state: OptimizerState = {}
+    for name in _optimizer_fields(strategy):
+        value = getattr(strategy, name)
+        if value is not None:
+            items = enumerate(value) if isinstance(value, list) else value.items()
+            state[name] = {str(k): np.asarray(a) for k, a in items}
+    return state
 
 
 def restore_optimizer_state(strategy: Strategy, state: OptimizerState) -> None:
     """Put state :func:`optimizer_state` took back into a fresh ``strategy`` of the same
     kind (a resumed server); refuses state that belongs to another kind of strategy."""
-    if not state:
-        return
-    expected = ({"momentum_vector"} if isinstance(strategy, FedAvgM)
-                else {"m_t", "v_t"} if isinstance(strategy, FedAdam | FedYogi) else set())
-    if not set(state) <= expected:
+    fields = _optimizer_fields(strategy)
+    if not set(state) <= set(fields):
         raise ValueError(f"checkpoint holds server optimiser state {sorted(state)} that "
                          f"strategy {type(strategy).__name__} does not keep")
-    if isinstance(strategy, FedAvgM):
-        momentum = state["momentum_vector"]
-        strategy.momentum_vector = [momentum[str(i)] for i in range(len(momentum))]
-    else:
-        for name, moments in state.items():
-            setattr(strategy, name, dict(moments))
+    for name, arrays in state.items():
+        setattr(strategy, name, [arrays[str(i)] for i in range(len(arrays))]
+                if name == "momentum_vector" else dict(arrays))

@@ -61,10 +61,10 @@ def _run(tmp_path, federation, **config):
                                       "run-dir": str(tmp_path), **config})
     run_dir = RunDirectory(tmp_path)
     run_dir.start(config)
-    initial = {k: v.numpy().copy() for k, v in initial_model(config, run_dir, 0)
+    initial = {k: v.numpy().copy() for k, v in initial_model(config, None)
                .state_dict().items()}
     run_rounds(federation, build_strategy(config), config, run_dir,
-               ArrayRecord(initial_model(config, run_dir, 0).state_dict()), first_round=1)
+               ArrayRecord(initial_model(config, None).state_dict()), first_round=1)
     (row,) = run_dir.read_metrics()
     final = {k: v.numpy() for k, v in run_dir.load_checkpoint(1)["state_dict"].items()}
     return row, initial, final

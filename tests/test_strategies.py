@@ -21,7 +21,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from common.config import ConfigError, FedqConfig
 from server.run_directory import RunDirectory
 from server.server_app import _as_tensors, resume_strategy
-from server.strategies import choose_strategy, optimizer_state
+from server.strategies import choose_strategy, optimizer_state, restore_optimizer_state
 
 GLOBAL = {"w": np.zeros((2, 3), np.float32), "b": np.zeros(2, np.float32)}
 
@@ -129,6 +129,20 @@ def test_a_resumed_server_continues_its_optimiser_state_from_the_checkpoint(
     # and the state mattered: a server that forgot it aggregates differently
     forgot = _next_round(choose_strategy(fedq_config), 2, first, round_2)
     assert not np.allclose(forgot["w"], uninterrupted["w"])
+
+
+def test_a_resumed_run_with_another_strategy_starts_its_optimiser_afresh(server_process):
+    """FedAdam moments in the checkpoint must not be forced into a FedAvgM server: it
+    starts from zero (with a warning); handed over directly, such state is refused."""
+    adam, *_ = _aggregate({"strategy": "fedadam"}, [0.2, 0.4])
+    saved = optimizer_state(adam)
+    fedavgm_config = FedqConfig.from_mapping({"strategy": "fedavgm", "server-momentum": 0.5})
+    fedavgm = choose_strategy(fedavgm_config)
+    resume_strategy(fedavgm, fedavgm_config, {"strategy": "fedadam",
+                                              "server-optimizer": _as_tensors(saved)})
+    assert optimizer_state(fedavgm) == {}
+    with pytest.raises(ValueError, match=r"\['m_t', 'v_t'\] that strategy FedAvgM does not"):
+        restore_optimizer_state(fedavgm, saved)
 
 
 def test_fedadam_takes_a_bias_corrected_adam_step_on_the_mean_update(server_process):
