@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from common.export.finetune import fit_on_states
 from common.networks import QNetwork
 
 
@@ -41,16 +42,9 @@ def distill(teacher: QNetwork, states: np.ndarray, hidden_sizes: tuple[int, ...]
     with torch.no_grad():
         teacher_q = teacher(x)
         target = F.softmax(teacher_q / temperature, dim=1)
-    optimizer = torch.optim.Adam(student.parameters(), lr=lr)
-    generator = torch.Generator().manual_seed(seed)
-    loss = torch.zeros(())
-    for _ in range(steps):
-        idx = torch.randint(len(x), (batch_size,), generator=generator)
-        loss = F.kl_div(F.log_softmax(student(x[idx]), dim=1), target[idx],
-                        reduction="batchmean")
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    loss = fit_on_states(student, len(x), lambda idx: F.kl_div(
+        F.log_softmax(student(x[idx]), dim=1), target[idx], reduction="batchmean"),
+        steps=steps, batch_size=batch_size, lr=lr, seed=seed)
     with torch.no_grad():
         agreement = (student(x).argmax(1) == teacher_q.argmax(1)).float().mean().item()
     return student, DistillReport(

@@ -8,6 +8,8 @@ that is small on the Q-values' scale still flips the greedy action in a third of
 states (measured: 57% agreement and a return of 176 of 500 after pruning 75%). The
 second term, ``KL(softmax(Q_teacher / T) || softmax(Q_student / T))`` at ``T = 0.01``
 (the temperature of Rusu et al.'s policy distillation), weighs exactly those small gaps.
+The training loop itself (:func:`fit_on_states`) also serves distillation
+(:mod:`common.export.distill`), which differs only in its loss.
 """
 
 from __future__ import annotations
@@ -30,6 +32,26 @@ def match_teacher_loss(q: torch.Tensor, teacher_q: torch.Tensor, teacher_probs: 
                                                teacher_probs, reduction="batchmean")
 
 
+def fit_on_states(student: QNetwork, n_states: int,
+                  batch_loss: Callable[[torch.Tensor], torch.Tensor], *,
+                  after_step: Callable[[], None] | None = None, steps: int, batch_size: int,
+                  lr: float, seed: int) -> torch.Tensor:
+    """Adam on ``student``: ``steps`` steps on ``batch_loss(indices)`` of uniformly drawn
+    batches of the ``n_states`` teacher states; returns the last batch's loss. The one
+    training loop of fine-tuning, quantisation-aware tuning and distillation."""
+    optimizer = torch.optim.Adam(student.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    loss = torch.zeros(())
+    for _ in range(steps):
+        loss = batch_loss(torch.randint(n_states, (batch_size,), generator=generator))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if after_step is not None:
+            after_step()
+    return loss
+
+
 def finetune_to_teacher(student: QNetwork, teacher: QNetwork, states: np.ndarray, *,
                         forward: Forward | None = None,
                         after_step: Callable[[], None] | None = None, steps: int = 2000,
@@ -42,17 +64,9 @@ def finetune_to_teacher(student: QNetwork, teacher: QNetwork, states: np.ndarray
     with torch.no_grad():
         teacher_q = teacher(x)
         teacher_probs = F.softmax(teacher_q / temperature, dim=1)
-    optimizer = torch.optim.Adam(student.parameters(), lr=lr)
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        idx = torch.randint(len(x), (batch_size,), generator=generator)
-        loss = match_teacher_loss(forward(student, x[idx]), teacher_q[idx],
-                                  teacher_probs[idx], temperature)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if after_step is not None:
-            after_step()
+    fit_on_states(student, len(x), lambda idx: match_teacher_loss(
+        forward(student, x[idx]), teacher_q[idx], teacher_probs[idx], temperature),
+        after_step=after_step, steps=steps, batch_size=batch_size, lr=lr, seed=seed)
     with torch.no_grad():
         return match_teacher_loss(forward(student, x), teacher_q, teacher_probs,
                                   temperature).item()
