@@ -7,19 +7,21 @@ Writes into ``--out`` (default ``<run-dir>/export``) one file per format and a
 ``manifest.json`` with each file's size, parameter count and greedy-action agreement with
 the fp32 teacher on held-out teacher states:
 
-- ``policy-fp32.fqp`` / ``policy-fp16.fqp`` / ``policy-int8-ptq.fqp``: the teacher's
-  weights in that encoding (:mod:`common.export.encodings`);
-- ``policy-int8.fqp``: int8 after quantisation-aware fine-tuning
-  (:mod:`common.export.quantize_aware`), which plain int8 (``int8-ptq``) needs to keep a
-  converged DQN's greedy actions;
+- ``policy-fp32.fqp``: the teacher's weights as they are (:mod:`common.export.encodings`);
+- ``policy-fp16.fqp`` / ``policy-int8.fqp``: rounded to fp16 / int8 by calibrated
+  rounding on teacher states (:mod:`common.export.calibrate`), which a converged DQN's
+  small action gaps need;
+- ``policy-int8-ptq.fqp``: int8 with every weight rounded to its nearest level, the
+  baseline calibrated rounding is measured against;
 - ``policy-pruned.fqp``: magnitude-pruned to ``--sparsity`` and fine-tuned back to the
   teacher's Q-values with fixed masks (:mod:`common.export.prune`), stored sparse;
 - ``policy-student.fqp``: a ``--student-hidden`` student distilled from the teacher
   (:mod:`common.export.distill`);
 - ``policy.onnx``: the fp32 teacher for onnxruntime (needs the ``[export]`` extra).
 
-The ``.fqp`` files run with ``fedq-policy`` (numpy only). Pruning and distillation train on
-states gathered by rolling out the teacher epsilon-greedily (``--states``, ``--seed``).
+The ``.fqp`` files run with ``fedq-policy`` (numpy only). Calibration, pruning and
+distillation use states gathered by rolling out the teacher epsilon-greedily
+(``--states``, ``--seed``).
 """
 
 from __future__ import annotations
@@ -42,7 +44,6 @@ from common.export.distill import distill
 from common.export.onnx_export import OnnxUnavailableError, export_onnx, onnx_available
 from common.export.policy_file import read_policy, write_policy
 from common.export.prune import prune_and_finetune
-from common.export.quantize_aware import quantisation_aware_copy
 from common.mlp_forward import MlpForward
 from common.networks import NumpyPolicy
 from common.rollouts import collect_states
@@ -72,31 +73,32 @@ def export_policies(teacher: Teacher, out_dir: Path, formats: Sequence[str], *,
                               env_kwargs=teacher.env_kwargs)
     teacher_actions = _actions(numpy_layers(net), held_out)
     states = None
-    if {"int8", "pruned", "student"} & set(formats):
+    if {"fp16", "int8", "pruned", "student"} & set(formats):
         log(f"collecting {n_states} teacher states on {teacher.env_id}")
         states = collect_states(act, teacher.env_id, n_states, seed=seed,
                                 env_kwargs=teacher.env_kwargs)
     entries: dict[str, dict[str, Any]] = {}
 
-    def write(name: str, layers: list, encoding: str, meta: dict[str, Any]) -> None:
+    def write(name: str, layers: list, encoding: str, meta: dict[str, Any],
+              calibration_states: np.ndarray | None = None) -> None:
         path = out_dir / f"policy-{name}.fqp"
         size = write_policy(path, layers, env_id=teacher.env_id, variant=name,
-                            encoding=encoding, meta={**source, **meta})
+                            encoding=encoding, meta={**source, **meta},
+                            calibration_states=calibration_states)
         policy = read_policy(path)
         entries[name] = {"file": path.name, "bytes": size, "parameters": policy.n_parameters,
                          "agreement": _agreement(policy.layers, held_out, teacher_actions),
                          **meta}
         log(f"{name}: {path} ({size} bytes, agreement {entries[name]['agreement']:.4f})")
 
-    for encoding in ("fp32", "fp16"):
+    if "fp32" in formats:
+        write("fp32", numpy_layers(net), "fp32", {})
+    for encoding in ("fp16", "int8"):
         if encoding in formats:
-            write(encoding, numpy_layers(net), encoding, {})
+            write(encoding, numpy_layers(net), encoding,
+                  {"rounding": "calibrated", "calibration_states": n_states}, states)
     if "int8-ptq" in formats:
-        write("int8-ptq", numpy_layers(net), "int8", {})
-    if "int8" in formats:
-        write("int8", numpy_layers(quantisation_aware_copy(net, states, steps=finetune_steps,
-                                                          seed=seed)), "int8",
-              {"quantisation_aware_finetuning": True})
+        write("int8-ptq", numpy_layers(net), "int8", {"rounding": "nearest"})
     if "pruned" in formats:
         pruned, report = prune_and_finetune(net, states, sparsity, steps=finetune_steps,
                                             seed=seed)
@@ -137,11 +139,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--formats", help=f"comma-separated subset of {','.join(FORMATS)} "
                                            "(default: all; onnx only if its extra is installed)")
     parser.add_argument("--states", type=int, default=20_000,
-                        help="teacher states to fine-tune (int8, pruned) and distil on")
+                        help="teacher states to calibrate (fp16, int8), fine-tune (pruned) "
+                             "and distil on")
     parser.add_argument("--sparsity", type=float, default=0.75,
                         help="fraction of each weight matrix pruned")
     parser.add_argument("--finetune-steps", type=int, default=2000,
-                        help="Adam steps of int8 quantisation-aware and pruning fine-tuning")
+                        help="Adam steps of fine-tuning after pruning")
     parser.add_argument("--student-hidden",
                         help="student hidden sizes, e.g. 16,16 (default: teacher's / 4)")
     parser.add_argument("--seed", type=int, default=0)

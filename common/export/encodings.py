@@ -9,9 +9,11 @@ what is shipped and stored (flash, download), not the few kilobytes of RAM used 
 - ``fp32``: weights and biases as float32; the reference.
 - ``fp16``: weights and biases as float16 (half the bytes; ~3 significant digits).
 - ``int8``: symmetric per-output-channel quantisation, ``w ≈ q * scale[row]`` with
-  ``q = round(w / scale)`` in [-127, 127] and ``scale = max|row| / 127``; scales and
-  biases as float16. Per-channel scales keep a row of small weights from being rounded
-  to zero by one large weight elsewhere in the matrix. Done in numpy on purpose:
+  integer ``q`` in [-127, 127] and ``scale = max|row| / 127``; scales and biases as
+  float16. :func:`encode` takes the nearest ``q``; :mod:`common.export.calibrate` picks
+  the ``q`` (and biases) that best reproduce the network's outputs, in the same format.
+  Per-channel scales keep a row of small weights from being rounded to zero by one
+  large weight elsewhere in the matrix. Done in numpy on purpose:
   ``torch.ao.quantization`` is deprecated in torch 2.13 (it warns that it will be
   removed and points to torchao), and its quantised modules would need torch on the device.
 - ``sparse``: for magnitude-pruned networks: a bit mask of the non-zero weights
@@ -23,7 +25,8 @@ bias, then each action's deviation from them. A DQN's Q-values share a large sta
 row and bias on its own adds errors of the value's scale (fp16 resolves 100 only to
 0.06) that flip the greedy action in a quarter of the states. Rounding errors of the
 mean row shift every action's Q-value alike and cannot change the argmax, and the small
-deviations get scales of their own, so the greedy action survives quantisation.
+deviations get scales of their own. The hidden layers' rounding errors still reach the
+gaps; calibrated rounding is what removes most of them.
 """
 
 from __future__ import annotations
@@ -33,8 +36,9 @@ from collections.abc import Sequence
 import numpy as np
 
 ENCODINGS = ("fp32", "fp16", "int8", "sparse")
-_CENTRED = ("fp16", "int8")  # encodings that store the output layer centred
+LOSSY = ("fp16", "int8")  # encodings that round weights and store the output layer centred
 INT8_MAX = 127
+_FP16_MAX = float(np.finfo(np.float16).max)
 
 Layer = tuple[np.ndarray, np.ndarray]  # (weight (out, in), bias (out,)), float32
 
@@ -43,32 +47,87 @@ def stored_shapes(layer_sizes: Sequence[int], encoding: str) -> list[tuple[int, 
     """(rows, in) of each stored weight matrix of an MLP with these widths (input first):
     one row per output unit, plus the mean row of a centred output layer."""
     shapes = [(layer_sizes[i + 1], layer_sizes[i]) for i in range(len(layer_sizes) - 1)]
-    if encoding in _CENTRED:
+    if encoding in LOSSY:
         shapes[-1] = (shapes[-1][0] + 1, shapes[-1][1])
     return shapes
 
 
-def encode(layers: Sequence[Layer], encoding: str) -> dict[str, np.ndarray]:
-    """The flat arrays that store ``layers`` in ``encoding``."""
-    if encoding in _CENTRED:
-        w, b = (np.asarray(a, dtype=np.float32) for a in layers[-1])
+def stored_layers(layers: Sequence[Layer], encoding: str) -> list[Layer]:
+    """``layers`` (float32) as ``encoding`` stores them: a lossy encoding's output layer
+    centred (mean row and mean bias first, then each action's deviation from them)."""
+    layers = [(np.asarray(w, dtype=np.float32), np.asarray(b, dtype=np.float32).reshape(-1))
+              for w, b in layers]
+    if encoding in LOSSY:
+        w, b = layers[-1]
         mean_w, mean_b = w.mean(axis=0, keepdims=True), b.mean(keepdims=True)
-        layers = [*layers[:-1], (np.concatenate([mean_w, w - mean_w]),
-                                 np.concatenate([mean_b, b - mean_b]))]
-    weights = [np.asarray(w, dtype=np.float32) for w, _ in layers]
+        layers[-1] = (np.concatenate([mean_w, w - mean_w]), np.concatenate([mean_b, b - mean_b]))
+    return layers
+
+
+def int8_row_scales(w: np.ndarray) -> np.ndarray:
+    """One symmetric scale per row, ``max|row| / 127``, as the float16 the file stores."""
+    return (np.abs(w).max(axis=1) / INT8_MAX).astype(np.float16).astype(np.float32)
+
+
+def to_grid(w: np.ndarray, encoding: str, row_scales: np.ndarray | None = None) -> np.ndarray:
+    """The values nearest to ``w`` (rows = output units; a single column works too) that
+    ``encoding`` can store: float16 values, or ``q * row_scale`` with integer ``q`` in
+    [-127, 127] for int8 (all-zero rows stay zero)."""
+    if encoding == "fp16":
+        return np.asarray(w).astype(np.float16).astype(np.float32)
+    if encoding == "int8":
+        if row_scales is None:
+            raise ValueError("int8 rounding needs the rows' scales")
+        return (_int8_levels(w, row_scales)
+                * row_scales.reshape((-1,) + (1,) * (np.ndim(w) - 1))).astype(np.float32)
+    raise ValueError(f"{encoding!r} is not a lossy encoding; lossy ones are {LOSSY}")
+
+
+def _check_fp16_range(values: np.ndarray, what: str) -> None:
+    """Refuse values float16 would store as infinity (a file no reader would accept)."""
+    largest = float(np.abs(values).max(initial=0.0))
+    if largest > _FP16_MAX:
+        raise ValueError(f"{what} reach {largest:.4g}, beyond the float16 range "
+                         f"(|x| <= {_FP16_MAX:g}) the file stores them in; export as fp32")
+
+
+def _int8_levels(w: np.ndarray, row_scales: np.ndarray) -> np.ndarray:
+    """Integer levels in [-127, 127] (as floats) nearest to ``w / row_scale``."""
+    scales = row_scales.reshape((-1,) + (1,) * (np.ndim(w) - 1))
+    return np.clip(np.rint(w / np.where(scales > 0, scales, 1)), -INT8_MAX, INT8_MAX)
+
+
+def encode(layers: Sequence[Layer], encoding: str) -> dict[str, np.ndarray]:
+    """The flat arrays that store ``layers`` in ``encoding``, lossy ones rounded to the
+    nearest storable value (:mod:`common.export.calibrate` rounds better)."""
+    stored = stored_layers(layers, encoding)
+    scales = [int8_row_scales(w) for w, _ in stored] if encoding == "int8" else None
+    return pack(stored, encoding, scales)
+
+
+def pack(stored: Sequence[Layer], encoding: str,
+         row_scales: Sequence[np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """The flat arrays of layers already in :func:`stored_layers` form; int8 needs each
+    matrix's row scales. Values already on the grid (:func:`to_grid`) are stored exactly."""
+    weights = [np.asarray(w, dtype=np.float32) for w, _ in stored]
     flat_w = np.concatenate([w.reshape(-1) for w in weights])
-    flat_b = np.concatenate([np.asarray(b, dtype=np.float32).reshape(-1) for _, b in layers])
+    flat_b = np.concatenate([np.asarray(b, dtype=np.float32).reshape(-1) for _, b in stored])
+    if encoding in LOSSY:
+        _check_fp16_range(flat_b, "biases")
+        _check_fp16_range(flat_w / (INT8_MAX if encoding == "int8" else 1),
+                          "weight scales" if encoding == "int8" else "weights")
     if encoding == "fp32":
         return {"weights": flat_w, "biases": flat_b}
     if encoding == "fp16":
         return {"weights": flat_w.astype(np.float16), "biases": flat_b.astype(np.float16)}
     if encoding == "int8":
-        scales = np.concatenate([np.abs(w).max(axis=1) / INT8_MAX for w in weights])
-        scales = scales.astype(np.float16)
-        row_scales = _per_weight(scales, [w.shape for w in weights])
-        q = np.rint(flat_w / np.where(row_scales > 0, row_scales, 1))  # all-zero rows stay 0
-        return {"weights": np.clip(q, -INT8_MAX, INT8_MAX).astype(np.int8),
-                "scales": scales, "biases": flat_b.astype(np.float16)}
+        if row_scales is None:
+            raise ValueError("int8 packing needs each matrix's row scales")
+        scales = np.concatenate(list(row_scales)).astype(np.float16)
+        q = np.concatenate([_int8_levels(w, s).reshape(-1)
+                            for w, s in zip(weights, row_scales, strict=True)])
+        return {"weights": q.astype(np.int8), "scales": scales,
+                "biases": flat_b.astype(np.float16)}
     if encoding == "sparse":
         mask = flat_w != 0
         return {"mask": np.packbits(mask), "weights": flat_w[mask], "biases": flat_b}
@@ -130,7 +189,7 @@ def decode(arrays: dict[str, np.ndarray], layer_sizes: Sequence[int], encoding: 
         layers.append((np.ascontiguousarray(w), biases[b_at:b_at + out_dim].copy()))
         w_at += out_dim * in_dim
         b_at += out_dim
-    if encoding in _CENTRED:
+    if encoding in LOSSY:
         w, b = layers[-1]
         layers[-1] = (w[1:] + w[:1], b[1:] + b[0])
     return layers

@@ -1,8 +1,8 @@
 """Fine-tune a compressed copy of the teacher back to the teacher's behaviour.
 
-Shared by pruning (fixed masks) and quantisation-aware fine-tuning (int8 fake
-quantisation in the forward pass). Both regress the teacher's Q-values on teacher
-rollout states *and* match its greedy choices: a converged DQN's Q-values share a large
+Used by pruning (fixed masks, re-applied after every step through ``after_step``). It
+regresses the teacher's Q-values on teacher rollout states *and* matches its greedy
+choices: a converged DQN's Q-values share a large
 state value (~65 on CartPole) and differ by action gaps of ~0.1% of it, so a plain MSE
 that is small on the Q-values' scale still flips the greedy action in a third of the
 states (measured: 57% agreement and a return of 176 of 500 after pruning 75%). The
@@ -22,8 +22,6 @@ import torch.nn.functional as F
 
 from common.networks import QNetwork
 
-Forward = Callable[[QNetwork, torch.Tensor], torch.Tensor]
-
 
 def match_teacher_loss(q: torch.Tensor, teacher_q: torch.Tensor, teacher_probs: torch.Tensor,
                        temperature: float) -> torch.Tensor:
@@ -38,7 +36,7 @@ def fit_on_states(student: QNetwork, n_states: int,
                   lr: float, seed: int) -> torch.Tensor:
     """Adam on ``student``: ``steps`` steps on ``batch_loss(indices)`` of uniformly drawn
     batches of the ``n_states`` teacher states; returns the last batch's loss. The one
-    training loop of fine-tuning, quantisation-aware tuning and distillation."""
+    training loop of fine-tuning and distillation."""
     optimizer = torch.optim.Adam(student.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
     loss = torch.zeros(())
@@ -53,20 +51,17 @@ def fit_on_states(student: QNetwork, n_states: int,
 
 
 def finetune_to_teacher(student: QNetwork, teacher: QNetwork, states: np.ndarray, *,
-                        forward: Forward | None = None,
                         after_step: Callable[[], None] | None = None, steps: int = 2000,
                         batch_size: int = 256, lr: float = 1e-3, temperature: float = 0.01,
                         seed: int = 0) -> float:
-    """Train ``student`` in place (``forward`` replaces its plain forward, ``after_step``
-    runs after every optimizer step); returns the final full-data loss."""
-    forward = forward or (lambda net, x: net(x))
+    """Train ``student`` in place (``after_step`` runs after every optimizer step);
+    returns the final full-data loss."""
     x = torch.from_numpy(states)
     with torch.no_grad():
         teacher_q = teacher(x)
         teacher_probs = F.softmax(teacher_q / temperature, dim=1)
     fit_on_states(student, len(x), lambda idx: match_teacher_loss(
-        forward(student, x[idx]), teacher_q[idx], teacher_probs[idx], temperature),
+        student(x[idx]), teacher_q[idx], teacher_probs[idx], temperature),
         after_step=after_step, steps=steps, batch_size=batch_size, lr=lr, seed=seed)
     with torch.no_grad():
-        return match_teacher_loss(forward(student, x), teacher_q, teacher_probs,
-                                  temperature).item()
+        return match_teacher_loss(student(x), teacher_q, teacher_probs, temperature).item()

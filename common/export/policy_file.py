@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from common.atomic import atomic_open
+from common.export.calibrate import encode_calibrated
 from common.export.encodings import ENCODINGS, Layer, array_specs, decode, encode
 
 MAGIC = b"FEDQPOL\0"
@@ -71,13 +72,17 @@ class Policy:
 
 
 def write_policy(path: Path, layers: Sequence[Layer], *, env_id: str, variant: str,
-                 encoding: str, meta: dict[str, Any] | None = None) -> int:
+                 encoding: str, meta: dict[str, Any] | None = None,
+                 calibration_states: np.ndarray | None = None) -> int:
     """Encode and write ``layers`` (float32 ``(weight (out, in), bias)``) atomically;
-    returns the file size in bytes."""
+    returns the file size in bytes. With ``calibration_states`` (teacher states), fp16
+    and int8 round to reproduce the network's outputs on them
+    (:mod:`common.export.calibrate`); without, to the nearest storable values."""
     if encoding not in ENCODINGS:
         raise ValueError(f"unknown weight encoding {encoding!r}; choose one of {ENCODINGS}")
     layer_sizes = [int(layers[0][0].shape[1])] + [int(w.shape[0]) for w, _ in layers]
-    arrays = encode(layers, encoding)
+    arrays = (encode(layers, encoding) if calibration_states is None
+              else encode_calibrated(layers, encoding, calibration_states))
     header = {"format": "fedq-policy", "version": FORMAT_VERSION, "variant": variant,
               "env_id": env_id, "layer_sizes": layer_sizes, "encoding": encoding,
               "arrays": [{"name": k, "dtype": v.dtype.str, "length": int(v.size)}
