@@ -56,14 +56,13 @@ def calibration(trained):
     return collect_states(NumpyPolicy(teacher.net).act, "CartPole-v1", 5000, seed=0)
 
 
-def _actions(layers, states):
-    forward = MlpForward([(np.ascontiguousarray(w.T), b) for w, b in layers])
-    return np.array([forward.act(s) for s in states])
-
-
 def _q_values(layers, states):
     forward = MlpForward([(np.ascontiguousarray(w.T), b) for w, b in layers])
     return np.stack([forward.q_values(s) for s in states])
+
+
+def _actions(layers, states):
+    return _q_values(layers, states).argmax(axis=1)
 
 
 def _teacher_actions(teacher, states):
@@ -144,6 +143,15 @@ def test_weights_beyond_float16_range_are_refused_before_writing(tmp_path):
         with pytest.raises(ValueError, match=r"biases reach .* beyond the float16 range"):
             write_policy(tmp_path / "big.fqp", layers, env_id="CartPole-v1", variant="x",
                          encoding=encoding)
+    hidden = [(np.full((2, 4), 1e5, np.float32), np.zeros(2, np.float32)),
+              (np.ones((2, 2), np.float32), np.zeros(2, np.float32))]
+    with pytest.raises(ValueError, match=r"^weights reach 1e\+05, beyond the float16 range"):
+        write_policy(tmp_path / "big.fqp", hidden, env_id="CartPole-v1", variant="x",
+                     encoding="fp16")
+    hidden[0][0][:] = 1e7  # int8 stores the levels fine, but not the scale 1e7 / 127
+    with pytest.raises(ValueError, match=r"^int8 weight scales reach 7\.874e\+04"):
+        write_policy(tmp_path / "big.fqp", hidden, env_id="CartPole-v1", variant="x",
+                     encoding="int8", calibration_states=np.ones((8, 4)))
     assert not (tmp_path / "big.fqp").exists()
 
 
@@ -151,6 +159,9 @@ def test_calibration_states_of_the_wrong_width_are_refused(trained):
     _, teacher, _ = trained
     with pytest.raises(ValueError, match=r"calibration states have shape \(10, 3\)"):
         encode_calibrated(numpy_layers(teacher.net), "int8", np.zeros((10, 3)))
+    with pytest.raises(ValueError, match=r"calibration states have shape \(0, 4\), "
+                                         r"expected \(n >= 1, 4\)"):
+        encode_calibrated(numpy_layers(teacher.net), "fp16", np.zeros((0, 4)))
 
 
 def test_int8_is_symmetric_per_output_channel_and_within_half_a_step(trained):

@@ -50,10 +50,12 @@ def encode_calibrated(layers: Sequence[Layer], encoding: str, states: np.ndarray
     store the weights as they are, so for them this is :func:`encode`."""
     if encoding not in LOSSY:
         return encode(layers, encoding)
-    states = np.asarray(states, dtype=np.float64).reshape(len(states), -1)
-    if states.shape[1] != np.shape(layers[0][0])[1] or len(states) == 0:
+    states = np.asarray(states, dtype=np.float64)
+    n_inputs = np.shape(layers[0][0])[1]
+    if states.ndim == 0 or len(states) == 0 or states[0].size != n_inputs:
         raise ValueError(f"calibration states have shape {states.shape}, expected "
-                         f"(n >= 1, {np.shape(layers[0][0])[1]})")
+                         f"(n >= 1, {n_inputs})")
+    states = states.reshape(len(states), -1)
     stored = stored_layers(layers, encoding)
     h = h_q = states  # the float network's and the rounded network's inputs to each layer
     rounded: list[Layer] = []

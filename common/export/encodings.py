@@ -58,6 +58,12 @@ def stored_layers(layers: Sequence[Layer], encoding: str) -> list[Layer]:
     layers = [(np.asarray(w, dtype=np.float32), np.asarray(b, dtype=np.float32).reshape(-1))
               for w, b in layers]
     if encoding in LOSSY:
+        for w, b in layers:
+            _check_fp16_range(b, "biases")
+            if encoding == "fp16":
+                _check_fp16_range(w, "weights")
+            else:  # the file stores int8 levels and float16 scales of max|row| / 127
+                _check_fp16_range(w / INT8_MAX, "int8 weight scales")
         w, b = layers[-1]
         mean_w, mean_b = w.mean(axis=0, keepdims=True), b.mean(keepdims=True)
         layers[-1] = (np.concatenate([mean_w, w - mean_w]), np.concatenate([mean_b, b - mean_b]))
@@ -78,22 +84,27 @@ def to_grid(w: np.ndarray, encoding: str, row_scales: np.ndarray | None = None) 
     if encoding == "int8":
         if row_scales is None:
             raise ValueError("int8 rounding needs the rows' scales")
-        return (_int8_levels(w, row_scales)
-                * row_scales.reshape((-1,) + (1,) * (np.ndim(w) - 1))).astype(np.float32)
+        return (_int8_levels(w, row_scales) * _per_row(row_scales, w)).astype(np.float32)
     raise ValueError(f"{encoding!r} is not a lossy encoding; lossy ones are {LOSSY}")
 
 
 def _check_fp16_range(values: np.ndarray, what: str) -> None:
-    """Refuse values float16 would store as infinity (a file no reader would accept)."""
+    """Refuse values float16 would store as infinity (a file no reader would accept),
+    before any rounding: calibrated rounding would otherwise turn them into NaN."""
     largest = float(np.abs(values).max(initial=0.0))
     if largest > _FP16_MAX:
         raise ValueError(f"{what} reach {largest:.4g}, beyond the float16 range "
                          f"(|x| <= {_FP16_MAX:g}) the file stores them in; export as fp32")
 
 
+def _per_row(row_scales: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """``row_scales`` shaped to broadcast over ``w``'s rows (a matrix or one column)."""
+    return row_scales.reshape((-1,) + (1,) * (np.ndim(w) - 1))
+
+
 def _int8_levels(w: np.ndarray, row_scales: np.ndarray) -> np.ndarray:
     """Integer levels in [-127, 127] (as floats) nearest to ``w / row_scale``."""
-    scales = row_scales.reshape((-1,) + (1,) * (np.ndim(w) - 1))
+    scales = _per_row(row_scales, w)
     return np.clip(np.rint(w / np.where(scales > 0, scales, 1)), -INT8_MAX, INT8_MAX)
 
 
@@ -112,10 +123,6 @@ def pack(stored: Sequence[Layer], encoding: str,
     weights = [np.asarray(w, dtype=np.float32) for w, _ in stored]
     flat_w = np.concatenate([w.reshape(-1) for w in weights])
     flat_b = np.concatenate([np.asarray(b, dtype=np.float32).reshape(-1) for _, b in stored])
-    if encoding in LOSSY:
-        _check_fp16_range(flat_b, "biases")
-        _check_fp16_range(flat_w / (INT8_MAX if encoding == "int8" else 1),
-                          "weight scales" if encoding == "int8" else "weights")
     if encoding == "fp32":
         return {"weights": flat_w, "biases": flat_b}
     if encoding == "fp16":
