@@ -1,0 +1,174 @@
+"""Which aggregation settings could make N devices need fewer env steps each? A fast probe.
+
+``bench_federation`` answers "does federation pay" with real runs in Flower's simulation
+engine, at minutes per cell; trying a lever there costs an hour. This probe replays the same
+round loop in one process, on the same :class:`common.trainer.LocalTrainer` the devices
+run, so a lever can be tried over several seeds in minutes:
+
+- every round, each of the N devices (seeds ``seed + 1000 i``, as in the simulation engine)
+  loads the global weights into its online network (and into its target network, as the
+  ClientApp does, unless the variant says otherwise), trains ``local_steps`` env steps and
+  returns its weights; its replay buffer, optimiser and epsilon carry over, as on a device;
+- the server moves the global weights by ``server_lr`` times the mean update
+  ``mean_i(w_i) - w_global`` (FedAvg is ``server_lr = 1``; devices have equal weight, as
+  homogeneous devices with equal env steps have in FedAvg);
+- every 500 env steps per device the global model plays 24 greedy episodes; a cell's result
+  is the per-device env steps at the first evaluation whose mean return reaches 475.
+
+What it leaves out on purpose: messages, serialisation, device-state files (none of them
+change what is learnt). It is a probe for levers, not a replacement for the benchmark's
+numbers, which come from Flower.
+
+    python -m simulations.bench_federation_levers --seeds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from common.config import FedqConfig
+from common.rollouts import play_episodes
+from common.trainer import LocalTrainer
+from simulations.results_io import markdown_table, write_results
+
+GOAL = 475.0
+EVAL_EVERY = 500
+EVAL_EPISODES = 24
+
+
+@dataclass(frozen=True)
+class Lever:
+    """One way of running the round loop; ``server_lr`` maps N to the server's step."""
+
+    local_steps: int
+    server_lr: Callable[[int], float]
+    target_from_global: bool = True
+    meaning: str = ""
+
+
+def _one(_: int) -> float:
+    return 1.0
+
+
+def _sqrt(n: int) -> float:
+    return n ** 0.5
+
+
+LEVERS: dict[str, Lever] = {
+    "fedavg-500": Lever(500, _one, meaning="FedAvg every 500 env steps"),
+    "fedavg-250": Lever(250, _one, meaning="FedAvg every 250 env steps (= target interval)"),
+    "fedavg-10-sync": Lever(
+        10, _one, target_from_global=False,
+        meaning="FedAvg every 10 env steps, targets on the devices' own 250-step schedule: "
+                "close to synchronous data-parallel training with an N-times larger batch"),
+    "server-lr-sqrtN-250": Lever(
+        250, _sqrt, meaning="every 250 steps, server step sqrt(N) times the mean update "
+                            "(the noise of N averaged updates shrinks by sqrt(N))"),
+}
+
+
+def run_cell(lever_name: str, clients: int, seed: int, max_steps: int) -> dict[str, Any]:
+    """Per-device env steps until the global model's greedy return reaches the goal."""
+    torch.set_num_threads(1)
+    lever = LEVERS[lever_name]
+    config = FedqConfig()
+    devices = [LocalTrainer(config, seed=seed + 1000 * i) for i in range(clients)]
+    global_weights = {k: v.clone() for k, v in devices[0].learner.online.state_dict().items()}
+    evaluator = LocalTrainer(config, seed=seed)  # holds the global weights for evaluation
+    server_lr = lever.server_lr(clients)
+    steps, solved, curve = 0, None, []
+    while steps < max_steps and solved is None:
+        updates = []
+        for device in devices:
+            device.learner.load_online(global_weights, sync_target=lever.target_from_global)
+            device.train(lever.local_steps)
+            updates.append(device.learner.online.state_dict())
+        steps += lever.local_steps
+        for key, value in global_weights.items():
+            mean = sum(u[key] for u in updates) / clients
+            global_weights[key] = value + server_lr * (mean - value)
+        if steps % EVAL_EVERY == 0:
+            evaluator.learner.load_online(global_weights)
+            score = float(np.mean(play_episodes(
+                evaluator.learner.policy.act, config.env_id, EVAL_EPISODES,
+                seed=10**6 + seed + steps)))
+            curve.append(round(score, 1))
+            if score >= GOAL:
+                solved = steps
+    for trainer in (*devices, evaluator):
+        trainer.close()
+    return {"lever": lever_name, "clients": clients, "seed": seed, "solved_at": solved,
+            "steps": steps, "last_returns": curve[-5:]}
+
+
+def summarise(cells: list[dict[str, Any]], max_steps: int) -> list[dict[str, Any]]:
+    """One row per lever and N: per-seed results, median (unsolved counted as the cap)
+    and the ratio to N = 1 under the same lever."""
+    rows = []
+    for name in LEVERS:
+        medians: dict[int, float] = {}
+        for n in sorted({c["clients"] for c in cells if c["lever"] == name}):
+            mine = sorted((c for c in cells if c["lever"] == name and c["clients"] == n),
+                          key=lambda c: c["seed"])
+            steps = [c["solved_at"] if c["solved_at"] is not None else max_steps for c in mine]
+            medians[n] = statistics.median(steps)
+            rows.append({
+                "lever": name, "N": n,
+                "per seed": ", ".join(f"{c['solved_at']:,}" if c["solved_at"] is not None
+                                      else f">{max_steps:,}" for c in mine),
+                "solved": f"{sum(c['solved_at'] is not None for c in mine)}/{len(mine)}",
+                "median": medians[n],
+                "vs N=1": medians[n] / medians[1] if 1 in medians else float("nan")})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--clients", default="1,4", help="comma-separated N values")
+    parser.add_argument("--levers", default=",".join(LEVERS),
+                        help=f"comma-separated, from {', '.join(LEVERS)}")
+    parser.add_argument("--max-steps", type=int, default=50_000,
+                        help="per-device env steps after which a cell counts as unsolved")
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args(argv)
+    levers = args.levers.split(",")
+    unknown = sorted(set(levers) - set(LEVERS))
+    if unknown:
+        parser.error(f"--levers: unknown {unknown}; choose from {', '.join(LEVERS)}")
+    clients = [int(n) for n in args.clients.split(",")]
+    jobs = [(lever, n, seed, args.max_steps) for lever in levers for n in clients
+            for seed in range(args.seeds)]
+    with ProcessPoolExecutor(args.workers) as pool:
+        futures = [pool.submit(run_cell, *job) for job in jobs]
+        cells = []
+        for future in futures:
+            cells.append(future.result())
+            c = cells[-1]
+            print(f"{c['lever']} N={c['clients']} seed {c['seed']}: solved at "
+                  f"{c['solved_at']} (last returns {c['last_returns']})", flush=True)
+    rows = summarise(cells, args.max_steps)
+    columns = ["lever", "N", "per seed", "solved", "median", "vs N=1"]
+    table = markdown_table(rows, columns)
+    print(table)
+    legend = "\n".join(f"- `{name}`: {lever.meaning}" for name, lever in LEVERS.items())
+    write_results("federation_levers", {"goal": GOAL, "eval_every": EVAL_EVERY,
+                                        "eval_episodes": EVAL_EPISODES,
+                                        "max_steps": args.max_steps, "rows": rows,
+                                        "cells": cells},
+                  table + "\n\nPer-device env steps until the global model's mean greedy "
+                  f"return over {EVAL_EPISODES} episodes reaches {GOAL:g} (evaluated every "
+                  f"{EVAL_EVERY} steps); unsolved cells count as the cap in the median.\n\n"
+                  + legend)
+
+
+if __name__ == "__main__":
+    main()
