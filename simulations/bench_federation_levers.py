@@ -94,7 +94,8 @@ def run_cell(lever_name: str, clients: int, seed: int, max_steps: int) -> dict[s
         steps += lever.local_steps
         for key, value in global_weights.items():
             mean = sum(u[key] for u in updates) / clients
-            global_weights[key] = value + server_lr * (mean - value)
+            # server_lr 1 is FedAvg: the mean itself, not value + (mean - value) rounded
+            global_weights[key] = mean if server_lr == 1 else value + server_lr * (mean - value)
         if steps % EVAL_EVERY == 0:
             evaluator.learner.load_online(global_weights)
             score = float(np.mean(play_episodes(
@@ -144,7 +145,17 @@ def main(argv: list[str] | None = None) -> None:
     unknown = sorted(set(levers) - set(LEVERS))
     if unknown:
         parser.error(f"--levers: unknown {unknown}; choose from {', '.join(LEVERS)}")
-    clients = [int(n) for n in args.clients.split(",")]
+    try:
+        clients = [int(n) for n in args.clients.split(",")]
+    except ValueError:
+        parser.error(f"--clients: expected comma-separated integers, got {args.clients!r}")
+    if min(clients) < 1:
+        parser.error(f"--clients: every N must be >= 1, got {args.clients!r}")
+    if args.seeds < 1 or args.workers < 1:
+        parser.error("--seeds and --workers must be >= 1")
+    if args.max_steps < EVAL_EVERY:
+        parser.error(f"--max-steps: must be >= {EVAL_EVERY} (one evaluation), "
+                     f"got {args.max_steps}")
     jobs = [(lever, n, seed, args.max_steps) for lever in levers for n in clients
             for seed in range(args.seeds)]
     with ProcessPoolExecutor(args.workers) as pool:

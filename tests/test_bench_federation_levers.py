@@ -1,0 +1,41 @@
+"""The federation-levers probe replays fedq's round loop faithfully enough to compare
+levers: one device that gets its own weights back every round is plain local training,
+and bad arguments fail before any cell runs."""
+
+import sys
+
+import numpy as np
+import pytest
+
+from common.config import FedqConfig
+from common.rollouts import play_episodes
+from common.trainer import LocalTrainer
+from simulations import bench_federation_levers as levers
+
+
+def test_one_device_that_keeps_its_target_is_plain_local_training():
+    cell = levers.run_cell("fedavg-10-sync", clients=1, seed=3, max_steps=1000)
+    trainer = LocalTrainer(FedqConfig(), seed=3)
+    expected = []
+    for steps in (500, 1000):
+        trainer.train(500)
+        returns = play_episodes(trainer.learner.policy.act, "CartPole-v1",
+                                levers.EVAL_EPISODES, seed=10**6 + 3 + steps)
+        expected.append(round(float(np.mean(returns)), 1))
+    trainer.close()
+    assert cell["steps"] == 1000
+    assert cell["last_returns"] == expected
+
+
+@pytest.mark.parametrize(("argv", "flag"), [
+    (["--levers", "fedavg-500,fedsgd"], "--levers"),
+    (["--clients", "1,four"], "--clients"),
+    (["--clients", "0,4"], "--clients"),
+    (["--max-steps", "100"], "--max-steps"),
+])
+def test_bad_arguments_fail_naming_the_flag_before_any_cell(argv, flag, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["bench_federation_levers", *argv])
+    monkeypatch.setattr(levers, "run_cell", pytest.fail)  # no cell may start
+    with pytest.raises(SystemExit):
+        levers.main()
+    assert flag in capsys.readouterr().err
