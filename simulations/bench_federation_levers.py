@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from common.config import FedqConfig
+from common.networks import NumpyPolicy, QNetwork
 from common.rollouts import play_episodes
 from common.trainer import LocalTrainer
 from simulations.results_io import markdown_table, write_results
@@ -82,7 +83,11 @@ def run_cell(lever_name: str, clients: int, seed: int, max_steps: int) -> dict[s
     config = FedqConfig()
     devices = [LocalTrainer(config, seed=seed + 1000 * i) for i in range(clients)]
     global_weights = {k: v.clone() for k, v in devices[0].learner.online.state_dict().items()}
-    evaluator = LocalTrainer(config, seed=seed)  # holds the global weights for evaluation
+    online = devices[0].learner.online
+    # the global model is evaluated as the ClientApp does: a network and its numpy policy
+    # (which reads the network's parameters in place), no trainer or replay buffer
+    global_net = QNetwork(online.obs_dim, online.n_actions, config.hidden_sizes)
+    greedy = NumpyPolicy(global_net).act
     server_lr = lever.server_lr(clients)
     steps, solved, curve = 0, None, []
     while steps < max_steps and solved is None:
@@ -97,15 +102,14 @@ def run_cell(lever_name: str, clients: int, seed: int, max_steps: int) -> dict[s
             # server_lr 1 is FedAvg: the mean itself, not value + (mean - value) rounded
             global_weights[key] = mean if server_lr == 1 else value + server_lr * (mean - value)
         if steps % EVAL_EVERY == 0:
-            evaluator.learner.load_online(global_weights)
-            score = float(np.mean(play_episodes(
-                evaluator.learner.policy.act, config.env_id, EVAL_EPISODES,
-                seed=10**6 + seed + steps)))
+            global_net.load_state_dict(global_weights)
+            score = float(np.mean(play_episodes(greedy, config.env_id, EVAL_EPISODES,
+                                                seed=10**6 + seed + steps)))
             curve.append(round(score, 1))
             if score >= GOAL:
                 solved = steps
-    for trainer in (*devices, evaluator):
-        trainer.close()
+    for device in devices:
+        device.close()
     return {"lever": lever_name, "clients": clients, "seed": seed, "solved_at": solved,
             "steps": steps, "last_returns": curve[-5:]}
 

@@ -32,6 +32,8 @@ def test_one_device_that_keeps_its_target_is_plain_local_training():
     (["--clients", "1,four"], "--clients"),
     (["--clients", "0,4"], "--clients"),
     (["--max-steps", "100"], "--max-steps"),
+    (["--seeds", "0"], "--seeds"),
+    (["--workers", "0"], "--workers"),
 ])
 def test_bad_arguments_fail_naming_the_flag_before_any_cell(argv, flag, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["bench_federation_levers", *argv])
