@@ -28,7 +28,7 @@ import argparse
 import statistics
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -47,12 +47,15 @@ EVAL_EPISODES = 24
 
 @dataclass(frozen=True)
 class Lever:
-    """One way of running the round loop; ``server_lr`` maps N to the server's step."""
+    """One way of running the round loop; ``server_lr`` maps N to the server's step and
+    ``overrides`` (kebab-case config keys) change every device's learner alike, N = 1
+    included, so each lever's N = 1 row is its own baseline."""
 
     local_steps: int
     server_lr: Callable[[int], float]
     target_from_global: bool = True
     meaning: str = ""
+    overrides: dict[str, Any] = field(default_factory=dict)
 
 
 def _one(_: int) -> float:
@@ -61,6 +64,10 @@ def _one(_: int) -> float:
 
 def _sqrt(n: int) -> float:
     return n ** 0.5
+
+
+def _n(n: int) -> float:
+    return float(n)
 
 
 LEVERS: dict[str, Lever] = {
@@ -73,6 +80,15 @@ LEVERS: dict[str, Lever] = {
     "server-lr-sqrtN-250": Lever(
         250, _sqrt, meaning="every 250 steps, server step sqrt(N) times the mean update "
                             "(the noise of N averaged updates shrinks by sqrt(N))"),
+    "server-lr-N-250": Lever(
+        250, _n, meaning="every 250 steps, the server adds the devices' updates up (step N "
+                         "times the mean), as one learner taking all N devices' updates would"),
+    "lr1e-3-fedavg-250": Lever(
+        250, _one, overrides={"learning-rate": 1e-3},
+        meaning="FedAvg every 250 env steps, device learning rate 1e-3 (default 5e-4)"),
+    "lr2e-3-fedavg-250": Lever(
+        250, _one, overrides={"learning-rate": 2e-3},
+        meaning="FedAvg every 250 env steps, device learning rate 2e-3 (default 5e-4)"),
 }
 
 
@@ -80,7 +96,7 @@ def run_cell(lever_name: str, clients: int, seed: int, max_steps: int) -> dict[s
     """Per-device env steps until the global model's greedy return reaches the goal."""
     torch.set_num_threads(1)
     lever = LEVERS[lever_name]
-    config = FedqConfig()
+    config = FedqConfig().with_overrides(lever.overrides)
     devices = [LocalTrainer(config, seed=seed + 1000 * i) for i in range(clients)]
     global_weights = {k: v.clone() for k, v in devices[0].learner.online.state_dict().items()}
     online = devices[0].learner.online
@@ -111,7 +127,7 @@ def run_cell(lever_name: str, clients: int, seed: int, max_steps: int) -> dict[s
     for device in devices:
         device.close()
     return {"lever": lever_name, "clients": clients, "seed": seed, "solved_at": solved,
-            "steps": steps, "last_returns": curve[-5:]}
+            "steps": steps, "last_returns": curve[-5:], "curve": curve}
 
 
 def summarise(cells: list[dict[str, Any]], max_steps: int) -> list[dict[str, Any]]:
@@ -138,12 +154,15 @@ def summarise(cells: list[dict[str, Any]], max_steps: int) -> list[dict[str, Any
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--clients", default="1,4", help="comma-separated N values")
     parser.add_argument("--levers", default=",".join(LEVERS),
                         help=f"comma-separated, from {', '.join(LEVERS)}")
     parser.add_argument("--max-steps", type=int, default=50_000,
                         help="per-device env steps after which a cell counts as unsolved")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--results-name", default="federation_levers",
+                        help="folder under simulations/results/ for this run's files")
     args = parser.parse_args(argv)
     levers = args.levers.split(",")
     unknown = sorted(set(levers) - set(LEVERS))
@@ -157,11 +176,15 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--clients: every N must be >= 1, got {args.clients!r}")
     if args.seeds < 1 or args.workers < 1:
         parser.error("--seeds and --workers must be >= 1")
+    if args.first_seed < 0:
+        parser.error(f"--first-seed: must be >= 0, got {args.first_seed}")
+    if not args.results_name or not args.results_name.replace("_", "").replace("-", "").isalnum():
+        parser.error(f"--results-name: letters, digits, - and _ only, got {args.results_name!r}")
     if args.max_steps < EVAL_EVERY:
         parser.error(f"--max-steps: must be >= {EVAL_EVERY} (one evaluation), "
                      f"got {args.max_steps}")
     jobs = [(lever, n, seed, args.max_steps) for lever in levers for n in clients
-            for seed in range(args.seeds)]
+            for seed in range(args.first_seed, args.first_seed + args.seeds)]
     with ProcessPoolExecutor(args.workers) as pool:
         futures = [pool.submit(run_cell, *job) for job in jobs]
         cells = []
@@ -174,8 +197,8 @@ def main(argv: list[str] | None = None) -> None:
     columns = ["lever", "N", "per seed", "solved", "median", "vs N=1"]
     table = markdown_table(rows, columns)
     print(table)
-    legend = "\n".join(f"- `{name}`: {lever.meaning}" for name, lever in LEVERS.items())
-    write_results("federation_levers", {"goal": GOAL, "eval_every": EVAL_EVERY,
+    legend = "\n".join(f"- `{name}`: {LEVERS[name].meaning}" for name in levers)
+    write_results(args.results_name, {"goal": GOAL, "eval_every": EVAL_EVERY,
                                         "eval_episodes": EVAL_EPISODES,
                                         "max_steps": args.max_steps, "rows": rows,
                                         "cells": cells},

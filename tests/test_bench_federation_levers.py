@@ -34,6 +34,8 @@ def test_one_device_that_keeps_its_target_is_plain_local_training():
     (["--max-steps", "100"], "--max-steps"),
     (["--seeds", "0"], "--seeds"),
     (["--workers", "0"], "--workers"),
+    (["--first-seed", "-1"], "--first-seed"),
+    (["--results-name", "../elsewhere"], "--results-name"),
 ])
 def test_bad_arguments_fail_naming_the_flag_before_any_cell(argv, flag, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["bench_federation_levers", *argv])
@@ -41,3 +43,11 @@ def test_bad_arguments_fail_naming_the_flag_before_any_cell(argv, flag, monkeypa
     with pytest.raises(SystemExit):
         levers.main()
     assert flag in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", sorted(levers.LEVERS))
+def test_every_lever_changes_only_valid_config_keys(name):
+    lever = levers.LEVERS[name]
+    config = FedqConfig().with_overrides(lever.overrides)  # raises ConfigError naming a bad key
+    for key, value in lever.overrides.items():
+        assert getattr(config, key.replace("-", "_")) == value
