@@ -38,7 +38,7 @@ from common.config import FedqConfig
 from common.networks import NumpyPolicy, QNetwork
 from common.rollouts import play_episodes
 from common.trainer import LocalTrainer
-from simulations.results_io import markdown_table, write_results
+from simulations.results_io import markdown_table, results_name, write_results
 
 GOAL = 475.0
 EVAL_EVERY = 500
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-steps", type=int, default=50_000,
                         help="per-device env steps after which a cell counts as unsolved")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--results-name", default="federation_levers",
+    parser.add_argument("--results-name", default="federation_levers", type=results_name,
                         help="folder under simulations/results/ for this run's files")
     args = parser.parse_args(argv)
     levers = args.levers.split(",")
@@ -178,8 +178,6 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--seeds and --workers must be >= 1")
     if args.first_seed < 0:
         parser.error(f"--first-seed: must be >= 0, got {args.first_seed}")
-    if not args.results_name or not args.results_name.replace("_", "").replace("-", "").isalnum():
-        parser.error(f"--results-name: letters, digits, - and _ only, got {args.results_name!r}")
     if args.max_steps < EVAL_EVERY:
         parser.error(f"--max-steps: must be >= {EVAL_EVERY} (one evaluation), "
                      f"got {args.max_steps}")

@@ -38,7 +38,7 @@ from typing import Any
 from common.config import ConfigScalar, parse_assignment
 from common.privacy import epsilon_of
 from simulations.federated_cells import Cell, run_cell
-from simulations.results_io import RESULTS_ROOT, markdown_table, write_results
+from simulations.results_io import RESULTS_ROOT, markdown_table, results_name, write_results
 from simulations.run import resolve_run_config
 
 CACHE = Path("runs/privacy_sweep")
@@ -174,7 +174,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--eval-episodes", type=int, default=10)
     parser.add_argument("--delta", type=float, default=1e-5)
-    parser.add_argument("--results-name", default="privacy_sweep",
+    parser.add_argument("--results-name", default="privacy_sweep", type=results_name,
                         help="folder under simulations/results/ for the table and plot "
                              "(another name keeps a second scenario's sweep beside the first)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],

@@ -3,8 +3,10 @@ people, both stamped with the exact command and the software that produced them.
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -13,6 +15,14 @@ from typing import Any
 from common.atomic import atomic_write_text
 
 RESULTS_ROOT = Path(__file__).resolve().parent / "results"
+
+
+def results_name(value: str) -> str:
+    """An argparse type for a benchmark's results folder: one plain name under
+    RESULTS_ROOT, so no ``--results-name`` can write beside or above the other results."""
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", value):
+        raise argparse.ArgumentTypeError(f"letters, digits, - and _ only, got {value!r}")
+    return value
 
 
 def environment() -> dict[str, str]:

@@ -1,12 +1,13 @@
-"""The benchmarks' ``--set KEY=VALUE`` overrides are checked like any config before a
-single cell runs, so a typo fails at once with the field named instead of after hours."""
+"""The benchmarks' ``--set KEY=VALUE`` overrides and ``--results-name`` folders are checked
+before a single cell runs, so a typo fails at once with the field or flag named instead of
+after hours, and no results land outside simulations/results/."""
 
 import sys
 
 import pytest
 
 from common.config import ConfigError
-from simulations import bench_federation, privacy_sweep
+from simulations import bench_federation, bench_federation_levers, privacy_sweep
 
 
 @pytest.mark.parametrize("main", [bench_federation.main, privacy_sweep.main])
@@ -21,4 +22,17 @@ def test_a_bad_override_fails_naming_the_field_before_any_run(main, override, ke
     with pytest.raises(ConfigError, match=f"config field '{key}'") as err:
         main()
     assert problem in str(err.value)
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("main", [privacy_sweep.main, bench_federation_levers.main])
+@pytest.mark.parametrize("name", ["../elsewhere", "a/b", ""])
+def test_a_results_name_that_is_not_one_plain_folder_fails_naming_the_flag(
+        main, name, monkeypatch, tmp_path, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["bench", "--results-name", name])
+    with pytest.raises(SystemExit):
+        main()
+    err = capsys.readouterr().err
+    assert "--results-name" in err and "letters, digits, - and _ only" in err
     assert not (tmp_path / "runs").exists()
