@@ -127,7 +127,7 @@ def run_cell(lever_name: str, clients: int, seed: int, max_steps: int) -> dict[s
     for device in devices:
         device.close()
     return {"lever": lever_name, "clients": clients, "seed": seed, "solved_at": solved,
-            "steps": steps, "last_returns": curve[-5:], "curve": curve}
+            "steps": steps, "curve": curve}
 
 
 def summarise(cells: list[dict[str, Any]], max_steps: int) -> list[dict[str, Any]]:
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
             cells.append(future.result())
             c = cells[-1]
             print(f"{c['lever']} N={c['clients']} seed {c['seed']}: solved at "
-                  f"{c['solved_at']} (last returns {c['last_returns']})", flush=True)
+                  f"{c['solved_at']} (last returns {c['curve'][-5:]})", flush=True)
     rows = summarise(cells, args.max_steps)
     columns = ["lever", "N", "per seed", "solved", "median", "vs N=1"]
     table = markdown_table(rows, columns)

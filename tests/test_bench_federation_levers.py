@@ -24,7 +24,7 @@ def test_one_device_that_keeps_its_target_is_plain_local_training():
         expected.append(round(float(np.mean(returns)), 1))
     trainer.close()
     assert cell["steps"] == 1000
-    assert cell["last_returns"] == expected
+    assert cell["curve"] == expected
 
 
 @pytest.mark.parametrize(("argv", "flag"), [
