@@ -83,6 +83,22 @@ LEVERS: dict[str, Lever] = {
     "server-lr-N-250": Lever(
         250, _n, meaning="every 250 steps, the server adds the devices' updates up (step N "
                          "times the mean), as one learner taking all N devices' updates would"),
+    "server-lr-sqrtN-sync10": Lever(
+        10, _sqrt, target_from_global=False,
+        meaning="every 10 env steps, server step sqrt(N) times the mean update, targets on "
+                "the devices' own 250-step schedule"),
+    "server-lr-N-sync10": Lever(
+        10, _n, target_from_global=False,
+        meaning="every 10 env steps, the sum of the devices' updates, targets on the "
+                "devices' own 250-step schedule"),
+    "lr1e-3-fedavg-2500": Lever(
+        2500, _one, overrides={"learning-rate": 1e-3},
+        meaning="FedAvg every 2,500 env steps (bench_federation's round), device learning "
+                "rate 1e-3"),
+    "lr1e-3-slow-eps-fedavg-250": Lever(
+        250, _one, overrides={"learning-rate": 1e-3, "exploration-steps": 30_000},
+        meaning="FedAvg every 250 env steps, device learning rate 1e-3, epsilon decayed over "
+                "30,000 env steps (default 10,000)"),
     "lr1e-3-fedavg-250": Lever(
         250, _one, overrides={"learning-rate": 1e-3},
         meaning="FedAvg every 250 env steps, device learning rate 1e-3 (default 5e-4)"),
