@@ -108,8 +108,11 @@ LEVERS: dict[str, Lever] = {
 }
 
 
-def run_cell(lever_name: str, clients: int, seed: int, max_steps: int) -> dict[str, Any]:
-    """Per-device env steps until the global model's greedy return reaches the goal."""
+def run_cell(lever_name: str, clients: int, seed: int, max_steps: int,
+             stop_at_goal: bool = True) -> dict[str, Any]:
+    """Per-device env steps until the global model's greedy return reaches the goal
+    (``solved_at``); with ``stop_at_goal`` off, training goes on to ``max_steps`` so the
+    curve shows whether the solved model stays solved."""
     torch.set_num_threads(1)
     lever = LEVERS[lever_name]
     config = FedqConfig().with_overrides(lever.overrides)
@@ -122,7 +125,7 @@ def run_cell(lever_name: str, clients: int, seed: int, max_steps: int) -> dict[s
     greedy = NumpyPolicy(global_net).act
     server_lr = lever.server_lr(clients)
     steps, solved, curve = 0, None, []
-    while steps < max_steps and solved is None:
+    while steps < max_steps and (solved is None or not stop_at_goal):
         updates = []
         for device in devices:
             device.learner.load_online(global_weights, sync_target=lever.target_from_global)
@@ -138,7 +141,7 @@ def run_cell(lever_name: str, clients: int, seed: int, max_steps: int) -> dict[s
             score = float(np.mean(play_episodes(greedy, config.env_id, EVAL_EPISODES,
                                                 seed=10**6 + seed + steps)))
             curve.append(round(score, 1))
-            if score >= GOAL:
+            if score >= GOAL and solved is None:
                 solved = steps
     for device in devices:
         device.close()
@@ -177,6 +180,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-steps", type=int, default=50_000,
                         help="per-device env steps after which a cell counts as unsolved")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--keep-training", action="store_true",
+                        help="train every cell to --max-steps even after the goal is reached "
+                             "(the result is still the first evaluation at the goal; the "
+                             "curve shows whether the model stays solved)")
     parser.add_argument("--results-name", default="federation_levers", type=results_name,
                         help="folder under simulations/results/ for this run's files")
     args = parser.parse_args(argv)
@@ -197,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.max_steps < EVAL_EVERY:
         parser.error(f"--max-steps: must be >= {EVAL_EVERY} (one evaluation), "
                      f"got {args.max_steps}")
-    jobs = [(lever, n, seed, args.max_steps) for lever in levers for n in clients
+    jobs = [(lever, n, seed, args.max_steps, not args.keep_training) for lever in levers for n in clients
             for seed in range(args.first_seed, args.first_seed + args.seeds)]
     with ProcessPoolExecutor(args.workers) as pool:
         futures = [pool.submit(run_cell, *job) for job in jobs]
@@ -214,7 +221,8 @@ def main(argv: list[str] | None = None) -> None:
     legend = "\n".join(f"- `{name}`: {LEVERS[name].meaning}" for name in levers)
     write_results(args.results_name, {"goal": GOAL, "eval_every": EVAL_EVERY,
                                         "eval_episodes": EVAL_EPISODES,
-                                        "max_steps": args.max_steps, "rows": rows,
+                                        "max_steps": args.max_steps,
+                                        "keep_training": args.keep_training, "rows": rows,
                                         "cells": cells},
                   table + "\n\nPer-device env steps until the global model's mean greedy "
                   f"return over {EVAL_EPISODES} episodes reaches {GOAL:g} (evaluated every "

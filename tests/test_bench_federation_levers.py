@@ -27,6 +27,17 @@ def test_one_device_that_keeps_its_target_is_plain_local_training():
     assert cell["curve"] == expected
 
 
+@pytest.mark.parametrize(("stop_at_goal", "steps"), [(True, 500), (False, 1000)])
+def test_keep_training_goes_on_past_the_goal_and_still_reports_the_first_solve(
+        stop_at_goal, steps, monkeypatch):
+    monkeypatch.setattr(levers, "GOAL", 0.0)  # every evaluation reaches it
+    cell = levers.run_cell("fedavg-500", clients=1, seed=0, max_steps=1000,
+                           stop_at_goal=stop_at_goal)
+    assert cell["solved_at"] == 500
+    assert cell["steps"] == steps
+    assert len(cell["curve"]) == steps // levers.EVAL_EVERY
+
+
 @pytest.mark.parametrize(("argv", "flag"), [
     (["--levers", "fedavg-500,fedsgd"], "--levers"),
     (["--clients", "1,four"], "--clients"),
