@@ -204,7 +204,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.max_steps < EVAL_EVERY:
         parser.error(f"--max-steps: must be >= {EVAL_EVERY} (one evaluation), "
                      f"got {args.max_steps}")
-    jobs = [(lever, n, seed, args.max_steps, not args.keep_training) for lever in levers for n in clients
+    jobs = [(lever, n, seed, args.max_steps, not args.keep_training)
+            for lever in levers for n in clients
             for seed in range(args.first_seed, args.first_seed + args.seeds)]
     with ProcessPoolExecutor(args.workers) as pool:
         futures = [pool.submit(run_cell, *job) for job in jobs]
