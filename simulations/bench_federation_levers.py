@@ -11,7 +11,9 @@ run, so a lever can be tried over several seeds in minutes:
   returns its weights; its replay buffer, optimiser and epsilon carry over, as on a device;
 - the server moves the global weights by ``server_lr`` times the mean update
   ``mean_i(w_i) - w_global`` (FedAvg is ``server_lr = 1``; devices have equal weight, as
-  homogeneous devices with equal env steps have in FedAvg);
+  homogeneous devices with equal env steps have in FedAvg), or, with a server momentum
+  ``beta``, by ``server_lr`` times ``v = beta v + (mean - w_global)`` as the ``fedavgm``
+  strategy does;
 - every 500 env steps per device the global model plays 24 greedy episodes; a cell's result
   is the per-device env steps at the first evaluation whose mean return reaches 475.
 
@@ -56,6 +58,24 @@ class Lever:
     target_from_global: bool = True
     meaning: str = ""
     overrides: dict[str, Any] = field(default_factory=dict)
+    server_momentum: float = 0.0
+
+
+def server_step(global_weights: dict[str, torch.Tensor], updates: list[dict[str, torch.Tensor]],
+                server_lr: float, momentum: float, velocity: dict[str, torch.Tensor]) -> None:
+    """Move ``global_weights`` in place by ``server_lr`` times the mean update, or times
+    the momentum ``velocity`` (updated in place, zeros before the first round) that the
+    mean update feeds, as Flower's FedAvgM does."""
+    for key, value in global_weights.items():
+        mean = sum(u[key] for u in updates) / len(updates)
+        if server_lr == 1 and momentum == 0:
+            global_weights[key] = mean  # FedAvg: the mean itself, not value + (mean - value)
+            continue
+        step = mean - value
+        if momentum:
+            velocity[key] = momentum * velocity[key] + step
+            step = velocity[key]
+        global_weights[key] = value + server_lr * step
 
 
 def _one(_: int) -> float:
@@ -68,6 +88,10 @@ def _sqrt(n: int) -> float:
 
 def _n(n: int) -> float:
     return float(n)
+
+
+def _two(_: int) -> float:
+    return 2.0
 
 
 LEVERS: dict[str, Lever] = {
@@ -99,6 +123,15 @@ LEVERS: dict[str, Lever] = {
         250, _one, overrides={"learning-rate": 1e-3, "exploration-steps": 30_000},
         meaning="FedAvg every 250 env steps, device learning rate 1e-3, epsilon decayed over "
                 "30,000 env steps (default 10,000)"),
+    "fedavgm-0.8-500": Lever(
+        500, _one, server_momentum=0.8,
+        meaning="every 500 env steps, server momentum 0.8 on the mean update (FedAvgM)"),
+    "server-lr-2-2500": Lever(
+        2500, _two, meaning="every 2,500 env steps (bench_federation's round), server step "
+                            "twice the mean update, for every N"),
+    "gs4-fedavg-250": Lever(
+        250, _one, overrides={"gradient-steps": 4},
+        meaning="FedAvg every 250 env steps, 4 gradient steps per env step (default 1)"),
     "lr1e-3-fedavg-250": Lever(
         250, _one, overrides={"learning-rate": 1e-3},
         meaning="FedAvg every 250 env steps, device learning rate 1e-3 (default 5e-4)"),
@@ -124,6 +157,7 @@ def run_cell(lever_name: str, clients: int, seed: int, max_steps: int,
     global_net = QNetwork(online.obs_dim, online.n_actions, config.hidden_sizes)
     greedy = NumpyPolicy(global_net).act
     server_lr = lever.server_lr(clients)
+    velocity = {k: torch.zeros_like(v) for k, v in global_weights.items()}
     steps, solved, curve = 0, None, []
     while steps < max_steps and (solved is None or not stop_at_goal):
         updates = []
@@ -132,10 +166,7 @@ def run_cell(lever_name: str, clients: int, seed: int, max_steps: int,
             device.train(lever.local_steps)
             updates.append(device.learner.online.state_dict())
         steps += lever.local_steps
-        for key, value in global_weights.items():
-            mean = sum(u[key] for u in updates) / clients
-            # server_lr 1 is FedAvg: the mean itself, not value + (mean - value) rounded
-            global_weights[key] = mean if server_lr == 1 else value + server_lr * (mean - value)
+        server_step(global_weights, updates, server_lr, lever.server_momentum, velocity)
         if steps % EVAL_EVERY == 0:
             global_net.load_state_dict(global_weights)
             score = float(np.mean(play_episodes(greedy, config.env_id, EVAL_EPISODES,
@@ -166,7 +197,8 @@ def summarise(cells: list[dict[str, Any]], max_steps: int) -> list[dict[str, Any
                                       else f">{max_steps:,}" for c in mine),
                 "solved": f"{sum(c['solved_at'] is not None for c in mine)}/{len(mine)}",
                 "median": medians[n],
-                "vs N=1": medians[n] / medians[1] if 1 in medians else float("nan")})
+                # None (JSON null, "-" in the table) when the run had no N = 1 baseline
+                "vs N=1": medians[n] / medians[1] if 1 in medians else None})
     return rows
 
 

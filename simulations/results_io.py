@@ -62,6 +62,8 @@ def _module_name() -> str:
 
 def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     def fmt(v: Any) -> str:
+        if v is None:  # a value the run did not measure
+            return "-"
         if isinstance(v, float):
             return f"{v:,.3g}" if abs(v) < 1000 else f"{v:,.0f}"
         return str(v)

@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from common.config import FedqConfig
 from common.rollouts import play_episodes
@@ -62,3 +63,26 @@ def test_every_lever_changes_only_valid_config_keys(name):
     config = FedqConfig().with_overrides(lever.overrides)  # raises ConfigError naming a bad key
     for key, value in lever.overrides.items():
         assert getattr(config, key.replace("-", "_")) == value
+
+
+def test_server_step_with_momentum_is_fedavgm_and_without_is_the_exact_mean():
+    ones = {"w": torch.ones(2)}
+    global_weights = {"w": torch.zeros(2)}
+    velocity = {"w": torch.zeros(2)}
+    levers.server_step(global_weights, [ones, {"w": torch.full((2,), 3.0)}], 1.0, 0.0, velocity)
+    assert torch.equal(global_weights["w"], torch.full((2,), 2.0))  # the mean
+    global_weights = {"w": torch.zeros(2)}
+    # FedAvgM, beta 0.5: round 1 moves by the mean update 1; round 2's update is 1 again
+    # (devices at 2 from 1) and the velocity is 0.5 * 1 + 1 = 1.5
+    levers.server_step(global_weights, [ones], 1.0, 0.5, velocity)
+    assert torch.equal(global_weights["w"], torch.ones(2))
+    levers.server_step(global_weights, [{"w": torch.full((2,), 2.0)}], 1.0, 0.5, velocity)
+    assert torch.equal(global_weights["w"], torch.full((2,), 2.5))
+    assert torch.equal(velocity["w"], torch.full((2,), 1.5))
+
+
+def test_a_run_without_one_device_has_no_ratio_rather_than_nan():
+    cells = [{"lever": "fedavg-500", "clients": 4, "seed": 0, "solved_at": 500}]
+    (row,) = levers.summarise(cells, max_steps=1000)
+    assert row["vs N=1"] is None
+    assert "| - |" in levers.markdown_table([row], ["median", "vs N=1"])
