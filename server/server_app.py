@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +98,8 @@ def run_rounds(grid: Grid, strategy: Strategy, config: FedqConfig, run_dir: RunD
         train_config = ConfigRecord({"local-steps": config.local_steps,
                                      "update-compression": config.update_compression})
         train_messages = list(strategy.configure_train(server_round, arrays, train_config, grid))
-        replies = list(grid.send_and_receive(train_messages, timeout=config.round_timeout))
+        replies = in_device_order(grid.send_and_receive(train_messages,
+                                                        timeout=config.round_timeout))
         privacy = privacy_log.record(server_round, replies)  # devices that declined go on record
         screening = screen_replies(list(replies), arrays, config, server_round)
         valid = sum(not msg.has_error() for msg in screening.replies)
@@ -118,7 +120,8 @@ def run_rounds(grid: Grid, strategy: Strategy, config: FedqConfig, run_dir: RunD
                                     if server_round == config.num_server_rounds else 0})
         eval_messages = list(strategy.configure_evaluate(server_round, arrays, eval_config,
                                                          grid))
-        eval_replies = list(grid.send_and_receive(eval_messages, timeout=config.round_timeout))
+        eval_replies = in_device_order(grid.send_and_receive(eval_messages,
+                                                             timeout=config.round_timeout))
         eval_metrics = strategy.aggregate_evaluate(server_round, eval_replies)
         train = dict(train_metrics or MetricRecord({"clients": 0}))
         steps_per_client += float(train.get("env-steps-per-client", 0.0))
@@ -149,6 +152,22 @@ def run_rounds(grid: Grid, strategy: Strategy, config: FedqConfig, run_dir: RunD
                 config.target_return, server_round)
             break
     return arrays
+
+
+def in_device_order(replies: Iterable[Message]) -> list[Message]:
+    """The replies sorted by the device that sent them (partition id, then node id;
+    failed replies last), not in the order they arrived. Aggregation sums float32 arrays
+    reply by reply, and float addition is not associative: arrival order would change the
+    global model's last bits from run to run, and DQN amplifies such differences into
+    different learning curves, so the same seed would not give the same run."""
+    def device(msg: Message) -> tuple[int, int, int]:
+        if msg.has_error() or not msg.has_content():
+            return (1, -1, msg.metadata.src_node_id)
+        metrics = next(iter(msg.content.metric_records.values()), None)
+        partition = -1 if metrics is None else int(metrics.get("partition-id", -1))
+        return (0, partition, msg.metadata.src_node_id)
+
+    return sorted(replies, key=device)
 
 
 def participation(sent: int, replies: list[Message]) -> dict[str, int]:

@@ -4,8 +4,8 @@ algorithm defines, driven through the same configure_train / aggregate_train cal
 
 import numpy as np
 import pytest
-from _replies import as_numpy, reply, train_metrics
-from flwr.app import Array, ArrayRecord, ConfigRecord
+from _replies import as_numpy, error_reply, reply, train_metrics
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp.strategy import (
     FedAdam,
     FedAvg,
@@ -20,7 +20,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from common.config import ConfigError, FedqConfig
 from server.run_directory import RunDirectory
-from server.server_app import _as_tensors, resume_strategy
+from server.server_app import _as_tensors, in_device_order, resume_strategy
 from server.strategies import choose_strategy, optimizer_state, restore_optimizer_state
 
 GLOBAL = {"w": np.zeros((2, 3), np.float32), "b": np.zeros(2, np.float32)}
@@ -211,3 +211,30 @@ def test_strategy_keys_are_validated_naming_the_field(mapping, key, message):
     with pytest.raises(ConfigError, match=f"config field '{key}'") as err:
         FedqConfig.from_mapping(mapping)
     assert message in str(err.value)
+
+
+def test_fedavg_gives_the_same_global_model_whatever_order_the_replies_arrive_in():
+    # float32 values whose weighted sum depends on the order they are added in:
+    # (1e8 + 1) - 1e8 rounds to 0, (1e8 - 1e8) + 1 is 1
+    values = {0: 1e8, 1: 1.0, 2: -1e8}
+    replies = {p: reply(10 + 7 * (2 - p), {"w": np.full(3, v, np.float32)},
+                        MetricRecord({**train_metrics(), "partition-id": p}))
+               for p, v in values.items()}
+    arrivals = [(0, 1, 2), (1, 0, 2), (2, 1, 0), (0, 2, 1)]
+
+    def fedavg(messages):
+        arrays, _ = choose_strategy(FedqConfig()).aggregate_train(1, messages)
+        return as_numpy(arrays)["w"]
+
+    as_arrived = {fedavg([replies[p] for p in order]).tobytes() for order in arrivals}
+    in_order = {fedavg(in_device_order([replies[p] for p in order])).tobytes()
+                for order in arrivals}
+    assert len(as_arrived) > 1  # the arithmetic really is order-dependent
+    assert len(in_order) == 1
+
+
+def test_failed_replies_sort_after_the_devices_that_answered():
+    ordered = in_device_order([error_reply(1), reply(9, GLOBAL, MetricRecord(
+        {**train_metrics(), "partition-id": 1})), reply(3, GLOBAL, MetricRecord(
+            {**train_metrics(), "partition-id": 0}))])
+    assert [m.metadata.src_node_id for m in ordered] == [3, 9, 1]
