@@ -126,6 +126,9 @@ LEVERS: dict[str, Lever] = {
     "fedavgm-0.8-500": Lever(
         500, _one, server_momentum=0.8,
         meaning="every 500 env steps, server momentum 0.8 on the mean update (FedAvgM)"),
+    "fedavgm-0.9-500": Lever(
+        500, _one, server_momentum=0.9,
+        meaning="every 500 env steps, server momentum 0.9 on the mean update (FedAvgM)"),
     "server-lr-2-2500": Lever(
         2500, _two, meaning="every 2,500 env steps (bench_federation's round), server step "
                             "twice the mean update, for every N"),
