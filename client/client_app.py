@@ -6,8 +6,11 @@ the state, reply with the online weights (or, when the round config asks for
 ``update-compression``, their fp16/int8 delta to the global model with an error-feedback
 residual kept on disk: :mod:`common.compression`) and scalar metrics. With FedProx's
 ``proximal-mu`` in the round config, local training adds the proximal term.
+With ``exploration-clock = "federation"`` the round's epsilon schedule starts at the
+round config's ``federation-env-steps`` (the env steps already in the global model).
 Evaluate: greedy episodes of the global model on the device's own env and, with
 ``personalize-steps``, after a short local fine-tune of it (:mod:`client.personalize`).
+Query: the device's identity (partition id), for the ``sequential`` strategy's order.
 Only weights and scalars leave the device; the replay buffer never does.
 
 The train reply also carries the device's lifetime (epsilon, delta) ((inf, 0) without
@@ -26,7 +29,15 @@ import time
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 from flwr.supercore import log
 
@@ -36,6 +47,7 @@ from client.fault_injection import inject_fault
 from client.message_audit import message_audit_mod
 from client.personalize import personalized_returns
 from common.compression import encode_update
+from common.config import FEDERATION_STEPS_KEY, FedqConfig
 from common.envs import env_spec
 from common.networks import NumpyPolicy, QNetwork
 from common.privacy import PRIVACY_BUDGET_ERROR_CODE, PrivacyBudgetExhausted, PrivacyReport
@@ -76,7 +88,7 @@ def _train(msg: Message, device: Device, context: Context, started: float) -> Me
     local_steps = int(round_config.get("local-steps", device.config.local_steps))
     trainer.learner.set_proximal(float(round_config.get("proximal-mu", 0.0)))
     try:
-        stats = trainer.train(local_steps)
+        stats = trainer.train(local_steps, exploration_start(device.config, round_config))
     except PrivacyBudgetExhausted as declined:
         trainer.close()
         log(logging.WARNING, "[fedq] %s: %s", device.name, declined)
@@ -104,6 +116,20 @@ def _train(msg: Message, device: Device, context: Context, started: float) -> Me
     })
     trainer.close()
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+
+def exploration_start(config: FedqConfig, round_config: ConfigRecord) -> int | None:
+    """Where this round's epsilon schedule starts: with ``exploration-clock =
+    "federation"`` at the env steps already in the global model (the server's
+    ``federation-env-steps``), else None (the device's own steps)."""
+    if config.exploration_clock != "federation":
+        return None
+    steps = round_config.get(FEDERATION_STEPS_KEY)
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+        raise ValueError(f"round config field '{FEDERATION_STEPS_KEY}' is {steps!r}: "
+                         "exploration-clock 'federation' needs the server's count (an "
+                         "integer >= 0) of the env steps in the global model")
+    return steps
 
 
 def _outgoing_update(trainer: LocalTrainer, context: Context,
@@ -147,6 +173,15 @@ def _privacy_metrics(
         "dp-round-sample-rates": [s[1] for s in report.round_history],
         "dp-round-steps": [s[2] for s in report.round_history],
     }
+
+
+@app.query()
+def identify(msg: Message, context: Context) -> Message:
+    """Who this device is (its simulation partition id), so that the ``sequential``
+    strategy can visit devices in the same order every run (server/sequential.py)."""
+    device = device_from_context(context)
+    return Message(RecordDict({"metrics": MetricRecord(device.identity_metrics())}),
+                   reply_to=msg)
 
 
 @app.evaluate()

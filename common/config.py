@@ -23,7 +23,10 @@ ConfigScalar = bool | int | float | str
 _LOSSES = ("huber", "mse")
 _ACCOUNTANTS = ("rdp", "prv")
 STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedmedian",
-              "fedtrimmedavg", "krum")
+              "fedtrimmedavg", "krum", "sequential")
+EXPLORATION_CLOCKS = ("device", "federation")
+# round-config key: env steps of all devices already in the global model being sent
+FEDERATION_STEPS_KEY = "federation-env-steps"
 COMPRESSIONS = ("none", "fp16", "int8")
 ATTACKS = ("none", "nan", "noise")
 CENTRAL_DP = ("none", "server-fixed", "client-fixed")
@@ -97,8 +100,13 @@ class FedqConfig:
     exploration_initial_eps: float = _opt(1.0, "epsilon at step 0", _probability)
     exploration_final_eps: float = _opt(0.02, "epsilon after the decay", _probability)
     exploration_steps: int = _opt(
-        10_000, "device env steps of the linear epsilon decay", _non_negative
-    )
+        10_000, "env steps of the linear epsilon decay, counted by exploration-clock",
+        _non_negative)
+    exploration_clock: str = _opt(
+        "device", "whose env steps the epsilon schedule counts: device (this device's own) "
+        "or federation (all env steps that went into the global model this device starts "
+        "the round from, as the server reports them, plus its own since)",
+        _check(lambda v: v in EXPLORATION_CLOCKS, f"one of {EXPLORATION_CLOCKS}"))
     # --- federation ------------------------------------------------------------------
     num_server_rounds: int = _opt(10, "federated rounds", _at_least_one)
     local_steps: int = _opt(5_000, "env steps each client runs per round", _at_least_one)
@@ -129,7 +137,9 @@ class FedqConfig:
         "this (inf: run every round)", allow_inf=True)
     # --- aggregation strategy (server/strategies.py) -------------------------------------
     strategy: str = _opt(
-        "fedavg", f"server aggregation: one of {', '.join(STRATEGIES)}",
+        "fedavg", f"server aggregation: one of {', '.join(STRATEGIES)} (sequential: the "
+        "global model visits the round's devices one after another, each training the "
+        "previous one's result)",
         _check(lambda v: v in STRATEGIES, f"one of {STRATEGIES}"),
     )
     proximal_mu: float = _opt(

@@ -82,17 +82,25 @@ class LocalTrainer:
         # error-feedback residual of compressed updates (common/compression.py)
         self.update_residual: dict[str, np.ndarray] = {}
 
-    def epsilon(self) -> float:
+    def epsilon(self, exploration_step: int | None = None) -> float:
+        """Epsilon at ``exploration_step`` of the schedule (default: the device's own
+        lifetime env steps)."""
         c = self.config
-        return linear_epsilon(self.counters.env_steps, c.exploration_initial_eps,
-                              c.exploration_final_eps, c.exploration_steps)
+        step = self.counters.env_steps if exploration_step is None else exploration_step
+        return linear_epsilon(step, c.exploration_initial_eps, c.exploration_final_eps,
+                              c.exploration_steps)
 
-    def train(self, n_steps: int) -> TrainStats:
+    def train(self, n_steps: int, exploration_start: int | None = None) -> TrainStats:
         """Run ``n_steps`` env steps with epsilon-greedy acting and DQN updates.
 
+        The epsilon schedule starts at ``exploration_start`` (``exploration-clock =
+        "federation"``: the env steps already in the global model) and advances one per
+        env step; by default it counts the device's own lifetime env steps.
         With DP, raises :class:`common.privacy.PrivacyBudgetExhausted` before any step
         if the round's updates would take the device past ``dp-target-epsilon``.
         """
+        if exploration_start is not None and exploration_start < 0:
+            raise ValueError(f"exploration_start must be >= 0, got {exploration_start}")
         if self.privacy is not None:
             self.privacy.begin_round(self.planned_update_buffer_lengths(n_steps),
                                      self._buffer_lengths_of_next_updates)
@@ -109,8 +117,11 @@ class LocalTrainer:
             self._episode_return = 0.0
         obs, episode_return = self._obs, self._episode_return
         step = counters.env_steps
+        # schedule position minus device step: 0 on the device's own clock
+        clock_offset = 0 if exploration_start is None else exploration_start - step
         for _ in range(n_steps):
-            if rng_random() < linear_epsilon(step, eps_start, eps_end, eps_steps):
+            if rng_random() < linear_epsilon(step + clock_offset, eps_start, eps_end,
+                                             eps_steps):
                 action = int(rng_random() * n_actions)
             else:
                 action = policy_act(obs)
@@ -136,7 +147,7 @@ class LocalTrainer:
         counters.updates += n_updates
         return TrainStats(env_steps=n_steps, updates=n_updates,
                           mean_loss=loss_sum / n_updates if n_updates else float("nan"),
-                          episode_returns=returns, epsilon=self.epsilon(),
+                          episode_returns=returns, epsilon=self.epsilon(step + clock_offset),
                           seconds=time.perf_counter() - start_time,
                           privacy=self.privacy.report() if self.privacy else None)
 

@@ -3,9 +3,10 @@
 Each round: send the global weights and the round config to the sampled devices, let
 each train ``local-steps`` env steps, screen their replies (decode compressed updates,
 reject bad ones: server/update_validation.py), aggregate the rest with the configured
-strategy (server/strategies.py; FedAvg weights by env steps collected), ask every
-device for greedy returns of the new global model on its own env, then append the round
-to ``metrics.jsonl`` and checkpoint the global model.
+strategy (server/strategies.py; FedAvg weights by env steps collected) or, with the
+``sequential`` strategy, let the devices train one after another instead
+(server/sequential.py), ask every device for greedy returns of the new global model on
+its own env, then append the round to ``metrics.jsonl`` and checkpoint the global model.
 The loop is ours (not ``Strategy.start``) so a restarted server resumes at the round
 after its last checkpoint instead of at round 1.
 """
@@ -26,7 +27,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
-from common.config import FedqConfig
+from common.config import FEDERATION_STEPS_KEY, FedqConfig
 from common.envs import env_spec
 from common.networks import QNetwork
 from server.central_dp import central_dp_report, with_central_dp
@@ -34,6 +35,7 @@ from server.observability import RoundRecorder
 from server.plots import plot_client_curves, plot_learning_curve
 from server.privacy_log import PrivacyLog
 from server.run_directory import RunDirectory
+from server.sequential import DeviceOrder, TrainPhase, reply_partition, train_in_sequence
 from server.strategies import (
     OptimizerState,
     choose_strategy,
@@ -93,28 +95,30 @@ def run_rounds(grid: Grid, strategy: Strategy, config: FedqConfig, run_dir: RunD
     central_dp = config.central_dp != "none"
     released = int(previous[-1].get("central-dp", {}).get("released-rounds", 0)) \
         if previous else 0
+    # env steps of every device that went into the global model (exploration-clock)
+    federation_steps = sum(int(r["train"].get("env-steps", 0)) for r in previous)
+    order = DeviceOrder()
     for server_round in range(first_round, config.num_server_rounds + 1):
         started = time.perf_counter()
         train_config = ConfigRecord({"local-steps": config.local_steps,
-                                     "update-compression": config.update_compression})
-        train_messages = list(strategy.configure_train(server_round, arrays, train_config, grid))
-        replies = in_device_order(grid.send_and_receive(train_messages,
-                                                        timeout=config.round_timeout))
-        privacy = privacy_log.record(server_round, replies)  # devices that declined go on record
-        screening = screen_replies(list(replies), arrays, config, server_round)
-        valid = sum(not msg.has_error() for msg in screening.replies)
-        new_arrays, train_metrics = None, None
-        if valid >= config.min_train_replies:
-            new_arrays, train_metrics = strategy.aggregate_train(server_round,
-                                                                 screening.replies)
-        train_phase = time.perf_counter() - started
-        if central_dp and new_arrays is not None:  # a noised aggregate was released
-            released += 1
-        if new_arrays is None:
-            log(logging.WARNING, "round %d: %d valid update(s) (min-train-replies %d); the "
-                "global model is unchanged", server_round, valid, config.min_train_replies)
+                                     "update-compression": config.update_compression,
+                                     FEDERATION_STEPS_KEY: federation_steps})
+        if config.strategy == "sequential":
+            phase = train_in_sequence(grid, config, order, arrays, train_config, server_round)
         else:
-            arrays = new_arrays
+            phase = train_in_parallel(grid, strategy, config, arrays, train_config,
+                                      server_round)
+        privacy = privacy_log.record(server_round, phase.replies)  # declines go on record
+        train_phase = time.perf_counter() - started
+        if central_dp and phase.arrays is not None:  # a noised aggregate was released
+            released += 1
+        if phase.arrays is None:
+            log(logging.WARNING, "round %d: %d valid update(s) (min-train-replies %d); the "
+                "global model is unchanged", server_round,
+                sum(not msg.has_error() for msg in phase.screening.replies),
+                config.min_train_replies)
+        else:
+            arrays = phase.arrays
         eval_started = time.perf_counter()
         eval_config = ConfigRecord({"personalize-steps": config.personalize_steps
                                     if server_round == config.num_server_rounds else 0})
@@ -122,25 +126,28 @@ def run_rounds(grid: Grid, strategy: Strategy, config: FedqConfig, run_dir: RunD
                                                          grid))
         eval_replies = in_device_order(grid.send_and_receive(eval_messages,
                                                              timeout=config.round_timeout))
+        order.learn(eval_replies)
         eval_metrics = strategy.aggregate_evaluate(server_round, eval_replies)
-        train = dict(train_metrics or MetricRecord({"clients": 0}))
+        train = dict(phase.metrics or MetricRecord({"clients": 0}))
         steps_per_client += float(train.get("env-steps-per-client", 0.0))
+        federation_steps += int(train.get("env-steps", 0))
         row = {
             "round": server_round,
             "env-steps-per-client-total": steps_per_client,
+            "env-steps-federation-total": federation_steps,
             "train-phase-seconds": train_phase,
             "eval-phase-seconds": time.perf_counter() - eval_started,
             "round-seconds": time.perf_counter() - started,
             "train": train,
             "eval": dict(eval_metrics or MetricRecord({"clients": 0})),
-            "updates": screening.row(),
+            "updates": phase.screening.row(),
             "privacy": privacy,
             **({"central-dp": central_dp_report(config, released)} if central_dp else {}),
-            "participation": {"train": participation(len(train_messages), replies),
+            "participation": {"train": participation(phase.sent, phase.replies),
                               "evaluate": participation(len(eval_messages), eval_replies)},
         }
         if recorder is not None:
-            recorder.record(row, replies, eval_replies)
+            recorder.record(row, phase.replies, eval_replies)
         run_dir.append_metrics(row)
         run_dir.save_checkpoint(server_round, arrays.to_torch_state_dict(),
                                 {"env-steps-per-client-total": steps_per_client,
@@ -154,6 +161,21 @@ def run_rounds(grid: Grid, strategy: Strategy, config: FedqConfig, run_dir: RunD
     return arrays
 
 
+def train_in_parallel(grid: Grid, strategy: Strategy, config: FedqConfig,
+                      arrays: ArrayRecord, train_config: ConfigRecord,
+                      server_round: int) -> TrainPhase:
+    """The round's devices all train from the same global model at once; the strategy
+    aggregates the replies that pass screening (if at least min-train-replies do)."""
+    messages = list(strategy.configure_train(server_round, arrays, train_config, grid))
+    replies = in_device_order(grid.send_and_receive(messages, timeout=config.round_timeout))
+    screening = screen_replies(list(replies), arrays, config, server_round)
+    valid = sum(not msg.has_error() for msg in screening.replies)
+    new_arrays, metrics = None, None
+    if valid >= config.min_train_replies:
+        new_arrays, metrics = strategy.aggregate_train(server_round, screening.replies)
+    return TrainPhase(len(messages), replies, screening, new_arrays, metrics)
+
+
 def in_device_order(replies: Iterable[Message]) -> list[Message]:
     """The replies sorted by the device that sent them (partition id, then node id;
     failed replies last), not in the order they arrived. Aggregation sums float32 arrays
@@ -161,11 +183,8 @@ def in_device_order(replies: Iterable[Message]) -> list[Message]:
     global model's last bits from run to run, and DQN amplifies such differences into
     different learning curves, so the same seed would not give the same run."""
     def device(msg: Message) -> tuple[int, int, int]:
-        if msg.has_error() or not msg.has_content():
-            return (1, -1, msg.metadata.src_node_id)
-        metrics = next(iter(msg.content.metric_records.values()), None)
-        partition = -1 if metrics is None else int(metrics.get("partition-id", -1))
-        return (0, partition, msg.metadata.src_node_id)
+        failed = msg.has_error() or not msg.has_content()
+        return (int(failed), reply_partition(msg), msg.metadata.src_node_id)
 
     return sorted(replies, key=device)
 
@@ -215,6 +234,11 @@ def main(grid: Grid, context: Context) -> None:
     checkpoint = run_dir.load_checkpoint(last_round) if last_round else None
     net = initial_model(config, checkpoint)
     strategy = build_strategy(config)
+    if config.strategy == "sequential" and config.exploration_clock == "device":
+        log(logging.WARNING, "[fedq] strategy 'sequential' with exploration-clock 'device': "
+            "every device decays epsilon over its own %d env steps although the model it "
+            "trains has learnt from all devices' steps; exploration-clock 'federation' "
+            "decays it with the model's experience", config.exploration_steps)
     if checkpoint is not None:
         log(logging.INFO, "[fedq] resuming %s after round %d", run_dir.root, last_round)
         resume_strategy(strategy, config, checkpoint)

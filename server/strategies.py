@@ -19,6 +19,9 @@ through the same ``configure_train`` / ``aggregate_train`` calls:
   2018), unweighted; robust to a minority of arbitrary updates.
 - ``krum``: the single update closest to its n - f - 2 nearest neighbours (Blanchard
   et al., 2017), with f = ``krum-byzantine``.
+- ``sequential``: no aggregation; the model visits the round's devices one after another
+  (:mod:`server.sequential` drives the training; FedAvg's sampling and metric
+  aggregation serve its federated evaluation).
 
 The server optimisers' accumulated state (FedAvgM's momentum, FedAdam/FedYogi's moment
 estimates) goes into every checkpoint (:func:`optimizer_state`) and back into the
@@ -71,7 +74,7 @@ def choose_strategy(config: FedqConfig) -> Strategy:
                 "beta_1": config.server_beta1, "beta_2": config.server_beta2,
                 "tau": config.server_tau}
     name = config.strategy
-    if name == "fedavg":
+    if name in ("fedavg", "sequential"):
         return FedAvg(**common)
     if name == "fedprox":
         return FedProx(**common, proximal_mu=config.proximal_mu)

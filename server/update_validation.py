@@ -65,10 +65,16 @@ class Screening:
 
 
 def screen_replies(replies: list[Message], global_arrays: ArrayRecord, config: FedqConfig,
-                   server_round: int) -> Screening:
-    """Decode, check and compare the round's train replies (see the module docstring)."""
+                   server_round: int, screening: Screening | None = None) -> Screening:
+    """Decode, check and compare the round's train replies (see the module docstring).
+
+    Given an earlier ``screening`` of the same round (the sequential strategy screens
+    one visit at a time, each against the model it was sent), the outcome adds to it and
+    the norms it already accepted join the median the new updates are compared with.
+    """
     global_weights = {k: global_arrays[k].numpy() for k in global_arrays}
-    screening = Screening()
+    screening = Screening() if screening is None else screening
+    accepted_norms = list(screening.update_norms.values())
     candidates: list[tuple[Message, dict[str, np.ndarray], float]] = []
     for msg in replies:
         if msg.has_error():
@@ -85,7 +91,7 @@ def screen_replies(replies: list[Message], global_arrays: ArrayRecord, config: F
         if config.validate_updates:
             norm = screening.update_norms[node] = update_norm(weights, global_weights)
         candidates.append((msg, weights, norm))
-    limit = _norm_limit([norm for _, _, norm in candidates], config)
+    limit = _norm_limit(accepted_norms + [norm for _, _, norm in candidates], config)
     for msg, weights, norm in candidates:
         if norm > limit:
             _reject(screening, msg.metadata.src_node_id,

@@ -1,10 +1,22 @@
-"""Train replies built in-process, as the server receives them from devices: what the
-strategy and update-validation tests feed to ``aggregate_train`` / ``screen_replies``."""
+"""Messages built in-process: train replies as the server receives them from devices
+(what the strategy and update-validation tests feed to ``aggregate_train`` /
+``screen_replies``), and instructions with a device context as a ClientApp receives them."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
-from flwr.app import Array, ArrayRecord, Error, Message, Metadata, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    Context,
+    Error,
+    Message,
+    Metadata,
+    MetricRecord,
+    RecordDict,
+)
 
 
 def train_metrics(num_examples: float = 100) -> MetricRecord:
@@ -34,3 +46,17 @@ def error_reply(node: int, reason: str = "declined") -> Message:
 
 def as_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {k: record[k].numpy() for k in record}
+
+
+def device_context(partition: int, run_config: dict, **node: object) -> Context:
+    """The context a simulated device (``partition``) hands its ClientApp."""
+    return Context(run_id=1, node_id=100 + partition, state=RecordDict(), run_config=run_config,
+                   node_config={"partition-id": partition, "num-partitions": 2, **node})
+
+
+def instruction(partition: int, kind: str, content: RecordDict) -> Message:
+    """A ``kind`` ("train", "evaluate", "query") message from the server to ``partition``."""
+    return Message(content, metadata=Metadata(
+        run_id=1, message_id=f"{kind}-{partition}", src_node_id=1, dst_node_id=100 + partition,
+        reply_to_message_id="", group_id="1", created_at=time.time(), ttl=3600.0,
+        message_type=kind))

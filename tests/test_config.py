@@ -43,6 +43,8 @@ def test_round_trip_through_the_flat_mapping():
     ("loss", "l1", "one of"),
     ("exploration-final-eps", 1.2, "[0, 1]"),
     ("run-dir", " ", "must not be empty"),
+    ("exploration-clock", "wall", "one of"),
+    ("strategy", "cyclic", "one of"),
 ])
 def test_bad_values_name_the_field(key, value, message):
     with pytest.raises(ConfigError, match=f"config field '{key}'") as err:

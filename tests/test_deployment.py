@@ -164,3 +164,23 @@ def test_node_without_registered_key_is_refused(secured):
     log = rogue.log_path.read_text()
     # same CA and flags as the registered nodes that trained: only the key differs
     assert "Failed to activate SuperNode" in log and "SuperNode ID" not in log
+
+
+def test_sequential_strategy_chains_real_supernodes_in_node_order(secured):
+    """Real devices have no partition id: the server queries them, then visits them in
+    node-id order, each starting from the model the previous one trained (with the
+    federation clock, its epsilon starts at the env steps already in that model)."""
+    run_dir = secured.workdir / "run-sequential"
+    steps = TINY_RUN["local-steps"]
+    code = secured.submit(run_dir, {**TINY_RUN, "num-server-rounds": 2, "round-timeout": 120,
+                                    "strategy": "sequential",
+                                    "exploration-clock": "federation",
+                                    "exploration-steps": 4000}, log_name="submit-seq.log")
+    assert code == 0, "see submit-seq.log"
+    rows = _rows(run_dir / "metrics.jsonl")
+    assert [r["env-steps-federation-total"] for r in rows] == [3 * steps, 6 * steps]
+    trained = sorted((r["round"], r["node-id"], r["epsilon"])
+                     for r in _rows(run_dir / "clients.jsonl") if r["phase"] == "train")
+    assert len(trained) == 6
+    for visit, (_, _, epsilon) in enumerate(trained):  # rounds, then node ids, in order
+        assert epsilon == pytest.approx(1.0 - 0.98 * (visit + 1) * steps / 4000)

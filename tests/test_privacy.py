@@ -5,13 +5,13 @@ replies with Opacus's accountant, epsilon survives restarts, and the budget is e
 import copy
 import json
 import math
-import time
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, Metadata, RecordDict
+from _replies import device_context, instruction
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, RecordDict
 from opacus import GradSampleModule
 from opacus.accountants import PRVAccountant, RDPAccountant
 
@@ -66,7 +66,7 @@ def test_inf_target_epsilon_means_no_budget_and_round_trips():
 def test_a_bad_device_setting_fails_in_the_handler_before_any_training(tmp_path):
     run_config = {**_run_config(tmp_path), "dp-clip-norm": -1.0}
     with pytest.raises(ConfigError, match="'dp-clip-norm'"):
-        app(_train_message(0), _context(0, run_config))
+        app(_train_message(0), device_context(0, run_config))
     assert not (tmp_path / "devices").exists()  # no device state was created
 
 
@@ -208,22 +208,10 @@ def _run_config(tmp_path, **overrides):
     return {**FedqConfig().to_mapping(), **SMALL, "run-dir": str(tmp_path), **overrides}
 
 
-def _context(partition, run_config, **node):
-    return Context(run_id=1, node_id=100 + partition, state=RecordDict(), run_config=run_config,
-                   node_config={"partition-id": partition, "num-partitions": 2, **node})
-
-
-def _message(partition, kind, content):
-    return Message(content, metadata=Metadata(
-        run_id=1, message_id=f"{kind}-{partition}", src_node_id=1, dst_node_id=100 + partition,
-        reply_to_message_id="", group_id="1", created_at=time.time(), ttl=3600.0,
-        message_type=kind))
-
-
 def _train_message(partition, local_steps=300):
     torch.manual_seed(0)
     weights = ArrayRecord(QNetwork(4, 2, (16, 16)).state_dict())
-    return _message(partition, "train", RecordDict(
+    return instruction(partition, "train", RecordDict(
         {"arrays": weights, "config": ConfigRecord({"local-steps": local_steps})}))
 
 
@@ -242,7 +230,7 @@ def test_every_devices_epsilon_is_reconstructed_from_its_logged_replies(tmp_path
     logged = {partition: [] for partition in devices}
     for _round in range(3):
         for partition, node in devices.items():
-            reply = app(_train_message(partition), _context(partition, run_config, **node))
+            reply = app(_train_message(partition), device_context(partition, run_config, **node))
             assert not reply.has_error()
             logged[partition].append(dict(reply.content["metrics"]))
     for replies in logged.values():
@@ -261,7 +249,7 @@ def test_every_devices_epsilon_is_reconstructed_from_its_logged_replies(tmp_path
 def test_prv_accountant_is_selectable_and_reconstructible(tmp_path):
     # buffer full before the first update: one sample rate, so PRV stays fast
     run_config = _run_config(tmp_path, **{"dp-accountant": "prv", "learning-starts": 600})
-    replies = [dict(app(_train_message(0, local_steps=700), _context(0, run_config))
+    replies = [dict(app(_train_message(0, local_steps=700), device_context(0, run_config))
                     .content["metrics"]) for _ in range(2)]
     assert replies[0]["dp-epsilon"] < replies[1]["dp-epsilon"]
     assert replies[1]["dp-epsilon"] == pytest.approx(
@@ -278,7 +266,7 @@ def test_a_device_declines_the_round_that_would_exceed_its_budget(tmp_path):
     one_round = planner.privacy.epsilon(extend([], noise, rates[:200]))
     two_rounds = planner.privacy.epsilon(extend([], noise, rates))
     run_config = _run_config(tmp_path)
-    context = _context(0, run_config, **{"dp-target-epsilon": (one_round + two_rounds) / 2})
+    context = device_context(0, run_config, **{"dp-target-epsilon": (one_round + two_rounds) / 2})
 
     first = app(_train_message(0), context)
     assert first.content["metrics"]["dp-epsilon"] == pytest.approx(one_round, rel=1e-9)
@@ -292,7 +280,7 @@ def test_a_device_declines_the_round_that_would_exceed_its_budget(tmp_path):
     history = json.loads((state_dir / saved / "privacy.json").read_text())["history"]
     assert sum(k for _, _, k in history) == 200
     weights = _train_message(0).content["arrays"]
-    evaluation = app(_message(0, "evaluate", RecordDict(
+    evaluation = app(instruction(0, "evaluate", RecordDict(
         {"arrays": weights, "config": ConfigRecord({"server-round": 2})})), context)
     assert not evaluation.has_error()
     assert evaluation.content["metrics"]["num-examples"] == run_config["eval-episodes"]
@@ -300,7 +288,7 @@ def test_a_device_declines_the_round_that_would_exceed_its_budget(tmp_path):
 
 def test_noise_multiplier_derived_from_planned_updates_spends_the_target(tmp_path):
     run_config = _run_config(tmp_path, **{"dp-target-epsilon": 4.0, "dp-planned-updates": 500})
-    context = _context(0, run_config)
+    context = device_context(0, run_config)
     replies = [app(_train_message(0), context) for _ in range(3)]
     r1, r2 = (dict(r.content["metrics"]) for r in replies[:2])
     assert r1["dp-noise-multiplier"] == r2["dp-noise-multiplier"] > 0  # kept across restarts
@@ -315,8 +303,8 @@ def test_the_servers_fedavg_aggregates_the_others_when_a_device_declines(tmp_pat
     run_config = _run_config(tmp_path)
     config = FedqConfig.from_mapping(run_config)
     replies = [
-        app(_train_message(0), _context(0, run_config, **{"dp-target-epsilon": 0.01})),
-        app(_train_message(1), _context(1, run_config, **{"dp-enabled": False})),
+        app(_train_message(0), device_context(0, run_config, **{"dp-target-epsilon": 0.01})),
+        app(_train_message(1), device_context(1, run_config, **{"dp-enabled": False})),
     ]
     assert replies[0].has_error() and not replies[1].has_error()
     assert replies[1].content["metrics"]["dp-epsilon"] == math.inf  # no DP, no guarantee
@@ -324,7 +312,7 @@ def test_the_servers_fedavg_aggregates_the_others_when_a_device_declines(tmp_pat
     arrays, metrics = strategy.aggregate_train(1, replies)
     assert arrays is not None and metrics["clients"] == 1
     assert strategy.aggregate_train(2, replies[:1]) == (None, None)  # server keeps its model
-    private = app(_train_message(2), _context(2, run_config))  # DP next to a plain device
+    private = app(_train_message(2), device_context(2, run_config))  # DP next to a plain device
     _, mixed = strategy.aggregate_train(3, [replies[1], private])  # same metric keys
     assert mixed["clients"] == 2
 

@@ -80,3 +80,30 @@ def test_a_save_interrupted_before_its_pointer_flip_leaves_the_previous_state(tm
     restarted = _trainer()
     assert restarted.load(tmp_path)
     assert restarted.counters.env_steps == 300
+
+
+def test_federation_clock_places_epsilon_by_the_models_experience_not_the_devices():
+    """exploration-clock 'federation': a fresh device handed a model that already learnt
+    from 1000 env steps (the whole decay) acts greedily from its first step, and a
+    device that has stepped before but carries a fresh model explores as at step 0."""
+    overrides = {"learning-starts": 10_000, "exploration-final-eps": 0.0,
+                 "exploration-clock": "federation"}
+    fresh = _trainer(**overrides)
+    stats = fresh.train(200, exploration_start=1000)
+    assert stats.epsilon == 0.0
+    stored = fresh.buffer
+    greedy = [fresh.learner.policy.act(obs) for obs in stored.obs[:200]]
+    np.testing.assert_array_equal(stored.actions[:200].ravel(), greedy)
+
+    stepped = _trainer(**overrides)
+    stepped.train(1000)  # its own clock is past the decay now
+    assert stepped.epsilon() == 0.0
+    stats = stepped.train(100, exploration_start=0)
+    assert stats.epsilon == pytest.approx(1.0 - 100 / 1000)
+    # epsilon 1.0 -> 0.9 over these steps: nearly every action is random, so about half
+    # of them differ from the greedy action of CartPole's two
+    actions = stepped.buffer.actions[1000:1100].ravel()
+    greedy = [stepped.learner.policy.act(obs) for obs in stepped.buffer.obs[1000:1100]]
+    assert 25 <= int((actions != np.array(greedy)).sum()) <= 75
+    with pytest.raises(ValueError, match="exploration_start must be >= 0"):
+        stepped.train(1, exploration_start=-1)
