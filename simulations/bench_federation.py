@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from common.config import ConfigScalar, parse_assignment
+from simulations.federated_cells import curve
 from simulations.results_io import markdown_table, write_results
 from simulations.run import resolve_run_config, simulate
 
@@ -86,12 +87,16 @@ def _run_fresh(run_dir: Path, clients: int, seed: int, local_steps: int, max_rou
                            f"{result.status_details}; see {run_dir / 'flower.log'}")
 
 
-def overhead_shares(rows: list[dict[str, Any]], clients: int, cores: int) -> tuple[float, float]:
-    """Median share of (train phase, whole round) outside local training, rounds >= 2."""
+def overhead_shares(rows: list[dict[str, Any]], clients: int, cores: int,
+                    sequential: bool = False) -> tuple[float, float]:
+    """Median share of (train phase, whole round) outside local training, rounds >= 2.
+    With the ``sequential`` strategy the devices train one after another, so local
+    training's wall time is the sum of their train-seconds."""
     train_phase, whole = [], []
     for row in rows[1:]:
         t = row["train"]
-        training = max(t["train-seconds-max"], t["train-seconds-sum"] / min(clients, cores))
+        training = t["train-seconds-sum"] if sequential else max(
+            t["train-seconds-max"], t["train-seconds-sum"] / min(clients, cores))
         train_phase.append(1 - training / row["train-phase-seconds"])
         whole.append(1 - training / row["round-seconds"])
     if not train_phase:
@@ -124,14 +129,20 @@ def main() -> None:
                             max(1, args.eval_episodes_total // n), overrides)
             solved = rows[-1]["eval"].get("eval-return-mean", 0.0) >= GOAL
             steps = rows[-1]["env-steps-per-client-total"] if solved else None
-            train_share, round_share = overhead_shares(rows, n, cores)
+            train_share, round_share = overhead_shares(
+                rows, n, cores, sequential=overrides.get("strategy") == "sequential")
             cell = {"clients": n, "seed": seed, "solved": solved, "rounds": len(rows),
                     "steps-per-client": steps, "final-return": rows[-1]["eval"].get(
                         "eval-return-mean"), "overhead-share-train-phase": train_share,
                     "overhead-share-round": round_share,
+                    "seconds-to-goal": sum(r["round-seconds"] for r in rows) if solved
+                    else None,
                     "median-round-seconds": statistics.median(
-                        r["round-seconds"] for r in rows[1:]) if len(rows) > 1 else None}
-            print(json.dumps(cell), flush=True)
+                        r["round-seconds"] for r in rows[1:]) if len(rows) > 1 else None,
+                    # (env steps per client, federated return); null: no evaluation
+                    "curve": [[s, r if r == r else None]
+                              for s, r in zip(*curve(rows), strict=True)]}
+            print(json.dumps({k: v for k, v in cell.items() if k != "curve"}), flush=True)
             per_seed.append(cell)
         cells += per_seed
         solved_steps = [c["steps-per-client"] for c in per_seed if c["solved"]]
@@ -147,6 +158,9 @@ def main() -> None:
                 c["overhead-share-round"] for c in per_seed),
             "median round s": statistics.median(
                 c["median-round-seconds"] for c in per_seed if c["median-round-seconds"]),
+            "median wall s to 475": statistics.median(
+                c["seconds-to-goal"] for c in per_seed if c["solved"]) if solved_steps
+            else None,
         })
     base = table[0]["median steps/client to 475"]
     for row in table:
@@ -154,12 +168,12 @@ def main() -> None:
         row["vs N=1"] = steps / base if steps and base else None
     columns = ["clients", "solved", "median steps/client to 475", "vs N=1",
                "total env steps (median)", "overhead share, train phase",
-               "overhead share, whole round", "median round s"]
+               "overhead share, whole round", "median round s", "median wall s to 475"]
     markdown = markdown_table(table, columns)
     print(markdown)
     folder = "federation" + variant_name(overrides) + (
         f"-local{args.local_steps}" if args.local_steps != DEFAULT_LOCAL_STEPS else "")
-    write_results(folder, {"summary": table, "cells": cells, "cores": cores,
+    written = write_results(folder, {"summary": table, "cells": cells, "cores": cores,
                            "local-steps": args.local_steps, "goal": GOAL,
                            "max-rounds": args.max_rounds,
                            "eval-episodes-total": args.eval_episodes_total,
@@ -169,7 +183,37 @@ def main() -> None:
                   f"split evenly over the clients) reaches {GOAL:g}; aggregation every "
                   f"{args.local_steps} local env steps"
                   f"{'; overrides ' + str(overrides) if overrides else ''}; "
-                  f"{cores} cores. Overhead shares are medians over rounds >= 2.\n")
+                  f"{cores} cores. Overhead shares are medians over rounds >= 2. Learning "
+                  "curves: curves.png.\n")
+    plot_curves(cells, written / "curves.png",
+                f"CartPole-v1, {overrides.get('strategy', 'fedavg')}, {args.local_steps} "
+                "local steps per round")
+
+
+def plot_curves(cells: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Every cell's federated greedy return against env steps per client, one colour
+    per N, with the goal line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    colours = {n: f"C{i}" for i, n in enumerate(sorted({c["clients"] for c in cells}))}
+    for cell in cells:
+        steps, returns = zip(*cell["curve"], strict=True) if cell["curve"] else ((), ())
+        ax.plot(steps, returns, color=colours[cell["clients"]], alpha=0.7, marker=".",
+                label=f"N={cell['clients']}" if cell["seed"] == min(
+                    c["seed"] for c in cells if c["clients"] == cell["clients"]) else None)
+    ax.axhline(GOAL, color="grey", linestyle=":", label=f"goal {GOAL:g}")
+    ax.set_xlabel("env steps per client")
+    ax.set_ylabel("federated greedy return (each seed a line)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ run, so a lever can be tried over several seeds in minutes:
   homogeneous devices with equal env steps have in FedAvg), or, with a server momentum
   ``beta``, by ``server_lr`` times ``v = beta v + (mean - w_global)`` as the ``fedavgm``
   strategy does;
+- or, with the ``sequential`` strategy, each device trains the previous device's result
+  (server/sequential.py) and the last one's weights are the global model;
 - every 500 env steps per device the global model plays 24 greedy episodes; a cell's result
   is the per-device env steps at the first evaluation whose mean return reaches 475.
 
@@ -59,6 +61,7 @@ class Lever:
     meaning: str = ""
     overrides: dict[str, Any] = field(default_factory=dict)
     server_momentum: float = 0.0
+    sequential: bool = False  # the sequential strategy: devices train one after another
 
 
 def server_step(global_weights: dict[str, torch.Tensor], updates: list[dict[str, torch.Tensor]],
@@ -141,6 +144,28 @@ LEVERS: dict[str, Lever] = {
     "lr2e-3-fedavg-250": Lever(
         250, _one, overrides={"learning-rate": 2e-3},
         meaning="FedAvg every 250 env steps, device learning rate 2e-3 (default 5e-4)"),
+    "sequential-2500": Lever(
+        2500, _one, sequential=True, overrides={"exploration-clock": "federation"},
+        meaning="strategy sequential (each device trains the previous device's result, "
+                "2,500 env steps each per round), epsilon on the federation clock"),
+    "device-clock-sequential-2500": Lever(
+        2500, _one, sequential=True,
+        meaning="strategy sequential, 2,500 env steps per device and round, epsilon on each "
+                "device's own clock (the default exploration-clock)"),
+    "sequential-500": Lever(
+        500, _one, sequential=True, overrides={"exploration-clock": "federation"},
+        meaning="strategy sequential, 500 env steps per device and round, epsilon on the "
+                "federation clock"),
+    "lr2e-3-sequential-500": Lever(
+        500, _one, sequential=True,
+        overrides={"exploration-clock": "federation", "learning-rate": 2e-3},
+        meaning="strategy sequential, 500 env steps per device and round, device learning "
+                "rate 2e-3"),
+    "lr2e-3-sequential-2500": Lever(
+        2500, _one, sequential=True,
+        overrides={"exploration-clock": "federation", "learning-rate": 2e-3},
+        meaning="strategy sequential as above, device learning rate 2e-3 (the best lone-"
+                "device rate this probe found)"),
 }
 
 
@@ -161,15 +186,25 @@ def run_cell(lever_name: str, clients: int, seed: int, max_steps: int,
     greedy = NumpyPolicy(global_net).act
     server_lr = lever.server_lr(clients)
     velocity = {k: torch.zeros_like(v) for k, v in global_weights.items()}
-    steps, solved, curve = 0, None, []
+    federation_clock = config.exploration_clock == "federation"
+    steps, federation_steps, solved, curve = 0, 0, None, []
     while steps < max_steps and (solved is None or not stop_at_goal):
         updates = []
+        round_start = federation_steps
         for device in devices:
             device.learner.load_online(global_weights, sync_target=lever.target_from_global)
-            device.train(lever.local_steps)
-            updates.append(device.learner.online.state_dict())
+            device.train(lever.local_steps, exploration_start=(
+                (federation_steps if lever.sequential else round_start)
+                if federation_clock else None))
+            federation_steps += lever.local_steps
+            if lever.sequential:  # the next device starts from this one's result
+                global_weights = {k: v.clone() for k, v in
+                                  device.learner.online.state_dict().items()}
+            else:
+                updates.append(device.learner.online.state_dict())
         steps += lever.local_steps
-        server_step(global_weights, updates, server_lr, lever.server_momentum, velocity)
+        if updates:
+            server_step(global_weights, updates, server_lr, lever.server_momentum, velocity)
         if steps % EVAL_EVERY == 0:
             global_net.load_state_dict(global_weights)
             score = float(np.mean(play_episodes(greedy, config.env_id, EVAL_EPISODES,

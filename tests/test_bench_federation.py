@@ -1,0 +1,30 @@
+"""The federation benchmark's round-overhead share: the time a round spends outside local
+training. FedAvg's devices train side by side (the slowest one, or the summed training
+spread over the cores, is the training time); sequential devices train one after another,
+so their training times add up."""
+
+import pytest
+
+from simulations.bench_federation import overhead_shares
+
+
+def _row(train_phase, round_seconds, seconds):
+    return {"train-phase-seconds": train_phase, "round-seconds": round_seconds,
+            "train": {"train-seconds-max": max(seconds), "train-seconds-sum": sum(seconds)}}
+
+
+def test_overhead_of_parallel_and_sequential_rounds():
+    first = _row(60.0, 70.0, [1.0, 1.0])  # round 1 (process start-up) is left out
+    parallel = [first, _row(7.5, 15.0, [4.0, 3.0, 4.5, 2.0])]  # 4 devices, 2 cores: 6.75 s
+    assert overhead_shares(parallel, clients=4, cores=2) == pytest.approx((0.1, 0.55))
+    chain = [first, _row(10.0, 12.0, [2.0, 2.5, 2.5, 2.0])]  # one after another: 9 s
+    assert overhead_shares(chain, clients=4, cores=2, sequential=True) == pytest.approx(
+        (0.1, 0.25))
+
+
+def test_curves_plot_every_cell(tmp_path):
+    from simulations.bench_federation import plot_curves
+    cells = [{"clients": n, "seed": seed, "curve": [[2500, 20.0], [5000, None], [7500, 480.0]]}
+             for n in (1, 4) for seed in (0, 1)]
+    plot_curves(cells, tmp_path / "curves.png", "title")
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
