@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from _replies import error_reply, reply, train_metrics
 from flwr.app import ArrayRecord, Message, Metadata, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from common.config import FEDERATION_STEPS_KEY, FedqConfig
 from server.run_directory import RunDirectory
@@ -68,13 +67,7 @@ class _Federation:
         return reply(node, trained, metrics)
 
 
-@pytest.fixture(autouse=True)
-def server_process():
-    """Instruction messages carry the sending process's identity, as in a ServerApp."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+pytestmark = pytest.mark.usefixtures("server_process")  # tests/conftest.py
 
 
 def _run(tmp_path, federation, rounds=1, **config):
