@@ -129,7 +129,10 @@ def run_rounds(grid: Grid, strategy: Strategy, config: FedqConfig, run_dir: RunD
         order.learn(eval_replies)
         eval_metrics = strategy.aggregate_evaluate(server_round, eval_replies)
         train = dict(phase.metrics or MetricRecord({"clients": 0}))
-        steps_per_client += float(train.get("env-steps-per-client", 0.0))
+        # per device of the federation, not per device that trained: with fraction-train
+        # < 1 a device trains in only some rounds
+        devices = max(len(list(grid.get_node_ids())), phase.sent, 1)
+        steps_per_client += int(train.get("env-steps", 0)) / devices
         federation_steps += int(train.get("env-steps", 0))
         row = {
             "round": server_round,

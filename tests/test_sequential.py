@@ -163,3 +163,11 @@ def test_a_resumed_server_continues_the_federation_count_and_the_rotation(tmp_pa
                ArrayRecord(run_dir.load_checkpoint(1)["state_dict"]), first_round=2)
     assert [(p, steps) for p, _, steps in resumed.visits] == [(1, STEPS)]
     assert [r["env-steps-federation-total"] for r in run_dir.read_metrics()] == [100, 200]
+
+
+def test_steps_per_client_count_every_device_of_the_federation(tmp_path):
+    """One device of three trains per round: after three rounds each has run 100 steps."""
+    rows, _, _ = _run(tmp_path, _Federation(), rounds=3, **{"fraction-train": 0.34})
+    assert [r["env-steps-per-client-total"] for r in rows] == pytest.approx(
+        [100 / 3, 200 / 3, 100])
+    assert [r["env-steps-federation-total"] for r in rows] == [100, 200, 300]
