@@ -62,6 +62,7 @@ class Lever:
     overrides: dict[str, Any] = field(default_factory=dict)
     server_momentum: float = 0.0
     sequential: bool = False  # the sequential strategy: devices train one after another
+    fresh_optimizer: bool = False  # each device's Adam state starts afresh every round
 
 
 def server_step(global_weights: dict[str, torch.Tensor], updates: list[dict[str, torch.Tensor]],
@@ -161,6 +162,10 @@ LEVERS: dict[str, Lever] = {
         overrides={"exploration-clock": "federation", "learning-rate": 2e-3},
         meaning="strategy sequential, 500 env steps per device and round, device learning "
                 "rate 2e-3"),
+    "lr2e-3-sequential-500-fresh-adam": Lever(
+        500, _one, sequential=True, fresh_optimizer=True,
+        overrides={"exploration-clock": "federation", "learning-rate": 2e-3},
+        meaning="as lr2e-3-sequential-500, each device's Adam moments reset at every visit"),
     "lr2e-3-sequential-2500": Lever(
         2500, _one, sequential=True,
         overrides={"exploration-clock": "federation", "learning-rate": 2e-3},
@@ -193,6 +198,8 @@ def run_cell(lever_name: str, clients: int, seed: int, max_steps: int,
         round_start = federation_steps
         for device in devices:
             device.learner.load_online(global_weights, sync_target=lever.target_from_global)
+            if lever.fresh_optimizer:
+                device.learner.optimizer.state.clear()
             device.train(lever.local_steps, exploration_start=(
                 (federation_steps if lever.sequential else round_start)
                 if federation_clock else None))
