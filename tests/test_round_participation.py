@@ -9,11 +9,8 @@ screening, run directory and checkpoints are the real ones."""
 import numpy as np
 import pytest
 from _replies import error_reply, reply, train_metrics
-from flwr.app import ArrayRecord, Message, Metadata, MetricRecord, RecordDict
-
-from common.config import FedqConfig
-from server.run_directory import RunDirectory
-from server.server_app import build_strategy, initial_model, run_rounds
+from _round_loop import run_in_process
+from flwr.app import Message, Metadata, MetricRecord, RecordDict
 
 
 class _Federation:
@@ -50,16 +47,7 @@ pytestmark = pytest.mark.usefixtures("server_process")  # tests/conftest.py
 
 
 def _run(tmp_path, federation, **config):
-    config = FedqConfig.from_mapping({"num-server-rounds": 1, "hidden-sizes": "8",
-                                      "run-dir": str(tmp_path), **config})
-    run_dir = RunDirectory(tmp_path)
-    run_dir.start(config)
-    initial = {k: v.numpy().copy() for k, v in initial_model(config, None)
-               .state_dict().items()}
-    run_rounds(federation, build_strategy(config), config, run_dir,
-               ArrayRecord(initial_model(config, None).state_dict()), first_round=1)
-    (row,) = run_dir.read_metrics()
-    final = {k: v.numpy() for k, v in run_dir.load_checkpoint(1)["state_dict"].items()}
+    (row,), initial, final = run_in_process(tmp_path, federation, **config)
     return row, initial, final
 
 

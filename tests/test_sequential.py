@@ -11,11 +11,12 @@ checkpoints are the real ones (tests/test_simulation.py runs it in Flower's engi
 import numpy as np
 import pytest
 from _replies import error_reply, reply, train_metrics
+from _round_loop import run_in_process
 from flwr.app import ArrayRecord, Message, Metadata, MetricRecord, RecordDict
 
 from common.config import FEDERATION_STEPS_KEY, FedqConfig
 from server.run_directory import RunDirectory
-from server.server_app import build_strategy, initial_model, run_rounds
+from server.server_app import build_strategy, run_rounds
 
 # node id -> partition id: node ids deliberately out of partition order
 PARTITIONS = {30: 0, 10: 1, 20: 2}
@@ -71,17 +72,7 @@ pytestmark = pytest.mark.usefixtures("server_process")  # tests/conftest.py
 
 
 def _run(tmp_path, federation, rounds=1, **config):
-    config = FedqConfig.from_mapping({"num-server-rounds": rounds, "hidden-sizes": "8",
-                                      "strategy": "sequential", "run-dir": str(tmp_path),
-                                      **config})
-    run_dir = RunDirectory(tmp_path)
-    run_dir.start(config)
-    initial = {k: v.numpy().copy() for k, v in initial_model(config, None)
-               .state_dict().items()}
-    run_rounds(federation, build_strategy(config), config, run_dir,
-               ArrayRecord(initial_model(config, None).state_dict()), first_round=1)
-    final = {k: v.numpy() for k, v in run_dir.load_checkpoint(rounds)["state_dict"].items()}
-    return run_dir.read_metrics(), initial, final
+    return run_in_process(tmp_path, federation, rounds, strategy="sequential", **config)
 
 
 def test_each_device_trains_the_previous_devices_result_in_partition_order(tmp_path):

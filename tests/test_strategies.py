@@ -16,7 +16,6 @@ from flwr.serverapp.strategy import (
     FedYogi,
     Krum,
 )
-from flwr.supercore.task_identity import TaskIdentity
 
 from common.config import ConfigError, FedqConfig
 from server.run_directory import RunDirectory
@@ -34,15 +33,6 @@ class _Nodes:
 
     def get_node_ids(self):
         return self.ids
-
-
-@pytest.fixture
-def server_process():
-    """Instruction messages carry the sending process's identity, as in a ServerApp."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
 
 
 def _updates(values, weights=None):
