@@ -77,6 +77,7 @@ class DeviceOrder:
                  for n in unknown], timeout=timeout))
 
     def key(self, node: int) -> tuple[bool, int, int]:
+        """Sort key: nodes with a partition id first, by it, then the rest by node id."""
         partition = self.partitions.get(node, NO_PARTITION)
         return (partition == NO_PARTITION, partition, node)
 
@@ -117,15 +118,14 @@ def train_in_sequence(grid: Grid, config: FedqConfig, order: DeviceOrder,
                           message_type=MessageType.TRAIN, dst_node_id=node)
         answered = list(grid.send_and_receive([message], timeout=config.round_timeout))
         replies += answered
-        accepted_before = len(screening.replies)
+        accepted_before = len(screening.accepted)
         screen_replies(answered, current, config, server_round, screening)
-        for reply in screening.replies[accepted_before:]:
-            if not reply.has_error():
-                current = reply.content["arrays"]
-                federation_steps += int(next(iter(reply.content.metric_records.values()))
-                                        [WEIGHT_KEY])
+        for reply in screening.accepted[accepted_before:]:
+            current = reply.content["arrays"]
+            federation_steps += int(next(iter(reply.content.metric_records.values()))
+                                    [WEIGHT_KEY])
     order.learn(replies)
-    valid = [msg.content for msg in screening.replies if not msg.has_error()]
+    valid = [msg.content for msg in screening.accepted]
     if len(valid) < config.min_train_replies:
         return TrainPhase(len(nodes), replies, screening, None, None)
     return TrainPhase(len(nodes), replies, screening, current,

@@ -114,8 +114,7 @@ def run_rounds(grid: Grid, strategy: Strategy, config: FedqConfig, run_dir: RunD
             released += 1
         if phase.arrays is None:
             log(logging.WARNING, "round %d: %d valid update(s) (min-train-replies %d); the "
-                "global model is unchanged", server_round,
-                sum(not msg.has_error() for msg in phase.screening.replies),
+                "global model is unchanged", server_round, len(phase.screening.accepted),
                 config.min_train_replies)
         else:
             arrays = phase.arrays
@@ -172,9 +171,8 @@ def train_in_parallel(grid: Grid, strategy: Strategy, config: FedqConfig,
     messages = list(strategy.configure_train(server_round, arrays, train_config, grid))
     replies = in_device_order(grid.send_and_receive(messages, timeout=config.round_timeout))
     screening = screen_replies(list(replies), arrays, config, server_round)
-    valid = sum(not msg.has_error() for msg in screening.replies)
     new_arrays, metrics = None, None
-    if valid >= config.min_train_replies:
+    if len(screening.accepted) >= config.min_train_replies:
         new_arrays, metrics = strategy.aggregate_train(server_round, screening.replies)
     return TrainPhase(len(messages), replies, screening, new_arrays, metrics)
 

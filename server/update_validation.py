@@ -51,6 +51,11 @@ class Screening:
     upload_bytes: dict[int, int] = field(default_factory=dict)  # node id -> payload bytes
     update_norms: dict[int, float] = field(default_factory=dict)  # node id -> ||w_i - w||
 
+    @property
+    def accepted(self) -> list[Message]:
+        """The replies that passed screening: ``replies`` less the error replies."""
+        return [msg for msg in self.replies if not msg.has_error()]
+
     def row(self) -> dict[str, Any]:
         """The round's ``updates`` entry in ``metrics.jsonl``."""
         sizes = list(self.upload_bytes.values())
