@@ -15,7 +15,10 @@ Wraps ``flower-supernode`` so one command gives a device everything it needs::
   (:class:`common.trainer.LocalTrainer`), so they survive restarts. Without it the
   ClientApp would fall back to ``<run-dir>/devices/node-<id>``, and the SuperLink hands
   out a new node id every time a SuperNode (re)starts: the device would start from
-  scratch after every reboot. Flower's own files (``FLWR_HOME``) go under it too.
+  scratch after every reboot. Flower's own files (``FLWR_HOME``) go under it too, unless
+  ``--flwr-home`` says otherwise.
+* ``--local-port`` is the SuperNode's local Runtime API port (127.0.0.1, default 9094),
+  which its ClientApp processes dial: two devices on one host need two ports.
 * TLS is the default: ``--root-certificates`` names the CA that signed the SuperLink's
   certificate (see ``fedq-certs``). Plain text needs an explicit ``--insecure`` and is
   announced on stderr. ``--auth-key`` is the device's private key for SuperNode
@@ -41,6 +44,9 @@ from common.config import ConfigError, ConfigScalar, FedqConfig, parse_assignmen
 from common.envs import env_spec
 
 NODE_CONFIG_FILE = "node-config.toml"
+# flower-supernode's local Runtime API (127.0.0.1 only), which its ClientApp processes
+# dial; two devices on one host need two ports.
+DEFAULT_LOCAL_PORT = 9094
 
 
 def device_node_config(env_id: str | None, assignments: Sequence[str],
@@ -63,7 +69,8 @@ def device_node_config(env_id: str | None, assignments: Sequence[str],
 
 def supernode_command(server: str, node_config_path: Path, *,
                       root_certificates: Path | None, auth_key: Path | None,
-                      insecure: bool, max_wait_time: float | None) -> list[str]:
+                      insecure: bool, max_wait_time: float | None,
+                      local_port: int = DEFAULT_LOCAL_PORT) -> list[str]:
     """The ``flower-supernode`` command line for a device (see the module docstring)."""
     if root_certificates is not None and insecure:
         raise ValueError("--insecure contradicts --root-certificates; choose one")
@@ -73,8 +80,10 @@ def supernode_command(server: str, node_config_path: Path, *,
     if auth_key is not None and root_certificates is None:
         raise ValueError("--auth-key needs TLS: Flower only authenticates SuperNodes over "
                          "TLS, so give --root-certificates too")
+    if not 1 <= local_port <= 65535:
+        raise ValueError(f"--local-port {local_port}: not a TCP port (1-65535)")
     command = ["flower-supernode", "--superlink", server, "--isolation", "subprocess",
-               "--node-config", str(node_config_path)]
+               "--node-config", str(node_config_path), "--port", str(local_port)]
     if root_certificates is not None:
         command += ["--root-certificates", str(_existing(root_certificates))]
     else:
@@ -126,8 +135,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-wait-time", type=float,
                         help="give up after this many seconds without a SuperLink "
                         "(default: keep retrying)")
+    parser.add_argument("--local-port", type=int, default=DEFAULT_LOCAL_PORT,
+                        help="port of the SuperNode's local Runtime API on 127.0.0.1, which "
+                        "its ClientApp processes use; give each device on one host its own "
+                        f"(default {DEFAULT_LOCAL_PORT})")
+    parser.add_argument("--flwr-home", type=Path,
+                        help="Flower's own files for this node (default: STATE_DIR/flwr-home)")
     parser.add_argument("--print-command", action="store_true",
-                        help="print the flower-supernode command instead of running it")
+                        help="print the flower-supernode command (with its FLWR_HOME) "
+                        "instead of running it")
     return parser
 
 
@@ -140,17 +156,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         state_dir = Path(str(node["state-dir"]))
         command = supernode_command(
             args.server, state_dir / NODE_CONFIG_FILE, root_certificates=args.root_certificates,
-            auth_key=args.auth_key, insecure=args.insecure, max_wait_time=args.max_wait_time)
+            auth_key=args.auth_key, insecure=args.insecure, max_wait_time=args.max_wait_time,
+            local_port=args.local_port)
     except (ConfigError, ValueError) as err:
         parser.exit(2, f"fedq-client: error: {err}\n")
     if args.insecure:
         print("fedq-client: WARNING: --insecure: no TLS; model weights, metrics and the "
               "node's identity travel in plain text", file=sys.stderr)
     write_node_config(state_dir, node)
+    flwr_home = (args.flwr_home or state_dir / "flwr-home").expanduser().resolve()
     if args.print_command:
-        print(shlex.join(command))
+        print(shlex.join([f"FLWR_HOME={flwr_home}", *command]))
         return
-    os.environ.setdefault("FLWR_HOME", str(state_dir / "flwr-home"))
+    os.environ["FLWR_HOME"] = str(flwr_home)
     executable = shutil.which("flower-supernode",
                               path=os.pathsep.join([str(Path(sys.executable).parent),
                                                     os.environ.get("PATH", "")]))

@@ -32,6 +32,12 @@ ATTACKS = ("none", "nan", "noise")
 CENTRAL_DP = ("none", "server-fixed", "client-fixed")
 
 
+# What a resumed run may change: how long it goes on and where its operator watches it,
+# never what its devices learn or how the server aggregates (that would silently turn the
+# resumed rounds into another experiment).
+RESUME_CHANGEABLE_KEYS = frozenset({"num-server-rounds", "round-timeout", "resume", "run-dir"})
+
+
 class ConfigError(ValueError):
     """A configuration value is missing, unknown, mistyped or out of range."""
 

@@ -367,13 +367,14 @@ def submit_run(handle: SuperLinkHandle, app_dir: Path, *,
                federation_config: Mapping[str, ConfigValue] | None = None,
                stream: bool = True, timeout: float = 3600.0,
                log_path: Path | None = None,
-               echo_filter: Callable[[str], bool] | None = None) -> RunResult:
+               echo: Callable[[str], str | None] | None = None) -> RunResult:
     """Run the Flower App in ``app_dir`` on ``handle`` and wait for it to finish.
 
     ``flwr run`` packs ``app_dir`` into a FAB (no install needed) and always runs with
     ``--stream``, since the log stream is what ends when the run does. Each line goes to
     ``log_path`` (ANSI colours stripped) and, if ``stream``, to our stdout as it arrives
-    (only the lines whose colourless text ``echo_filter`` accepts, if given).
+    (if given, ``echo`` maps each colourless line to what to print, or None to skip it;
+    without it, lines are printed as Flower wrote them, colours only on a terminal).
     ``run_config`` overrides keys of the app's ``[tool.flwr.app.config]``;
     ``num_supernodes`` and ``federation_config`` (keys in :data:`FEDERATION_CONFIG_KEYS`,
     e.g. ``client-resources-num-cpus``) configure a simulation. Both travel as TOML files,
@@ -400,14 +401,14 @@ def submit_run(handle: SuperLinkHandle, app_dir: Path, *,
     env = {**handle._env, _TAG_VAR: f"{handle._env[_TAG_VAR]}/cli-{submission}"}
     lines: list[str] = []
     run_ids: list[int] = []
-    cli = _ProcessGroup.spawn(command, env, None)
+    cli = _ProcessGroup.spawn(command, env, None, cwd=handle.workdir)
     with contextlib.ExitStack() as stack:
         log = None
         if log_path is not None:
             log_path.parent.mkdir(parents=True, exist_ok=True)
             log = stack.enter_context(log_path.open("w"))
         reader = threading.Thread(
-            target=_pump, args=(cli.root.stdout, stream, log, lines, run_ids, echo_filter),
+            target=_pump, args=(cli.root.stdout, stream, log, lines, run_ids, echo),
             daemon=True)
         reader.start()
         stack.callback(reader.join, 10.0)
@@ -596,7 +597,7 @@ def _flwr(handle: SuperLinkHandle, args: list[str],
     """Run a short ``flwr`` CLI command against the handle's private config."""
     return subprocess.run([_executable("flwr"), *args], env=handle._env, timeout=timeout,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          check=False, start_new_session=True)
+                          check=False, start_new_session=True, cwd=handle.workdir)
 
 
 def _run_status(handle: SuperLinkHandle, run_id: int) -> tuple[str | None, str | None]:
@@ -629,17 +630,19 @@ def poll_run_status(list_run: Callable[[], str],
     return status, details
 
 
-def _pump(pipe: IO[bytes] | None, echo: bool, log: IO[str] | None, lines: list[str],
-          run_ids: list[int], echo_filter: Callable[[str], bool] | None = None) -> None:
+def _pump(pipe: IO[bytes] | None, stream: bool, log: IO[str] | None, lines: list[str],
+          run_ids: list[int], echo: Callable[[str], str | None] | None = None) -> None:
     """Copy CLI output line by line to stdout, the log and ``lines``; spot the run ID."""
     if pipe is None:
         return
     for raw in iter(pipe.readline, b""):
         text = raw.decode(errors="replace")
         clean = _ANSI.sub("", text)
-        if echo and (echo_filter is None or echo_filter(clean)):
-            sys.stdout.write(text)
-            sys.stdout.flush()
+        if stream:
+            shown = (text if sys.stdout.isatty() else clean) if echo is None else echo(clean)
+            if shown is not None:
+                sys.stdout.write(shown)
+                sys.stdout.flush()
         lines.append(clean)
         if log is not None:
             log.write(clean)
@@ -709,9 +712,13 @@ class _ProcessGroup:
         self.tag = tag
 
     @classmethod
-    def spawn(cls, command: list[str], env: dict[str, str],
-              log_path: Path | None) -> _ProcessGroup:
-        """Start ``command`` in a new session; output to ``log_path`` or to a pipe."""
+    def spawn(cls, command: list[str], env: dict[str, str], log_path: Path | None, *,
+              cwd: Path | None = None) -> _ProcessGroup:
+        """Start ``command`` in a new session; output to ``log_path`` or to a pipe.
+
+        ``flwr`` reads a positional argument as an app path when a folder of that name
+        exists in its working directory, so the CLI runs in our private ``cwd``, where
+        no folder is named like the connection, whatever the user's directory holds."""
         with contextlib.ExitStack() as stack:
             out: IO[bytes] | int = subprocess.PIPE
             if log_path is not None:
@@ -720,7 +727,8 @@ class _ProcessGroup:
                 out.write(f"\n$ {shlex.join(command)}\n".encode())
                 out.flush()
             process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=out,
-                                       stderr=subprocess.STDOUT, start_new_session=True)
+                                       stderr=subprocess.STDOUT, start_new_session=True,
+                                       cwd=cwd)
         return cls(process, env[_TAG_VAR])
 
     def stop(self, *, kill: bool, grace: float = _TERM_GRACE_S) -> None:

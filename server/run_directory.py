@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from common.atomic import atomic_open, atomic_write_text
-from common.config import FedqConfig
+from common.config import RESUME_CHANGEABLE_KEYS, FedqConfig
 
 _KEEP_CHECKPOINTS = 3
 
@@ -133,9 +133,18 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
 
 
 def _check_resumable(saved: dict[str, Any], config: FedqConfig) -> None:
-    """Resuming may extend or tweak a run, but not change what the weights mean."""
-    now = config.to_mapping()
-    for key in ("env-id", "hidden-sizes"):
-        if saved.get(key) != now[key]:
-            raise RunDirectoryError(f"cannot resume: config field '{key}' was "
-                                    f"{saved.get(key)!r}, now {now[key]!r}")
+    """Resuming continues the same experiment: only the keys in
+    :data:`RESUME_CHANGEABLE_KEYS` (e.g. the number of rounds) may differ from the saved
+    config; every other difference is refused, naming the fields."""
+    changed = config_changes(saved, config.to_mapping())
+    if changed:
+        raise RunDirectoryError("cannot resume: " + "; ".join(
+            f"config field '{key}' {change}" for key, change in changed.items()) + " (only "
+                                + ", ".join(sorted(RESUME_CHANGEABLE_KEYS))
+                                + " may change on resume)")
+
+
+def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, str]:
+    """{key: "was A, now B"} for every key that differs and a resume may not change."""
+    return {key: f"was {saved[key]!r}, now {value!r}" for key, value in now.items()
+            if key not in RESUME_CHANGEABLE_KEYS and key in saved and saved[key] != value}

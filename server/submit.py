@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
 import ssl
 import subprocess
 import sys
@@ -37,6 +38,7 @@ from pathlib import Path
 
 import tomli_w
 
+from common.atomic import atomic_write_text
 from common.config import ConfigError, ConfigScalar, FedqConfig, parse_assignment
 from common.flower_runtime import poll_run_status
 
@@ -56,7 +58,9 @@ def run_config(path: Path | None, assignments: Sequence[str]) -> dict[str, Confi
 
 
 def write_connection(flwr_home: Path, superlink: str, root_certificates: Path | None) -> Path:
-    """Make ``fedq`` the default connection of ``flwr`` in ``flwr_home``."""
+    """Add (or update) the ``fedq`` connection in ``flwr_home/config.toml``, keeping the
+    user's other connections and their default; ``fedq`` becomes the default only of a
+    config that has none. fedq-submit names the connection in every command anyway."""
     connection: dict[str, str | bool] = {"address": superlink}
     if root_certificates is None:
         connection["insecure"] = True
@@ -64,8 +68,16 @@ def write_connection(flwr_home: Path, superlink: str, root_certificates: Path | 
         connection["root-certificates"] = str(root_certificates.resolve())
     flwr_home.mkdir(parents=True, exist_ok=True)
     path = flwr_home / "config.toml"
-    path.write_text(tomli_w.dumps({"superlink": {"default": CONNECTION,
-                                                 CONNECTION: connection}}))
+    try:
+        existing = tomllib.loads(path.read_text()) if path.exists() else {}
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"{path} is not valid TOML ({err}); fix or remove it") from None
+    links = existing.setdefault("superlink", {})
+    if not isinstance(links, dict):
+        raise ValueError(f"{path}: [superlink] is not a table; fix or remove it")
+    links[CONNECTION] = connection
+    links.setdefault("default", CONNECTION)
+    atomic_write_text(path, tomli_w.dumps(existing))
     return path
 
 
@@ -83,8 +95,11 @@ def wait_healthy(superlink: str, root_certificates: Path | None, timeout: float)
                     return
         except (urllib.error.URLError, OSError) as err:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"SuperLink {superlink} not healthy after {timeout}s: "
-                                   f"{err}") from None
+                raise SuperLinkUnreachable(
+                    f"SuperLink {superlink} did not answer /health within {timeout:g} s "
+                    f"({getattr(err, 'reason', err)}); is it running, and is --superlink "
+                    "its host:port (and --insecure / --root-certificates its mode)?"
+                ) from None
         time.sleep(1.0)
 
 
@@ -101,40 +116,85 @@ def public_keys(paths: Sequence[Path]) -> list[Path]:
     return keys
 
 
-def register_key(public_key: Path, env: dict[str, str]) -> None:
+def register_key(public_key: Path, env: dict[str, str], cwd: Path) -> None:
     """``flwr supernode register``; a key registered before (a restart) is not an error."""
-    done = _flwr(["supernode", "register", str(public_key), CONNECTION], env)
+    done = _flwr(["supernode", "register", str(public_key.resolve()), CONNECTION], env, cwd)
     if done.returncode != 0 and "already" not in done.stdout.lower():
         raise RuntimeError(f"could not register {public_key}:\n{done.stdout}")
     print(f"fedq-submit: SuperNode key {public_key} registered", flush=True)
 
 
-def submit(app: Path, config_file: Path, env: dict[str, str]) -> tuple[int | None, int]:
-    """``flwr run --stream``: echo its output; return (run id, exit status)."""
-    command = ["flwr", "run", str(app.resolve()), CONNECTION, "--stream",
-               "--run-config", str(config_file)]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT)
-    run_id = None
-    assert process.stdout is not None
-    for raw in iter(process.stdout.readline, b""):
-        text = raw.decode(errors="replace")
-        sys.stdout.write(text)
-        sys.stdout.flush()
-        if run_id is None and (match := _RUN_STARTED.search(_ANSI.sub("", text))):
-            run_id = int(match.group(1))
-    return run_id, process.wait()
+class SuperLinkUnreachable(RuntimeError):
+    """The SuperLink did not become healthy in time."""
 
 
-def run_status(run_id: int, env: dict[str, str]) -> tuple[str | None, str | None]:
+class Submission:
+    """One ``flwr run --stream``, which can be ended cleanly from a signal handler.
+
+    ``flwr run --stream`` only follows the run: ending it leaves the run (and its
+    ServerApp) going on the SuperLink. So :meth:`cancel` stops the run with
+    ``flwr stop`` too, once its id is known.
+    """
+
+    def __init__(self, env: dict[str, str], cwd: Path) -> None:
+        self.env, self.cwd = env, cwd
+        self.run_id: int | None = None
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def stream(self, app: Path, config_file: Path) -> int:
+        """Submit, echo the run's log as plain text when not on a terminal, and return
+        ``flwr run``'s exit status; the run id is kept in :attr:`run_id`."""
+        command = ["flwr", "run", str(app.resolve()), CONNECTION, "--stream",
+                   "--run-config", str(config_file)]
+        self.process = subprocess.Popen(command, env=self.env, cwd=self.cwd,
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        assert self.process.stdout is not None
+        for raw in iter(self.process.stdout.readline, b""):
+            text = raw.decode(errors="replace")
+            clean = _ANSI.sub("", text)
+            sys.stdout.write(text if sys.stdout.isatty() else clean)
+            sys.stdout.flush()
+            if self.run_id is None and (match := _RUN_STARTED.search(clean)):
+                self.run_id = int(match.group(1))
+        return self.process.wait()
+
+    def cancel(self) -> None:
+        """Stop following the run and stop the run itself on the SuperLink."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self.run_id is not None:
+            stopped = _flwr(["stop", str(self.run_id), CONNECTION], self.env, self.cwd)
+            print(f"fedq-submit: run {self.run_id} stopped on the SuperLink"
+                  if stopped.returncode == 0 else
+                  f"fedq-submit: could not stop run {self.run_id}:\n{stopped.stdout}",
+                  file=sys.stderr, flush=True)
+
+
+class _Terminated(Exception):
+    """SIGTERM arrived (``docker stop``, a service manager)."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise _Terminated
+
+
+def run_status(run_id: int, env: dict[str, str], cwd: Path) -> tuple[str | None, str | None]:
     """The run's (status, details) from ``flwr ls``."""
     return poll_run_status(lambda: _flwr(
-        ["ls", CONNECTION, "--run-id", str(run_id), "--format", "json"], env).stdout,
+        ["ls", CONNECTION, "--run-id", str(run_id), "--format", "json"], env, cwd).stdout,
         attempts=20)
 
 
-def _flwr(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["flwr", *args], env=env, stdout=subprocess.PIPE,
+def _flwr(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """A short ``flwr`` command. It runs in ``cwd`` (the Flower home): ``flwr`` reads a
+    positional argument as an app path when a folder of that name is in its working
+    directory, and the user's directory may well hold a folder named ``fedq``."""
+    return subprocess.run(["flwr", *args], env=env, stdout=subprocess.PIPE, cwd=cwd,
                           stderr=subprocess.STDOUT, text=True, check=False, timeout=120)
 
 
@@ -167,19 +227,28 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.insecure:
         print("fedq-submit: WARNING: --insecure: the run's config and results travel in "
               "plain text", file=sys.stderr)
-    flwr_home = Path(os.environ.get("FLWR_HOME", Path.home() / ".flwr"))
+    flwr_home = Path(os.environ.get("FLWR_HOME", Path.home() / ".flwr")).resolve()
     env = {**os.environ, "FLWR_HOME": str(flwr_home), "FLWR_DISABLE_UPDATE_CHECK": "1"}
-    write_connection(flwr_home, args.superlink, args.root_certificates)
-    config_file = flwr_home / "fedq-run-config.toml"
-    config_file.write_text(tomli_w.dumps(overrides))
-    wait_healthy(args.superlink, args.root_certificates, args.wait)
-    for key in public_keys(args.register_key):
-        register_key(key, env)
-    run_id, returncode = submit(args.app, config_file, env)
-    if run_id is None:
+    try:
+        write_connection(flwr_home, args.superlink, args.root_certificates)
+        config_file = flwr_home / "fedq-run-config.toml"
+        config_file.write_text(tomli_w.dumps(overrides))
+        wait_healthy(args.superlink, args.root_certificates, args.wait)
+        for key in public_keys(args.register_key):
+            register_key(key, env, flwr_home)
+    except (SuperLinkUnreachable, ValueError, OSError, RuntimeError) as err:
+        parser.exit(1, f"fedq-submit: error: {err}\n")
+    submission = Submission(env, flwr_home)
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        returncode = submission.stream(args.app, config_file)
+    except (_Terminated, KeyboardInterrupt) as stop:
+        submission.cancel()
+        sys.exit(143 if isinstance(stop, _Terminated) else 130)
+    if submission.run_id is None:
         parser.exit(1, f"fedq-submit: the run did not start (flwr run exited {returncode})\n")
-    status, details = run_status(run_id, env)
-    print(f"fedq-submit: run {run_id}: {status} {details or ''}".rstrip(), flush=True)
+    status, details = run_status(submission.run_id, env, flwr_home)
+    print(f"fedq-submit: run {submission.run_id}: {status} {details or ''}".rstrip(), flush=True)
     if returncode != 0 or status != "finished:completed":
         sys.exit(1)
 

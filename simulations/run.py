@@ -16,28 +16,48 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import re
+import shlex
 import sys
 import tempfile
+import time
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 
-from common.config import ConfigError, ConfigScalar, FedqConfig, parse_assignment
+from common.config import (
+    RESUME_CHANGEABLE_KEYS,
+    ConfigError,
+    ConfigScalar,
+    FedqConfig,
+    parse_assignment,
+)
 from common.envs import env_spec
 from common.flower_runtime import RunResult, simulation_superlink, submit_run
+from server.run_directory import RunDirectory, config_changes
 from simulations.scenario import load_scenario
 
 APP_DIR = Path(__file__).resolve().parent.parent
+DEFAULT_CLIENTS = 4
+SIMULATION_FILE = "simulation.json"  # how fedq-simulate ran it (clients), for --resume
 _TIMESTAMPED = re.compile(r"^\d\d/\d\d/\d{4} ")  # Flower's file-format copy of each line
+# Flower's notes that do not apply to a fedq run: fedq always passes num-supernodes, and
+# Ray's FutureWarning concerns its own environment variables, not anything a user sets.
+_IRRELEVANT_NOTES = ("default simulated SuperNodes changed", "FutureWarning",
+                     "warnings.warn(")
 
 
-def progress_only(line: str) -> bool:
-    """Keep fedq's progress, warnings and errors on the terminal; the full log goes to
-    ``flower.log``. Flower streams every line twice (console and file format) plus DEBUG."""
-    if _TIMESTAMPED.match(line):
-        return False
-    return not line.startswith(("INFO", "DEBUG")) or "[fedq]" in line
+def progress_line(line: str) -> str | None:
+    """What the terminal shows of one (colourless) line of the run's log: fedq's progress,
+    warnings and errors, as plain text without Flower's ``INFO :`` prefix; None for the
+    rest, which goes only to ``flower.log``. Flower streams every line twice (console and
+    file format) plus DEBUG, and notes that do not apply to fedq's runs."""
+    if _TIMESTAMPED.match(line) or any(note in line for note in _IRRELEVANT_NOTES):
+        return None
+    if "[fedq]" in line:
+        return line[line.index("[fedq]"):]
+    return None if line.startswith(("INFO", "DEBUG")) else line
 
 
 def app_defaults(app_dir: Path = APP_DIR) -> dict[str, ConfigScalar]:
@@ -51,11 +71,23 @@ def resolve_run_config(overrides: dict[str, ConfigScalar], clients: int,
     """Validate everything a run needs before any process starts.
 
     Returns the parsed config and the run config to submit: the overrides plus an absolute
-    ``run-dir``. Raises :class:`ConfigError` naming the first bad field.
+    ``run-dir``. Raises :class:`ConfigError` naming the first bad field. A resumed run
+    starts from the config it was started with (its ``config.json``), not from today's
+    defaults, and refuses overrides that would change the experiment.
     """
     if clients < 1:
         raise ConfigError("clients", f"must be >= 1, got {clients}")
-    config = FedqConfig.from_mapping({**app_defaults(app_dir), **overrides})
+    base = app_defaults(app_dir)
+    if overrides.get("resume"):
+        saved = _saved_config(Path(str(overrides["run-dir"])).expanduser().resolve())
+        config = FedqConfig.from_mapping({**base, **saved, **overrides})
+        if changed := config_changes(saved, config.to_mapping()):
+            key, change = next(iter(changed.items()))
+            raise ConfigError(key, f"{change}: a resumed run keeps its config (only "
+                              + ", ".join(sorted(RESUME_CHANGEABLE_KEYS)) + " may change)")
+        overrides = {**saved, **overrides}
+        base = saved
+    config = FedqConfig.from_mapping({**base, **overrides})
     # unknown id / wrong spaces / bad physics fail here
     env_spec(config.env_id, config.env_kwargs, config.env_physics)
     if config.min_available_clients > clients:
@@ -67,6 +99,34 @@ def resolve_run_config(overrides: dict[str, ConfigScalar], clients: int,
         raise ConfigError("run-dir", f"'{run_dir}' already holds a run; pass --resume "
                           "to continue it or choose another --run-dir")
     return config, {**overrides, "run-dir": str(run_dir)}
+
+
+def _saved_config(run_dir: Path) -> dict[str, ConfigScalar]:
+    """The config a run in ``run_dir`` was started with."""
+    path = run_dir / "config.json"
+    try:
+        saved = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError("run-dir", f"nothing to resume: '{path}' does not exist") from None
+    except (OSError, ValueError) as err:
+        raise ConfigError("run-dir", f"cannot resume: '{path}' is unreadable ({err})") from None
+    if not isinstance(saved, dict):
+        raise ConfigError("run-dir", f"cannot resume: '{path}' does not hold a config object")
+    return saved
+
+
+def simulation_clients(run_dir: Path, requested: int | None) -> int:
+    """How many virtual devices a run has: what ``--clients`` asks for, or on resume what
+    the run was started with (kept in ``simulation.json``); a resume with another number
+    would be another experiment and is refused."""
+    path = run_dir / SIMULATION_FILE
+    if not path.exists():
+        return DEFAULT_CLIENTS if requested is None else requested
+    saved = int(json.loads(path.read_text())["clients"])
+    if requested is not None and requested != saved:
+        raise ConfigError("clients", f"the run in '{run_dir}' was started with {saved} "
+                          f"clients, not {requested}; a resume cannot change it")
+    return saved
 
 
 def simulate(run_config: dict[str, ConfigScalar], clients: int, *, cpus_per_client: int = 1,
@@ -81,7 +141,7 @@ def simulate(run_config: dict[str, ConfigScalar], clients: int, *, cpus_per_clie
             link, app_dir, run_config=run_config, num_supernodes=clients,
             federation_config={"client-resources-num-cpus": cpus_per_client},
             stream=stream, timeout=timeout, log_path=run_dir / "flower.log",
-            echo_filter=progress_only)
+            echo=progress_line)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -112,15 +172,20 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    started = time.monotonic()
     try:
         overrides = dict(parse_assignment(item) for item in args.overrides)
         if args.rounds is not None:
             overrides["num-server-rounds"] = args.rounds
         if args.resume:
             overrides["resume"] = True
+            if args.run_dir is None and "run-dir" not in overrides:
+                raise ConfigError("run-dir", "--resume needs the --run-dir of the run")
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         overrides["run-dir"] = args.run_dir or overrides.get("run-dir", f"runs/sim-{stamp}")
-        clients = 4 if args.clients is None else args.clients
+        run_dir = Path(str(overrides["run-dir"])).expanduser().resolve()
+        clients = simulation_clients(run_dir, args.clients) if args.resume else (
+            DEFAULT_CLIENTS if args.clients is None else args.clients)
         if args.scenario is not None:
             scenario = load_scenario(args.scenario, args.clients, app_defaults(), overrides)
             overrides = {**scenario.run_config(), **overrides}
@@ -129,28 +194,62 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"fedq-simulate: {err}", file=sys.stderr)
         return 2
-    run_dir = Path(str(run_config["run-dir"]))
-    print(f"[fedq] {clients} clients x {config.num_server_rounds} rounds x "
-          f"{config.local_steps} local steps on {config.env_id}; results in {run_dir}",
-          flush=True)
-    result = simulate(run_config, clients, cpus_per_client=args.cpus_per_client,
-                      timeout=args.timeout, stream=not args.quiet)
+    done = RunDirectory(run_dir).latest_round() if config.resume else 0
+    what = (f"{clients} clients x {config.local_steps} local steps on {config.env_id}, "
+            f"strategy {config.strategy}")
+    if config.resume:
+        print(f"[fedq] resuming run {run_dir} at round {done + 1} of "
+              f"{config.num_server_rounds}: {what}", flush=True)
+    else:
+        print(f"[fedq] {config.num_server_rounds} rounds x {what}; results in {run_dir}",
+              flush=True)
+    print(f"[fedq] watch it live: tensorboard --logdir {run_dir / 'tensorboard'}  "
+          "(pip install tensorboard)", flush=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / SIMULATION_FILE).write_text(json.dumps({"clients": clients}) + "\n")
+    try:
+        result = simulate(run_config, clients, cpus_per_client=args.cpus_per_client,
+                          timeout=args.timeout, stream=not args.quiet)
+    except KeyboardInterrupt:
+        saved = RunDirectory(run_dir).latest_round()
+        print(f"\nfedq-simulate: interrupted; every Flower process it started is stopped. "
+              f"Rounds 1-{saved} are saved in {run_dir}. Resume with:\n"
+              f"  fedq-simulate --run-dir {shlex.quote(str(run_dir))} --resume",
+              file=sys.stderr)
+        return 130
     if not result.ok:
         print(f"fedq-simulate: run {result.run_id} ended {result.status} "
               f"({result.status_details or 'no details'}); Flower log: "
               f"{run_dir / 'flower.log'}", file=sys.stderr)
         return 1
-    _print_summary(run_dir)
+    print(run_summary(run_dir, config, time.monotonic() - started))
     return 0
 
 
-def _print_summary(run_dir: Path) -> None:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    last = rows[-1]["eval"] if rows else {}
-    print(f"[fedq] done: {len(rows)} rounds, final greedy return "
-          f"{last.get('eval-return-mean', float('nan')):.1f} (mean over clients)")
-    for name in ("metrics.jsonl", "learning_curve.png", "checkpoints", "devices"):
-        print(f"[fedq]   {run_dir / name}")
+def run_summary(run_dir: Path, config: FedqConfig, seconds: float) -> str:
+    """The end-of-run table: returns (final, best), privacy spent, time and the files."""
+    rows = RunDirectory(run_dir).read_metrics()
+    returns = [(r["round"], r["eval"]["eval-return-mean"]) for r in rows
+               if "eval-return-mean" in r.get("eval", {})]
+    epsilons = [r["train"]["dp-epsilon-max"] for r in rows if "dp-epsilon-max" in r["train"]]
+    lines = [("rounds", f"{len(rows)} of {config.num_server_rounds}")]
+    if returns:
+        best_round, best = max(returns, key=lambda item: item[1])
+        lines += [("final greedy return", f"{returns[-1][1]:.1f} (round {returns[-1][0]})"),
+                  ("best greedy return", f"{best:.1f} (round {best_round})")]
+    if math.isfinite(config.target_return):
+        reached = next((r for r, value in returns if value >= config.target_return), None)
+        lines.append(("target return", f"{config.target_return:g}: " + (
+            f"first reached in round {reached}" if reached else "not reached")))
+    lines.append(("privacy spent", f"epsilon {max(epsilons):.3g} at delta {config.dp_delta:g} "
+                  "(worst device)" if epsilons else "no DP (epsilon = inf)"))
+    lines.append(("wall time", f"{seconds:.0f} s"))
+    lines += [(name, str(run_dir / name)) for name in
+              ("metrics.jsonl", "learning_curve.png", "checkpoints", "tensorboard", "flower.log")
+              if (run_dir / name).exists()]
+    width = max(len(key) for key, _ in lines)
+    return "\n".join(["[fedq] run summary"] + [f"  {key:<{width}}  {value}"
+                                               for key, value in lines])
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ covers the edge-client and certificate scripts the deployment relies on."""
 
 import re
 import subprocess
+import tomllib
 from functools import cache
 from pathlib import Path
 
@@ -21,7 +22,9 @@ from client.edge import supernode_command
 from common.certs import main as certs_main
 from common.config import FedqConfig
 from common.envs import env_spec
+from common.flower_runtime import free_port
 from server.submit import main as submit_main
+from server.submit import write_connection
 from simulations.compose_topology import (
     COMPOSE,
     ROOT,
@@ -196,9 +199,13 @@ def test_edge_client_command_is_a_valid_supernode_command_with_a_stable_state_di
     client_main(["--server", "fedq.example:9093", "--state-dir", str(state_dir),
                  "--env-id", "Acrobot-v1", "--set", "seed=5",
                  "--root-certificates", str(certs / "ca.crt"),
-                 "--auth-key", str(certs / "node-1"), "--print-command"])
-    command = capsys.readouterr().out.split()
+                 "--auth-key", str(certs / "node-1"), "--local-port", "9194",
+                 "--print-command"])
+    flwr_home, *command = capsys.readouterr().out.split()
+    # what the printed line runs is what fedq-client itself would run: its FLWR_HOME too
+    assert flwr_home == f"FLWR_HOME={state_dir.resolve() / 'flwr-home'}"
     assert Path(command[0]).name == "flower-supernode"
+    assert flag_value(command, "--port") == "9194"  # two devices on one host: two ports
     help_text = _help("flower-supernode")
     assert all(flag in help_text for flag in _flags(command))
     assert "--insecure" not in command
@@ -244,3 +251,28 @@ def test_submitter_refuses_a_bad_run_config_before_contacting_the_superlink(tmp_
     with pytest.raises(SystemExit):
         submit_main(["--superlink", "127.0.0.1:9"])  # neither TLS nor --insecure
     assert not (tmp_path / "config.toml").exists()
+
+
+def test_submitter_adds_its_connection_and_keeps_the_users_others(tmp_path):
+    (tmp_path / "config.toml").write_text(
+        '[superlink]\ndefault = "lab"\n\n[superlink.lab]\naddress = "10.1.2.3:9093"\n'
+        'root-certificates = "/etc/lab-ca.crt"\n')
+    write_connection(tmp_path, "127.0.0.1:9093", None)
+    saved = tomllib.loads((tmp_path / "config.toml").read_text())["superlink"]
+    assert saved["default"] == "lab"  # the user's default stays theirs
+    assert saved["lab"] == {"address": "10.1.2.3:9093", "root-certificates": "/etc/lab-ca.crt"}
+    assert saved["fedq"] == {"address": "127.0.0.1:9093", "insecure": True}
+    fresh = tmp_path / "fresh"
+    write_connection(fresh, "127.0.0.1:9093", None)
+    assert tomllib.loads((fresh / "config.toml").read_text())["superlink"]["default"] == "fedq"
+
+
+def test_submitter_names_an_unreachable_superlink_without_a_traceback(tmp_path, capsys,
+                                                                      monkeypatch):
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path))
+    with pytest.raises(SystemExit) as exited:
+        submit_main(["--superlink", f"127.0.0.1:{free_port()}", "--insecure", "--wait", "1"])
+    assert exited.value.code == 1
+    err = capsys.readouterr().err
+    assert "fedq-submit: error: SuperLink 127.0.0.1:" in err
+    assert "did not answer /health within 1 s" in err and "Traceback" not in err

@@ -29,13 +29,27 @@ def _device_steps(run_dir, partition):
     return trainer.counters.env_steps, len(trainer.buffer)
 
 
+def _set(mapping):
+    return [arg for key, value in mapping.items() for arg in ("--set", f"{key}={value}")]
+
+
 @pytest.mark.slow
-def test_two_clients_two_rounds_write_all_outputs_then_resume_continues_devices(tmp_path):
+def test_two_clients_two_rounds_write_all_outputs_then_resume_continues_devices(
+        tmp_path, monkeypatch, capsys):
+    """Run as a user would, from a directory holding folders named ``fedq`` and ``common``
+    (a clone's parent, a project of the user's), which once broke the final ``flwr ls``
+    and could shadow fedq's own packages; the README's resume command then continues the
+    same experiment (its config and client count), not one rebuilt from defaults."""
+    workdir = tmp_path / "work"
+    for name in ("fedq", "common"):
+        (workdir / name).mkdir(parents=True)
+    monkeypatch.chdir(workdir)
     run_dir = tmp_path / "run"
-    _, run_config = resolve_run_config(
-        {**TINY, "num-server-rounds": 2, "run-dir": str(run_dir)}, clients=2)
-    result = simulate(run_config, clients=2, stream=False, timeout=300)
-    assert result.ok, result.output[-3000:]
+    assert main(["--clients", "2", "--rounds", "2", "--run-dir", str(run_dir), *_set(TINY),
+                 "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "[fedq] 2 rounds x 2 clients x 400 local steps on CartPole-v1" in out
+    assert "[fedq] run summary" in out and "final greedy return" in out
 
     rows = _rows(run_dir)
     assert [r["round"] for r in rows] == [1, 2]
@@ -52,15 +66,55 @@ def test_two_clients_two_rounds_write_all_outputs_then_resume_continues_devices(
     assert _device_steps(run_dir, 0) == (800, 800)
 
     # A new simulation: new SuperLink, new Ray actors, so every device process restarted.
-    _, resumed = resolve_run_config(
-        {**TINY, "num-server-rounds": 3, "run-dir": str(run_dir), "resume": True}, clients=2)
-    result = simulate(resumed, clients=2, stream=False, timeout=300)
-    assert result.ok, result.output[-3000:]
+    assert main(["--run-dir", str(run_dir), "--resume", "--rounds", "3", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert f"[fedq] resuming run {run_dir} at round 3 of 3: 2 clients x 400 local steps" in out
+    assert json.loads((run_dir / "config.json").read_text())["local-steps"] == 400
     rows = _rows(run_dir)
     assert [r["round"] for r in rows] == [1, 2, 3]  # no round repeated or lost
     assert rows[-1]["env-steps-per-client-total"] == 1200
     for partition in (0, 1):  # devices continued from disk, not from zero
         assert _device_steps(run_dir, partition) == (1200, 1200)
+
+
+def _started_run(tmp_path, **config):
+    """A run directory as fedq-simulate leaves it after starting a 2-client run."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    saved = FedqConfig.from_mapping({**TINY, **config, "run-dir": str(run_dir)}).to_mapping()
+    (run_dir / "config.json").write_text(json.dumps(saved))
+    (run_dir / "simulation.json").write_text('{"clients": 2}\n')
+    return run_dir
+
+
+@pytest.mark.parametrize(("args", "field", "says"), [
+    (["--set", "local-steps=5000"], "local-steps", "was 400, now 5000"),
+    (["--set", "learning-rate=0.01"], "learning-rate", "a resumed run keeps its config"),
+    (["--clients", "4"], "clients", "started with 2 clients, not 4"),
+])
+def test_resume_refuses_to_change_the_experiment(tmp_path, capsys, args, field, says):
+    run_dir = _started_run(tmp_path)
+    before = (run_dir / "config.json").read_text()
+    assert main(["--run-dir", str(run_dir), "--resume", *args]) == 2
+    err = capsys.readouterr().err
+    assert f"config field '{field}'" in err and says in err
+    assert (run_dir / "config.json").read_text() == before
+
+
+def test_resume_keeps_the_saved_config_and_may_extend_the_rounds(tmp_path):
+    run_dir = _started_run(tmp_path, **{"num-server-rounds": 2})
+    config, run_config = resolve_run_config(
+        {"run-dir": str(run_dir), "resume": True, "num-server-rounds": 6}, clients=2)
+    assert (config.local_steps, config.hidden_sizes, config.num_server_rounds) == (
+        400, (16, 16), 6)
+    assert run_config["local-steps"] == 400  # submitted explicitly, not left to defaults
+
+
+def test_resume_without_a_run_names_the_run_dir(tmp_path, capsys):
+    assert main(["--run-dir", str(tmp_path / "nothing"), "--resume"]) == 2
+    assert "config field 'run-dir': nothing to resume" in capsys.readouterr().err
+    assert main(["--resume"]) == 2
+    assert "--resume needs the --run-dir" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("args", "field"), [

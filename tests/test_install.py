@@ -1,0 +1,79 @@
+"""What users install takes PyTorch's CPU build by design, not by this machine's luck.
+
+PyPI's Linux torch 2.13.0 wheels (x86_64 and aarch64) are CUDA builds that pull GBs of
+nvidia-* wheels. fedq pins ``torch==2.13.0+cpu`` on Linux, which only PyTorch's CPU index
+serves, and the README installs it from there first. These tests resolve the install
+with pip against the public index in dry-run mode (nothing is installed): from PyPI alone
+it must fail at torch rather than pick CUDA, and with the CPU wheel available it must
+resolve with no CUDA package at all. They need PyPI and skip, saying so, without it.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PYPI = "https://pypi.org/simple"
+CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+CUDA_PACKAGE = re.compile(r"^(nvidia-|cuda-|triton\b)", re.IGNORECASE)
+
+
+def _reachable(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=10):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def _cpu_wheel_source() -> list[str]:
+    """pip arguments that offer torch's CPU wheel: PyTorch's CPU index where it can be
+    reached, else a local folder holding that index's wheel (``FEDQ_TORCH_WHEELS``, or
+    the wheel folder of this workplace's machines); none: skip."""
+    if _reachable(f"{CPU_INDEX}/torch/"):
+        return ["--extra-index-url", CPU_INDEX]
+    for folder in (os.environ.get("FEDQ_TORCH_WHEELS"), "/opt/wheels"):
+        if folder and list(Path(folder).glob("torch-2.13.0+cpu-*.whl")):
+            return ["--find-links", folder]
+    pytest.skip("neither PyTorch's CPU index nor a folder with its torch 2.13.0+cpu wheel "
+                "is reachable from here")
+
+
+def _dry_run(requirement: str, *extra: str, report: Path) -> subprocess.CompletedProcess[str]:
+    """``pip install --dry-run`` against PyPI only, ignoring this machine's pip config."""
+    if not _reachable(f"{PYPI}/pip/"):
+        pytest.skip(f"{PYPI} is not reachable from here")
+    command = [sys.executable, "-m", "pip", "install", "--isolated", "--dry-run",
+               "--ignore-installed", "--disable-pip-version-check", "--index-url", PYPI,
+               "--report", str(report), *extra, requirement]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          check=False)
+
+
+def _resolved(report: Path) -> dict[str, str]:
+    installs = json.loads(report.read_text())["install"]
+    return {i["metadata"]["name"].lower(): i["metadata"]["version"] for i in installs}
+
+
+@pytest.mark.slow
+def test_pypi_alone_fails_at_torch_instead_of_downloading_cuda(tmp_path):
+    done = _dry_run(".[dev]", report=tmp_path / "report.json")
+    assert done.returncode != 0
+    assert "torch==2.13.0+cpu" in done.stdout + done.stderr
+    assert not (tmp_path / "report.json").exists()  # nothing was resolved to install
+
+
+@pytest.mark.slow
+def test_the_readme_install_resolves_the_cpu_torch_and_no_cuda_package(tmp_path):
+    done = _dry_run(".[dev]", *_cpu_wheel_source(), report=tmp_path / "report.json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    packages = _resolved(tmp_path / "report.json")
+    assert packages["torch"] == "2.13.0+cpu"
+    assert "opacus" in packages and "flwr" in packages
+    assert not [name for name in packages if CUDA_PACKAGE.match(name)], packages
