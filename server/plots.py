@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
+import gymnasium
 import matplotlib
 
 matplotlib.use("Agg")  # headless: servers and CI have no display
 import matplotlib.pyplot as plt
 
 
-def plot_learning_curve(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+def plot_learning_curve(rows: list[dict[str, Any]], path: Path, title: str,
+                        goal: tuple[float, str] | None = None) -> None:
     """Federated greedy return (mean, worst and best device) and training return
-    against env steps per client."""
+    against env steps per client; ``goal`` (value, label) draws the return to beat."""
     steps = [r["env-steps-per-client-total"] for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4))
     evals = [(s, r["eval"]) for s, r in zip(steps, rows, strict=True)
@@ -30,6 +33,8 @@ def plot_learning_curve(rows: list[dict[str, Any]], path: Path, title: str) -> N
     if trains:
         ax.plot([s for s, _ in trains], [t["mean-episode-return"] for _, t in trains],
                 linestyle="--", label="local training episodes (epsilon-greedy)")
+    if goal is not None:
+        ax.axhline(goal[0], color="green", linestyle=":", linewidth=1.2, label=goal[1])
     ax.set_xlabel("env steps per device")
     ax.set_ylabel("episode return")
     ax.set_title(title)
@@ -103,3 +108,13 @@ def plot_client_curves(rows: list[dict[str, Any]], client_rows: list[dict[str, A
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def return_goal(target_return: float, env_id: str) -> tuple[float, str] | None:
+    """The return a run's plot marks: its ``target-return`` when set, else the env's own
+    "solved" threshold (gymnasium's ``reward_threshold``, e.g. 475 for CartPole-v1)."""
+    if math.isfinite(target_return):
+        return target_return, f"target-return {target_return:g}"
+    threshold = gymnasium.spec(env_id).reward_threshold
+    return None if threshold is None else (float(threshold), f"solved ({threshold:g}, "
+                                                              "gymnasium's threshold)")

@@ -32,7 +32,7 @@ from common.envs import env_spec
 from common.networks import QNetwork
 from server.central_dp import central_dp_report, with_central_dp
 from server.observability import RoundRecorder
-from server.plots import plot_client_curves, plot_learning_curve
+from server.plots import plot_client_curves, plot_learning_curve, return_goal
 from server.privacy_log import PrivacyLog
 from server.run_directory import RunDirectory
 from server.sequential import DeviceOrder, TrainPhase, reply_partition, train_in_sequence
@@ -250,7 +250,8 @@ def main(grid: Grid, context: Context) -> None:
                    recorder=recorder)
     finally:
         recorder.close()
-    plot_learning_curve(run_dir.read_metrics(), run_dir.plot_path, title=config.env_id)
+    plot_learning_curve(run_dir.read_metrics(), run_dir.plot_path, title=config.env_id,
+                        goal=return_goal(config.target_return, config.env_id))
     plot_client_curves(run_dir.read_metrics(), run_dir.read_client_metrics(),
                        run_dir.client_plot_path, title=config.env_id)
     log(logging.INFO, "[fedq] results in %s", run_dir.root.resolve())

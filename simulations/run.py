@@ -40,6 +40,8 @@ from simulations.scenario import load_scenario
 
 APP_DIR = Path(__file__).resolve().parent.parent
 DEFAULT_CLIENTS = 4
+RAY_START_ATTEMPTS = 3
+_RAY_START_TIMEOUT = "The current node timed out during startup"
 SIMULATION_FILE = "simulation.json"  # how fedq-simulate ran it (clients), for --resume
 _TIMESTAMPED = re.compile(r"^\d\d/\d\d/\d{4} ")  # Flower's file-format copy of each line
 # Flower's notes that do not apply to a fedq run: fedq always passes num-supernodes, and
@@ -208,8 +210,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / SIMULATION_FILE).write_text(json.dumps({"clients": clients}) + "\n")
     try:
-        result = simulate(run_config, clients, cpus_per_client=args.cpus_per_client,
-                          timeout=args.timeout, stream=not args.quiet)
+        for attempt in range(1, RAY_START_ATTEMPTS + 1):
+            result = simulate(run_config, clients, cpus_per_client=args.cpus_per_client,
+                              timeout=args.timeout, stream=not args.quiet)
+            if result.ok or not ray_start_failed(result.output):
+                break
+            print(f"[fedq] Ray did not start within its fixed 30 s (attempt {attempt} of "
+                  f"{RAY_START_ATTEMPTS}): the machine is too busy for it right now.",
+                  file=sys.stderr, flush=True)
+            if RunDirectory(run_dir).read_metrics() or attempt == RAY_START_ATTEMPTS:
+                break  # a round already ran (or no attempts left): no blind retry
     except KeyboardInterrupt:
         saved = RunDirectory(run_dir).latest_round()
         print(f"\nfedq-simulate: interrupted; every Flower process it started is stopped. "
@@ -217,6 +227,12 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"  fedq-simulate --run-dir {shlex.quote(str(run_dir))} --resume",
               file=sys.stderr)
         return 130
+    if not result.ok and ray_start_failed(result.output):
+        print("fedq-simulate: Ray, which hosts the simulated devices, did not start in time "
+              "on this busy machine. Stop other heavy programs or use fewer --clients, then "
+              f"run the same command again (resume a started run with --run-dir {run_dir} "
+              f"--resume). Flower log: {run_dir / 'flower.log'}", file=sys.stderr)
+        return 1
     if not result.ok:
         print(f"fedq-simulate: run {result.run_id} ended {result.status} "
               f"({result.status_details or 'no details'}); Flower log: "
@@ -224,6 +240,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     print(run_summary(run_dir, config, time.monotonic() - started))
     return 0
+
+
+def ray_start_failed(output: str) -> bool:
+    """Whether a run failed because Ray's node did not start within the 30 s that Ray
+    hard-codes (ray/_private/node.py), which happens on a loaded machine. Nothing of the
+    run has happened then, so starting it again is safe."""
+    return _RAY_START_TIMEOUT in output
 
 
 def run_summary(run_dir: Path, config: FedqConfig, seconds: float) -> str:

@@ -102,3 +102,12 @@ def test_reply_without_metrics_is_recorded_with_its_node(tmp_path):
     recorder.record(_row(1, 10), [bare], [])
     recorder.close()
     assert run_dir.read_client_metrics()[0]["client"] == "node-5"
+
+
+def test_learning_curve_marks_the_target_or_the_envs_solved_threshold():
+    from server.plots import return_goal
+
+    assert return_goal(float("inf"), "CartPole-v1") == (475.0, "solved (475, gymnasium's "
+                                                               "threshold)")
+    assert return_goal(300.0, "CartPole-v1") == (300.0, "target-return 300")
+    assert return_goal(float("inf"), "Pendulum-v1") is None  # no threshold: no line

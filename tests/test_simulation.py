@@ -11,7 +11,7 @@ import pytest
 
 from common.config import FedqConfig
 from common.trainer import LocalTrainer
-from simulations.run import main, resolve_run_config, simulate
+from simulations.run import main, ray_start_failed, resolve_run_config, simulate
 
 TINY = {"local-steps": 400, "learning-starts": 100, "batch-size": 32, "buffer-size": 2000,
         "hidden-sizes": "16,16", "eval-episodes": 2, "exploration-steps": 800}
@@ -164,3 +164,17 @@ def test_sequential_strategy_chains_devices_in_partition_order_in_the_engine(tmp
         start = 400 * partition  # the env steps of the devices visited before it
         assert reply["epsilon"] == pytest.approx(1.0 - 0.98 * (start + 400) / 2000)
         assert _device_steps(run_dir, partition) == (400, 400)  # its own steps: 400 each
+
+
+def test_ray_start_timeout_is_recognised_in_rays_own_words():
+    """fedq-simulate retries (and explains) a run that died because Ray's node did not
+    start in the 30 s Ray hard-codes; the text it looks for must be what Ray raises."""
+    import inspect
+
+    from ray._private import node
+
+    source = inspect.getsource(node)
+    raised = source[source.index('"The current node timed out'):].split(")", 1)[0]
+    message = "".join(part.strip().strip('"') for part in raised.splitlines())
+    assert ray_start_failed(f"Exception: {message}\n")
+    assert not ray_start_failed("ValueError: config field 'seed'")
