@@ -47,6 +47,7 @@ _TIMESTAMPED = re.compile(r"^\d\d/\d\d/\d{4} ")  # Flower's file-format copy of 
 # Flower's notes that do not apply to a fedq run: fedq always passes num-supernodes, and
 # Ray's FutureWarning concerns its own environment variables, not anything a user sets.
 _IRRELEVANT_NOTES = ("default simulated SuperNodes changed", "FutureWarning",
+                     "Manually terminating ClientAppActor",
                      "warnings.warn(")
 
 
