@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -55,6 +56,7 @@ from common.rollouts import play_episodes
 from common.trainer import LocalTrainer
 from common.weights import to_state_dict
 
+PROGRESS_INTERVAL_S = 15.0  # a training round's progress line at most this often
 torch.set_num_threads(1)  # tiny MLPs: threads cost more than they give, and devices share cores
 
 # the audit mod is outermost: it sees each reply as it leaves, after central DP clipping
@@ -88,7 +90,8 @@ def _train(msg: Message, device: Device, context: Context, started: float) -> Me
     local_steps = int(round_config.get("local-steps", device.config.local_steps))
     trainer.learner.set_proximal(float(round_config.get("proximal-mu", 0.0)))
     try:
-        stats = trainer.train(local_steps, exploration_start(device.config, round_config))
+        stats = trainer.train(local_steps, exploration_start(device.config, round_config),
+                              progress=round_progress(device.name, local_steps))
     except PrivacyBudgetExhausted as declined:
         trainer.close()
         log(logging.WARNING, "[fedq] %s: %s", device.name, declined)
@@ -116,6 +119,24 @@ def _train(msg: Message, device: Device, context: Context, started: float) -> Me
     })
     trainer.close()
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+
+def round_progress(name: str, total: int, every_s: float = PROGRESS_INTERVAL_S
+                   ) -> Callable[[int], None]:
+    """A progress callback for a round's training that logs ``[fedq] <device>: done/total
+    env steps (N steps/s)`` at most every ``every_s`` seconds, so a round that takes
+    minutes shows it is alive (fedq-simulate shows these lines; a SuperNode logs them)."""
+    started = last = time.monotonic()
+
+    def report(done: int) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if now - last >= every_s:
+            last = now
+            log(logging.INFO, "[fedq] %s: %d/%d env steps this round (%.0f steps/s)",
+                name, done, total, done / (now - started))
+
+    return report
 
 
 def exploration_start(config: FedqConfig, round_config: ConfigRecord) -> int | None:

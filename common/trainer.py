@@ -14,6 +14,7 @@ import json
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from common.replay_buffer import ReplayBuffer
 from common.rollouts import play_episodes
 
 _LEARNER_FILE = "learner.pt"
+PROGRESS_EVERY = 1000  # env steps between calls of train()'s progress callback
 _BUFFER_FILE = "replay_buffer.npz"
 _COUNTERS_FILE = "counters.json"
 _PRIVACY_FILE = "privacy.json"
@@ -90,12 +92,15 @@ class LocalTrainer:
         return linear_epsilon(step, c.exploration_initial_eps, c.exploration_final_eps,
                               c.exploration_steps)
 
-    def train(self, n_steps: int, exploration_start: int | None = None) -> TrainStats:
+    def train(self, n_steps: int, exploration_start: int | None = None,
+              progress: Callable[[int], None] | None = None) -> TrainStats:
         """Run ``n_steps`` env steps with epsilon-greedy acting and DQN updates.
 
         The epsilon schedule starts at ``exploration_start`` (``exploration-clock =
         "federation"``: the env steps already in the global model) and advances one per
         env step; by default it counts the device's own lifetime env steps.
+        ``progress`` is called with the steps done so far every ``PROGRESS_EVERY`` steps,
+        so a long round can report how it is going.
         With DP, raises :class:`common.privacy.PrivacyBudgetExhausted` before any step
         if the round's updates would take the device past ``dp-target-epsilon``.
         """
@@ -142,6 +147,8 @@ class LocalTrainer:
                     n_updates += 1
             if step % c.target_update_interval == 0:
                 learner.sync_target()
+            if progress is not None and step % PROGRESS_EVERY == 0:
+                progress(step - counters.env_steps)
         self._obs, self._episode_return = obs, episode_return
         counters.env_steps = step
         counters.updates += n_updates

@@ -107,3 +107,23 @@ def test_federation_clock_places_epsilon_by_the_models_experience_not_the_device
     assert 25 <= int((actions != np.array(greedy)).sum()) <= 75
     with pytest.raises(ValueError, match="exploration_start must be >= 0"):
         stepped.train(1, exploration_start=-1)
+
+
+def test_a_long_round_reports_its_progress(caplog):
+    """train() calls its progress callback every PROGRESS_EVERY env steps with the steps
+    done so far; the ClientApp turns that into a '[fedq] <device>: done/total' log line."""
+    import logging
+
+    from client.client_app import round_progress
+    from common.trainer import PROGRESS_EVERY
+
+    config = FedqConfig.from_mapping({"learning-starts": 100, "buffer-size": 5000})
+    trainer = LocalTrainer(config, seed=0)
+    seen: list[int] = []
+    trainer.train(2 * PROGRESS_EVERY + 10, progress=seen.append)
+    assert seen == [PROGRESS_EVERY, 2 * PROGRESS_EVERY]
+    trainer.close()
+    report = round_progress("partition-3", 5000, every_s=0.0)
+    with caplog.at_level(logging.INFO):
+        report(1000)
+    assert "[fedq] partition-3: 1000/5000 env steps this round" in caplog.text
