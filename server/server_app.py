@@ -34,6 +34,7 @@ from server.central_dp import central_dp_report, with_central_dp
 from server.observability import RoundRecorder
 from server.plots import plot_client_curves, plot_learning_curve, return_goal
 from server.privacy_log import PrivacyLog
+from server.prompt_grid import PromptGrid
 from server.run_directory import RunDirectory
 from server.sequential import DeviceOrder, TrainPhase, reply_partition, train_in_sequence
 from server.strategies import (
@@ -245,7 +246,7 @@ def main(grid: Grid, context: Context) -> None:
         resume_strategy(strategy, config, checkpoint)
     recorder = RoundRecorder(run_dir)
     try:
-        run_rounds(grid, strategy, config, run_dir,
+        run_rounds(PromptGrid(grid), strategy, config, run_dir,
                    ArrayRecord(net.state_dict()), first_round=last_round + 1,
                    recorder=recorder)
     finally:
