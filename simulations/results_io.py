@@ -8,7 +8,9 @@ import json
 import platform
 import re
 import shlex
+import statistics
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -82,3 +84,35 @@ def write_results(name: str, payload: dict[str, Any], markdown: str) -> Path:
     header = f"Command: `{payload['command']}`\n\nEnvironment: {payload['environment']}\n\n"
     atomic_write_text(folder / "results.md", header + markdown + "\n")
     return folder
+
+
+SOLVED_CONSECUTIVE = 3  # evaluations in a row at the goal that count as "solved"
+
+
+def solved_at(curve: Sequence[tuple[float, float]], goal: float,
+              consecutive: int = SOLVED_CONSECUTIVE) -> float | None:
+    """The env steps at which a learning curve counts as solved: the step of the
+    ``consecutive``-th evaluation in a row whose mean greedy return reaches ``goal``
+    (None if it never does). One lucky evaluation is not a solved task: DQN policies
+    often touch the goal once and collapse, so every fedq benchmark uses this rule and
+    also reports the final and the best return."""
+    run = 0
+    for steps, value in curve:
+        run = run + 1 if value >= goal else 0
+        if run >= consecutive:
+            return steps
+    return None
+
+
+def curve_summary(curve: Sequence[tuple[float, float]], goal: float) -> dict[str, Any]:
+    """What every learning benchmark reports of one curve: when it was solved (3 in a
+    row), its final and its best return."""
+    return {"solved-at": solved_at(curve, goal), "final-return": curve[-1][1] if curve else None,
+            "best-return": max(value for _, value in curve) if curve else None}
+
+
+def spread(values: Sequence[float]) -> str:
+    """``median [min, max]`` of a few seeds' values, for tables."""
+    if not values:
+        return "-"
+    return f"{statistics.median(values):,.1f} [{min(values):,.1f}, {max(values):,.1f}]"
