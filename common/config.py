@@ -353,7 +353,7 @@ class FedqConfig:
 
     @staticmethod
     def describe() -> list[tuple[str, str, str]]:
-        """(key, default, meaning) rows, used by the README and ``--help`` output."""
+        """(key, default, meaning) rows; ``common/config_docs.py`` writes docs/configuration.md."""
         rows = []
         for key, value in FedqConfig().to_mapping().items():
             doc = next(f.metadata["doc"] for f in fields(FedqConfig) if _key(f.name) == key)

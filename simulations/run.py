@@ -151,8 +151,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedq-simulate", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Config keys and defaults: see README.md or [tool.flwr.app.config] in "
-               "pyproject.toml.")
+        epilog="Config keys and defaults: see docs/configuration.md or "
+               "[tool.flwr.app.config] in pyproject.toml.")
     parser.add_argument("--clients", type=int,
                         help="virtual devices (default 4, or the scenario's num-clients)")
     parser.add_argument("--scenario", type=Path,

@@ -1,6 +1,7 @@
 """Bad config fails before training, with a message that names the field; the defaults
 in pyproject.toml are exactly the config object's defaults."""
 
+import re
 import tomllib
 from pathlib import Path
 
@@ -9,6 +10,8 @@ import numpy as np
 import pytest
 
 from common.config import ConfigError, FedqConfig
+from common.config_docs import REGENERATE, configuration_markdown
+from common.config_docs import main as config_docs_main
 from common.envs import env_spec
 from common.trainer import LocalTrainer
 
@@ -117,17 +120,39 @@ def test_env_spec_reads_the_spaces():
     assert (spec.obs_dim, spec.n_actions) == (6, 3)
 
 
-def config_table_markdown() -> str:
-    rows = ["| key | default | meaning |", "|---|---|---|"]
-    rows += [f"| `{key}` | `{default}` | {doc} |" for key, default, doc in FedqConfig.describe()]
-    return "\n".join(rows)
+def test_configuration_reference_is_what_the_config_generates():
+    """docs/configuration.md is generated: a key added, removed or redocumented in
+    FedqConfig fails here until the file is regenerated with the command the message names."""
+    path = ROOT / "docs" / "configuration.md"
+    assert path.read_text() == configuration_markdown(), (
+        f"{path.relative_to(ROOT)} is stale: regenerate it with `{REGENERATE}` from the "
+        "repository root and commit it")
 
 
-def test_readme_documents_every_config_key_with_its_default():
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    table = readme.split("<!-- config-table:start -->\n")[1].split("<!-- config-table:end -->")[0]
-    expected = config_table_markdown()
-    assert table.strip() == expected, f"README config table is stale; replace it with:\n{expected}"
+def _table_rows(markdown: str) -> list[list[str]]:
+    """Cells of each body row, split where a table would: at every unescaped ``|``."""
+    lines = [line for line in markdown.splitlines() if line.startswith("| `")]
+    return [[cell.strip() for cell in re.split(r"(?<!\\)\|", line)[1:-1]] for line in lines]
+
+
+def test_configuration_reference_has_one_three_cell_row_per_key_with_its_default():
+    rows = _table_rows(configuration_markdown())
+    assert all(len(row) == 3 for row in rows), [row for row in rows if len(row) != 3]
+    defaults = FedqConfig().to_mapping()
+    assert [row[0] for row in rows] == [f"`{key}`" for key in defaults]
+    by_key = {row[0].strip("`"): row for row in rows}
+    assert by_key["learning-rate"][1] == "`0.0005`"
+    assert by_key["target-return"][1] == "`inf`"
+    assert by_key["env-id"][1] == '`"CartPole-v1"`'
+    assert r"mu/2 \|\|w - w_global\|\|^2" in by_key["proximal-mu"][2]
+
+
+def test_config_docs_command_writes_the_reference_and_refuses_a_missing_folder(tmp_path, capsys):
+    out = tmp_path / "configuration.md"
+    assert config_docs_main(["--out", str(out)]) == 0
+    assert out.read_text() == configuration_markdown()
+    assert config_docs_main(["--out", str(tmp_path / "nowhere" / "configuration.md")]) == 2
+    assert "'" + str(tmp_path / "nowhere") + "' does not exist" in capsys.readouterr().err
 
 
 def test_command_line_assignments_read_toml_scalars_and_keep_json_objects_as_text():

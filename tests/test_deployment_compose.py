@@ -59,6 +59,7 @@ def _flags(args: list[str]) -> list[str]:
     return [a.split("=", 1)[0] for a in args if a.startswith("--")]
 
 
+@pytest.mark.slow  # starts every Flower CLI of the compose file for its --help (~9 s on 2 cores)
 @pytest.mark.parametrize("compose", [PLAIN, TLS], ids=["plain", "tls"])
 def test_every_service_command_exists_and_its_flags_are_accepted(compose):
     for name, service in compose["services"].items():

@@ -223,6 +223,7 @@ def _reconstructed_epsilon(replies, accountant, delta, **options):
     return accountant.get_epsilon(delta, **options)
 
 
+@pytest.mark.slow  # 6 DP training rounds through the ClientApp
 def test_every_devices_epsilon_is_reconstructed_from_its_logged_replies(tmp_path):
     """Each handler call loads the device from disk: every round is a client restart."""
     run_config = _run_config(tmp_path)
@@ -286,6 +287,7 @@ def test_a_device_declines_the_round_that_would_exceed_its_budget(tmp_path):
     assert evaluation.content["metrics"]["num-examples"] == run_config["eval-episodes"]
 
 
+@pytest.mark.slow  # bisects the noise over the accountant, then 500 DP updates
 def test_noise_multiplier_derived_from_planned_updates_spends_the_target(tmp_path):
     run_config = _run_config(tmp_path, **{"dp-target-epsilon": 4.0, "dp-planned-updates": 500})
     context = device_context(0, run_config)
