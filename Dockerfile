@@ -14,12 +14,13 @@ WORKDIR /app
 
 # The CPU build of torch, from PyTorch's CPU index: PyPI's linux/amd64 torch wheel pulls
 # ~3 GB of CUDA libraries. Its own layer, so code changes do not reinstall it.
-RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
+RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0+cpu
 
-# The project's dependencies as pinned in pyproject.toml, except Flower's [simulation]
-# extra (Ray, ~200 MB), which only the simulation runtime needs.
+# The project's dependencies as pinned in pyproject.toml: the device's (flwr, gymnasium,
+# numpy) plus the extras [torch] and [server]; not [sim], whose Ray (~200 MB) only the
+# simulation runtime needs.
 COPY pyproject.toml README.md .gitignore ./
-RUN python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; print('\n'.join(d.replace('flwr[simulation]', 'flwr') for d in deps))" > /tmp/requirements.txt \
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; deps = p['dependencies'] + p['optional-dependencies']['torch'] + p['optional-dependencies']['server']; print('\n'.join(d for d in deps if not d.startswith('fedq[')))" > /tmp/requirements.txt \
     && pip install -r /tmp/requirements.txt && rm /tmp/requirements.txt
 
 # The code: installed (console scripts fedq-client, fedq-submit, fedq-certs, ...) and kept

@@ -155,9 +155,9 @@ def test_tls_override_secures_every_service_and_gives_each_node_its_own_key():
 def test_dockerfile_installs_cpu_torch_and_runs_unprivileged():
     text = (ROOT / "Dockerfile").read_text()
     assert re.search(r"^FROM python:3\.11-slim$", text, re.M)
-    assert re.search(r"--index-url https://download\.pytorch\.org/whl/cpu torch==2\.13\.0",
+    assert re.search(r"--index-url https://download\.pytorch\.org/whl/cpu torch==2\.13\.0\+cpu",
                      text)
-    assert '"torch==2.13.0"' in (ROOT / "pyproject.toml").read_text()
+    assert "\"torch==2.13.0+cpu; sys_platform == 'linux'\"" in (ROOT / "pyproject.toml").read_text()
     user = re.findall(r"^USER (\S+)$", text, re.M)
     assert user and user[-1] not in ("root", "0")
     for service in PLAIN["services"].values():  # every service uses the image it builds
