@@ -52,6 +52,7 @@ from flwr.serverapp.strategy import (
 
 from common.config import FedqConfig
 from server.metrics import aggregate_eval_metrics, aggregate_train_metrics
+from server.update_validation import CENTRAL_DP_WEIGHT_KEY
 
 
 def choose_strategy(config: FedqConfig) -> Strategy:
@@ -70,6 +71,8 @@ def choose_strategy(config: FedqConfig) -> Strategy:
         "train_metrics_aggr_fn": aggregate_train_metrics,
         "evaluate_metrics_aggr_fn": aggregate_eval_metrics,
     }
+    if config.central_dp != "none":  # equal weights: the noise assumes a share of 1/m each
+        common["weighted_by_key"] = CENTRAL_DP_WEIGHT_KEY
     adaptive = {"eta": config.server_learning_rate, "eta_l": config.learning_rate,
                 "beta_1": config.server_beta1, "beta_2": config.server_beta2,
                 "tau": config.server_tau}
