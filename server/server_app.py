@@ -127,6 +127,7 @@ def run_rounds(grid: Grid, strategy: Strategy, config: FedqConfig, run_dir: RunD
         eval_replies = in_device_order(grid.send_and_receive(eval_messages,
                                                              timeout=config.round_timeout))
         order.learn(eval_replies)
+        privacy.update(privacy_log.record(server_round, eval_replies, phase="evaluate"))
         eval_metrics = strategy.aggregate_evaluate(server_round, eval_replies)
         train = dict(phase.metrics or MetricRecord({"clients": 0}))
         # per device of the federation, not per device that trained: with fraction-train
@@ -238,6 +239,10 @@ def progress_line(row: dict, num_rounds: int) -> str:
         parts.append(f"answered {answered['replied']}/{answered['sampled']}")
     if row.get("privacy", {}).get("declined"):
         parts.append(f"declined (privacy budget) {row['privacy']['declined']}")
+    refused = row.get("privacy", {}).get("refused", 0) + \
+        row.get("privacy", {}).get("evaluate-refused", 0)
+    if refused:
+        parts.append(f"refused (privacy policy) {refused}")
     parts.append(f"{row['round-seconds']:.1f}s")
     return " | ".join(parts)
 

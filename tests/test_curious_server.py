@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _replies import as_numpy, device_context, instruction, reply, train_metrics
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from _replies import _metadata, as_numpy, device_context, instruction, reply, train_metrics
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 
 from client.client_app import app
 from client.edge import main as client_main
@@ -21,6 +21,7 @@ from common.networks import QNetwork
 from common.privacy import PRIVACY_BUDGET_ERROR_CODE, extend
 from common.privacy_policy import PRIVACY_POLICY_ERROR_CODE, PrivacyPolicy
 from common.trainer import LocalTrainer
+from server.privacy_log import PrivacyLog, read_privacy_log
 from server.server_app import build_strategy
 from server.update_validation import screen_replies
 
@@ -131,6 +132,22 @@ def test_a_run_config_cannot_loosen_the_devices_privacy(tmp_path, node, run, key
     answer = app(_train(), device_context(0, run_config, **node))
     _assert_refused(answer, key)
     assert _state(tmp_path) == before
+
+
+def test_the_server_logs_every_refusal_with_its_reason(tmp_path):
+    run_config = _run_config(tmp_path, **{"dp-enabled": False})
+    refusal = app(_train(), device_context(0, run_config, **{"privacy-dp-required": True}))
+    answer = Message(refusal.error, metadata=_metadata(5))  # as the server receives it
+    log = PrivacyLog(tmp_path, first_round=1)
+    entry = log.record(3, [answer, reply(6, as_numpy(_weights()))])
+    assert entry["refused"] == 1 and entry["refused-nodes"] == [5]
+    evaluated = log.record(3, [Message(Error(code=PRIVACY_POLICY_ERROR_CODE, reason="x"),
+                                       metadata=_metadata(6))], phase="evaluate")
+    assert evaluated == {"evaluate-refused": 1, "evaluate-refused-nodes": [6]}
+    rows = read_privacy_log(tmp_path)
+    assert [(r["node-id"], r["status"], r["phase"]) for r in rows] == [
+        (5, "refused", "train"), (6, "refused", "evaluate")]
+    assert "privacy-dp-required" in rows[0]["reason"]
 
 
 def test_the_run_config_cannot_raise_the_devices_epsilon_cap(tmp_path):
