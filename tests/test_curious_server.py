@@ -11,7 +11,15 @@ import numpy as np
 import pytest
 import torch
 from _replies import _metadata, as_numpy, device_context, instruction, reply, train_metrics
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 
 from client.client_app import app
 from client.edge import main as client_main
@@ -234,6 +242,13 @@ def test_with_central_dp_a_broken_update_counts_as_zero_and_weights_are_equal(
     moved = math.sqrt(sum(float(np.square(a - global_weights[k], dtype=np.float64).sum())
                           for k, a in as_numpy(arrays).items()))
     assert moved == pytest.approx(1 / 3, rel=1e-4)
+    # federated evaluation still weights each device by its episodes
+    evaluations = [Message(RecordDict({"metrics": MetricRecord(
+        {"num-examples": n, "eval-return-mean": r, "eval-return-min": r,
+         "eval-return-max": r})}), metadata=_metadata(node))
+        for node, (n, r) in enumerate([(1, 10.0), (3, 30.0)])]
+    summary = build_strategy(config).aggregate_evaluate(1, evaluations)
+    assert summary["eval-return-mean"] == pytest.approx(25.0)
 
 
 # --- hole 4: metrics computed from private data ----------------------------------------------
