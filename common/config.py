@@ -169,7 +169,7 @@ class FedqConfig:
     # --- update checks and compression (server/update_validation.py, common/compression.py)
     validate_updates: bool = _opt(
         True, "reject updates with NaN/Inf, a wrong layout or an outlying norm before "
-        "aggregation")
+        "aggregation (with central-dp: no norm rule, and a broken update counts as zero)")
     update_norm_factor: float = _opt(
         10.0, "reject an update whose norm ||w_i - w_global|| exceeds this times the "
         "round's median update norm (with >= 3 updates)",
