@@ -20,13 +20,13 @@ would exceed its ``dp-target-epsilon`` replies with an error (code
 reply, not a zero-weight one: Flower's FedAvg leaves error replies out of aggregation,
 while a ``num-examples`` of 0 would divide by zero when every device declines.
 
-Every handler enforces the device's privacy policy (:mod:`common.privacy_policy`: node
-config, tightened by the run config): a train message whose run config asks for less
-privacy (DP off, less noise, a larger delta) and an evaluate message asking a private
-device to fine-tune get an error reply (code ``PRIVACY_POLICY_ERROR_CODE``) saying why,
-with the device's state untouched; the budget is capped at ``privacy-max-epsilon``; and
-each reply's metrics are reduced to what ``privacy-release-metrics`` allows
-(:mod:`client.metric_release`).
+The train and evaluate handlers enforce the device's privacy policy
+(:mod:`common.privacy_policy`: node config, tightened by the run config). A train message
+whose run config asks for less privacy (DP off, less noise, a larger delta) and an
+evaluate message asking a private device to fine-tune get an error reply (code
+``PRIVACY_POLICY_ERROR_CODE``) saying why, with the device's state untouched; the budget
+is capped at ``privacy-max-epsilon``; each reply's metrics are reduced to what
+``privacy-release-metrics`` allows (:mod:`client.metric_release`).
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ from pathlib import Path
 from common.config import ConfigError, ConfigScalar, FedqConfig, parse_assignment
 from common.envs import env_spec
 from common.flower_runtime import RunResult, simulation_superlink, submit_run
+from common.privacy_policy import PrivacyPolicy
 from simulations.scenario import load_scenario
 
 APP_DIR = Path(__file__).resolve().parent.parent
@@ -56,6 +57,7 @@ def resolve_run_config(overrides: dict[str, ConfigScalar], clients: int,
     if clients < 1:
         raise ConfigError("clients", f"must be >= 1, got {clients}")
     config = FedqConfig.from_mapping({**app_defaults(app_dir), **overrides})
+    PrivacyPolicy.from_mapping(overrides)  # privacy-* keys that tighten every device's policy
     # unknown id / wrong spaces / bad physics fail here
     env_spec(config.env_id, config.env_kwargs, config.env_physics)
     if config.min_available_clients > clients:

@@ -31,6 +31,7 @@ from common.privacy_policy import PRIVACY_POLICY_ERROR_CODE, PrivacyPolicy
 from common.trainer import LocalTrainer
 from server.privacy_log import PrivacyLog, read_privacy_log
 from server.server_app import build_strategy
+from server.submit import run_config as submitted_run_config
 from server.update_validation import screen_replies
 
 SMALL = {"hidden-sizes": "16,16", "buffer-size": 600, "batch-size": 16, "learning-starts": 100,
@@ -312,6 +313,8 @@ def test_a_bad_policy_fails_at_device_start_naming_the_key(tmp_path, capsys, key
         client_main(["--server", "127.0.0.1:9", "--state-dir", str(tmp_path / "edge"),
                      "--insecure", "--set", f"{key}={literal}"])
     assert exited.value.code == 2 and f"'{key}'" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=f"'{key}'"):  # and fedq-submit, in a run config
+        submitted_run_config(None, [f"{key}={literal}"])
 
 
 def test_the_edge_client_requires_signed_apps_with_trusted_entities(tmp_path, capsys):
