@@ -9,7 +9,8 @@ config (``fedq-client --set privacy-...=...``):
 ============================== ========== ==============================================
 key                            default    meaning
 ============================== ========== ==============================================
-``privacy-dp-required``        false      train only with DP-SGD (``dp-enabled``)
+``privacy-dp-required``        false      train only with DP-SGD (``dp-enabled``); a finite
+                                          max epsilon or a noise floor > 0 also needs DP
 ``privacy-min-noise-multiplier`` 0        the DP-SGD noise multiplier (given or derived
                                           from ``dp-planned-updates``) is at least this
 ``privacy-max-epsilon``        inf        lifetime epsilon cap: the device's budget is the
@@ -115,10 +116,10 @@ class PrivacyPolicy:
         config asks for less privacy than the policy allows; the noise multiplier derived
         from ``dp-planned-updates`` is checked when it is derived
         (:class:`common.privacy.DevicePrivacy`)."""
-        if self.dp_required and not config.dp_enabled:
-            raise PolicyRefusal("the run config sets dp-enabled = false but this device's "
-                                "privacy policy has privacy-dp-required = true")
         if not config.dp_enabled:
+            if self._requiring_dp():
+                raise PolicyRefusal("the run config sets dp-enabled = false but this "
+                                    f"device's privacy policy has {self._requiring_dp()}")
             return config
         if not config.dp_planned_updates and (
                 config.dp_noise_multiplier < self.min_noise_multiplier):
@@ -130,6 +131,17 @@ class PrivacyPolicy:
                                 f"privacy-max-delta {self.max_delta:g}")
         return replace(config, dp_target_epsilon=min(config.dp_target_epsilon,
                                                      self.max_epsilon))
+
+    def _requiring_dp(self) -> str:
+        """The setting that requires DP-SGD ("" if none): DP itself, or a bound that only
+        DP can meet (training without DP makes the device's epsilon infinite)."""
+        if self.dp_required:
+            return "privacy-dp-required = true"
+        if self.max_epsilon < math.inf:
+            return f"privacy-max-epsilon = {self.max_epsilon:g}"
+        if self.min_noise_multiplier > 0:
+            return f"privacy-min-noise-multiplier = {self.min_noise_multiplier:g}"
+        return ""
 
     def check_personalize(self, steps: int, private: bool) -> None:
         """Refuse an evaluate message's ``personalize-steps`` that the policy forbids:

@@ -122,6 +122,10 @@ def test_a_non_dp_device_may_forbid_personalisation_and_the_run_cannot_allow_it(
 # --- hole 2: the server sets the device's privacy -----------------------------------------
 @pytest.mark.parametrize(("node", "run", "key"), [
     ({"privacy-dp-required": True}, {"dp-enabled": False}, "privacy-dp-required"),
+    # bounds that only DP can meet: without DP the device's epsilon is infinite
+    ({"privacy-max-epsilon": 8.0}, {"dp-enabled": False}, "privacy-max-epsilon = 8"),
+    ({"privacy-min-noise-multiplier": 0.5}, {"dp-enabled": False},
+     "privacy-min-noise-multiplier = 0.5"),
     ({"privacy-min-noise-multiplier": 0.8}, {"dp-noise-multiplier": 0.1},
      "privacy-min-noise-multiplier"),
     # derived from a plan: 1000 updates spending epsilon 1000 need little noise
