@@ -42,6 +42,14 @@ def _extreme(rows: list[MetricRecord], key: str, pick: str) -> float:
     return float(values.min() if pick == "min" else values.max())
 
 
+def _episode_mean(returns: np.ndarray, episodes: np.ndarray) -> float:
+    """Episode-weighted mean return: NaN if no device released it, 0 if the devices that
+    did finished no episode."""
+    if not len(returns):
+        return float("nan")
+    return float(np.average(returns, weights=episodes)) if episodes.sum() > 0 else 0.0
+
+
 def aggregate_train_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
     """Sums for counts, step-weighted mean loss, episode-weighted mean return (over the
     devices that released them). Env steps are always ``num-examples``, whatever key the
@@ -59,9 +67,8 @@ def aggregate_train_metrics(records: list[RecordDict], weight_key: str) -> Metri
         "env-steps-per-client": float(steps.mean()),
         "updates": int(sum(int(m["updates"]) for m in rows)),
         "mean-loss": _mean(rows, "mean-loss", steps),
-        "episodes": int(episodes.sum()),
-        "mean-episode-return": float(np.average(returns, weights=episode_weights))
-        if np.nansum(episode_weights) > 0 else 0.0,
+        "episodes": int(episodes.sum()) if len(episodes) else float("nan"),
+        "mean-episode-return": _episode_mean(returns, episode_weights),
         "epsilon": float(np.mean([float(m["epsilon"]) for m in rows])),
         "train-seconds-sum": float(seconds.sum()) if len(seconds) else float("nan"),
         "train-seconds-max": _extreme(rows, "train-seconds", "max"),

@@ -290,6 +290,11 @@ def test_the_server_aggregates_around_withheld_metrics(tmp_path):
     assert metrics["clients"] == 2 and metrics["env-steps"] == 600
     assert metrics["mean-loss"] == pytest.approx(released["mean-loss"])
     assert metrics["train-seconds-max"] == pytest.approx(released["train-seconds"])
+    assert metrics["episodes"] == released["episodes"]
+    _, private_only = build_strategy(FedqConfig.from_mapping(run_config)).aggregate_train(
+        1, replies[:1])
+    assert math.isnan(private_only["mean-episode-return"])  # withheld, not a return of 0
+    assert math.isnan(private_only["episodes"]) and private_only["env-steps"] == 300
 
 
 # --- bad policies fail at device start, naming the key ------------------------------------
