@@ -19,6 +19,14 @@ would exceed its ``dp-target-epsilon`` replies with an error (code
 ``PRIVACY_BUDGET_ERROR_CODE``) that says why, and keeps answering evaluation. An error
 reply, not a zero-weight one: Flower's FedAvg leaves error replies out of aggregation,
 while a ``num-examples`` of 0 would divide by zero when every device declines.
+
+The train and evaluate handlers enforce the device's privacy policy
+(:mod:`common.privacy_policy`: node config, tightened by the run config). A train message
+whose run config asks for less privacy (DP off, less noise, a larger delta) and an
+evaluate message asking a private device to fine-tune get an error reply (code
+``PRIVACY_POLICY_ERROR_CODE``) saying why, with the device's state untouched; the budget
+is capped at ``privacy-max-epsilon``; each reply's metrics are reduced to what
+``privacy-release-metrics`` allows (:mod:`client.metric_release`).
 """
 
 from __future__ import annotations
@@ -46,14 +54,16 @@ from client.central_dp import central_dp_clipping_mod
 from client.device import Device, device_from_context, device_lock
 from client.fault_injection import inject_fault
 from client.message_audit import message_audit_mod
+from client.metric_release import release
 from client.personalize import personalized_returns
 from common.compression import encode_update
 from common.config import FEDERATION_STEPS_KEY, FedqConfig
 from common.envs import env_spec
 from common.networks import NumpyPolicy, QNetwork
 from common.privacy import PRIVACY_BUDGET_ERROR_CODE, PrivacyBudgetExhausted, PrivacyReport
+from common.privacy_policy import PRIVACY_POLICY_ERROR_CODE, PolicyRefusal
 from common.rollouts import play_episodes
-from common.trainer import LocalTrainer
+from common.trainer import LocalTrainer, has_privacy_ledger
 from common.weights import to_state_dict
 
 PROGRESS_INTERVAL_S = 15.0  # a training round's progress line at most this often
@@ -63,10 +73,26 @@ torch.set_num_threads(1)  # tiny MLPs: threads cost more than they give, and dev
 app = ClientApp(mods=[message_audit_mod])
 
 
-def _load_trainer(device: Device) -> LocalTrainer:
-    trainer = LocalTrainer(device.config, seed=device.seed)
+def _load_trainer(device: Device, config: FedqConfig) -> LocalTrainer:
+    trainer = LocalTrainer(config, seed=device.seed,
+                           min_noise_multiplier=device.policy.min_noise_multiplier)
     trainer.load(device.state_dir)
     return trainer
+
+
+def _refused(msg: Message, device: Device, refusal: PolicyRefusal) -> Message:
+    """The error reply to a message the device's privacy policy does not allow."""
+    log(logging.WARNING, "[fedq] %s refuses a %s message: %s", device.name,
+        msg.metadata.message_type, refusal)
+    return Message(Error(code=PRIVACY_POLICY_ERROR_CODE,
+                         reason=f"privacy policy: {refusal}"), reply_to=msg)
+
+
+def is_private(device: Device, config: FedqConfig) -> bool:
+    """Whether the device's data is under DP: it trains with DP now, its policy requires
+    DP, or it trained with DP before (its state holds a ledger)."""
+    return (config.dp_enabled or device.policy.dp_required
+            or has_privacy_ledger(device.state_dir))
 
 
 def _global_weights(msg: Message, trainer: LocalTrainer) -> dict[str, torch.Tensor]:
@@ -78,31 +104,39 @@ def train(msg: Message, context: Context) -> Message:
     """One round of local training on the device, holding its state exclusively."""
     started = time.perf_counter()
     device = device_from_context(context)
+    try:
+        config = device.policy.apply(device.config)
+    except PolicyRefusal as refusal:
+        return _refused(msg, device, refusal)
     with device_lock(device.state_dir):
-        return _train(msg, device, context, started)
+        return _train(msg, device, config, context, started)
 
 
-def _train(msg: Message, device: Device, context: Context, started: float) -> Message:
-    trainer = _load_trainer(device)
+def _train(msg: Message, device: Device, config: FedqConfig, context: Context,
+           started: float) -> Message:
+    trainer = _load_trainer(device, config)
     global_state = _global_weights(msg, trainer)
     trainer.learner.load_online(global_state, sync_target=True)
     round_config = msg.content["config"]
-    local_steps = int(round_config.get("local-steps", device.config.local_steps))
+    local_steps = int(round_config.get("local-steps", config.local_steps))
     trainer.learner.set_proximal(float(round_config.get("proximal-mu", 0.0)))
     try:
-        stats = trainer.train(local_steps, exploration_start(device.config, round_config),
+        stats = trainer.train(local_steps, exploration_start(config, round_config),
                               progress=round_progress(device.name, local_steps))
     except PrivacyBudgetExhausted as declined:
         trainer.close()
         log(logging.WARNING, "[fedq] %s: %s", device.name, declined)
         return Message(Error(code=PRIVACY_BUDGET_ERROR_CODE, reason=str(declined)),
                        reply_to=msg)
+    except PolicyRefusal as refusal:  # a derived noise multiplier below the policy's
+        trainer.close()
+        return _refused(msg, device, refusal)
     trainer.counters.rounds += 1
     arrays = _outgoing_update(trainer, context, global_state,
                               str(round_config.get("update-compression", "none")))
     trainer.save(device.state_dir)
     returns = stats.episode_returns
-    metrics = MetricRecord({
+    metrics = MetricRecord(release({
         **device.identity_metrics(),
         **_privacy_metrics(stats.privacy),
         "num-examples": stats.env_steps,  # FedAvg weight: env steps collected this round
@@ -116,7 +150,7 @@ def _train(msg: Message, device: Device, context: Context, started: float) -> Me
         "epsilon": stats.epsilon,
         "train-seconds": stats.seconds,
         "handler-seconds": time.perf_counter() - started,
-    })
+    }, device.policy.release_metrics, is_private(device, config)))
     trainer.close()
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 
@@ -211,27 +245,33 @@ def evaluate(msg: Message, context: Context) -> Message:
     only the network and a fresh env are built, not the device's trainer and buffer)."""
     device = device_from_context(context)
     config = device.config
+    round_config = msg.content["config"]
+    personalize_steps = int(round_config.get("personalize-steps", 0))
+    private = is_private(device, config)
+    try:
+        device.policy.check_personalize(personalize_steps, private)
+    except PolicyRefusal as refusal:
+        return _refused(msg, device, refusal)
     spec = env_spec(config.env_id, config.env_kwargs, config.env_physics)
     net = QNetwork(spec.obs_dim, spec.n_actions, config.hidden_sizes)
     global_state = to_state_dict(msg.content["arrays"], net)
     net.load_state_dict(global_state)
-    round_config = msg.content["config"]
     server_round = int(round_config.get("server-round", 0))
     eval_seed = device.seed + 10**6 + 1000 * server_round
     returns = play_episodes(NumpyPolicy(net).act, config.env_id, config.eval_episodes,
                             seed=eval_seed, env_kwargs=config.env_kwargs,
                             env_physics=config.env_physics)
-    metrics = MetricRecord({
+    metrics: dict[str, float | int] = {
         **device.identity_metrics(),
         "num-examples": len(returns),
         "eval-return-mean": float(np.mean(returns)),
         "eval-return-min": float(np.min(returns)),
         "eval-return-max": float(np.max(returns)),
-    })
-    personalize_steps = int(round_config.get("personalize-steps", 0))
+    }
     if personalize_steps:  # same episodes' seeds as above: a paired comparison
         personal = personalized_returns(device, global_state, personalize_steps,
-                                        device.config.eval_episodes, eval_seed)
+                                        config.eval_episodes, eval_seed)
         metrics["personalized-return-mean"] = float(np.mean(personal))
-    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+    released = release(metrics, device.policy.release_metrics, private)
+    return Message(RecordDict({"metrics": MetricRecord(released)}), reply_to=msg)
 

@@ -6,6 +6,10 @@ holds only ``partition-id`` / ``num-partitions``; the partition id then picks th
 device's seed, its state directory under the run directory and its entry of the run
 config's ``client-overrides`` (a scenario's per-client env, physics and training
 settings, :mod:`simulations.scenario`), applied over the run config.
+
+The device's privacy policy (:mod:`common.privacy_policy`) is read from its node config;
+the run config's ``privacy-*`` keys (and, in simulation, its partition's
+``client-overrides``) can only tighten it, never loosen it.
 """
 
 from __future__ import annotations
@@ -13,12 +17,13 @@ from __future__ import annotations
 import contextlib
 import fcntl
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from flwr.app import Context
 
 from common.config import FedqConfig
+from common.privacy_policy import PrivacyPolicy
 
 _FLOWER_NODE_KEYS = ("partition-id", "num-partitions")
 SEED_STRIDE = 1000
@@ -33,6 +38,7 @@ class Device:
     seed: int
     state_dir: Path
     partition: int = -1  # simulation partition id; -1 on a real device
+    policy: PrivacyPolicy = field(default_factory=PrivacyPolicy)  # effective (tightest)
 
     def identity_metrics(self) -> dict[str, int]:
         """Lets the server tell replies apart per partition (node ids change between
@@ -46,9 +52,12 @@ def device_from_context(context: Context) -> Device:
     partition = node.get("partition-id")
     fedq_node = {k: v for k, v in node.items() if k not in _FLOWER_NODE_KEYS}
     config = FedqConfig.from_mapping({**context.run_config, **fedq_node})
+    policy = PrivacyPolicy.from_mapping(fedq_node).tightened(
+        PrivacyPolicy.from_mapping(context.run_config))
     if partition is not None:
         name = f"partition-{int(partition)}"
         own = config.client_overrides.get(str(int(partition)), {})
+        policy = policy.tightened(PrivacyPolicy.from_mapping(own))
         config = config.for_partition(int(partition))
         # a scenario's explicit per-client seed is that device's seed, as on a real device
         seed = config.seed if "seed" in own else config.seed + SEED_STRIDE * int(partition)
@@ -60,7 +69,7 @@ def device_from_context(context: Context) -> Device:
     else:
         state_dir = Path(config.run_dir) / "devices" / name
     return Device(name=name, config=config, seed=seed, state_dir=state_dir,
-                  partition=-1 if partition is None else int(partition))
+                  partition=-1 if partition is None else int(partition), policy=policy)
 
 
 @contextlib.contextmanager

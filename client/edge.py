@@ -23,6 +23,14 @@ Wraps ``flower-supernode`` so one command gives a device everything it needs::
   certificate (see ``fedq-certs``). Plain text needs an explicit ``--insecure`` and is
   announced on stderr. ``--auth-key`` is the device's private key for SuperNode
   authentication (its public key must be registered at the SuperLink).
+* The device's privacy policy (``--set privacy-...=...``, :mod:`common.privacy_policy`)
+  is validated here too; the server's run config can tighten it, never loosen it.
+* ``--trusted-entities FILE`` makes the SuperNode run only app bundles (FABs) signed by
+  one of the Ed25519 keys in FILE (Flower's own mechanism: a YAML map of public key id
+  to ``ssh-ed25519 ...`` key). Without it the device installs and runs whatever app the
+  SuperLink sends, and that code can read the device's state directory. Flower verifies
+  the signatures the SuperLink delivers with the FAB; a SuperLink that delivers none
+  (a self-hosted ``flower-superlink`` without app verification) gets every run refused.
 
 The process becomes ``flower-supernode`` (``exec``), so a service manager's signals
 reach Flower directly. ``--print-command`` shows the command instead of running it.
@@ -42,6 +50,7 @@ import tomli_w
 
 from common.config import ConfigError, ConfigScalar, FedqConfig, parse_assignment
 from common.envs import env_spec
+from common.privacy_policy import PrivacyPolicy
 
 NODE_CONFIG_FILE = "node-config.toml"
 # flower-supernode's local Runtime API (127.0.0.1 only), which its ClientApp processes
@@ -63,14 +72,43 @@ def device_node_config(env_id: str | None, assignments: Sequence[str],
         raise ConfigError("state-dir", "set it with --state-dir, not --set")
     node["state-dir"] = str(state_dir.expanduser().resolve())
     config = FedqConfig.from_mapping(node)
+    PrivacyPolicy.from_mapping(node)
     env_spec(config.env_id, config.env_kwargs, config.env_physics)
     return node
+
+
+def check_trusted_entities(path: Path) -> Path:
+    """``path`` resolved if it is what ``flower-supernode --trusted-entities`` accepts: a
+    YAML map of public key ids to Ed25519 public keys in OpenSSH form; ValueError naming
+    the file and the entry otherwise (Flower would only exit once started)."""
+    import yaml
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+    from cryptography.hazmat.primitives.serialization import load_ssh_public_key
+
+    path = _existing(path)
+    try:
+        entities = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ValueError(f"--trusted-entities {path}: not YAML ({err})") from None
+    if not isinstance(entities, dict) or not entities:
+        raise ValueError(f"--trusted-entities {path}: expected a non-empty map of public "
+                         "key ids to 'ssh-ed25519 ...' public keys")
+    for key_id, key in entities.items():
+        try:
+            public = load_ssh_public_key(str(key).encode())
+        except (ValueError, TypeError):
+            public = None
+        if not isinstance(public, Ed25519PublicKey):
+            raise ValueError(f"--trusted-entities {path}: entry '{key_id}' is not an "
+                             "Ed25519 public key ('ssh-ed25519 AAAA...')")
+    return path
 
 
 def supernode_command(server: str, node_config_path: Path, *,
                       root_certificates: Path | None, auth_key: Path | None,
                       insecure: bool, max_wait_time: float | None,
-                      local_port: int = DEFAULT_LOCAL_PORT) -> list[str]:
+                      local_port: int = DEFAULT_LOCAL_PORT,
+                      trusted_entities: Path | None = None) -> list[str]:
     """The ``flower-supernode`` command line for a device (see the module docstring)."""
     if root_certificates is not None and insecure:
         raise ValueError("--insecure contradicts --root-certificates; choose one")
@@ -92,6 +130,8 @@ def supernode_command(server: str, node_config_path: Path, *,
         command += ["--auth-supernode-private-key", str(_existing(auth_key))]
     if max_wait_time is not None:
         command += ["--max-wait-time", str(max_wait_time)]
+    if trusted_entities is not None:
+        command += ["--trusted-entities", str(check_trusted_entities(trusted_entities))]
     return command
 
 
@@ -141,6 +181,11 @@ def _parser() -> argparse.ArgumentParser:
                         f"(default {DEFAULT_LOCAL_PORT})")
     parser.add_argument("--flwr-home", type=Path,
                         help="Flower's own files for this node (default: STATE_DIR/flwr-home)")
+    parser.add_argument("--trusted-entities", type=Path, metavar="YAML_FILE",
+                        help="run only app bundles signed by one of these Ed25519 keys "
+                        "(Flower's trusted entities: a YAML map of key id to 'ssh-ed25519 "
+                        "...' public key); without it the device runs any app the "
+                        "SuperLink sends")
     parser.add_argument("--print-command", action="store_true",
                         help="print the flower-supernode command (with its FLWR_HOME) "
                         "instead of running it")
@@ -157,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         command = supernode_command(
             args.server, state_dir / NODE_CONFIG_FILE, root_certificates=args.root_certificates,
             auth_key=args.auth_key, insecure=args.insecure, max_wait_time=args.max_wait_time,
-            local_port=args.local_port)
+            local_port=args.local_port, trusted_entities=args.trusted_entities)
     except (ConfigError, ValueError) as err:
         parser.exit(2, f"fedq-client: error: {err}\n")
     if args.insecure:

@@ -1,6 +1,7 @@
 """What leaves the device, written down: a Flower mod that records every outgoing message.
 
-With ``message-audit-dir`` set (run or node config), each message this ClientApp sends
+With ``message-audit-dir`` set (a device's node config; in the simulation engine, whose
+devices have no node config of their own, also the run config), each message this ClientApp sends
 (train and evaluate replies, errors included) is summarised into one JSON file in that
 directory: the message type, its serialized size in bytes, the error if any, and for
 each record its kind and content: array names with shapes and dtypes (never their
@@ -9,7 +10,9 @@ their value types. It is the
 outermost mod, so it sees the message exactly as it leaves, after every other mod (e.g.
 central DP clipping). ``tests/test_privacy_federation.py`` uses it to check that only
 Q-network weights and scalar metrics ever leave a device, with and without DP; an
-operator can use it to audit a real device.
+operator can use it to audit a real device. A deployed device ignores the run config's
+``message-audit-dir``: the server would otherwise pick where the device writes on its own
+disk.
 """
 
 from __future__ import annotations
@@ -32,8 +35,7 @@ def message_audit_mod(msg: Message, context: Context,
                       call_next: ClientAppCallable) -> Message:
     """Pass the message on; summarise the reply into ``message-audit-dir`` if set."""
     reply = call_next(msg, context)
-    directory = str(context.node_config.get(CONFIG_KEY) or context.run_config.get(CONFIG_KEY)
-                    or "")
+    directory = audit_directory(context)
     if directory:
         summary = {"message-type": msg.metadata.message_type, "node-id": context.node_id,
                    "partition-id": context.node_config.get("partition-id"),
@@ -42,6 +44,16 @@ def message_audit_mod(msg: Message, context: Context,
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(summary))
     return reply
+
+
+def audit_directory(context: Context) -> str:
+    """Where this device writes its audit: its node config's ``message-audit-dir``, or,
+    only for a simulated device (its node config has a ``partition-id``), the run
+    config's; empty for none."""
+    node = context.node_config
+    simulated = "partition-id" in node
+    return str(node.get(CONFIG_KEY)
+               or (context.run_config.get(CONFIG_KEY) if simulated else "") or "")
 
 
 def serialized_bytes(message: Message) -> int:

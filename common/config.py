@@ -30,6 +30,8 @@ FEDERATION_STEPS_KEY = "federation-env-steps"
 COMPRESSIONS = ("none", "fp16", "int8")
 ATTACKS = ("none", "nan", "noise")
 CENTRAL_DP = ("none", "server-fixed", "client-fixed")
+# keys of the device's privacy policy (common/privacy_policy.py), not of FedqConfig
+POLICY_PREFIX = "privacy-"
 
 
 # What a resumed run may change: how long it goes on and where its operator watches it,
@@ -173,7 +175,7 @@ class FedqConfig:
     # --- update checks and compression (server/update_validation.py, common/compression.py)
     validate_updates: bool = _opt(
         True, "reject updates with NaN/Inf, a wrong layout or an outlying norm before "
-        "aggregation")
+        "aggregation (with central-dp: no norm rule, and a broken update counts as zero)")
     update_norm_factor: float = _opt(
         10.0, "reject an update whose norm ||w_i - w_global|| exceeds this times the "
         "round's median update norm (with >= 3 updates)",
@@ -242,15 +244,20 @@ class FedqConfig:
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, ConfigScalar]) -> FedqConfig:
-        """Parse and validate a flat kebab-case mapping; missing keys take defaults."""
+        """Parse and validate a flat kebab-case mapping; missing keys take defaults.
+
+        ``privacy-*`` keys are skipped: they are a device's privacy policy, which
+        :class:`common.privacy_policy.PrivacyPolicy` parses and validates."""
         known = {f.name.replace("_", "-"): f for f in fields(cls)}
         values: dict[str, Any] = {}
         for key, raw in mapping.items():
+            if key.startswith(POLICY_PREFIX):
+                continue
             if key not in known:
                 hint = difflib.get_close_matches(key, known, n=1)
                 suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
                 raise ConfigError(key, f"unknown key{suggestion}")
-            values[known[key].name] = _coerce(key, known[key].type, raw)
+            values[known[key].name] = coerce(key, known[key].type, raw)
         config = replace(cls(), **values)
         config.validate()
         return config
@@ -366,7 +373,7 @@ def _key(name: str) -> str:
     return name.replace("_", "-")
 
 
-def _coerce(key: str, annotation: str, raw: Any) -> Any:
+def coerce(key: str, annotation: str, raw: Any) -> Any:
     """Turn a TOML scalar into the field's type, refusing lossy or ambiguous input."""
     kind = annotation.replace(" ", "")
     if kind == "bool":

@@ -39,6 +39,7 @@ from functools import lru_cache
 import numpy as np
 
 from common.config import FedqConfig
+from common.privacy_policy import PolicyRefusal
 
 Segment = tuple[float, float, int]
 """One entry of an Opacus accountant's history: (noise multiplier, sample rate, steps)."""
@@ -132,8 +133,12 @@ class DevicePrivacy:
     (it depends only on the planned sample rates and the noise multiplier).
     """
 
-    def __init__(self, config: FedqConfig) -> None:
+    def __init__(self, config: FedqConfig, min_noise_multiplier: float = 0.0) -> None:
+        """``min_noise_multiplier``: the device policy's floor
+        (``privacy-min-noise-multiplier``), checked by :meth:`begin_round` on the
+        multiplier it fixes, derived ones included."""
         self.config = config
+        self.min_noise_multiplier = min_noise_multiplier
         # Imported here, not at module level: opacus costs ~115 MiB and ~2 s per process,
         # which every non-private device (each ClientApp process) would otherwise pay.
         from opacus.accountants import create_accountant
@@ -176,12 +181,19 @@ class DevicePrivacy:
         ``lifetime_lengths(n)`` those of the device's next ``n`` updates (for deriving
         the multiplier from ``dp-planned-updates``). Raises
         :class:`PrivacyBudgetExhausted` if the round would end above
-        ``dp-target-epsilon``.
+        ``dp-target-epsilon``, and :class:`PolicyRefusal` if the multiplier is below the
+        device policy's ``privacy-min-noise-multiplier``.
         """
         c = self.config
         if c.dp_planned_updates and self._derivation_outdated():
             self._derive(lifetime_lengths(c.dp_planned_updates - self.steps))
         noise = self.noise_multiplier
+        if noise < self.min_noise_multiplier:
+            raise PolicyRefusal(
+                f"the noise multiplier {noise:.4g} (derived from dp-planned-updates "
+                f"{c.dp_planned_updates} and dp-target-epsilon {c.dp_target_epsilon:g}) is "
+                f"below this device's privacy-min-noise-multiplier "
+                f"{self.min_noise_multiplier:g}")
         if c.dp_target_epsilon < math.inf:
             rates = self.sample_rates(round_lengths)
             after = self.epsilon(extend(self.history, noise, rates))

@@ -64,13 +64,19 @@ class TrainStats:
 class LocalTrainer:
     """One device's DQN: its env, replay buffer, learner and counters."""
 
-    def __init__(self, config: FedqConfig, seed: int) -> None:
+    def __init__(self, config: FedqConfig, seed: int,
+                 min_noise_multiplier: float = 0.0) -> None:
+        """``min_noise_multiplier``: the device's privacy-policy floor for DP-SGD noise
+        (:class:`common.privacy.DevicePrivacy` refuses a round below it)."""
         self.config = config
         self.seed = seed
         self.env = make_env(config.env_id, config.env_kwargs, config.env_physics)
         spec = check_spaces(config.env_id, self.env)
         torch.manual_seed(seed)
-        self.privacy = DevicePrivacy(config) if config.dp_enabled else None
+        self.privacy = (DevicePrivacy(config, min_noise_multiplier) if config.dp_enabled
+                        else None)
+        # a ledger loaded while DP is off: saved again unchanged, never dropped
+        self._kept_ledger: str | None = None
         self.learner = (
             DQNLearner(spec.obs_dim, spec.n_actions, config) if self.privacy is None
             else PrivateDQNLearner(spec.obs_dim, spec.n_actions, config, self.privacy))
@@ -206,6 +212,8 @@ class LocalTrainer:
         atomic_write_text(target / _COUNTERS_FILE, json.dumps(asdict(self.counters)))
         if self.privacy is not None:
             atomic_write_text(target / _PRIVACY_FILE, json.dumps(self.privacy.state_dict()))
+        elif self._kept_ledger is not None:
+            atomic_write_text(target / _PRIVACY_FILE, self._kept_ledger)
         if self.update_residual:
             with atomic_open(target / _RESIDUAL_FILE) as fh:
                 np.savez(fh, **self.update_residual)
@@ -230,6 +238,8 @@ class LocalTrainer:
             if (source / _PRIVACY_FILE).exists():
                 self.privacy.load_state_dict(json.loads((source / _PRIVACY_FILE).read_text()))
             self.privacy.untracked_updates = self.counters.updates - self.privacy.steps
+        elif (source / _PRIVACY_FILE).exists():  # DP off this time: keep the ledger
+            self._kept_ledger = (source / _PRIVACY_FILE).read_text()
         if (source / _RESIDUAL_FILE).exists():
             with np.load(source / _RESIDUAL_FILE) as residual:
                 self.update_residual = {k: residual[k] for k in residual.files}
@@ -238,6 +248,13 @@ class LocalTrainer:
 
     def close(self) -> None:
         self.env.close()
+
+
+def has_privacy_ledger(directory: Path) -> bool:
+    """Whether the device state in ``directory`` holds a privacy ledger, i.e. the device
+    has trained with DP at least once (its buffer then holds DP-protected transitions)."""
+    generation = _current_generation(directory)
+    return generation is not None and (directory / generation / _PRIVACY_FILE).exists()
 
 
 def _current_generation(directory: Path) -> str | None:

@@ -16,6 +16,11 @@ One JSON object per line::
      "dp-round-sample-rates": [0.004], "dp-round-steps": [2500]}
     {"round": 4, "node-id": 81..., "status": "declined", "reason": "privacy budget: ..."}
 
+A device that refuses a message its privacy policy does not allow (error code
+``PRIVACY_POLICY_ERROR_CODE``, :mod:`common.privacy_policy`: a run config that switches
+DP off or lowers the noise, an evaluate message asking a DP device to fine-tune) gets a
+row with status ``refused``, its phase and its reason, logged at WARNING.
+
 Devices without DP (``dp-enabled`` 0) have nothing to account and get no row. Like
 ``clients.jsonl``, rows are written before the round's ``metrics.jsonl`` row, and a resumed
 server drops the rows of the rounds it is about to repeat.
@@ -35,6 +40,7 @@ from flwr.supercore import log
 
 from common.atomic import atomic_write_text
 from common.privacy import PRIVACY_BUDGET_ERROR_CODE
+from common.privacy_policy import PRIVACY_POLICY_ERROR_CODE
 
 FILE_NAME = "privacy.jsonl"
 _KEYS = ("partition-id", "dp-epsilon", "dp-delta", "dp-noise-multiplier", "dp-sample-rate",
@@ -42,14 +48,21 @@ _KEYS = ("partition-id", "dp-epsilon", "dp-delta", "dp-noise-multiplier", "dp-sa
          "dp-round-steps")
 
 
-def privacy_rows(server_round: int, replies: Iterable[Message]) -> list[dict[str, Any]]:
-    """The log rows of one round's train replies: DP devices that trained or declined."""
+def privacy_rows(server_round: int, replies: Iterable[Message],
+                 phase: str = "train") -> list[dict[str, Any]]:
+    """The log rows of one round's ``phase`` replies: DP devices that trained or
+    declined, and devices whose privacy policy refused the message."""
     rows = []
     for msg in replies:
         row: dict[str, Any] = {"round": server_round, "node-id": msg.metadata.src_node_id}
         if msg.has_error():
             if msg.error.code == PRIVACY_BUDGET_ERROR_CODE:
                 rows.append({**row, "status": "declined", "reason": msg.error.reason})
+            elif msg.error.code == PRIVACY_POLICY_ERROR_CODE:
+                rows.append({**row, "status": "refused", "phase": phase,
+                             "reason": msg.error.reason})
+            continue
+        if phase != "train":
             continue
         metrics = next(iter(msg.content.metric_records.values()), None)
         if metrics is None or not metrics.get("dp-enabled"):
@@ -70,20 +83,29 @@ class PrivacyLog:
                     if (done := _round_of(line)) is not None and done < first_round]
             atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
-    def record(self, server_round: int, replies: list[Message]) -> dict[str, Any]:
-        """Append the round's rows; return the round's ``privacy`` entry for metrics.jsonl
-        (how many devices declined for their budget, and which)."""
-        rows = privacy_rows(server_round, replies)
+    def record(self, server_round: int, replies: list[Message],
+               phase: str = "train") -> dict[str, Any]:
+        """Append the round's rows of one phase; return its entries for the round's
+        ``privacy`` in metrics.jsonl (how many devices declined for their budget or
+        refused for their policy, and which)."""
+        rows = privacy_rows(server_round, replies, phase)
         declined = {r["node-id"]: r["reason"] for r in rows if r["status"] == "declined"}
+        refused = {r["node-id"]: r["reason"] for r in rows if r["status"] == "refused"}
         for node, reason in sorted(declined.items()):
             log(logging.WARNING, "[fedq] round %d: node %d declined to train: %s",
                 server_round, node, reason)
+        for node, reason in sorted(refused.items()):
+            log(logging.WARNING, "[fedq] round %d: node %d refused the %s message: %s",
+                server_round, node, phase, reason)
         if rows:
             with open(self.path, "a") as fh:
                 fh.write("".join(json.dumps(r) + "\n" for r in rows))
                 fh.flush()
                 os.fsync(fh.fileno())
-        return {"declined": len(declined), "declined-nodes": sorted(declined)}
+        if phase != "train":
+            return {f"{phase}-refused": len(refused), f"{phase}-refused-nodes": sorted(refused)}
+        return {"declined": len(declined), "declined-nodes": sorted(declined),
+                "refused": len(refused), "refused-nodes": sorted(refused)}
 
 
 def read_privacy_log(run_root: Path) -> list[dict[str, Any]]:

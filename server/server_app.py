@@ -30,6 +30,7 @@ from flwr.supercore import log
 from common.config import FEDERATION_STEPS_KEY, FedqConfig
 from common.envs import env_spec
 from common.networks import QNetwork
+from common.privacy_policy import PrivacyPolicy
 from server.central_dp import central_dp_report, with_central_dp
 from server.observability import RoundRecorder
 from server.plots import plot_client_curves, plot_learning_curve, return_goal
@@ -43,7 +44,7 @@ from server.strategies import (
     optimizer_state,
     restore_optimizer_state,
 )
-from server.update_validation import screen_replies
+from server.update_validation import Screening, screen_replies
 
 app = ServerApp()
 
@@ -127,6 +128,7 @@ def run_rounds(grid: Grid, strategy: Strategy, config: FedqConfig, run_dir: RunD
         eval_replies = in_device_order(grid.send_and_receive(eval_messages,
                                                              timeout=config.round_timeout))
         order.learn(eval_replies)
+        privacy.update(privacy_log.record(server_round, eval_replies, phase="evaluate"))
         eval_metrics = strategy.aggregate_evaluate(server_round, eval_replies)
         train = dict(phase.metrics or MetricRecord({"clients": 0}))
         # per device of the federation, not per device that trained: with fraction-train
@@ -173,9 +175,24 @@ def train_in_parallel(grid: Grid, strategy: Strategy, config: FedqConfig,
     replies = in_device_order(grid.send_and_receive(messages, timeout=config.round_timeout))
     screening = screen_replies(list(replies), arrays, config, server_round)
     new_arrays, metrics = None, None
-    if len(screening.accepted) >= config.min_train_replies:
+    if len(screening.accepted) >= config.min_train_replies and \
+            central_dp_count_ok(config, screening, server_round):
         new_arrays, metrics = strategy.aggregate_train(server_round, screening.replies)
     return TrainPhase(len(messages), replies, screening, new_arrays, metrics)
+
+
+def central_dp_count_ok(config: FedqConfig, screening: Screening, server_round: int) -> bool:
+    """Under central DP, whether the round may release a noised average: exactly
+    ``central-dp-clients`` accepted updates. Flower's wrapper only warns about a different
+    count, but an average of fewer updates is under-noised (each weighs more than the
+    1 / central-dp-clients the noise is calibrated to)."""
+    accepted = len(screening.accepted)
+    if config.central_dp == "none" or accepted == config.central_dp_clients:
+        return True
+    log(logging.WARNING, "[fedq] round %d: central DP: %d usable update(s), not "
+        "central-dp-clients = %d; the round releases nothing (the global model is kept)",
+        server_round, accepted, config.central_dp_clients)
+    return False
 
 
 def in_device_order(replies: Iterable[Message]) -> list[Message]:
@@ -223,6 +240,10 @@ def progress_line(row: dict, num_rounds: int) -> str:
         parts.append(f"answered {answered['replied']}/{answered['sampled']}")
     if row.get("privacy", {}).get("declined"):
         parts.append(f"declined (privacy budget) {row['privacy']['declined']}")
+    refused = row.get("privacy", {}).get("refused", 0) + \
+        row.get("privacy", {}).get("evaluate-refused", 0)
+    if refused:
+        parts.append(f"refused (privacy policy) {refused}")
     parts.append(f"{row['round-seconds']:.1f}s")
     return " | ".join(parts)
 
@@ -231,6 +252,7 @@ def progress_line(row: dict, num_rounds: int) -> str:
 def main(grid: Grid, context: Context) -> None:
     """Validate the config, prepare or resume the run directory, run the rounds."""
     config = FedqConfig.from_mapping(context.run_config)
+    PrivacyPolicy.from_mapping(context.run_config)  # a run's privacy-* keys, checked early
     run_dir = RunDirectory(Path(config.run_dir))
     last_round = run_dir.start(config)
     checkpoint = run_dir.load_checkpoint(last_round) if last_round else None

@@ -35,9 +35,11 @@ reaching any of these in the first place.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
+from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import (
     FedAdam,
     FedAvg,
@@ -52,6 +54,7 @@ from flwr.serverapp.strategy import (
 
 from common.config import FedqConfig
 from server.metrics import aggregate_eval_metrics, aggregate_train_metrics
+from server.update_validation import CENTRAL_DP_WEIGHT_KEY
 
 
 def choose_strategy(config: FedqConfig) -> Strategy:
@@ -74,10 +77,12 @@ def choose_strategy(config: FedqConfig) -> Strategy:
                 "beta_1": config.server_beta1, "beta_2": config.server_beta2,
                 "tau": config.server_tau}
     name = config.strategy
+    central_dp = config.central_dp != "none"  # equal weights: the noise assumes 1/m each
     if name in ("fedavg", "sequential"):
-        return FedAvg(**common)
+        return EqualWeightFedAvg(**common) if central_dp else FedAvg(**common)
     if name == "fedprox":
-        return FedProx(**common, proximal_mu=config.proximal_mu)
+        return (EqualWeightFedProx if central_dp else FedProx)(
+            **common, proximal_mu=config.proximal_mu)
     if name == "fedavgm":
         return FedAvgM(**common, server_learning_rate=1.0,
                        server_momentum=config.server_momentum)
@@ -92,6 +97,31 @@ def choose_strategy(config: FedqConfig) -> Strategy:
     if name == "krum":
         return Krum(**common, num_malicious_nodes=config.krum_byzantine)
     raise ValueError(f"unknown strategy {name!r}")  # FedqConfig.validate refuses it first
+
+
+class _EqualTrainWeights:
+    """Central DP's FedAvg: every accepted update weighs the same (the screening's
+    ``central-dp-weight`` = 1), whatever ``num-examples`` its device reported; federated
+    evaluation still weights by ``num-examples`` (episodes)."""
+
+    weighted_by_key: str
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """FedAvg's aggregation with the equal weights."""
+        saved, self.weighted_by_key = self.weighted_by_key, CENTRAL_DP_WEIGHT_KEY
+        try:
+            return super().aggregate_train(server_round, replies)  # type: ignore[misc]
+        finally:
+            self.weighted_by_key = saved
+
+
+class EqualWeightFedAvg(_EqualTrainWeights, FedAvg):
+    """FedAvg with equal training weights (central DP)."""
+
+
+class EqualWeightFedProx(_EqualTrainWeights, FedProx):
+    """FedProx with equal training weights (central DP)."""
 
 
 OptimizerState = dict[str, dict[str, np.ndarray]]

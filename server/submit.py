@@ -41,6 +41,7 @@ import tomli_w
 from common.atomic import atomic_write_text
 from common.config import ConfigError, ConfigScalar, FedqConfig, parse_assignment
 from common.flower_runtime import poll_run_status
+from common.privacy_policy import PrivacyPolicy
 
 CONNECTION = "fedq"
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -54,6 +55,7 @@ def run_config(path: Path | None, assignments: Sequence[str]) -> dict[str, Confi
         overrides.update(tomllib.loads(path.read_text()))
     overrides.update(dict(parse_assignment(a) for a in assignments))
     FedqConfig.from_mapping(overrides)
+    PrivacyPolicy.from_mapping(overrides)  # privacy-* keys: tighten the devices' policies
     return overrides
 
 

@@ -22,6 +22,21 @@ A rejected reply is logged at WARNING with the node and the reason, counted in t
 round's metrics row, and left out of the replies handed to the strategy. Error replies
 (e.g. a device declining a round for its privacy budget) pass through untouched: the
 strategy logs and skips them itself.
+
+With central DP (``central-dp``) screening may not depend on other devices' data: the
+noise is calibrated to one device's clipped update, and a rule like 3. lets the others
+decide whose update counts (with clip norm 1, updates of norm 0.05 x 4 and 1.0 x 4 all
+pass, and one more device of norm 0.05 gets the four 1.0 updates rejected: the released
+sum moves by ~4 clip norms under noise calibrated to one). So under central DP the norm
+rule is off, and an update that fails the per-device checks of 2. is replaced by a zero
+update (the global model) instead of being dropped: each device's term of the sum is
+then a function of its own data with norm <= the clip norm, and the round keeps its
+count of ``central-dp-clients`` (a reply whose aggregation weight or payload is unusable
+is still rejected, and the round then releases nothing: see
+:func:`server.server_app.train_in_parallel`). Every accepted reply also gets the
+metric :data:`CENTRAL_DP_WEIGHT_KEY` = 1, which the strategy weights by under central DP:
+a device reporting a tiny ``num-examples`` must not raise the others' share of the
+average above 1 / ``central-dp-clients``.
 """
 
 from __future__ import annotations
@@ -39,6 +54,8 @@ from common.compression import CompressionError, as_record, decode_update, paylo
 from common.config import FedqConfig
 
 WEIGHT_KEY = "num-examples"
+CENTRAL_DP_WEIGHT_KEY = "central-dp-weight"
+"""The key the strategy weights by under central DP: 1 for every device."""
 _MIN_REPLIES_FOR_NORM_CHECK = 3
 
 
@@ -50,6 +67,7 @@ class Screening:
     rejected: dict[int, str] = field(default_factory=dict)  # node id -> reason
     upload_bytes: dict[int, int] = field(default_factory=dict)  # node id -> payload bytes
     update_norms: dict[int, float] = field(default_factory=dict)  # node id -> ||w_i - w||
+    zeroed: dict[int, str] = field(default_factory=dict)  # central DP: node id -> reason
 
     @property
     def accepted(self) -> list[Message]:
@@ -66,6 +84,8 @@ class Screening:
             "upload-bytes-per-client": {str(n): b for n, b in sorted(self.upload_bytes.items())},
             "upload-bytes-mean": float(np.mean(sizes)) if sizes else 0.0,
             "update-norms": {str(n): v for n, v in sorted(self.update_norms.items())},
+            "zeroed": len(self.zeroed),
+            "zeroed-reasons": {str(n): r for n, r in sorted(self.zeroed.items())},
         }
 
 
@@ -89,9 +109,16 @@ def screen_replies(replies: list[Message], global_arrays: ArrayRecord, config: F
         reason, weights = _decode(msg, global_weights, config, screening)
         if reason is None and config.validate_updates:
             reason = check_update(weights, msg.content, global_weights)
+        central_dp = config.central_dp != "none"
+        if central_dp and reason is not None and weights and \
+                check_weight(msg.content) is None:
+            weights = _zero_update(msg, global_arrays, screening, reason, server_round)
+            reason = None
         if reason is not None:
             _reject(screening, node, reason, server_round)
             continue
+        if central_dp:
+            next(iter(msg.content.metric_records.values()))[CENTRAL_DP_WEIGHT_KEY] = 1
         norm = math.nan
         if config.validate_updates:
             norm = screening.update_norms[node] = update_norm(weights, global_weights)
@@ -127,11 +154,27 @@ def check_update(weights: dict[str, np.ndarray], content: RecordDict,
             return f"tensor '{name}' has dtype {array.dtype}, expected float32"
         if not np.isfinite(array).all():
             return f"tensor '{name}' contains NaN or Inf"
+    return check_weight(content)
+
+
+def check_weight(content: RecordDict) -> str | None:
+    """Why the reply's one MetricRecord has no usable aggregation weight, or None."""
     metrics = [r for r in content.values() if isinstance(r, MetricRecord)]
     weight = metrics[0].get(WEIGHT_KEY) if len(metrics) == 1 else None
     if not isinstance(weight, int | float) or not math.isfinite(weight) or weight <= 0:
         return f"aggregation weight '{WEIGHT_KEY}' is {weight!r}, expected a finite number > 0"
     return None
+
+
+def _zero_update(msg: Message, global_arrays: ArrayRecord, screening: Screening,
+                 reason: str, server_round: int) -> dict[str, np.ndarray]:
+    """Central DP: the reply's update becomes zero (its arrays the global model's)."""
+    node = msg.metadata.src_node_id
+    screening.zeroed[node] = reason
+    msg.content["arrays"] = ArrayRecord({k: global_arrays[k] for k in global_arrays})
+    log(logging.WARNING, "[fedq] round %d: central DP: the update of node %d counts as "
+        "zero: %s", server_round, node, reason)
+    return {k: global_arrays[k].numpy() for k in global_arrays}
 
 
 def update_norm(weights: dict[str, np.ndarray], global_weights: dict[str, np.ndarray]) -> float:
@@ -154,7 +197,9 @@ def _decode(msg: Message, global_weights: dict[str, np.ndarray], config: FedqCon
 
 
 def _norm_limit(norms: list[float], config: FedqConfig) -> float:
-    if not config.validate_updates or len(norms) < _MIN_REPLIES_FOR_NORM_CHECK:
+    """The round's norm limit; none under central DP (it depends on others' updates)."""
+    if (not config.validate_updates or config.central_dp != "none"
+            or len(norms) < _MIN_REPLIES_FOR_NORM_CHECK):
         return math.inf
     return config.update_norm_factor * float(np.median(norms))
 

@@ -35,6 +35,7 @@ from common.config import (
 )
 from common.envs import env_spec
 from common.flower_runtime import RunResult, simulation_superlink, submit_run
+from common.privacy_policy import PrivacyPolicy
 from server.run_directory import RunDirectory, config_changes
 from simulations.scenario import load_scenario
 
@@ -91,6 +92,7 @@ def resolve_run_config(overrides: dict[str, ConfigScalar], clients: int,
         overrides = {**saved, **overrides}
         base = saved
     config = FedqConfig.from_mapping({**base, **overrides})
+    PrivacyPolicy.from_mapping(overrides)  # privacy-* keys that tighten every device's policy
     # unknown id / wrong spaces / bad physics fail here
     env_spec(config.env_id, config.env_kwargs, config.env_physics)
     if config.min_available_clients > clients:

@@ -351,7 +351,8 @@ def test_privacy_log_keeps_dp_devices_and_budget_declines_and_resumes_cleanly(tm
     replies = [reply(1, weights, private), reply(2, weights, plain), declined,
                error_reply(4, "crashed")]  # another error: not a privacy event
     log = PrivacyLog(tmp_path, first_round=1)
-    assert log.record(1, replies) == {"declined": 1, "declined-nodes": [3]}
+    assert log.record(1, replies) == {"declined": 1, "declined-nodes": [3], "refused": 0,
+                                      "refused-nodes": []}
     log.record(2, replies[:1])
     rows = read_privacy_log(tmp_path)
     assert [(r["round"], r["node-id"], r["status"]) for r in rows] == [
