@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+import tomllib
 import urllib.request
 from pathlib import Path
 
@@ -76,4 +77,27 @@ def test_the_readme_install_resolves_the_cpu_torch_and_no_cuda_package(tmp_path)
     packages = _resolved(tmp_path / "report.json")
     assert packages["torch"] == "2.13.0+cpu"
     assert "opacus" in packages and "flwr" in packages
+    assert not [name for name in packages if CUDA_PACKAGE.match(name)], packages
+
+
+def _base_dependencies() -> list[str]:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["aarch64", "x86_64"])
+def test_a_device_install_resolves_without_torch_or_cuda(tmp_path, arch):
+    """``pip install fedq`` on a device (a 64-bit Raspberry Pi OS Bookworm, glibc 2.36; a
+    gateway) takes what the numpy backend needs and nothing of torch: resolved for the
+    wheels that platform accepts."""
+    report = tmp_path / "report.json"
+    first, *rest = _base_dependencies()
+    platforms = [arg for tag in ("manylinux_2_36", "manylinux_2_28", "manylinux_2_17",
+                                 "manylinux2014") for arg in ("--platform", f"{tag}_{arch}")]
+    done = _dry_run(first, *rest, *platforms, "--python-version", "3.11",
+                    "--only-binary=:all:", "--target", str(tmp_path / "target"), report=report)
+    assert done.returncode == 0, done.stderr[-3000:]
+    packages = _resolved(report)
+    assert {"flwr", "gymnasium", "numpy"} <= set(packages)
+    assert "torch" not in packages and "opacus" not in packages
     assert not [name for name in packages if CUDA_PACKAGE.match(name)], packages
