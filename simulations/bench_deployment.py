@@ -129,11 +129,12 @@ def main() -> None:
     workdir = WORKDIR.resolve()
     run_dir, audit_dir = workdir / "run", workdir / "audit"
     compose_run = submit_overrides(load_compose(COMPOSE))
-    overrides = {"num-server-rounds": args.rounds, "message-audit-dir": str(audit_dir)}
+    overrides = {"num-server-rounds": args.rounds}
     if args.local_steps:
         overrides["local-steps"] = args.local_steps
     load_before = os.getloadavg()[0]
-    with compose_topology(workdir) as topology:
+    # the audit directory is each device's own setting: a run config cannot choose it
+    with compose_topology(workdir, node_extra={"message-audit-dir": str(audit_dir)}) as topology:
         roots = {name: node.process.pid for name, node in topology.nodes.items()}
         ids = {node.wait_registered(): name for name, node in topology.nodes.items()}
         with MemorySampler(roots) as memory:

@@ -132,11 +132,12 @@ class Topology:
 
 
 @contextlib.contextmanager
-def compose_topology(workdir: Path, *, tls: TLSFiles | None = None,
-                     auth: bool = False) -> Iterator[Topology]:
+def compose_topology(workdir: Path, *, tls: TLSFiles | None = None, auth: bool = False,
+                     node_extra: dict | None = None) -> Iterator[Topology]:
     """Start the compose file's SuperLink and SuperNodes locally (TLS and node auth as
     ``server/compose.tls.yml`` turns them on); each node's state-dir moves under
-    ``workdir`` and keeps its name."""
+    ``workdir`` and keeps its name. ``node_extra`` adds keys to every node's config
+    (e.g. a ``message-audit-dir``, which a device takes only from its own node config)."""
     files = (COMPOSE, TLS_OVERRIDE) if tls else (COMPOSE,)
     compose = load_compose(*files)
     nodes_spec = supernode_services(compose)
@@ -154,6 +155,7 @@ def compose_topology(workdir: Path, *, tls: TLSFiles | None = None,
             config = node_config(service)
             state_dirs[name] = workdir / "devices" / Path(config["state-dir"]).name
             config["state-dir"] = str(state_dirs[name])
+            config.update(node_extra or {})
             nodes[name] = start_supernode(link, workdir / name, config, name=name,
                                           auth_private_key=keys.get(name))
         for node in nodes.values():

@@ -1,0 +1,70 @@
+"""Ctrl-C in ``fedq-simulate`` stops the run cleanly: every Flower and Ray process it
+started ends, the rounds already done stay saved, and it prints the command that resumes
+the run (not a KeyboardInterrupt traceback). Runs the real command in its own process
+group and sends SIGINT to the group, as a terminal does."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+TINY = ["--set", "local-steps=300", "--set", "learning-starts=100", "--set", "eval-episodes=2",
+        "--set", "hidden-sizes=16,16", "--set", "buffer-size=2000"]
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    """PIDs whose command line or environment mentions ``text`` (our private temp dir)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            blob = (entry / "cmdline").read_bytes() + (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if text.encode() in blob:
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_every_process_keeps_the_rounds_and_prints_the_resume_command(tmp_path):
+    scratch = tmp_path / "tmp"  # every temp dir of the run (SuperLink home, Ray) goes here
+    scratch.mkdir()
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "TMPDIR": str(scratch)}
+    command = [sys.executable, "-m", "simulations.run", "--clients", "2", "--rounds", "50",
+               "--run-dir", str(run_dir), *TINY]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: list[str] = []
+    try:
+        assert process.stdout is not None
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            line = process.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if line.startswith("[fedq] round 1/50"):
+                break
+        assert any(line.startswith("[fedq] round 1/50") for line in lines), "".join(lines)
+        os.killpg(process.pid, signal.SIGINT)
+        rest, _ = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    output = "".join(lines) + rest
+    assert process.returncode == 130, output[-3000:]
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output
+    assert re.search(rf"fedq-simulate --run-dir {re.escape(str(run_dir))} --resume", output)
+    assert (run_dir / "checkpoints" / "round-0001.pt").exists()
+    deadline = time.monotonic() + 30  # the watchdog sweeps within seconds
+    while _processes_mentioning(str(scratch)) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert _processes_mentioning(str(scratch)) == []
