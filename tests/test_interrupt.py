@@ -5,9 +5,11 @@ group and sends SIGINT to the group, as a terminal does."""
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,8 +36,9 @@ def _processes_mentioning(text: str) -> list[int]:
 
 @pytest.mark.slow
 def test_ctrl_c_stops_every_process_keeps_the_rounds_and_prints_the_resume_command(tmp_path):
-    scratch = tmp_path / "tmp"  # every temp dir of the run (SuperLink home, Ray) goes here
-    scratch.mkdir()
+    # every temp dir of the run (SuperLink home, Ray) goes here; short, since Ray's socket
+    # paths under it must stay within 107 bytes
+    scratch = Path(tempfile.mkdtemp(prefix="fq-int-", dir="/tmp"))
     run_dir = tmp_path / "run"
     env = {**os.environ, "TMPDIR": str(scratch)}
     command = [sys.executable, "-m", "simulations.run", "--clients", "2", "--rounds", "50",
@@ -68,3 +71,4 @@ def test_ctrl_c_stops_every_process_keeps_the_rounds_and_prints_the_resume_comma
     while _processes_mentioning(str(scratch)) and time.monotonic() < deadline:
         time.sleep(1)
     assert _processes_mentioning(str(scratch)) == []
+    shutil.rmtree(scratch, ignore_errors=True)
