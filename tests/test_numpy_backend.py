@@ -267,12 +267,15 @@ _NO_TORCH_DEVICE = textwrap.dedent("""
     weights = ArrayRecord({k: Array(rng.normal(0, 0.3, s).astype(np.float32))
                            for k, s in mlp_layout(4, 2, (16,)).items()})
     context = device_context(0, run_config)
-    for kind, config in (("train", {"local-steps": 300}), ("evaluate", {"server-round": 1})):
+    # without DP, evaluation also fine-tunes a copy of the device's learner (personalize)
+    evaluate = {"server-round": 1, "personalize-steps": 0 if sys.argv[2] == "dp" else 200}
+    for kind, config in (("train", {"local-steps": 300}), ("evaluate", evaluate)):
         reply = app(instruction(0, kind, RecordDict(
             {"arrays": weights, "config": ConfigRecord(config)})), context)
         assert not reply.has_error(), reply.error
-        metrics = reply.content["metrics"]
-        print(kind, dict(metrics)["num-examples"], dict(metrics).get("dp-epsilon"))
+        metrics = dict(reply.content["metrics"])
+        print(kind, metrics["num-examples"], metrics.get("dp-epsilon"),
+              metrics.get("personalized-return-mean"))
     assert "torch" not in sys.modules and "opacus" not in sys.modules
     print("torch-free")
 """)
@@ -289,4 +292,20 @@ def test_client_app_trains_and_evaluates_on_numpy_with_torch_absent(tmp_path, dp
     assert lines[0].startswith("train 300 ") and lines[1].startswith("evaluate 2 ")
     epsilon = float(lines[0].split()[2])
     assert (0 < epsilon < math.inf) if dp == "dp" else epsilon == math.inf
+    assert (lines[1].split()[3] == "None") == (dp == "dp")  # personalized return
     assert list(tmp_path.glob("devices/partition-0/gen-*/learner.npz"))
+
+
+@pytest.mark.skipif(not os.environ.get("FEDQ_DEVICE_VENV"), reason=(
+    "set FEDQ_DEVICE_VENV to a venv built by docs/backends.md's torch-free device install "
+    "(needs PyPI, ~2 minutes) to run the ClientApp there"))
+def test_client_app_runs_in_a_torch_free_device_install(tmp_path):
+    python = Path(os.environ["FEDQ_DEVICE_VENV"]) / "bin" / "python"
+    probe = subprocess.run([python, "-c", "import importlib.util as u; print([m for m in "
+                            "('torch', 'opacus', 'scipy') if u.find_spec(m)])"],
+                           capture_output=True, text=True, check=True)
+    assert probe.stdout.strip() == "[]", f"{python} has {probe.stdout.strip()} installed"
+    result = subprocess.run([python, "-c", _NO_TORCH_DEVICE, str(tmp_path), "dp"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines()[-1] == "torch-free"
