@@ -21,8 +21,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _replies import device_context
 from opacus.accountants import RDPAccountant
 
+from client.device import device_from_context
+from client.edge import main as client_main
 from common import rdp
 from common.config import ConfigError, FedqConfig
 from common.dp_sgd import DPSGD
@@ -211,6 +214,27 @@ def test_config_refuses_what_the_numpy_backend_cannot_run():
     with pytest.raises(ConfigError, match=r"'dp-accountant'.*backend 'torch'"):
         FedqConfig.from_mapping({"backend": "numpy", "dp-enabled": True,
                                  "dp-accountant": "prv"})
+
+
+@pytest.mark.parametrize(("settings", "field"), [
+    (["--set", "backend=jax"], "backend"),
+    (["--set", "backend=numpy", "--set", "dp-enabled=true", "--set", "dp-accountant=prv"],
+     "dp-accountant"),
+])
+def test_edge_client_refuses_a_backend_it_cannot_run_before_connecting(
+        tmp_path, capsys, settings, field):
+    with pytest.raises(SystemExit) as exited:
+        client_main(["--server", "127.0.0.1:9", "--state-dir", str(tmp_path), "--insecure",
+                     *settings])
+    assert exited.value.code == 2
+    assert f"config field '{field}'" in capsys.readouterr().err
+
+
+def test_node_config_naming_an_unknown_backend_fails_naming_the_field(tmp_path):
+    context = device_context(0, {**FedqConfig().to_mapping(), "run-dir": str(tmp_path)},
+                             backend="jax")
+    with pytest.raises(ConfigError, match=r"config field 'backend'"):
+        device_from_context(context)
 
 
 def test_device_state_of_the_other_backend_is_refused_not_dropped(tmp_path):
