@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from common.atomic import atomic_open
 from common.config import FedqConfig
 from common.dp_sgd import DPSGD
+from common.learners import STATE_FILES
 from common.networks import NumpyPolicy, QNetwork
 from common.privacy import DevicePrivacy, poisson_indices, sample_rate
 from common.replay_buffer import ReplayBuffer
@@ -50,7 +51,7 @@ def clip_grad_norm(grads: list[torch.Tensor], max_norm: float) -> None:
     torch._foreach_mul_(grads, torch.clamp(max_norm / (total + 1e-6), max=1.0))
 
 
-STATE_FILE = "learner.pt"
+STATE_FILE = STATE_FILES["torch"]
 
 
 class DQNLearner:

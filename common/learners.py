@@ -21,7 +21,8 @@ from common.privacy import DevicePrivacy
 from common.replay_buffer import ReplayBuffer
 
 STATE_FILES = {"torch": "learner.pt", "numpy": "learner.npz"}
-"""The learner state file each backend writes into a device's state generation."""
+"""The learner state file each backend writes into a device's state generation (the
+learners import it from here; this module imports them only inside make_learner)."""
 
 
 class Learner(Protocol):

@@ -30,12 +30,13 @@ import numpy as np
 
 from common.atomic import atomic_open
 from common.config import ConfigError, FedqConfig
+from common.learners import STATE_FILES
 from common.mlp_forward import MlpForward
 from common.mlp_params import FlatParams, mlp_layout
 from common.privacy import DevicePrivacy, poisson_indices, sample_rate
 from common.replay_buffer import ReplayBuffer
 
-STATE_FILE = "learner.npz"
+STATE_FILE = STATE_FILES["numpy"]
 _STATE_VERSION = 1
 ADAM_BETAS = (0.9, 0.999)  # torch.optim.Adam's defaults, as the torch learner uses
 ADAM_EPS = 1e-8
@@ -247,8 +248,7 @@ class NumpyDQNLearner:
         arrays |= {f"target:{k}": v for k, v in self.target.views.items()}
         arrays["adam:exp_avg"] = self.exp_avg
         arrays["adam:exp_avg_sq"] = self.exp_avg_sq
-        meta = {"version": _STATE_VERSION, "adam_steps": self.adam_steps,
-                "learning_rate": self.config.learning_rate, "extra": extra}
+        meta = {"version": _STATE_VERSION, "adam_steps": self.adam_steps, "extra": extra}
         with atomic_open(directory / STATE_FILE) as fh:
             np.savez(fh, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
                      **arrays)
