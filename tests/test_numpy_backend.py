@@ -21,13 +21,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _replies import device_context
+from _replies import device_context, instruction
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from opacus.accountants import RDPAccountant
 
+from client.client_app import app
 from client.device import device_from_context
 from client.edge import main as client_main
 from common import rdp
-from common.config import ConfigError, FedqConfig
+from common.config import BACKENDS, ConfigError, FedqConfig
 from common.dp_sgd import DPSGD
 from common.dqn import DQNLearner, PrivateDQNLearner
 from common.learners import make_learner
@@ -214,6 +216,30 @@ def test_config_refuses_what_the_numpy_backend_cannot_run():
     with pytest.raises(ConfigError, match=r"'dp-accountant'.*backend 'torch'"):
         FedqConfig.from_mapping({"backend": "numpy", "dp-enabled": True,
                                  "dp-accountant": "prv"})
+
+
+def test_torch_and_numpy_devices_train_the_same_global_model_in_one_federation(tmp_path):
+    """Backends mix: each device's node config picks its own, the replies have the same
+    layout, and both moved the weights from the same global model."""
+    run_config = {**FedqConfig().to_mapping(), "run-dir": str(tmp_path),
+                  "hidden-sizes": "16", "learning-starts": 100}
+    rng = np.random.default_rng(0)
+    global_weights = {k: rng.normal(0, 0.3, s).astype(np.float32)
+                      for k, s in mlp_layout(4, 2, (16,)).items()}
+    replies = {}
+    for partition, backend in enumerate(BACKENDS):
+        reply = app(instruction(partition, "train", RecordDict(
+            {"arrays": ArrayRecord({k: Array(v) for k, v in global_weights.items()}),
+             "config": ConfigRecord({"local-steps": 300})})),
+            device_context(partition, run_config, backend=backend))
+        assert not reply.has_error(), reply.error
+        replies[backend] = {k: v.numpy() for k, v in reply.content["arrays"].items()}
+    saved = {p.name for p in tmp_path.glob("devices/*/gen-*/learner.*")}
+    assert saved == {"learner.pt", "learner.npz"}
+    for weights in replies.values():
+        assert {k: v.shape for k, v in weights.items()} == {
+            k: v.shape for k, v in global_weights.items()}
+        assert not all(np.array_equal(weights[k], global_weights[k]) for k in weights)
 
 
 @pytest.mark.parametrize(("settings", "field"), [
