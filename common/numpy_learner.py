@@ -97,8 +97,8 @@ class NumpyDQNLearner:
         self.buffer = buffer
         obs, actions, rewards, next_obs, terminated = buffer.batch_arrays()
         self._obs, self._next_obs = obs, next_obs
-        self._actions, self._rewards, self._terminated = actions[:, 0], rewards[:, 0], \
-            terminated[:, 0]
+        self._actions, self._rewards = actions[:, 0], rewards[:, 0]
+        self._terminated = terminated[:, 0]
         batch = obs.shape[0]
         widths = [w.shape[0] for w, _ in self._layers]
         self._outs = [np.empty((batch, n), np.float32) for n in widths]
