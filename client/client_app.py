@@ -37,7 +37,6 @@ import time
 from collections.abc import Callable
 
 import numpy as np
-import torch
 from flwr.app import (
     ArrayRecord,
     ConfigRecord,
@@ -59,21 +58,31 @@ from client.personalize import personalized_returns
 from common.compression import encode_update
 from common.config import FEDERATION_STEPS_KEY, FedqConfig
 from common.envs import env_spec
-from common.networks import NumpyPolicy, QNetwork
+from common.mlp_forward import MlpForward
+from common.mlp_params import mlp_layout
 from common.privacy import PRIVACY_BUDGET_ERROR_CODE, PrivacyBudgetExhausted, PrivacyReport
 from common.privacy_policy import PRIVACY_POLICY_ERROR_CODE, PolicyRefusal
 from common.rollouts import play_episodes
 from common.trainer import LocalTrainer, has_privacy_ledger
-from common.weights import to_state_dict
+from common.weights import check_arrays
 
 PROGRESS_INTERVAL_S = 15.0  # a training round's progress line at most this often
-torch.set_num_threads(1)  # tiny MLPs: threads cost more than they give, and devices share cores
 
 # the audit mod is outermost: it sees each reply as it leaves, after central DP clipping
 app = ClientApp(mods=[message_audit_mod])
 
 
+def single_threaded_torch(config: FedqConfig) -> None:
+    """One torch thread on the torch backend: for tiny MLPs threads cost more than they
+    give, and devices share cores. Torch is imported only here, never for numpy."""
+    if config.backend == "torch":
+        import torch
+
+        torch.set_num_threads(1)
+
+
 def _load_trainer(device: Device, config: FedqConfig) -> LocalTrainer:
+    single_threaded_torch(config)
     trainer = LocalTrainer(config, seed=device.seed,
                            min_noise_multiplier=device.policy.min_noise_multiplier)
     trainer.load(device.state_dir)
@@ -95,8 +104,8 @@ def is_private(device: Device, config: FedqConfig) -> bool:
             or has_privacy_ledger(device.state_dir))
 
 
-def _global_weights(msg: Message, trainer: LocalTrainer) -> dict[str, torch.Tensor]:
-    return to_state_dict(msg.content["arrays"], trainer.learner.online)
+def _global_weights(msg: Message, trainer: LocalTrainer) -> dict[str, np.ndarray]:
+    return check_arrays(msg.content["arrays"], trainer.learner.layout)
 
 
 @app.train(mods=[central_dp_clipping_mod])
@@ -188,12 +197,11 @@ def exploration_start(config: FedqConfig, round_config: ConfigRecord) -> int | N
 
 
 def _outgoing_update(trainer: LocalTrainer, context: Context,
-                     global_state: dict[str, torch.Tensor], mode: str) -> ArrayRecord:
+                     global_weights: dict[str, np.ndarray], mode: str) -> ArrayRecord:
     """The reply's arrays: the online weights, or with ``update-compression`` their
     quantised delta to the global model (the error-feedback residual is kept in the
     trainer and saved with its state). A benchmark attacker sends bad weights instead."""
-    global_weights = {k: v.numpy() for k, v in global_state.items()}
-    local = {k: v.numpy() for k, v in trainer.learner.online.state_dict().items()}
+    local = trainer.learner.online_arrays()
     partition = context.node_config.get("partition-id")
     local = inject_fault(local, global_weights, trainer.config,
                          None if partition is None else int(partition),
@@ -242,7 +250,8 @@ def identify(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Greedy episodes of the global model on this device's env (device state untouched:
-    only the network and a fresh env are built, not the device's trainer and buffer)."""
+    only the numpy forward pass and a fresh env are built, not the device's trainer and
+    buffer, so no backend's learner is loaded)."""
     device = device_from_context(context)
     config = device.config
     round_config = msg.content["config"]
@@ -253,12 +262,14 @@ def evaluate(msg: Message, context: Context) -> Message:
     except PolicyRefusal as refusal:
         return _refused(msg, device, refusal)
     spec = env_spec(config.env_id, config.env_kwargs, config.env_physics)
-    net = QNetwork(spec.obs_dim, spec.n_actions, config.hidden_sizes)
-    global_state = to_state_dict(msg.content["arrays"], net)
-    net.load_state_dict(global_state)
+    global_state = check_arrays(msg.content["arrays"],
+                                mlp_layout(spec.obs_dim, spec.n_actions, config.hidden_sizes))
+    names = list(global_state)
+    policy = MlpForward([(global_state[w].T, global_state[b])
+                         for w, b in zip(names[::2], names[1::2], strict=True)])
     server_round = int(round_config.get("server-round", 0))
     eval_seed = device.seed + 10**6 + 1000 * server_round
-    returns = play_episodes(NumpyPolicy(net).act, config.env_id, config.eval_episodes,
+    returns = play_episodes(policy.act, config.env_id, config.eval_episodes,
                             seed=eval_seed, env_kwargs=config.env_kwargs,
                             env_physics=config.env_physics)
     metrics: dict[str, float | int] = {

@@ -14,23 +14,41 @@ step count passes ``learning-starts``.
 
 from __future__ import annotations
 
-import torch
+import contextlib
+from collections.abc import Iterator
+
+import numpy as np
 
 from client.device import Device
 from common.trainer import LocalTrainer
 
 
-def personalized_returns(device: Device, global_state: dict[str, torch.Tensor], steps: int,
+def personalized_returns(device: Device, global_state: dict[str, np.ndarray], steps: int,
                          episodes: int, seed: int) -> list[float]:
     """Greedy returns on the device's env after ``steps`` fine-tuning steps from the
     global model; the device's state on disk is read, never written."""
-    rng_state = torch.get_rng_state()  # LocalTrainer.load restores the device's RNG
-    trainer = LocalTrainer(device.config, seed=device.seed)
+    with _torch_rng_kept(device.config.backend):
+        trainer = LocalTrainer(device.config, seed=device.seed)
+        try:
+            trainer.load(device.state_dir)
+            trainer.learner.load_online(global_state, sync_target=True)
+            trainer.train(steps)
+            return trainer.evaluate(episodes, seed=seed)
+        finally:
+            trainer.close()
+
+
+@contextlib.contextmanager
+def _torch_rng_kept(backend: str) -> Iterator[None]:
+    """The torch learner seeds and restores torch's global RNG; put it back afterwards.
+    The numpy learner touches no global RNG (and torch is not imported for it)."""
+    if backend != "torch":
+        yield
+        return
+    import torch
+
+    rng_state = torch.get_rng_state()
     try:
-        trainer.load(device.state_dir)
-        trainer.learner.load_online(global_state, sync_target=True)
-        trainer.train(steps)
-        return trainer.evaluate(episodes, seed=seed)
+        yield
     finally:
-        trainer.close()
         torch.set_rng_state(rng_state)

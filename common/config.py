@@ -21,6 +21,7 @@ from typing import Any
 ConfigScalar = bool | int | float | str
 
 _LOSSES = ("huber", "mse")
+BACKENDS = ("torch", "numpy")
 _ACCOUNTANTS = ("rdp", "prv")
 STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedmedian",
               "fedtrimmedavg", "krum", "sequential")
@@ -89,6 +90,10 @@ class FedqConfig:
         "comma-separated hidden layer widths of the MLP Q-network",
         _check(lambda v: len(v) >= 1 and all(h >= 1 for h in v), "needs widths >= 1"),
     )
+    backend: str = _opt(
+        "torch", "the device's learner: torch or numpy (MLP Q-networks in numpy alone; the "
+        "device needs no torch, RDP accountant only; docs/backends.md)",
+        _check(lambda v: v in BACKENDS, f"one of {BACKENDS}"))
     learning_rate: float = _opt(5e-4, "Adam learning rate", _positive)
     gamma: float = _opt(0.99, "discount factor", _open_unit)
     buffer_size: int = _opt(50_000, "replay buffer capacity (transitions)", _at_least_one)
@@ -306,6 +311,10 @@ class FedqConfig:
                 "would release returns no epsilon covers; use 0 with dp-enabled")
         self._check_client_overrides()
         self._check_central_dp()
+        if self.backend == "numpy" and self.dp_enabled and self.dp_accountant != "rdp":
+            raise ConfigError(
+                "dp-accountant", f"{self.dp_accountant!r} needs backend 'torch' (Opacus); "
+                "the numpy backend accounts with RDP (common/rdp.py), use rdp")
         if self.dp_planned_updates and self.dp_target_epsilon == math.inf:
             raise ConfigError(
                 "dp-planned-updates", "needs a finite dp-target-epsilon to derive the noise "

@@ -18,19 +18,8 @@ std ``noise_multiplier * C``, divided by the expected batch size), and
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
-
-
-def poisson_indices(n: int, rate: float, rng: np.random.Generator) -> np.ndarray:
-    """Indices of a Poisson sample of ``range(n)``: each kept independently with ``rate``.
-
-    Drawn as a Binomial(n, rate) size and then a uniform subset of that size, which is
-    the same distribution in ~10 µs instead of ``n`` coin flips. Poisson sampling is
-    what the accountants' subsampled-Gaussian analysis assumes.
-    """
-    return rng.choice(n, size=rng.binomial(n, rate), replace=False)
 
 
 class DPSGD:

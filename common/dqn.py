@@ -10,22 +10,20 @@ the MDP's sense.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from common.atomic import atomic_open
 from common.config import FedqConfig
-from common.dp_sgd import DPSGD, poisson_indices
+from common.dp_sgd import DPSGD
+from common.learners import STATE_FILES
 from common.networks import NumpyPolicy, QNetwork
-from common.privacy import DevicePrivacy, sample_rate
+from common.privacy import DevicePrivacy, poisson_indices, sample_rate
 from common.replay_buffer import ReplayBuffer
-
-
-def linear_epsilon(step: int, initial: float, final: float, decay_steps: int) -> float:
-    """Epsilon after ``step`` env steps: linear from ``initial`` to ``final``, then flat."""
-    if decay_steps <= 0 or step >= decay_steps:
-        return final
-    return initial + (final - initial) * (step / decay_steps)
 
 
 def td_targets(rewards: torch.Tensor, next_q_online: torch.Tensor | None,
@@ -53,8 +51,13 @@ def clip_grad_norm(grads: list[torch.Tensor], max_norm: float) -> None:
     torch._foreach_mul_(grads, torch.clamp(max_norm / (total + 1e-6), max=1.0))
 
 
+STATE_FILE = STATE_FILES["torch"]
+
+
 class DQNLearner:
     """Owns the networks and optimizer; one :meth:`update` is one gradient step."""
+
+    backend = "torch"
 
     def __init__(self, obs_dim: int, n_actions: int, config: FedqConfig) -> None:
         self.config = config
@@ -136,11 +139,36 @@ class DQNLearner:
         for t, o in zip(self.target.parameters(), self.params, strict=True):
             t.lerp_(o, tau)
 
-    def load_online(self, state: dict[str, torch.Tensor], sync_target: bool = True) -> None:
-        """Load weights in place (the numpy policy keeps pointing at them)."""
-        self.online.load_state_dict(state)
+    def load_online(self, state: Mapping[str, torch.Tensor | np.ndarray],
+                    sync_target: bool = True) -> None:
+        """Load weights (tensors or arrays) in place (the numpy policy keeps pointing at
+        them)."""
+        self.online.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()})
         if sync_target:
             self.target.load_state_dict(self.online.state_dict())
+
+    @property
+    def layout(self) -> dict[str, tuple[int, ...]]:
+        """State-dict names and shapes of the Q-network."""
+        return {k: tuple(v.shape) for k, v in self.online.state_dict().items()}
+
+    def online_arrays(self) -> dict[str, np.ndarray]:
+        """The online weights by state-dict name (views: copy before changing them)."""
+        return {k: v.numpy() for k, v in self.online.state_dict().items()}
+
+    def save(self, directory: Path, extra: dict) -> None:
+        """Write networks, optimizer, torch's RNG and ``extra`` to ``directory`` (the
+        file layout fedq devices have always used)."""
+        with atomic_open(directory / STATE_FILE) as fh:
+            torch.save({"learner": self.state_dict(), **extra,
+                        "torch_rng": torch.get_rng_state()}, fh)
+
+    def load(self, directory: Path) -> dict:
+        """Restore what :meth:`save` wrote (torch's RNG too); returns the ``extra``."""
+        state = torch.load(directory / STATE_FILE, weights_only=True)
+        self.load_state_dict(state.pop("learner"))
+        torch.set_rng_state(state.pop("torch_rng"))
+        return state
 
     def state_dict(self) -> dict:
         return {"online": self.online.state_dict(), "target": self.target.state_dict(),

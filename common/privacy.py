@@ -24,9 +24,12 @@ its ledger reports epsilon = inf. Noise and batch sampling draw from the OS's en
 torch's and numpy's ordinary generators, as Opacus does without ``secure_mode``: not a
 cryptographic source, and no defence against floating-point attacks on the noise.
 
-Which parts are Opacus: the accountants (every epsilon here, including the budget
-check and the derived noise multiplier) and nothing else; per-sample clipping is
-fedq's own closed form (see :mod:`common.dp_sgd` for why and how it is checked).
+Which parts are Opacus: on the torch backend, the accountants (every epsilon here,
+including the budget check and the derived noise multiplier) and nothing else;
+per-sample clipping is fedq's own closed form (see :mod:`common.dp_sgd` for why and how
+it is checked). The numpy backend, which must not need torch, keeps the same history in
+:class:`common.rdp.RdpLedger` and computes its epsilon with :mod:`common.rdp` (Opacus's
+RDP arithmetic without SciPy; a test holds the two equal); the ledger file is the same.
 """
 
 from __future__ import annotations
@@ -35,9 +38,11 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 
+from common import rdp
 from common.config import FedqConfig
 from common.privacy_policy import PolicyRefusal
 
@@ -70,14 +75,30 @@ def sample_rate(batch_size: int, buffer_length: int) -> float:
     return min(1.0, batch_size / (buffer_length >> shift << shift))
 
 
+def poisson_indices(n: int, rate: float, rng: np.random.Generator) -> np.ndarray:
+    """Indices of a Poisson sample of ``range(n)``: each kept independently with ``rate``.
+
+    Drawn as a Binomial(n, rate) size and then a uniform subset of that size, which is
+    the same distribution in ~10 µs instead of ``n`` coin flips. Poisson sampling is
+    what the accountants' subsampled-Gaussian analysis assumes.
+    """
+    return rng.choice(n, size=rng.binomial(n, rate), replace=False)
+
+
 @lru_cache(maxsize=64)
-def epsilon_of(mechanism: str, delta: float, history: tuple[Segment, ...]) -> float:
-    """Epsilon of a history with Opacus's accountant (cached: a round's budget check and
-    its report usually ask for the same history)."""
+def epsilon_of(mechanism: str, delta: float, history: tuple[Segment, ...],
+               backend: str = "torch") -> float:
+    """Epsilon of a history with Opacus's accountant, or with :mod:`common.rdp` on the
+    numpy backend (cached: a round's budget check and its report usually ask for the
+    same history)."""
     if not history:
         return 0.0
     if any(noise == 0.0 for noise, _, _ in history):
         return math.inf  # no noise, no finite epsilon (Opacus's PRV would overflow)
+    if backend == "numpy":
+        if mechanism != "rdp":
+            raise ValueError(f"the numpy backend accounts with rdp, not {mechanism!r}")
+        return rdp.epsilon(history, delta)
     from opacus.accountants import create_accountant  # lazy: see DevicePrivacy.__init__
 
     accountant = create_accountant(mechanism=mechanism)
@@ -139,11 +160,14 @@ class DevicePrivacy:
         multiplier it fixes, derived ones included."""
         self.config = config
         self.min_noise_multiplier = min_noise_multiplier
-        # Imported here, not at module level: opacus costs ~115 MiB and ~2 s per process,
-        # which every non-private device (each ClientApp process) would otherwise pay.
-        from opacus.accountants import create_accountant
+        if config.backend == "numpy":
+            self.accountant: Any = rdp.RdpLedger()
+        else:
+            # Imported here, not at module level: opacus costs ~115 MiB and ~2 s per
+            # process, which every non-private device would otherwise pay.
+            from opacus.accountants import create_accountant
 
-        self.accountant = create_accountant(mechanism=config.dp_accountant)
+            self.accountant = create_accountant(mechanism=config.dp_accountant)
         self.derived: dict[str, float] | None = None  # noise multiplier from the plan
         self.untracked_updates = 0  # updates this device made without DP
         self._round_start: list[Segment] = []
@@ -171,7 +195,7 @@ class DevicePrivacy:
             return math.inf
         planned = self.history if history is None else history
         return epsilon_of(self.config.dp_accountant, self.config.dp_delta,
-                          tuple(tuple(s) for s in planned))
+                          tuple(tuple(s) for s in planned), self.config.backend)
 
     def begin_round(self, round_lengths: np.ndarray,
                     lifetime_lengths: Callable[[int], np.ndarray]) -> float:

@@ -1,20 +1,25 @@
 """A numpy ring buffer of transitions, with sampling that allocates nothing per step.
 
-Sampling writes into preallocated batch arrays; :meth:`ReplayBuffer.batch_tensors`
-exposes torch views of those same arrays, so a DQN update reads the freshly sampled
-batch without copying or allocating tensors. The buffer saves to and loads from one
-``.npz`` file so a device's experience survives restarts.
+Sampling writes into preallocated batch arrays (:meth:`ReplayBuffer.batch_arrays`);
+:meth:`ReplayBuffer.batch_tensors` exposes torch views of those same arrays, so a DQN
+update reads the freshly sampled batch without copying or allocating tensors. Torch is
+imported only by the torch views: the numpy backend's devices do not have it. The
+buffer saves to and loads from one ``.npz`` file so a device's experience survives
+restarts.
 """
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from common.atomic import atomic_open
+
+if TYPE_CHECKING:
+    import torch
 
 _FORMAT_VERSION = 1
 
@@ -75,20 +80,30 @@ class ReplayBuffer:
         np.take(self.rewards, idx, out=self._b_rewards[:, 0])
         np.take(self.terminated, idx, out=self._b_terminated[:, 0])
 
+    def gather_arrays(self, indices: np.ndarray) -> tuple[np.ndarray, ...]:
+        """New arrays of the transitions at ``indices``, in :meth:`batch_arrays`' order and
+        shapes, for batches whose size varies (DP-SGD's Poisson sampling)."""
+        return (self.obs[indices], self.actions[indices, None], self.rewards[indices, None],
+                self.next_obs[indices], self.terminated[indices, None])
+
     def gather(self, indices: np.ndarray) -> tuple[torch.Tensor, ...]:
-        """New tensors of the transitions at ``indices``, in :meth:`batch_tensors`' order,
-        for batches whose size varies (DP-SGD's Poisson sampling)."""
-        return (torch.from_numpy(self.obs[indices]),
-                torch.from_numpy(self.actions[indices, None]),
-                torch.from_numpy(self.rewards[indices, None]),
-                torch.from_numpy(self.next_obs[indices]),
-                torch.from_numpy(self.terminated[indices, None]))
+        """:meth:`gather_arrays` as tensors."""
+        import torch
+
+        return tuple(torch.from_numpy(a) for a in self.gather_arrays(indices))
+
+    def batch_arrays(self) -> tuple[np.ndarray, ...]:
+        """The preallocated batch arrays every :meth:`sample` refills: obs ``(B, obs_dim)``,
+        actions ``(B, 1)`` int64, rewards, next_obs, terminated (``(B, 1)`` float32)."""
+        return (self._b_obs, self._b_actions, self._b_rewards, self._b_next_obs,
+                self._b_terminated)
 
     def batch_tensors(self) -> tuple[torch.Tensor, ...]:
-        """Torch views (shared memory) of the batch arrays: obs, actions, rewards, next_obs,
-        terminated. Call once; every :meth:`sample` refreshes their contents in place."""
-        return tuple(torch.from_numpy(a) for a in (
-            self._b_obs, self._b_actions, self._b_rewards, self._b_next_obs, self._b_terminated))
+        """Torch views (shared memory) of :meth:`batch_arrays`. Call once; every
+        :meth:`sample` refreshes their contents in place."""
+        import torch
+
+        return tuple(torch.from_numpy(a) for a in self.batch_arrays())
 
     def save(self, path: Path) -> None:
         """Write atomically (temp file + rename) so a crash never leaves a torn buffer."""

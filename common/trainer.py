@@ -19,17 +19,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from common.atomic import atomic_open, atomic_write_text
 from common.config import FedqConfig
-from common.dqn import DQNLearner, PrivateDQNLearner, linear_epsilon
 from common.envs import check_spaces, make_env
+from common.exploration import linear_epsilon
+from common.learners import check_state_backend, make_learner
 from common.privacy import DevicePrivacy, PrivacyReport
 from common.replay_buffer import ReplayBuffer
 from common.rollouts import play_episodes
 
-_LEARNER_FILE = "learner.pt"
 PROGRESS_EVERY = 1000  # env steps between calls of train()'s progress callback
 _BUFFER_FILE = "replay_buffer.npz"
 _COUNTERS_FILE = "counters.json"
@@ -72,14 +71,11 @@ class LocalTrainer:
         self.seed = seed
         self.env = make_env(config.env_id, config.env_kwargs, config.env_physics)
         spec = check_spaces(config.env_id, self.env)
-        torch.manual_seed(seed)
         self.privacy = (DevicePrivacy(config, min_noise_multiplier) if config.dp_enabled
                         else None)
         # a ledger loaded while DP is off: saved again unchanged, never dropped
         self._kept_ledger: str | None = None
-        self.learner = (
-            DQNLearner(spec.obs_dim, spec.n_actions, config) if self.privacy is None
-            else PrivateDQNLearner(spec.obs_dim, spec.n_actions, config, self.privacy))
+        self.learner = make_learner(spec.obs_dim, spec.n_actions, config, self.privacy, seed)
         self.buffer = ReplayBuffer(config.buffer_size, spec.obs_dim, config.batch_size, seed)
         self.learner.bind(self.buffer)
         self.counters = Counters()
@@ -204,10 +200,7 @@ class LocalTrainer:
         generation = f"gen-{(int(current[4:]) + 1) if current else 1:06d}"
         target = directory / generation
         target.mkdir(exist_ok=True)
-        state = {"learner": self.learner.state_dict(), "python_rng": self.rng.getstate(),
-                 "torch_rng": torch.get_rng_state()}
-        with atomic_open(target / _LEARNER_FILE) as fh:
-            torch.save(state, fh)
+        self.learner.save(target, {"python_rng": self.rng.getstate()})
         self.buffer.save(target / _BUFFER_FILE)
         atomic_write_text(target / _COUNTERS_FILE, json.dumps(asdict(self.counters)))
         if self.privacy is not None:
@@ -228,10 +221,8 @@ class LocalTrainer:
         if generation is None:
             return False
         source = directory / generation
-        state = torch.load(source / _LEARNER_FILE, weights_only=True)
-        self.learner.load_state_dict(state["learner"])
-        self.rng.setstate(_as_tuples(state["python_rng"]))
-        torch.set_rng_state(state["torch_rng"])
+        check_state_backend(source, self.config.backend)
+        self.rng.setstate(_as_tuples(self.learner.load(source)["python_rng"]))
         self.buffer.load(source / _BUFFER_FILE)
         self.counters = Counters(**json.loads((source / _COUNTERS_FILE).read_text()))
         if self.privacy is not None:
@@ -263,5 +254,5 @@ def _current_generation(directory: Path) -> str | None:
 
 
 def _as_tuples(value: object) -> object:
-    """``random.setstate`` wants tuples; a torch round-trip may hand back lists."""
+    """``random.setstate`` wants tuples; a torch or JSON round-trip hands back lists."""
     return tuple(_as_tuples(v) for v in value) if isinstance(value, list | tuple) else value

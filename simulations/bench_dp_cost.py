@@ -38,9 +38,8 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from common.config import FedqConfig
-from common.dp_sgd import poisson_indices
 from common.dqn import DQNLearner, PrivateDQNLearner
-from common.privacy import PRV_EPS_ERROR, DevicePrivacy, sample_rate
+from common.privacy import PRV_EPS_ERROR, DevicePrivacy, poisson_indices, sample_rate
 from common.replay_buffer import ReplayBuffer
 from simulations.results_io import markdown_table, write_results
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from common.config import FedqConfig
-from common.dqn import DQNLearner, linear_epsilon, td_targets
+from common.dqn import DQNLearner, td_targets
+from common.exploration import linear_epsilon
 from common.networks import NumpyPolicy, QNetwork
 
 

@@ -17,13 +17,14 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 
 from client.client_app import app
 from common.config import ConfigError, FedqConfig
-from common.dp_sgd import DPSGD, poisson_indices
+from common.dp_sgd import DPSGD
 from common.networks import QNetwork
 from common.privacy import (
     PRIVACY_BUDGET_ERROR_CODE,
     PRV_EPS_ERROR,
     PrivacyBudgetExhausted,
     extend,
+    poisson_indices,
     sample_rate,
 )
 from common.trainer import LocalTrainer
