@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.atomic import atomic_open
+from common.atomic import PRIVATE, atomic_open
 
 _FORMAT_VERSION = 1
 
@@ -93,7 +93,7 @@ class ReplayBuffer:
     def save(self, path: Path) -> None:
         """Write atomically (temp file + rename) so a crash never leaves a torn buffer."""
         n = self.size
-        with atomic_open(path) as fh:
+        with atomic_open(path, permissions=PRIVATE) as fh:
             np.savez(fh, version=_FORMAT_VERSION, capacity=self.capacity, pos=self.pos,
                      obs=self.obs[:n], next_obs=self.next_obs[:n], actions=self.actions[:n],
                      rewards=self.rewards[:n], terminated=self.terminated[:n],
