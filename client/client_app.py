@@ -19,6 +19,9 @@ would exceed its ``dp-target-epsilon`` replies with an error (code
 ``PRIVACY_BUDGET_ERROR_CODE``) that says why, and keeps answering evaluation. An error
 reply, not a zero-weight one: Flower's FedAvg leaves error replies out of aggregation,
 while a ``num-examples`` of 0 would divide by zero when every device declines.
+A device whose saved state cannot be loaded (a damaged generation, a privacy ledger it
+cannot recover: :mod:`common.state_store`) or saved (a full disk) replies with an error
+(code ``DEVICE_STATE_ERROR_CODE``) naming itself and the file, instead of training.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from common.envs import env_spec
 from common.networks import NumpyPolicy, QNetwork
 from common.privacy import PRIVACY_BUDGET_ERROR_CODE, PrivacyBudgetExhausted, PrivacyReport
 from common.rollouts import play_episodes
+from common.state_store import DEVICE_STATE_ERROR_CODE, DeviceStateError
 from common.trainer import LocalTrainer
 from common.weights import to_state_dict
 
@@ -81,7 +85,10 @@ def train(msg: Message, context: Context) -> Message:
 
 
 def _train(msg: Message, device: Device, context: Context, started: float) -> Message:
-    trainer = _load_trainer(device)
+    try:
+        trainer = _load_trainer(device)
+    except DeviceStateError as err:
+        return _state_error(msg, device, f"cannot load its state: {err}")
     global_state = _global_weights(msg, trainer)
     trainer.learner.load_online(global_state, sync_target=True)
     round_config = msg.content["config"]
@@ -97,7 +104,13 @@ def _train(msg: Message, device: Device, context: Context, started: float) -> Me
     trainer.counters.rounds += 1
     arrays = _outgoing_update(trainer, context, global_state,
                               str(round_config.get("update-compression", "none")))
-    trainer.save(device.state_dir)
+    try:
+        trainer.save(device.state_dir)
+    except OSError as err:  # e.g. a full disk: the round's work is not kept, say so
+        trainer.close()
+        return _state_error(msg, device, f"cannot save its state in '{device.state_dir}' "
+                                         f"({err.strerror or err}); this round's training "
+                                         "is not kept")
     returns = stats.episode_returns
     metrics = MetricRecord({
         **device.identity_metrics(),
@@ -116,6 +129,13 @@ def _train(msg: Message, device: Device, context: Context, started: float) -> Me
     })
     trainer.close()
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+
+def _state_error(msg: Message, device: Device, problem: str) -> Message:
+    """An error reply (code ``DEVICE_STATE_ERROR_CODE``) naming the device and the file."""
+    reason = f"device {device.name}: {problem}"
+    log(logging.ERROR, "[fedq] %s", reason)
+    return Message(Error(code=DEVICE_STATE_ERROR_CODE, reason=reason), reply_to=msg)
 
 
 def exploration_start(config: FedqConfig, round_config: ConfigRecord) -> int | None:

@@ -40,6 +40,8 @@ from pathlib import Path
 
 from common.atomic import PRIVATE, atomic_write_text
 
+DEVICE_STATE_ERROR_CODE = 1002
+"""Error code of a train reply from a device whose state cannot be loaded or saved."""
 POINTER_FILE = "CURRENT"
 MANIFEST_FILE = "MANIFEST.json"
 _GENERATION = re.compile(r"gen-(\d{6,9})")

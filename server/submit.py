@@ -14,7 +14,9 @@ exits 0 even when the ServerApp raised. This wrapper does what docker compose's
 4. register SuperNode public keys (``--register-key``) when node authentication is on
    (a key that is already registered is fine, so restarts are idempotent);
 5. ``flwr run APP fedq --stream --run-config FILE``, then read the run's final status
-   with ``flwr ls`` and exit 0 only for ``finished:completed``.
+   with ``flwr ls`` and exit 0 only for ``finished:completed``; the ServerApp's own
+   ``[fedq] run status:`` line (ok, degraded, failed: server/outcome.py) is repeated
+   at the end, so a degraded run is reported even though it completed.
 
 To resume a run whose server side died, submit again with ``--set resume=true`` and the
 same ``run-dir``: the ServerApp continues at the round after its last checkpoint.
@@ -39,6 +41,7 @@ import tomli_w
 
 from common.config import ConfigError, ConfigScalar, FedqConfig, parse_assignment
 from common.flower_runtime import poll_run_status
+from server.outcome import status_in_log
 
 CONNECTION = "fedq"
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -109,21 +112,25 @@ def register_key(public_key: Path, env: dict[str, str]) -> None:
     print(f"fedq-submit: SuperNode key {public_key} registered", flush=True)
 
 
-def submit(app: Path, config_file: Path, env: dict[str, str]) -> tuple[int | None, int]:
-    """``flwr run --stream``: echo its output; return (run id, exit status)."""
+def submit(app: Path, config_file: Path, env: dict[str, str]
+           ) -> tuple[int | None, int, tuple[str, str] | None]:
+    """``flwr run --stream``: echo its output; return (run id, exit status, the fedq run
+    status line's (status, details) if the stream carried one)."""
     command = ["flwr", "run", str(app.resolve()), CONNECTION, "--stream",
                "--run-config", str(config_file)]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT)
-    run_id = None
+    run_id, fedq_status = None, None
     assert process.stdout is not None
     for raw in iter(process.stdout.readline, b""):
         text = raw.decode(errors="replace")
         sys.stdout.write(text)
         sys.stdout.flush()
-        if run_id is None and (match := _RUN_STARTED.search(_ANSI.sub("", text))):
+        plain = _ANSI.sub("", text)
+        if run_id is None and (match := _RUN_STARTED.search(plain)):
             run_id = int(match.group(1))
-    return run_id, process.wait()
+        fedq_status = status_in_log(plain) or fedq_status
+    return run_id, process.wait(), fedq_status
 
 
 def run_status(run_id: int, env: dict[str, str]) -> tuple[str | None, str | None]:
@@ -175,11 +182,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     wait_healthy(args.superlink, args.root_certificates, args.wait)
     for key in public_keys(args.register_key):
         register_key(key, env)
-    run_id, returncode = submit(args.app, config_file, env)
+    run_id, returncode, fedq_status = submit(args.app, config_file, env)
     if run_id is None:
         parser.exit(1, f"fedq-submit: the run did not start (flwr run exited {returncode})\n")
     status, details = run_status(run_id, env)
     print(f"fedq-submit: run {run_id}: {status} {details or ''}".rstrip(), flush=True)
+    if fedq_status is not None:
+        print(f"fedq-submit: run {run_id}: fedq status {fedq_status[0]} {fedq_status[1]}",
+              flush=True)
     if returncode != 0 or status != "finished:completed":
         sys.exit(1)
 

@@ -19,6 +19,7 @@ import json
 import re
 import sys
 import tempfile
+import time
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +27,7 @@ from pathlib import Path
 from common.config import ConfigError, ConfigScalar, FedqConfig, parse_assignment
 from common.envs import env_spec
 from common.flower_runtime import RunResult, simulation_superlink, submit_run
+from server.outcome import STATUS_FILE, read_status
 from simulations.scenario import load_scenario
 
 APP_DIR = Path(__file__).resolve().parent.parent
@@ -133,14 +135,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"[fedq] {clients} clients x {config.num_server_rounds} rounds x "
           f"{config.local_steps} local steps on {config.env_id}; results in {run_dir}",
           flush=True)
+    started = time.time()
     result = simulate(run_config, clients, cpus_per_client=args.cpus_per_client,
                       timeout=args.timeout, stream=not args.quiet)
+    status = read_status(run_dir)
+    if status is not None and (run_dir / STATUS_FILE).stat().st_mtime < started:
+        status = None  # an earlier run's
     if not result.ok:
         print(f"fedq-simulate: run {result.run_id} ended {result.status} "
               f"({result.status_details or 'no details'}); Flower log: "
               f"{run_dir / 'flower.log'}", file=sys.stderr)
+        if status is not None:
+            print(f"fedq-simulate: {status.get('line')}", file=sys.stderr)
         return 1
     _print_summary(run_dir)
+    if status is not None and status.get("status") != "ok":
+        print(f"fedq-simulate: {status.get('line')}; per-device errors in "
+              f"{run_dir / 'metrics.jsonl'} (device-failures)", file=sys.stderr)
     return 0
 
 

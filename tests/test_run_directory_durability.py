@@ -83,8 +83,8 @@ def test_rows_without_any_complete_checkpoint_refuse_the_resume_and_stay(tmp_pat
     run_dir = _run(tmp_path, 3)
     for path in run_dir.checkpoints.glob("round-*.pt"):
         path.write_bytes(b"garbage")
-    with pytest.raises(RunDirectoryError, match="records rounds up to 3 but .* holds no "
-                                                "complete checkpoint"):
+    with pytest.raises(RunDirectoryError, match=r"records rounds up to 3 but .* holds no "
+                                                r"complete checkpoint"):
         run_dir.start(_config(tmp_path, resume=True))
     assert _rounds(run_dir) == [1, 2, 3]
 
@@ -103,5 +103,5 @@ def test_an_unloadable_checkpoint_is_named(tmp_path):
     run_dir = _run(tmp_path, 1)
     path = run_dir.checkpoints / "round-0001.pt"
     path.write_bytes(b"PK\x03\x04 not a zip")
-    with pytest.raises(RunDirectoryError, match="round-0001.pt' cannot be loaded"):
+    with pytest.raises(RunDirectoryError, match=r"round-0001\.pt' cannot be loaded"):
         run_dir.load_checkpoint(1)
