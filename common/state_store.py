@@ -168,9 +168,11 @@ def resolve(state_dir: Path, *, keep_history: bool, legacy_files: tuple[str, ...
             "privacy budget spent since, so this device refuses to train. Restore the "
             "folder from a backup, or move it away to accept that loss explicitly")
     if pointer_problem is not None or name != gen.path.name or skipped:
-        logger.warning("device state '%s': %s; loading %s%s", state_dir,
-                       pointer_problem or f"{POINTER_FILE} names {name}", gen.path.name,
-                       "".join(f"; skipped {g.path.name} ({g.problem})" for g in skipped))
+        why = ([pointer_problem] if pointer_problem is not None
+               else [f"{POINTER_FILE} names {name}"] if name != gen.path.name else [])
+        why += [f"skipped {g.path.name} ({g.problem})" for g in skipped]
+        logger.warning("device state '%s': loading %s; %s", state_dir, gen.path.name,
+                       "; ".join(why))
     return gen.path
 
 
