@@ -12,7 +12,7 @@ and at least one failed for a reason other than its privacy budget (a device tha
 declines for its budget does what it was configured to). The run's status, written to
 ``status.json`` and logged as ``[fedq] run status: ...``:
 
-- ``ok``: no device failure in any round;
+- ``ok``: no device failure in any round (a privacy-budget decline is not one);
 - ``degraded``: failures, but at most ``failed-rounds-threshold`` of the rounds failed;
 - ``failed``: more rounds failed than that; the ServerApp then raises
   :class:`RunFailedError`, so Flower ends the run ``finished:failed`` and
@@ -103,7 +103,8 @@ class RunOutcome:
 def run_outcome(rows: Sequence[dict[str, Any]], threshold: float) -> RunOutcome:
     """The status of a run from its ``metrics.jsonl`` rows (all of them, resumes too)."""
     failed = [r["round"] for r in rows if r.get("round-failed")]
-    device_failures = sum(len(r.get("device-failures", [])) for r in rows)
+    device_failures = sum(f.get("code") != PRIVACY_BUDGET_ERROR_CODE
+                          for r in rows for f in r.get("device-failures", []))
     if not failed and not device_failures:
         status = "ok"
     elif rows and len(failed) > threshold * len(rows):

@@ -108,6 +108,10 @@ class RunDirectory:
                                      + [f"skipped {p.name} ({why})" for p, why in skipped]))
         for path, _ in skipped:
             _set_aside(path)
+        if chosen and not _digest_path(self._checkpoint_path(chosen)).exists():
+            logger.warning("[fedq] %s: resuming from round-%04d.pt, which has no digest "
+                           "file (written before digests, or the digest was lost); it loads "
+                           "as round %d, so it is used", self.root, chosen, chosen)
         if logged and not chosen:
             raise RunDirectoryError(
                 f"cannot resume '{self.root}': {self.metrics_path.name} records rounds up to "
@@ -158,7 +162,7 @@ class RunDirectory:
         """Write the checkpoint, then its digest, then ``LATEST``; then drop complete
         checkpoints of earlier rounds beyond the newest few (never this one, never a
         damaged one, never a later round)."""
-        path = self.checkpoints / f"round-{server_round:04d}.pt"
+        path = self._checkpoint_path(server_round)
         with atomic_open(path) as fh:
             torch.save({"round": server_round, "state_dict": state_dict, **extra}, fh)
         atomic_write_text(_digest_path(path), _digest(path))
@@ -179,12 +183,15 @@ class RunDirectory:
 
     def load_checkpoint(self, server_round: int | None = None) -> dict[str, Any]:
         server_round = self.latest_round() if server_round is None else server_round
-        path = self.checkpoints / f"round-{server_round:04d}.pt"
+        path = self._checkpoint_path(server_round)
         try:
             return torch.load(path, weights_only=True)
         except Exception as err:  # torch raises many types for torn or foreign files
             raise RunDirectoryError(f"checkpoint '{path}' cannot be loaded: "
                                     f"{type(err).__name__}: {str(err)[:300]}") from None
+
+    def _checkpoint_path(self, server_round: int) -> Path:
+        return self.checkpoints / f"round-{server_round:04d}.pt"
 
     def _checkpoint_files(self) -> list[tuple[int, Path]]:
         """(round, path) of every ``round-NNNN.pt`` (no links), newest round first."""

@@ -105,3 +105,11 @@ def test_an_unloadable_checkpoint_is_named(tmp_path):
     path.write_bytes(b"PK\x03\x04 not a zip")
     with pytest.raises(RunDirectoryError, match=r"round-0001\.pt' cannot be loaded"):
         run_dir.load_checkpoint(1)
+
+
+def test_a_checkpoint_whose_digest_was_lost_is_used_with_a_warning(tmp_path, caplog):
+    run_dir = _run(tmp_path, 3)
+    (run_dir.checkpoints / "round-0003.pt.sha256").unlink()
+    with caplog.at_level(logging.WARNING):
+        assert run_dir.start(_config(tmp_path, resume=True)) == 3
+    assert "round-0003.pt, which has no digest file" in caplog.text
