@@ -157,7 +157,9 @@ def resolve(state_dir: Path, *, keep_history: bool, legacy_files: tuple[str, ...
         skipped.append(gen)
     else:
         raise DeviceStateError(
-            f"device state '{state_dir}': no complete generation ("
+            f"device state '{state_dir}': "
+            + (f"{pointer_problem}, and " if pointer_problem else "")
+            + "no complete generation ("
             + "; ".join(f"{g.path.name}: {g.problem}" for g in skipped)
             + "); refusing to start afresh over it (move the directory away to do so)")
     damaged = [g for g in skipped if g.damaged or g.path.name == name]

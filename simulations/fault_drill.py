@@ -296,7 +296,7 @@ class Drill:
             spare = complete[1] if len(complete) > 1 else None
             self.device_floor[name] = _env_steps(spare.path) if spare else 0
         else:
-            fault.detail = "no complete generation to damage"
+            fault.detail = "not injected: no complete generation to damage"
             return
         fault.needles = [path.name, path.parent.name if which != POINTER_FILE else "CURRENT"]
         fault.detail = f"{how} {path.relative_to(state)}"
@@ -364,6 +364,9 @@ class Drill:
         final = self.last_round()
         ids = {name: self._all_node_ids(name) for name in self.topo.nodes}
         for fault in self.faults:
+            if fault.detail.startswith("not injected"):
+                fault.named = "not injected"
+                continue
             if fault.target in ids:
                 fault.node_ids = ids[fault.target]
             fault.progressed = final > fault.round_before
@@ -473,7 +476,7 @@ def table(faults: list[Fault]) -> list[dict[str, Any]]:
     """Faults by kind: injected, survived (nothing lost), lost, named, no effect."""
     out = []
     for kind in KINDS:
-        mine = [f for f in faults if f.kind == kind]
+        mine = [f for f in faults if f.kind == kind and f.named != "not injected"]
         named = Counter(f.named for f in mine)
         out.append({"kind": kind, "injected": len(mine),
                     "survived": sum(not f.lost for f in mine),
