@@ -27,6 +27,9 @@ evaluate message asking a private device to fine-tune get an error reply (code
 ``PRIVACY_POLICY_ERROR_CODE``) saying why, with the device's state untouched; the budget
 is capped at ``privacy-max-epsilon``; each reply's metrics are reduced to what
 ``privacy-release-metrics`` allows (:mod:`client.metric_release`).
+A device whose saved state cannot be loaded (a damaged generation, a privacy ledger it
+cannot recover: :mod:`common.state_store`) or saved (a full disk) replies with an error
+(code ``DEVICE_STATE_ERROR_CODE``) naming itself and the file, instead of training.
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ from common.mlp_params import mlp_layout
 from common.privacy import PRIVACY_BUDGET_ERROR_CODE, PrivacyBudgetExhausted, PrivacyReport
 from common.privacy_policy import PRIVACY_POLICY_ERROR_CODE, PolicyRefusal
 from common.rollouts import play_episodes
+from common.state_store import DEVICE_STATE_ERROR_CODE, DeviceStateError
 from common.trainer import LocalTrainer, has_privacy_ledger
 from common.weights import check_arrays
 
@@ -123,7 +127,10 @@ def train(msg: Message, context: Context) -> Message:
 
 def _train(msg: Message, device: Device, config: FedqConfig, context: Context,
            started: float) -> Message:
-    trainer = _load_trainer(device, config)
+    try:
+        trainer = _load_trainer(device, config)
+    except DeviceStateError as err:
+        return _state_error(msg, device, f"cannot load its state: {err}")
     global_state = _global_weights(msg, trainer)
     trainer.learner.load_online(global_state, sync_target=True)
     round_config = msg.content["config"]
@@ -143,7 +150,13 @@ def _train(msg: Message, device: Device, config: FedqConfig, context: Context,
     trainer.counters.rounds += 1
     arrays = _outgoing_update(trainer, context, global_state,
                               str(round_config.get("update-compression", "none")))
-    trainer.save(device.state_dir)
+    try:
+        trainer.save(device.state_dir)
+    except OSError as err:  # e.g. a full disk: the round's work is not kept, say so
+        trainer.close()
+        return _state_error(msg, device, f"cannot save its state in '{device.state_dir}' "
+                                         f"({err.strerror or err}); this round's training "
+                                         "is not kept")
     returns = stats.episode_returns
     metrics = MetricRecord(release({
         **device.identity_metrics(),
@@ -180,6 +193,13 @@ def round_progress(name: str, total: int, every_s: float = PROGRESS_INTERVAL_S
                 name, done, total, done / (now - started))
 
     return report
+
+
+def _state_error(msg: Message, device: Device, problem: str) -> Message:
+    """An error reply (code ``DEVICE_STATE_ERROR_CODE``) naming the device and the file."""
+    reason = f"device {device.name}: {problem}"
+    log(logging.ERROR, "[fedq] %s", reason)
+    return Message(Error(code=DEVICE_STATE_ERROR_CODE, reason=reason), reply_to=msg)
 
 
 def exploration_start(config: FedqConfig, round_config: ConfigRecord) -> int | None:

@@ -7,10 +7,13 @@ join the replay buffer in its state directory, and the next round's
 round) trains on them with everything else in the buffer. Raw transitions never leave
 the device, as in training.
 
-The write follows :meth:`LocalTrainer.save`'s crash-safety protocol: a complete new
-generation folder (the current one's other files copied unchanged, the buffer rewritten
-with the new transitions appended in ring order) and only then an atomic flip of the
-``CURRENT`` pointer, so a crash leaves the old state or the new one, never a mix. The
+The write follows :meth:`LocalTrainer.save`'s crash-safety protocol
+(:mod:`common.state_store`): a complete new generation folder (the current one's other
+files copied unchanged, the buffer rewritten with the new transitions appended in ring
+order), its manifest, and only then an atomic flip of the ``CURRENT`` pointer, so a
+crash leaves the old state or the new one, never a mix. The pointer is never followed
+outside the state directory, and a damaged generation stops the recorder with
+:class:`DeviceStateError` rather than a fallback that would drop a privacy ledger. The
 buffer file is :class:`common.replay_buffer.ReplayBuffer`'s ``.npz`` format, read and
 written here with numpy alone because the device may act without torch installed; a
 test holds the two formats together. Learner counters are left alone: recorded steps
@@ -24,21 +27,18 @@ the batch is just lost).
 from __future__ import annotations
 
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
-from common.atomic import atomic_open, atomic_write_text
+from common.atomic import PRIVATE, atomic_open
+from common.state_store import MANIFEST_FILE, DeviceStateError, new_generation, resolve
 
-# The names LocalTrainer.save uses (common/trainer.py); tests/test_policy_runner.py
+# The name LocalTrainer.save uses (common/trainer.py); tests/test_policy_runner.py
 # checks that LocalTrainer.load sees what this module writes.
-POINTER_FILE = "CURRENT"
 BUFFER_FILE = "replay_buffer.npz"
 _BUFFER_VERSION = 1
-
-
-class DeviceStateError(RuntimeError):
-    """The state directory has no replay buffer this device's transitions can join."""
 
 
 class ExperienceRecorder:
@@ -49,9 +49,7 @@ class ExperienceRecorder:
     """
 
     def __init__(self, state_dir: Path, obs_dim: int) -> None:
-        current = _current_generation(state_dir)
-        with np.load(current / BUFFER_FILE, allow_pickle=False) as data:
-            stored_dim = data["obs"].shape[1:]
+        stored_dim = _read_buffer(_current_generation(state_dir))["obs"].shape[1:]
         if stored_dim != (obs_dim,):
             raise DeviceStateError(f"the policy observes {obs_dim} values, but the replay "
                                    f"buffer in '{state_dir}' stores observations of shape "
@@ -86,8 +84,7 @@ def append_transitions(state_dir: Path, obs: np.ndarray, actions: np.ndarray,
     """Append transitions to the buffer of ``state_dir``'s current generation as a new
     generation; returns the buffer's size afterwards."""
     current = _current_generation(state_dir)
-    with np.load(current / BUFFER_FILE, allow_pickle=False) as data:
-        stored = {k: data[k] for k in data.files}
+    stored = _read_buffer(current)
     if int(stored["version"]) != _BUFFER_VERSION:
         raise DeviceStateError(f"{current / BUFFER_FILE}: replay buffer format "
                                f"{stored['version']} is not {_BUFFER_VERSION}")
@@ -96,30 +93,43 @@ def append_transitions(state_dir: Path, obs: np.ndarray, actions: np.ndarray,
                                f"device's buffer stores {stored['obs'].shape[1:]}")
     _append_ring(stored, {"obs": obs, "next_obs": next_obs, "actions": actions,
                           "rewards": rewards, "terminated": terminated})
-    target = state_dir / f"gen-{int(current.name[4:]) + 1:06d}"
-    target.mkdir(exist_ok=True)
-    for item in current.iterdir():
-        if item.is_file() and item.name != BUFFER_FILE:
-            shutil.copy2(item, target / item.name)
-    with atomic_open(target / BUFFER_FILE) as fh:
-        np.savez(fh, **stored)
-    atomic_write_text(state_dir / POINTER_FILE, target.name)
-    shutil.rmtree(current, ignore_errors=True)
+    with new_generation(state_dir) as target:
+        for item in current.iterdir():
+            if item.is_file() and not item.is_symlink() and item.name not in (
+                    BUFFER_FILE, MANIFEST_FILE) and not item.name.endswith(".tmp"):
+                shutil.copy2(item, target / item.name)
+        with atomic_open(target / BUFFER_FILE, permissions=PRIVATE) as fh:
+            np.savez(fh, **stored)
     return len(stored["actions"])
 
 
 def _current_generation(state_dir: Path) -> Path:
-    pointer = state_dir / POINTER_FILE
-    if not pointer.is_file():
+    """The generation to append to (:func:`common.state_store.resolve`, refusing any
+    fallback past a damaged one); never a path outside ``state_dir``."""
+    current = resolve(state_dir, keep_history=True, legacy_files=(BUFFER_FILE,))
+    if current is None:
         raise DeviceStateError(
-            f"device state dir '{state_dir}' has no saved state ({POINTER_FILE} missing): "
-            "the device must complete one federated round, which creates its replay buffer, "
-            "before recorded experience can join it")
-    current = state_dir / pointer.read_text().strip()
+            f"device state dir '{state_dir}' has no saved state: the device must complete "
+            "one federated round, which creates its replay buffer, before recorded "
+            "experience can join it")
     if not (current / BUFFER_FILE).is_file():
         raise DeviceStateError(f"device state dir '{state_dir}': {current.name} has no "
                                f"{BUFFER_FILE}")
     return current
+
+
+def _read_buffer(generation: Path) -> dict[str, np.ndarray]:
+    path = generation / BUFFER_FILE
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            stored = {k: data[k] for k in data.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise DeviceStateError(f"{path}: cannot load the replay buffer: {err}") from None
+    missing = {"version", "capacity", "pos", "obs", "next_obs", "actions", "rewards",
+               "terminated"} - set(stored)
+    if missing:
+        raise DeviceStateError(f"{path}: not a replay buffer (no {sorted(missing)})")
+    return stored
 
 
 def _append_ring(stored: dict[str, np.ndarray], new: dict[str, np.ndarray]) -> None:

@@ -145,6 +145,10 @@ class FedqConfig:
     min_train_replies: int = _opt(
         1, "fewest valid training replies a round aggregates; with fewer the global model "
         "stays unchanged for that round", _at_least_one)
+    failed_rounds_threshold: float = _opt(
+        0.5, "share of rounds (0-1) that may fail (no update accepted, a device failed for "
+        "another reason than its privacy budget) before the run ends failed instead of "
+        "degraded (server/outcome.py)", _check(lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]"))
     target_return: float = _opt(
         math.inf, "stop after the first round whose federated greedy return mean reaches "
         "this (inf: run every round)", allow_inf=True)

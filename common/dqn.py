@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common.atomic import atomic_open
+from common.atomic import PRIVATE, atomic_open
 from common.config import FedqConfig
 from common.dp_sgd import DPSGD
 from common.learners import STATE_FILES
@@ -159,7 +159,7 @@ class DQNLearner:
     def save(self, directory: Path, extra: dict) -> None:
         """Write networks, optimizer, torch's RNG and ``extra`` to ``directory`` (the
         file layout fedq devices have always used)."""
-        with atomic_open(directory / STATE_FILE) as fh:
+        with atomic_open(directory / STATE_FILE, permissions=PRIVATE) as fh:
             torch.save({"learner": self.state_dict(), **extra,
                         "torch_rng": torch.get_rng_state()}, fh)
 

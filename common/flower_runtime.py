@@ -77,7 +77,9 @@ __all__ = [
     "kill_serverapp",
     "make_supernode_auth_keys",
     "make_tls_files",
+    "node_pids",
     "run_tagged",
+    "signal_serverapp",
     "simulation_superlink",
     "start_supernode",
     "submit_run",
@@ -347,18 +349,34 @@ def run_tagged(handle: SuperLinkHandle, command: Sequence[str], *,
 def kill_serverapp(handle: SuperLinkHandle) -> list[int]:
     """SIGKILL the SuperLink's ``flwr-serverapp`` processes, the way a crash of the
     server-side app would end them; return their pids."""
+    return signal_serverapp(handle, signal.SIGKILL)
+
+
+def signal_serverapp(handle: SuperLinkHandle, sig: signal.Signals) -> list[int]:
+    """Send ``sig`` (e.g. SIGSTOP / SIGCONT for a hung server) to the SuperLink's
+    ``flwr-serverapp`` processes; return their pids."""
     procs = _members(_tag_prefix(handle._env[_TAG_VAR]), [handle._group.root])
-    victims = {pid: start for pid, start in procs.items() if _is_serverapp(pid)}
-    _signal(victims, signal.SIGKILL)
+    victims = {pid: start for pid, start in procs.items() if _runs(pid, "flwr-serverapp")}
+    _signal(victims, sig)
     return sorted(victims)
 
 
-def _is_serverapp(pid: int) -> bool:
+def node_pids(node: SuperNode, program: str | None = None) -> list[int]:
+    """The live processes of a SuperNode (itself, its SuperExec, its ClientApps), or only
+    those running ``program`` (e.g. ``flwr-clientapp``)."""
+    if node._group is None:
+        return []
+    tag = node._group.tag
+    procs = _members(lambda other: other == tag, [node._group.root])
+    return sorted(pid for pid in procs if program is None or _runs(pid, program))
+
+
+def _runs(pid: int, program: str) -> bool:
     try:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
-    return any(Path(arg.decode(errors="replace")).name == "flwr-serverapp" for arg in argv[:2])
+    return any(Path(arg.decode(errors="replace")).name == program for arg in argv[:2])
 
 
 def submit_run(handle: SuperLinkHandle, app_dir: Path, *,

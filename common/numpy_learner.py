@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.atomic import atomic_open
+from common.atomic import PRIVATE, atomic_open
 from common.config import ConfigError, FedqConfig
 from common.learners import STATE_FILES
 from common.mlp_forward import MlpForward
@@ -249,7 +249,7 @@ class NumpyDQNLearner:
         arrays["adam:exp_avg"] = self.exp_avg
         arrays["adam:exp_avg_sq"] = self.exp_avg_sq
         meta = {"version": _STATE_VERSION, "adam_steps": self.adam_steps, "extra": extra}
-        with atomic_open(directory / STATE_FILE) as fh:
+        with atomic_open(directory / STATE_FILE, permissions=PRIVATE) as fh:
             np.savez(fh, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
                      **arrays)
 

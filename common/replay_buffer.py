@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from common.atomic import atomic_open
+from common.atomic import PRIVATE, atomic_open
 
 if TYPE_CHECKING:
     import torch
@@ -108,7 +108,7 @@ class ReplayBuffer:
     def save(self, path: Path) -> None:
         """Write atomically (temp file + rename) so a crash never leaves a torn buffer."""
         n = self.size
-        with atomic_open(path) as fh:
+        with atomic_open(path, permissions=PRIVATE) as fh:
             np.savez(fh, version=_FORMAT_VERSION, capacity=self.capacity, pos=self.pos,
                      obs=self.obs[:n], next_obs=self.next_obs[:n], actions=self.actions[:n],
                      rewards=self.rewards[:n], terminated=self.terminated[:n],

@@ -10,31 +10,31 @@ entropy on purpose) and its epsilon keeps adding up.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
-import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from common.atomic import atomic_open, atomic_write_text
+from common.atomic import PRIVATE, atomic_open, atomic_write_text
 from common.config import FedqConfig
 from common.envs import check_spaces, make_env
 from common.exploration import linear_epsilon
-from common.learners import check_state_backend, make_learner
+from common.learners import STATE_FILES, check_state_backend, make_learner
 from common.privacy import DevicePrivacy, PrivacyReport
 from common.replay_buffer import ReplayBuffer
 from common.rollouts import play_episodes
+from common.state_store import DeviceStateError, new_generation, resolve
 
 PROGRESS_EVERY = 1000  # env steps between calls of train()'s progress callback
 _BUFFER_FILE = "replay_buffer.npz"
 _COUNTERS_FILE = "counters.json"
 _PRIVACY_FILE = "privacy.json"
 _RESIDUAL_FILE = "update_residual.npz"
-_POINTER_FILE = "CURRENT"
 
 
 @dataclass
@@ -191,48 +191,55 @@ class LocalTrainer:
     def save(self, directory: Path) -> None:
         """Write the whole state as a new generation, then flip the ``CURRENT`` pointer.
 
-        The pointer is replaced atomically after every file of the generation is on
-        disk, so a crash at any moment leaves either the old or the new state complete,
-        never a mix of both.
+        :func:`common.state_store.new_generation` writes the generation's manifest after
+        every file is on disk and replaces the pointer after that, so a crash at any
+        moment leaves the old state or the new one complete, never a mix; files are 0600.
         """
-        directory.mkdir(parents=True, exist_ok=True)
-        current = _current_generation(directory)
-        generation = f"gen-{(int(current[4:]) + 1) if current else 1:06d}"
-        target = directory / generation
-        target.mkdir(exist_ok=True)
-        self.learner.save(target, {"python_rng": self.rng.getstate()})
-        self.buffer.save(target / _BUFFER_FILE)
-        atomic_write_text(target / _COUNTERS_FILE, json.dumps(asdict(self.counters)))
-        if self.privacy is not None:
-            atomic_write_text(target / _PRIVACY_FILE, json.dumps(self.privacy.state_dict()))
-        elif self._kept_ledger is not None:
-            atomic_write_text(target / _PRIVACY_FILE, self._kept_ledger)
-        if self.update_residual:
-            with atomic_open(target / _RESIDUAL_FILE) as fh:
-                np.savez(fh, **self.update_residual)
-        atomic_write_text(directory / _POINTER_FILE, generation)
-        for old in directory.glob("gen-*"):
-            if old.name != generation:
-                shutil.rmtree(old, ignore_errors=True)
+        with new_generation(directory) as target:
+            self.learner.save(target, {"python_rng": self.rng.getstate()})
+            self.buffer.save(target / _BUFFER_FILE)
+            atomic_write_text(target / _COUNTERS_FILE, json.dumps(asdict(self.counters)),
+                              permissions=PRIVATE)
+            if self.privacy is not None:
+                atomic_write_text(target / _PRIVACY_FILE,
+                                  json.dumps(self.privacy.state_dict()), permissions=PRIVATE)
+            elif self._kept_ledger is not None:
+                atomic_write_text(target / _PRIVACY_FILE, self._kept_ledger,
+                                  permissions=PRIVATE)
+            if self.update_residual:
+                with atomic_open(target / _RESIDUAL_FILE, permissions=PRIVATE) as fh:
+                    np.savez(fh, **self.update_residual)
 
     def load(self, directory: Path) -> bool:
-        """Restore the state :meth:`save` last completed; False if there is none yet."""
-        generation = _current_generation(directory)
-        if generation is None:
+        """Restore the state :meth:`save` last completed; False if there is none yet.
+
+        Which generation: :func:`common.state_store.resolve` (the pointer's if intact,
+        else the newest complete one). A device with DP refuses a fallback that would
+        forget privacy budget it spent. Every unreadable file raises
+        :class:`common.state_store.DeviceStateError` naming it.
+        """
+        source = resolve(directory, keep_history=self.privacy is not None,
+                         legacy_files=(STATE_FILES[self.config.backend], _BUFFER_FILE,
+                                       _COUNTERS_FILE))
+        if source is None:
             return False
-        source = directory / generation
         check_state_backend(source, self.config.backend)
-        self.rng.setstate(_as_tuples(self.learner.load(source)["python_rng"]))
-        self.buffer.load(source / _BUFFER_FILE)
-        self.counters = Counters(**json.loads((source / _COUNTERS_FILE).read_text()))
+        with _named(source / STATE_FILES[self.config.backend]):
+            self.rng.setstate(_as_tuples(self.learner.load(source)["python_rng"]))
+        with _named(source / _BUFFER_FILE):
+            self.buffer.load(source / _BUFFER_FILE)
+        with _named(source / _COUNTERS_FILE):
+            self.counters = Counters(**json.loads((source / _COUNTERS_FILE).read_text()))
         if self.privacy is not None:
-            if (source / _PRIVACY_FILE).exists():
-                self.privacy.load_state_dict(json.loads((source / _PRIVACY_FILE).read_text()))
+            if (source / _PRIVACY_FILE).exists():  # absent: updates untracked, epsilon inf
+                with _named(source / _PRIVACY_FILE):
+                    self.privacy.load_state_dict(
+                        json.loads((source / _PRIVACY_FILE).read_text()))
             self.privacy.untracked_updates = self.counters.updates - self.privacy.steps
         elif (source / _PRIVACY_FILE).exists():  # DP off this time: keep the ledger
             self._kept_ledger = (source / _PRIVACY_FILE).read_text()
         if (source / _RESIDUAL_FILE).exists():
-            with np.load(source / _RESIDUAL_FILE) as residual:
+            with _named(source / _RESIDUAL_FILE), np.load(source / _RESIDUAL_FILE) as residual:
                 self.update_residual = {k: residual[k] for k in residual.files}
         self._obs = None
         return True
@@ -242,15 +249,28 @@ class LocalTrainer:
 
 
 def has_privacy_ledger(directory: Path) -> bool:
-    """Whether the device state in ``directory`` holds a privacy ledger, i.e. the device
-    has trained with DP at least once (its buffer then holds DP-protected transitions)."""
-    generation = _current_generation(directory)
-    return generation is not None and (directory / generation / _PRIVACY_FILE).exists()
+    """Whether any generation of the device state in ``directory`` holds a privacy
+    ledger, i.e. the device has trained with DP at least once (its buffer then holds
+    DP-protected transitions). Any generation, not only the pointer's: a damaged pointer
+    must not make a private device look non-private."""
+    return any(directory.glob(f"gen-*/{_PRIVACY_FILE}"))
 
 
-def _current_generation(directory: Path) -> str | None:
-    pointer = directory / _POINTER_FILE
-    return pointer.read_text().strip() if pointer.exists() else None
+@contextlib.contextmanager
+def _named(path: Path) -> Iterator[None]:
+    """Turn any failure to read or apply ``path`` into a DeviceStateError naming it.
+
+    Broad on purpose: a damaged file surfaces as whatever its parser raises (BadZipFile,
+    UnpicklingError, KeyError, ValueError, RuntimeError, ...), and the device's operator
+    needs the file's name, not the parser's internals.
+    """
+    try:
+        yield
+    except DeviceStateError:
+        raise
+    except Exception as err:  # see the docstring
+        raise DeviceStateError(f"{path}: cannot load: {type(err).__name__}: "
+                               f"{str(err)[:300]}") from err
 
 
 def _as_tuples(value: object) -> object:

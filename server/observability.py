@@ -13,6 +13,11 @@ already brings.
 X axes are env steps per client: the global curves use the round's
 ``env-steps-per-client-total``, a device's curves its own ``env-steps-total``, so a
 device that is sampled less often shows up as a shorter curve, not a slower one.
+
+A device's train row also says how much of its work the server never received:
+``env-steps-unreported`` is the growth of its lifetime env steps since its previous
+reply beyond this round's steps (a round it trained in but whose reply was lost, e.g.
+after ``round-timeout``), ``rounds-unreported`` the same for its rounds.
 """
 
 from __future__ import annotations
@@ -20,12 +25,13 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from flwr.app import Message
 from tensorboardX import SummaryWriter
 
+from server.outcome import replying_node
 from server.run_directory import RunDirectory
 
 _GLOBAL_SCALARS = {
@@ -54,15 +60,21 @@ def client_label(row: dict[str, Any]) -> str:
     return f"partition-{partition}" if partition >= 0 else f"node-{row['node-id']}"
 
 
-def client_rows(server_round: int, phase: str,
-                replies: Iterable[Message]) -> list[dict[str, Any]]:
-    """One row per reply: its scalar metrics (list-valued ones left out), or its error."""
+def client_rows(server_round: int, phase: str, replies: Iterable[Message],
+                destinations: Mapping[str, int] | None = None,
+                partitions: Mapping[int, int] | None = None) -> list[dict[str, Any]]:
+    """One row per reply: its scalar metrics (list-valued ones left out), or its error.
+
+    The node id is the device's own, also for the errors the SuperLink sends on a
+    device's behalf (``destinations``: message id -> node id of what was sent); an error
+    row carries the partition the device has replied with before (``partitions``)."""
     rows = []
     for msg in replies:
-        row: dict[str, Any] = {"round": server_round, "phase": phase,
-                               "node-id": msg.metadata.src_node_id}
+        node = replying_node(msg, destinations or {})
+        row: dict[str, Any] = {"round": server_round, "phase": phase, "node-id": node}
         if msg.has_error():
             row["error"] = f"{msg.error.code}: {msg.error.reason}"
+            row["partition-id"] = (partitions or {}).get(node, -1)
         elif msg.has_content() and msg.content.metric_records:
             metrics = next(iter(msg.content.metric_records.values()))
             row.update({k: v for k, v in metrics.items() if isinstance(v, int | float)})
@@ -80,18 +92,27 @@ class RoundRecorder:
         # event file of the run it resumes
         self.writer = SummaryWriter(logdir=str(run_dir.tensorboard_dir), flush_secs=3600,
                                     filename_suffix=f".{os.getpid()}.{time.time_ns()}")
-        # each device's lifetime env steps as of its last train reply (resume: from disk)
+        # each device's lifetime env steps and rounds as of its last train reply
+        # (resume: from disk)
         self.client_steps: dict[str, float] = {}
+        self.client_rounds: dict[str, int] = {}
         for row in run_dir.read_client_metrics():
             if row["phase"] == "train" and "env-steps-total" in row:
                 self.client_steps[row["client"]] = row["env-steps-total"]
+            if row["phase"] == "train" and "rounds-total" in row:
+                self.client_rounds[row["client"]] = row["rounds-total"]
 
     def record(self, row: dict[str, Any], train_replies: Iterable[Message],
-               eval_replies: Iterable[Message]) -> None:
+               eval_replies: Iterable[Message], destinations: Mapping[str, int] | None = None,
+               partitions: Mapping[int, int] | None = None) -> None:
         """Write the round's per-client rows, then its scalars; call before the round's
-        ``metrics.jsonl`` row is appended."""
-        rows = (client_rows(row["round"], "train", train_replies)
-                + client_rows(row["round"], "evaluate", eval_replies))
+        ``metrics.jsonl`` row is appended (``destinations``, ``partitions``: see
+        :func:`client_rows`)."""
+        rows = (client_rows(row["round"], "train", train_replies, destinations, partitions)
+                + client_rows(row["round"], "evaluate", eval_replies, destinations,
+                              partitions))
+        for client in rows:
+            self._unreported_work(client)
         self.run_dir.append_client_metrics(rows)
         step = int(row["env-steps-per-client-total"])
         for (section, key), tag in _GLOBAL_SCALARS.items():
@@ -110,6 +131,21 @@ class RoundRecorder:
                     self.writer.add_scalar(f"client/{client['client']}/{name}", value,
                                            client_step)
         self.writer.flush()  # a crash loses no finished round
+
+    def _unreported_work(self, client: dict[str, Any]) -> None:
+        """Add ``env-steps-unreported`` / ``rounds-unreported`` to a train row (see the
+        module docstring); updates the per-device rounds seen."""
+        if client["phase"] != "train":
+            return
+        name = client["client"]
+        if name in self.client_steps and {"env-steps-total", "num-examples"} <= set(client):
+            client["env-steps-unreported"] = (client["env-steps-total"] - client["num-examples"]
+                                              - self.client_steps[name])
+        if "rounds-total" in client:
+            if name in self.client_rounds:
+                client["rounds-unreported"] = (client["rounds-total"] - 1
+                                               - self.client_rounds[name])
+            self.client_rounds[name] = client["rounds-total"]
 
     def close(self) -> None:
         self.writer.close()

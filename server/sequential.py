@@ -43,6 +43,7 @@ from flwr.serverapp import Grid
 
 from common.config import FEDERATION_STEPS_KEY, FedqConfig
 from server.metrics import aggregate_train_metrics
+from server.outcome import sent_to
 from server.update_validation import WEIGHT_KEY, Screening, screen_replies
 
 NO_PARTITION = -1
@@ -101,6 +102,7 @@ class TrainPhase:
     screening: Screening
     arrays: ArrayRecord | None  # the new global model; None: unchanged this round
     metrics: MetricRecord | None
+    sent_to: dict[str, int] = field(default_factory=dict)  # message id -> node id
 
 
 def train_in_sequence(grid: Grid, config: FedqConfig, order: DeviceOrder,
@@ -110,6 +112,7 @@ def train_in_sequence(grid: Grid, config: FedqConfig, order: DeviceOrder,
     the previous accepted reply (see the module docstring)."""
     nodes = order.visits(grid, config, server_round)
     screening, replies, current = Screening(), [], arrays
+    destinations: dict[str, int] = {}
     federation_steps = int(train_config[FEDERATION_STEPS_KEY])
     for node in nodes:
         visit_config = ConfigRecord({**dict(train_config), "server-round": server_round,
@@ -117,6 +120,7 @@ def train_in_sequence(grid: Grid, config: FedqConfig, order: DeviceOrder,
         message = Message(RecordDict({"arrays": current, "config": visit_config}),
                           message_type=MessageType.TRAIN, dst_node_id=node)
         answered = list(grid.send_and_receive([message], timeout=config.round_timeout))
+        destinations.update(sent_to([message]))
         replies += answered
         accepted_before = len(screening.accepted)
         screen_replies(answered, current, config, server_round, screening)
@@ -127,6 +131,6 @@ def train_in_sequence(grid: Grid, config: FedqConfig, order: DeviceOrder,
     order.learn(replies)
     valid = [msg.content for msg in screening.accepted]
     if len(valid) < config.min_train_replies:
-        return TrainPhase(len(nodes), replies, screening, None, None)
+        return TrainPhase(len(nodes), replies, screening, None, None, destinations)
     return TrainPhase(len(nodes), replies, screening, current,
-                      aggregate_train_metrics(valid, WEIGHT_KEY))
+                      aggregate_train_metrics(valid, WEIGHT_KEY), destinations)

@@ -33,6 +33,15 @@ from common.networks import QNetwork
 from common.privacy_policy import PrivacyPolicy
 from server.central_dp import central_dp_report, with_central_dp
 from server.observability import RoundRecorder
+from server.outcome import (
+    REJECTED_CODE,
+    RunFailedError,
+    phase_failures,
+    round_failed,
+    run_outcome,
+    sent_to,
+    write_status,
+)
 from server.plots import plot_client_curves, plot_learning_curve, return_goal
 from server.privacy_log import PrivacyLog
 from server.prompt_grid import PromptGrid
@@ -127,8 +136,11 @@ def run_rounds(grid: Grid, strategy: Strategy, config: FedqConfig, run_dir: RunD
                                                          grid))
         eval_replies = in_device_order(grid.send_and_receive(eval_messages,
                                                              timeout=config.round_timeout))
+        order.learn(phase.replies)
         order.learn(eval_replies)
         privacy.update(privacy_log.record(server_round, eval_replies, phase="evaluate"))
+        eval_sent_to = sent_to(eval_messages)
+        failures = round_failures(phase, eval_sent_to, eval_replies, order.partitions)
         eval_metrics = strategy.aggregate_evaluate(server_round, eval_replies)
         train = dict(phase.metrics or MetricRecord({"clients": 0}))
         # per device of the federation, not per device that trained: with fraction-train
@@ -150,9 +162,12 @@ def run_rounds(grid: Grid, strategy: Strategy, config: FedqConfig, run_dir: RunD
             **({"central-dp": central_dp_report(config, released)} if central_dp else {}),
             "participation": {"train": participation(phase.sent, phase.replies),
                               "evaluate": participation(len(eval_messages), eval_replies)},
+            "device-failures": failures,
+            "round-failed": round_failed(failures, phase.sent, len(phase.screening.accepted)),
         }
         if recorder is not None:
-            recorder.record(row, phase.replies, eval_replies)
+            recorder.record(row, phase.replies, eval_replies,
+                            {**phase.sent_to, **eval_sent_to}, order.partitions)
         run_dir.append_metrics(row)
         run_dir.save_checkpoint(server_round, arrays.to_torch_state_dict(),
                                 {"env-steps-per-client-total": steps_per_client,
@@ -178,7 +193,21 @@ def train_in_parallel(grid: Grid, strategy: Strategy, config: FedqConfig,
     if len(screening.accepted) >= config.min_train_replies and \
             central_dp_count_ok(config, screening, server_round):
         new_arrays, metrics = strategy.aggregate_train(server_round, screening.replies)
-    return TrainPhase(len(messages), replies, screening, new_arrays, metrics)
+    return TrainPhase(len(messages), replies, screening, new_arrays, metrics,
+                      sent_to(messages))
+
+
+def round_failures(phase: TrainPhase, eval_sent_to: dict[str, int],
+                   eval_replies: list[Message], partitions: dict[int, int]
+                   ) -> list[dict[str, Any]]:
+    """Every device of the round that failed, by node and partition: error replies and
+    missing replies of both phases, and train updates that screening rejected."""
+    failures = (phase_failures("train", phase.sent_to, phase.replies, partitions)
+                + phase_failures("evaluate", eval_sent_to, eval_replies, partitions))
+    failures += [{"phase": "train", "node-id": node, "partition-id": partitions.get(node, -1),
+                  "code": REJECTED_CODE, "error": f"update rejected: {reason}"}
+                 for node, reason in sorted(phase.screening.rejected.items())]
+    return failures
 
 
 def central_dp_count_ok(config: FedqConfig, screening: Screening, server_round: int) -> bool:
@@ -278,3 +307,8 @@ def main(grid: Grid, context: Context) -> None:
     plot_client_curves(run_dir.read_metrics(), run_dir.read_client_metrics(),
                        run_dir.client_plot_path, title=config.env_id)
     log(logging.INFO, "[fedq] results in %s", run_dir.root.resolve())
+    outcome = run_outcome(run_dir.read_metrics(), config.failed_rounds_threshold)
+    write_status(run_dir.root, outcome)
+    log(logging.INFO if outcome.status == "ok" else logging.WARNING, "%s", outcome.line())
+    if outcome.status == "failed":
+        raise RunFailedError(outcome.line())

@@ -14,7 +14,9 @@ exits 0 even when the ServerApp raised. This wrapper does what docker compose's
 4. register SuperNode public keys (``--register-key``) when node authentication is on
    (a key that is already registered is fine, so restarts are idempotent);
 5. ``flwr run APP fedq --stream --run-config FILE``, then read the run's final status
-   with ``flwr ls`` and exit 0 only for ``finished:completed``.
+   with ``flwr ls`` and exit 0 only for ``finished:completed``; the ServerApp's own
+   ``[fedq] run status:`` line (ok, degraded, failed: server/outcome.py) is repeated
+   at the end, so a degraded run is reported even though it completed.
 
 To resume a run whose server side died, submit again with ``--set resume=true`` and the
 same ``run-dir``: the ServerApp continues at the round after its last checkpoint.
@@ -42,6 +44,7 @@ from common.atomic import atomic_write_text
 from common.config import ConfigError, ConfigScalar, FedqConfig, parse_assignment
 from common.flower_runtime import poll_run_status
 from common.privacy_policy import PrivacyPolicy
+from server.outcome import status_in_log
 
 CONNECTION = "fedq"
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -142,6 +145,7 @@ class Submission:
         self.env, self.cwd = env, cwd
         self.run_id: int | None = None
         self.process: subprocess.Popen[bytes] | None = None
+        self.fedq_status: tuple[str, str] | None = None  # the run's '[fedq] run status'
 
     def stream(self, app: Path, config_file: Path) -> int:
         """Submit, echo the run's log as plain text when not on a terminal, and return
@@ -158,6 +162,7 @@ class Submission:
             sys.stdout.flush()
             if self.run_id is None and (match := _RUN_STARTED.search(clean)):
                 self.run_id = int(match.group(1))
+            self.fedq_status = status_in_log(clean) or self.fedq_status
         return self.process.wait()
 
     def cancel(self) -> None:
@@ -251,6 +256,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.exit(1, f"fedq-submit: the run did not start (flwr run exited {returncode})\n")
     status, details = run_status(submission.run_id, env, flwr_home)
     print(f"fedq-submit: run {submission.run_id}: {status} {details or ''}".rstrip(), flush=True)
+    if submission.fedq_status is not None:
+        print(f"fedq-submit: run {submission.run_id}: fedq status "
+              f"{submission.fedq_status[0]} {submission.fedq_status[1]}", flush=True)
     if returncode != 0 or status != "finished:completed":
         sys.exit(1)
 

@@ -36,6 +36,7 @@ from common.config import (
 from common.envs import env_spec
 from common.flower_runtime import RunResult, simulation_superlink, submit_run
 from common.privacy_policy import PrivacyPolicy
+from server.outcome import STATUS_FILE, read_status
 from server.run_directory import RunDirectory, config_changes
 from simulations.scenario import load_scenario
 
@@ -212,6 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           "(pip install tensorboard)", flush=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / SIMULATION_FILE).write_text(json.dumps({"clients": clients}) + "\n")
+    submitted = time.time()
     try:
         for attempt in range(1, RAY_START_ATTEMPTS + 1):
             result = simulate(run_config, clients, cpus_per_client=args.cpus_per_client,
@@ -236,12 +238,20 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"run the same command again (resume a started run with --run-dir {run_dir} "
               f"--resume). Flower log: {run_dir / 'flower.log'}", file=sys.stderr)
         return 1
+    status = read_status(run_dir)
+    if status is not None and (run_dir / STATUS_FILE).stat().st_mtime < submitted:
+        status = None  # an earlier run's
     if not result.ok:
         print(f"fedq-simulate: run {result.run_id} ended {result.status} "
               f"({result.status_details or 'no details'}); Flower log: "
               f"{run_dir / 'flower.log'}", file=sys.stderr)
+        if status is not None:
+            print(f"fedq-simulate: {status.get('line')}", file=sys.stderr)
         return 1
     print(run_summary(run_dir, config, time.monotonic() - started))
+    if status is not None and status.get("status") != "ok":
+        print(f"fedq-simulate: {status.get('line')}; per-device errors in "
+              f"{run_dir / 'metrics.jsonl'} (device-failures)", file=sys.stderr)
     return 0
 
 

@@ -123,7 +123,9 @@ def test_recorded_experience_is_in_the_buffer_the_next_round_loads(device):
         np.testing.assert_array_equal(getattr(after.buffer, name), getattr(reference, name))
     assert after.counters == before.counters  # recorded steps are not learner steps
     after.train(50)  # and the next round trains on them
-    assert len(list(state_dir.glob("gen-*"))) == 1  # the previous generation was replaced
+    # the new generation is current; the one before it stays as the one spare
+    assert sorted(p.name for p in state_dir.glob("gen-*")) == ["gen-000001", "gen-000002"]
+    assert (state_dir / "CURRENT").read_text() == "gen-000002"
 
 
 def test_recording_needs_a_device_that_saved_its_state(tmp_path, device):
@@ -135,5 +137,4 @@ def test_recording_needs_a_device_that_saved_its_state(tmp_path, device):
 
 
 def test_writer_follows_the_trainer_state_layout():
-    assert experience_log.POINTER_FILE == trainer_module._POINTER_FILE
     assert experience_log.BUFFER_FILE == trainer_module._BUFFER_FILE

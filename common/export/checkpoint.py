@@ -51,7 +51,11 @@ def resolve_checkpoint(source: Path) -> Path:
     for folder in (source / "checkpoints", source):
         pointer = folder / "LATEST"
         if pointer.is_file():
-            path = folder / pointer.read_text().strip()
+            name = pointer.read_bytes()[:64].decode("utf-8", errors="replace").strip()
+            if re.fullmatch(r"round-\d{4,9}\.pt", name) is None:  # never a path elsewhere
+                raise CheckpointError(source, f"LATEST holds {name[:40]!r}, not a "
+                                              "checkpoint name")
+            path = folder / name
             if not path.is_file():
                 raise CheckpointError(source, f"LATEST names {path.name}, which is missing")
             return path

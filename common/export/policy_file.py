@@ -10,10 +10,15 @@ Layout (all integers little-endian)::
                               and free-form provenance ("meta")
     payload                   the arrays' raw bytes, back to back, in the header's order
 
-A device reads a file it may have received over a flaky link or kept on worn flash, so
-:func:`read_policy` trusts nothing: a truncated file, a flipped bit anywhere after the
-magic, a header that does not describe an MLP, arrays whose dtype or length do not fit
-the layer sizes, or non-finite weights each raise :class:`PolicyFileError` saying which.
+A device reads a file it may have received over a flaky link or kept on worn flash, or
+that someone crafted, so :func:`read_policy` trusts nothing: a truncated file, a flipped
+bit anywhere after the magic, a header that does not describe an MLP, arrays whose dtype
+or length do not fit the layer sizes, or non-finite weights each raise
+:class:`PolicyFileError` saying which. Memory and time stay bounded: the file may be at
+most ``MAX_FILE_BYTES``, its header ``MAX_HEADER_BYTES`` and nested ``MAX_HEADER_DEPTH``
+deep, and stored arrays have numeric dtypes of 1 to 8 bytes. The header's ``env_id``
+must look like a gymnasium id (letters, digits, ``_ . / -``): gymnasium's
+``module:EnvName`` form would import any installed module named in a file.
 A custom container (not ``.npz``) because zip and ``.npy`` headers cost ~250 bytes per
 array, a tenth of an int8 64-64 policy.
 """
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -37,6 +43,10 @@ from common.export.encodings import ENCODINGS, Layer, array_specs, decode, encod
 MAGIC = b"FEDQPOL\0"
 FORMAT_VERSION = 1
 _PREFIX = len(MAGIC) + 32 + 4
+MAX_FILE_BYTES = 256 << 20  # a 64-64 MLP is ~20 KB; a million-parameter fp32 one 4 MB
+MAX_HEADER_BYTES = 1 << 20
+MAX_HEADER_DEPTH = 16
+_ENV_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_./-]{0,127}")
 
 
 class PolicyFileError(ValueError):
@@ -101,9 +111,12 @@ def read_policy(path: Path | str) -> Policy:
     """Load and check a policy file; raises :class:`PolicyFileError` naming the problem."""
     path = Path(path)
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_FILE_BYTES + 1)
     except OSError as err:
         raise PolicyFileError(path, f"cannot read: {err.strerror or err}") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise PolicyFileError(path, f"larger than {MAX_FILE_BYTES} bytes: not a policy")
     if len(data) < _PREFIX:
         raise PolicyFileError(path, f"truncated: {len(data)} bytes, shorter than the "
                                     f"{_PREFIX}-byte prefix of every policy file")
@@ -113,6 +126,9 @@ def read_policy(path: Path | str) -> Policy:
     if hashlib.sha256(body).digest() != digest:
         raise PolicyFileError(path, _diagnose_mismatch(body))
     header_len = struct.unpack("<I", body[:4])[0]
+    if header_len > min(MAX_HEADER_BYTES, len(body) - 4):
+        raise PolicyFileError(path, f"header length {header_len} exceeds the file or the "
+                                    f"{MAX_HEADER_BYTES}-byte limit")
     header = _parse_header(path, body[4:4 + header_len])
     arrays = _split_payload(path, header, body[4 + header_len:])
     layer_sizes = tuple(header["layer_sizes"])
@@ -128,10 +144,12 @@ def _diagnose_mismatch(body: bytes) -> str:
     """Say "truncated" when the (intact) header declares more bytes than the file has."""
     try:
         header_len = struct.unpack("<I", body[:4])[0]
+        if header_len > MAX_HEADER_BYTES:
+            return "checksum mismatch: the file is corrupted"
         header = json.loads(body[4:4 + header_len])
-        expected = 4 + header_len + sum(np.dtype(a["dtype"]).itemsize * a["length"]
+        expected = 4 + header_len + sum(_array_dtype(a["dtype"]).itemsize * int(a["length"])
                                         for a in header["arrays"])
-    except (struct.error, ValueError, KeyError, TypeError):
+    except (struct.error, ValueError, KeyError, TypeError, OverflowError, RecursionError):
         return "checksum mismatch: the file is corrupted"
     if len(body) < expected:
         return (f"truncated: the header declares {expected + _PREFIX - 4} bytes, "
@@ -144,6 +162,10 @@ def _parse_header(path: Path, raw: bytes) -> dict[str, Any]:
         header = json.loads(raw)
     except ValueError:
         raise PolicyFileError(path, "header is not valid JSON") from None
+    except RecursionError:
+        header = None
+    if header is None or _depth(header) > MAX_HEADER_DEPTH:
+        raise PolicyFileError(path, f"header nests deeper than {MAX_HEADER_DEPTH} levels")
     if not isinstance(header, dict) or header.get("format") != "fedq-policy":
         raise PolicyFileError(path, "header does not describe a fedq policy")
     if header.get("version") != FORMAT_VERSION:
@@ -154,6 +176,10 @@ def _parse_header(path: Path, raw: bytes) -> dict[str, Any]:
         if not isinstance(header.get(key), kind):
             raise PolicyFileError(path, f"header field '{key}' is missing or not a "
                                         f"{kind.__name__}")
+    if _ENV_ID.fullmatch(header["env_id"]) is None:
+        raise PolicyFileError(path, f"header field 'env_id' {header['env_id'][:80]!r} is "
+                                    "not a gymnasium id (letters, digits, '_', '.', '/', "
+                                    "'-'; a 'module:' prefix would import code)")
     sizes = header["layer_sizes"]
     if len(sizes) < 2 or not all(isinstance(s, int) and s >= 1 for s in sizes):
         raise PolicyFileError(path, f"header field 'layer_sizes' must be >= 2 positive "
@@ -169,10 +195,10 @@ def _split_payload(path: Path, header: dict[str, Any], payload: bytes) -> dict[s
     at = 0
     for entry in header["arrays"]:
         try:
-            name, dtype, length = entry["name"], np.dtype(entry["dtype"]), int(entry["length"])
-        except (KeyError, TypeError, ValueError):
-            raise PolicyFileError(path, f"header entry {entry!r} in 'arrays' is malformed"
-                                  ) from None
+            name, dtype, length = entry["name"], _array_dtype(entry["dtype"]), int(entry["length"])
+        except (KeyError, TypeError, ValueError, OverflowError):
+            raise PolicyFileError(path, f"header entry {str(entry)[:200]} in 'arrays' is "
+                                        "malformed") from None
         n_bytes = dtype.itemsize * length
         if length < 0 or at + n_bytes > len(payload):
             raise PolicyFileError(path, f"array '{name}' runs past the end of the payload")
@@ -194,3 +220,28 @@ def _split_payload(path: Path, header: dict[str, Any], payload: bytes) -> dict[s
                                         f"expected {dtype}[{length}] for layer sizes "
                                         f"{header['layer_sizes']} and encoding '{encoding}'")
     return arrays
+
+
+def _array_dtype(spec: object) -> np.dtype:
+    """A stored array's dtype: numeric, 1 to 8 bytes (``V0`` and the like would make
+    lengths meaningless); ValueError otherwise."""
+    if not isinstance(spec, str) or len(spec) > 8:
+        raise ValueError(f"dtype {spec!r}")
+    dtype = np.dtype(spec)
+    if dtype.kind not in "fiu" or dtype.itemsize not in (1, 2, 4, 8):
+        raise ValueError(f"dtype {spec!r} is not a 1-8 byte number")
+    return dtype
+
+
+def _depth(value: object) -> int:
+    """Nesting depth of parsed JSON, without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        deepest = max(deepest, level)
+        if level > MAX_HEADER_DEPTH:
+            break
+        children = item.values() if isinstance(item, dict) else (
+            item if isinstance(item, list) else ())
+        stack.extend((child, level + 1) for child in children)
+    return deepest
