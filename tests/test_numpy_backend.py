@@ -346,11 +346,23 @@ def test_client_app_trains_and_evaluates_on_numpy_with_torch_absent(tmp_path, dp
     assert list(tmp_path.glob("devices/partition-0/gen-*/learner.npz"))
 
 
-@pytest.mark.skipif(not os.environ.get("FEDQ_DEVICE_VENV"), reason=(
-    "set FEDQ_DEVICE_VENV to a venv built by docs/backends.md's torch-free device install "
-    "(needs PyPI, ~2 minutes) to run the ClientApp there"))
-def test_client_app_runs_in_a_torch_free_device_install(tmp_path):
-    python = Path(os.environ["FEDQ_DEVICE_VENV"]) / "bin" / "python"
+@pytest.fixture(scope="module")
+def device_venv(tmp_path_factory) -> Path:
+    """A venv with a device's install of fedq (``pip install <checkout>``, no extras), as
+    docs/edge.md tells a Raspberry Pi to do; FEDQ_DEVICE_VENV names a ready one instead."""
+    if os.environ.get("FEDQ_DEVICE_VENV"):
+        return Path(os.environ["FEDQ_DEVICE_VENV"])
+    venv = tmp_path_factory.mktemp("device") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    done = subprocess.run([venv / "bin" / "python", "-m", "pip", "install", "-q", str(ROOT)],
+                          capture_output=True, text=True, timeout=900, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return venv
+
+
+@pytest.mark.slow
+def test_client_app_runs_in_a_torch_free_device_install(tmp_path, device_venv):
+    python = device_venv / "bin" / "python"
     probe = subprocess.run([python, "-c", "import importlib.util as u; print([m for m in "
                             "('torch', 'opacus', 'scipy') if u.find_spec(m)])"],
                            capture_output=True, text=True, check=True)
