@@ -10,8 +10,12 @@ buffer yet, reported apart; the median over the others):
   updates), since the round waits for it;
 * **everything else**: the round's wall time minus that: starting a ClientApp process
   per message (Python + torch imports), loading/saving the device state, moving the
-  weights through the SuperLink, the ServerApp's 3 s reply polling, aggregation,
-  federated evaluation, metrics and checkpoint.
+  weights through the SuperLink, collecting the replies (50-500 ms polling:
+  server/prompt_grid.py), aggregation, federated evaluation, metrics and checkpoint.
+
+It runs one federation per learner backend (``--backends torch,numpy``): the torch
+backend's ClientApp processes import torch (and opacus with DP), the numpy backend's
+import neither, so the two show what a device's imports cost per round.
 
 Bytes sent per device and round: the serialized train reply (weights + metrics, every
 object of Flower's message tree) measured by the ClientApp's message-audit mod as the
@@ -19,7 +23,7 @@ message leaves, next to the raw fp32 weight bytes the server counted.
 Memory: peak resident set of each device's process tree (``flower-supernode``, its
 SuperExec and the ``flwr-clientapp`` process of the moment), sampled every 50 ms.
 
-    flock /tmp/fedq-bench.lock taskset -c 0 python -m simulations.bench_deployment --rounds 6
+    python -m simulations.bench_deployment --rounds 6
 """
 
 from __future__ import annotations
@@ -121,18 +125,61 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--local-steps", type=int, default=None,
                         help="override the compose file's local-steps")
+    parser.add_argument("--backends", default="torch,numpy",
+                        help="devices' learner backends to measure, one federation each, "
+                        "in this order (default torch,numpy)")
     args = parser.parse_args()
     if args.rounds < 3:
         parser.error("--rounds must be >= 3 (round 1 is reported apart)")
+    backends = args.backends.split(",")
+    if unknown := sorted(set(backends) - set(BACKENDS)):
+        parser.error(f"--backends: unknown {unknown}; known: {list(BACKENDS)}")
     shutil.rmtree(WORKDIR, ignore_errors=True)
-    WORKDIR.mkdir(parents=True)
-    workdir = WORKDIR.resolve()
-    run_dir, audit_dir = workdir / "run", workdir / "audit"
     compose_run = submit_overrides(load_compose(COMPOSE))
-    overrides = {"num-server-rounds": args.rounds}
-    if args.local_steps:
-        overrides["local-steps"] = args.local_steps
     load_before = os.getloadavg()[0]
+    results = {backend: measure(WORKDIR / backend, backend, args.rounds, args.local_steps)
+               for backend in backends}
+    local_steps = args.local_steps or compose_run["local-steps"]
+    payload = {"rounds": args.rounds, "local-steps": local_steps, "run-config": compose_run,
+               "cpu-affinity": sorted(os.sched_getaffinity(0)),
+               # other work on the machine skews every number here: say how much there was
+               "load-average-1min": {"before": load_before, "after": os.getloadavg()[0]},
+               "backends": results}
+    round_rows = [{"backend": backend, "rounds": label, **values}
+                  for backend, result in results.items()
+                  for label, values in (("1 (warm-up)", result["round-1"]),
+                                        (f"2-{args.rounds} median",
+                                         result["median-rounds-2-on"]))]
+    round_table = markdown_table(round_rows, ["backend", "rounds", *ROUND_COLUMNS])
+    devices = [{"backend": backend, **device} for backend, result in results.items()
+               for device in result["devices"]]
+    device_table = markdown_table(devices, list(devices[0]))
+    text = (f"Deployed round on loopback: 3 SuperNodes (docker-compose.yml node configs), "
+            f"CartPole, local-steps {local_steps}, one federation per backend, CPUs "
+            f"{payload['cpu-affinity']}, load average {load_before:.1f} before / "
+            f"{os.getloadavg()[0]:.1f} after. Local-training share = the slowest device's "
+            f"train-seconds / round-seconds (median of rounds 2-{args.rounds}).\n\n"
+            f"{round_table}\n\n{device_table}")
+    print(text)
+    write_results("deployment", payload, text)
+
+
+BACKENDS = ("torch", "numpy")
+ROUND_COLUMNS = ["round-seconds", "local-training-seconds", "local-training-share",
+                 "everything-else-seconds", "train-phase-seconds", "eval-phase-seconds",
+                 "client-handler-overhead-seconds"]
+
+
+def measure(workdir: Path, backend: str, rounds: int, local_steps: int | None
+            ) -> dict[str, object]:
+    """One compose federation whose devices all use ``backend``: per-round timings, reply
+    sizes and each device's peak memory."""
+    workdir.mkdir(parents=True)
+    workdir = workdir.resolve()
+    run_dir, audit_dir = workdir / "run", workdir / "audit"
+    overrides = {"num-server-rounds": rounds, "backend": backend}
+    if local_steps:
+        overrides["local-steps"] = local_steps
     # the audit directory is each device's own setting: a run config cannot choose it
     with compose_topology(workdir, node_extra={"message-audit-dir": str(audit_dir)}) as topology:
         roots = {name: node.process.pid for name, node in topology.nodes.items()}
@@ -140,7 +187,7 @@ def main() -> None:
         with MemorySampler(roots) as memory:
             code = topology.submit(run_dir, overrides, log_name="submit.log", timeout=3600)
     if code != 0:
-        raise SystemExit(f"the run failed; see {workdir / 'submit.log'}")
+        raise SystemExit(f"the {backend} run failed; see {workdir / 'submit.log'}")
 
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
     clients = [json.loads(line) for line in (run_dir / "clients.jsonl").open()]
@@ -152,6 +199,7 @@ def main() -> None:
         per_round.append({
             "round": row["round"], "round-seconds": row["round-seconds"],
             "local-training-seconds": slowest,
+            "local-training-share": slowest / row["round-seconds"],
             "everything-else-seconds": row["round-seconds"] - slowest,
             "train-phase-seconds": row["train-phase-seconds"],
             "eval-phase-seconds": row["eval-phase-seconds"],
@@ -171,27 +219,11 @@ def main() -> None:
                 "reply bytes (median)": statistics.median(reply_bytes[name]),
                 "fp32 weight bytes": weight_bytes,
                 "peak RSS tree MiB": memory.peak_total[name] / 1024,
-                **{f"peak {k} MiB": v / 1024 for k, v in memory.peak_by_kind[name].items()
-                   if k in ("flower-supernode", "flower-superexec", "flwr-clientapp")}}
+                **{f"peak {k} MiB": memory.peak_by_kind[name].get(k, 0) / 1024
+                   for k in ("flower-supernode", "flower-superexec", "flwr-clientapp")}}
                for name in topology.nodes]
-    payload = {"rounds": args.rounds, "run-config": {**compose_run, **overrides},
-               "cpu-affinity": sorted(os.sched_getaffinity(0)),
-               # other work on the machine skews every number here: say how much there was
-               "load-average-1min": {"before": load_before, "after": os.getloadavg()[0]},
-               "round-1": per_round[0], "median-rounds-2-on": summary,
-               "per-round": per_round, "devices": devices}
-    round_table = markdown_table(
-        [{"rounds": "1 (warm-up)", **per_round[0]}, {"rounds": f"2-{args.rounds} median",
-                                                     **summary}],
-        ["rounds", "round-seconds", "local-training-seconds", "everything-else-seconds",
-         "train-phase-seconds", "eval-phase-seconds", "client-handler-overhead-seconds"])
-    device_table = markdown_table(devices, list(devices[0]))
-    text = (f"Deployed round on loopback: 3 SuperNodes (docker-compose.yml node configs), "
-            f"CartPole, local-steps {overrides.get('local-steps', compose_run['local-steps'])}"
-            f", CPUs {payload['cpu-affinity']}, load average {load_before:.1f} before / "
-            f"{os.getloadavg()[0]:.1f} after\n\n{round_table}\n\n{device_table}")
-    print(text)
-    write_results("deployment", payload, text)
+    return {"round-1": per_round[0], "median-rounds-2-on": summary, "per-round": per_round,
+            "devices": devices}
 
 
 if __name__ == "__main__":
