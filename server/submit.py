@@ -158,11 +158,13 @@ class Submission:
         for raw in iter(self.process.stdout.readline, b""):
             text = raw.decode(errors="replace")
             clean = _ANSI.sub("", text)
-            sys.stdout.write(text if sys.stdout.isatty() else clean)
-            sys.stdout.flush()
+            # the run id first, then the echo: whoever reads "started run N" and stops us
+            # at once must find N known, or cancel() could not stop the run
             if self.run_id is None and (match := _RUN_STARTED.search(clean)):
                 self.run_id = int(match.group(1))
             self.fedq_status = status_in_log(clean) or self.fedq_status
+            sys.stdout.write(text if sys.stdout.isatty() else clean)
+            sys.stdout.flush()
         return self.process.wait()
 
     def cancel(self) -> None:
