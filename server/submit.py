@@ -40,8 +40,8 @@ import tomli_w
 
 from common.atomic import atomic_write_text
 from common.config import ConfigError, ConfigScalar, FedqConfig, parse_assignment
-from common.flower_runtime import poll_run_status
 from common.privacy_policy import PrivacyPolicy
+from simulations.flower_runtime import poll_run_status
 
 CONNECTION = "fedq"
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")

@@ -34,9 +34,9 @@ from common.config import (
     parse_assignment,
 )
 from common.envs import env_spec
-from common.flower_runtime import RunResult, simulation_superlink, submit_run
 from common.privacy_policy import PrivacyPolicy
 from server.run_directory import RunDirectory, config_changes
+from simulations.flower_runtime import RunResult, simulation_superlink, submit_run
 from simulations.scenario import load_scenario
 
 APP_DIR = Path(__file__).resolve().parent.parent
