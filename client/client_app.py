@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -48,11 +48,11 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 from flwr.supercore import log
 
 from client.central_dp import central_dp_clipping_mod
 from client.device import Device, device_from_context, device_lock
-from client.fault_injection import inject_fault
 from client.message_audit import message_audit_mod
 from client.metric_release import release
 from client.personalize import personalized_returns
@@ -69,8 +69,6 @@ from common.weights import to_state_dict
 PROGRESS_INTERVAL_S = 15.0  # a training round's progress line at most this often
 torch.set_num_threads(1)  # tiny MLPs: threads cost more than they give, and devices share cores
 
-# the audit mod is outermost: it sees each reply as it leaves, after central DP clipping
-app = ClientApp(mods=[message_audit_mod])
 
 
 def _load_trainer(device: Device, config: FedqConfig) -> LocalTrainer:
@@ -99,7 +97,6 @@ def _global_weights(msg: Message, trainer: LocalTrainer) -> dict[str, torch.Tens
     return to_state_dict(msg.content["arrays"], trainer.learner.online)
 
 
-@app.train(mods=[central_dp_clipping_mod])
 def train(msg: Message, context: Context) -> Message:
     """One round of local training on the device, holding its state exclusively."""
     started = time.perf_counter()
@@ -132,7 +129,7 @@ def _train(msg: Message, device: Device, config: FedqConfig, context: Context,
         trainer.close()
         return _refused(msg, device, refusal)
     trainer.counters.rounds += 1
-    arrays = _outgoing_update(trainer, context, global_state,
+    arrays = _outgoing_update(trainer, global_state,
                               str(round_config.get("update-compression", "none")))
     trainer.save(device.state_dir)
     returns = stats.episode_returns
@@ -187,17 +184,13 @@ def exploration_start(config: FedqConfig, round_config: ConfigRecord) -> int | N
     return steps
 
 
-def _outgoing_update(trainer: LocalTrainer, context: Context,
-                     global_state: dict[str, torch.Tensor], mode: str) -> ArrayRecord:
+def _outgoing_update(trainer: LocalTrainer, global_state: dict[str, torch.Tensor],
+                     mode: str) -> ArrayRecord:
     """The reply's arrays: the online weights, or with ``update-compression`` their
     quantised delta to the global model (the error-feedback residual is kept in the
-    trainer and saved with its state). A benchmark attacker sends bad weights instead."""
+    trainer and saved with its state)."""
     global_weights = {k: v.numpy() for k, v in global_state.items()}
     local = {k: v.numpy() for k, v in trainer.learner.online.state_dict().items()}
-    partition = context.node_config.get("partition-id")
-    local = inject_fault(local, global_weights, trainer.config,
-                         None if partition is None else int(partition),
-                         np.random.default_rng([trainer.seed, trainer.counters.rounds]))
     record, trainer.update_residual = encode_update(local, global_weights,
                                                     trainer.update_residual, mode)
     return record
@@ -230,7 +223,6 @@ def _privacy_metrics(
     }
 
 
-@app.query()
 def identify(msg: Message, context: Context) -> Message:
     """Who this device is (its simulation partition id), so that the ``sequential``
     strategy can visit devices in the same order every run (server/sequential.py)."""
@@ -239,7 +231,6 @@ def identify(msg: Message, context: Context) -> Message:
                    reply_to=msg)
 
 
-@app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Greedy episodes of the global model on this device's env (device state untouched:
     only the network and a fresh env are built, not the device's trainer and buffer)."""
@@ -275,3 +266,18 @@ def evaluate(msg: Message, context: Context) -> Message:
     released = release(metrics, device.policy.release_metrics, private)
     return Message(RecordDict({"metrics": MetricRecord(released)}), reply_to=msg)
 
+
+
+def build_client_app(train_mods: Sequence[Mod] = ()) -> ClientApp:
+    """fedq's ClientApp. ``train_mods`` wrap the train handler inside central DP clipping
+    (they see the reply before it is clipped); the product adds none, a simulation adds
+    its own (simulations/attacks.py) without the product knowing of them. The audit mod
+    is outermost: it sees each reply as it leaves, after central DP clipping."""
+    client_app = ClientApp(mods=[message_audit_mod])
+    client_app.train(mods=[central_dp_clipping_mod, *train_mods])(train)
+    client_app.evaluate()(evaluate)
+    client_app.query()(identify)
+    return client_app
+
+
+app = build_client_app()

@@ -28,7 +28,6 @@ EXPLORATION_CLOCKS = ("device", "federation")
 # round-config key: env steps of all devices already in the global model being sent
 FEDERATION_STEPS_KEY = "federation-env-steps"
 COMPRESSIONS = ("none", "fp16", "int8")
-ATTACKS = ("none", "nan", "noise")
 CENTRAL_DP = ("none", "server-fixed", "client-fixed")
 # keys of the device's privacy policy (common/privacy_policy.py), not of FedqConfig
 POLICY_PREFIX = "privacy-"
@@ -184,16 +183,6 @@ class FedqConfig:
         "none", "device-to-server update encoding: none (fp32 weights), fp16 or int8 "
         "deltas with error feedback", _check(lambda v: v in COMPRESSIONS,
                                              f"one of {COMPRESSIONS}"))
-    # --- benchmark fault injection (client/fault_injection.py); never for real runs ------
-    attack: str = _opt(
-        "none", "BENCHMARK FAULT INJECTOR: devices in attack-partitions send nan "
-        "(all-NaN weights) or noise (global + N(0, attack-scale^2)) instead of their update",
-        _check(lambda v: v in ATTACKS, f"one of {ATTACKS}"))
-    attack_partitions: tuple[int, ...] = _opt(
-        (), "BENCHMARK FAULT INJECTOR: comma-separated simulation partition ids that attack",
-        _check(lambda v: all(p >= 0 for p in v), "needs partition ids >= 0"))
-    attack_scale: float = _opt(
-        10.0, "BENCHMARK FAULT INJECTOR: noise std of the noise attack", _positive)
     # --- differential privacy on the device (common/privacy.py) --------------------------
     dp_enabled: bool = _opt(False, "DP-SGD on the online Q-network (privacy unit: one transition)")
     dp_noise_multiplier: float = _opt(
@@ -296,10 +285,6 @@ class FedqConfig:
                 "server-momentum", f"{self.server_momentum} with strategy {self.strategy}: "
                 "FedAvgM needs server-momentum > 0 (with 0 it is FedAvg) and other "
                 "strategies ignore it, so set it to 0")
-        if (self.attack == "none") != (not self.attack_partitions):
-            raise ConfigError(
-                "attack-partitions", f"{list(self.attack_partitions)} with attack "
-                f"{self.attack!r}: an attack needs partitions and partitions need an attack")
         if self.personalize_steps and self.dp_enabled:
             raise ConfigError(
                 "personalize-steps", "fine-tuning on private data outside the accountant "
