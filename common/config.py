@@ -18,12 +18,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from common.strategy_registry import STRATEGY_REGISTRY, strategy_names, strategy_spec
+
 ConfigScalar = bool | int | float | str
 
 _LOSSES = ("huber", "mse")
 _ACCOUNTANTS = ("rdp", "prv")
-STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedmedian",
-              "fedtrimmedavg", "krum", "sequential")
 EXPLORATION_CLOCKS = ("device", "federation")
 # round-config key: env steps of all devices already in the global model being sent
 FEDERATION_STEPS_KEY = "federation-env-steps"
@@ -144,10 +144,9 @@ class FedqConfig:
         "this (inf: run every round)", allow_inf=True)
     # --- aggregation strategy (server/strategies.py) -------------------------------------
     strategy: str = _opt(
-        "fedavg", f"server aggregation: one of {', '.join(STRATEGIES)} (sequential: the "
-        "global model visits the round's devices one after another, each training the "
-        "previous one's result)",
-        _check(lambda v: v in STRATEGIES, f"one of {STRATEGIES}"),
+        "fedavg", f"server aggregation: one of {', '.join(strategy_names())} (registered in "
+        "common/strategy_registry.py; docs/strategies.md says what each does)",
+        lambda v: None if v in STRATEGY_REGISTRY else f"one of {strategy_names()}",
     )
     proximal_mu: float = _opt(
         0.0, "FedProx: weight mu of the proximal term mu/2 ||w - w_global||^2 in the "
@@ -276,15 +275,7 @@ class FedqConfig:
                 f"{self.exploration_final_eps} exceeds exploration-initial-eps "
                 f"{self.exploration_initial_eps}",
             )
-        if (self.strategy == "fedprox") != (self.proximal_mu > 0):
-            raise ConfigError(
-                "proximal-mu", f"{self.proximal_mu} with strategy {self.strategy}: FedProx "
-                "needs proximal-mu > 0 and other strategies ignore it, so set it to 0")
-        if (self.strategy == "fedavgm") != (self.server_momentum > 0):
-            raise ConfigError(
-                "server-momentum", f"{self.server_momentum} with strategy {self.strategy}: "
-                "FedAvgM needs server-momentum > 0 (with 0 it is FedAvg) and other "
-                "strategies ignore it, so set it to 0")
+        self._check_strategy_switches()
         if self.personalize_steps and self.dp_enabled:
             raise ConfigError(
                 "personalize-steps", "fine-tuning on private data outside the accountant "
@@ -297,6 +288,18 @@ class FedqConfig:
                 "multiplier from"
             )
 
+    def _check_strategy_switches(self) -> None:
+        """A strategy's switch key (FedProx's proximal-mu, FedAvgM's server-momentum) is
+        > 0 exactly when that strategy runs: elsewhere it would be silently ignored."""
+        for spec in STRATEGY_REGISTRY.values():
+            if spec.switch is None:
+                continue
+            value = getattr(self, spec.switch.replace("-", "_"))
+            if (self.strategy == spec.name) != (value > 0):
+                raise ConfigError(
+                    spec.switch, f"{value} with strategy {self.strategy}: {spec.name} needs "
+                    f"{spec.switch} > 0 and other strategies ignore it, so set it to 0")
+
     def _check_central_dp(self) -> None:
         if self.central_dp == "none":
             return
@@ -306,9 +309,10 @@ class FedqConfig:
         if self.update_compression != "none":
             raise ConfigError("update-compression", "central DP clips full weights against "
                               "the global model; use none with central-dp")
-        if self.strategy not in ("fedavg", "fedprox"):
+        if not strategy_spec(self.strategy).averages:
+            averaging = [s.name for s in STRATEGY_REGISTRY.values() if s.averages]
             raise ConfigError("strategy", f"central DP's noise is calibrated to an average; "
-                              f"{self.strategy!r} is not one (use fedavg or fedprox)")
+                              f"{self.strategy!r} is not one (use {' or '.join(averaging)})")
 
     def _check_client_overrides(self) -> None:
         for partition, overrides in self.client_overrides.items():
