@@ -18,6 +18,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from common.central_dp_registry import (
+    CENTRAL_DP_REGISTRY,
+    NO_CENTRAL_DP,
+    central_dp_names,
+)
 from common.strategy_registry import STRATEGY_REGISTRY, strategy_names, strategy_spec
 
 ConfigScalar = bool | int | float | str
@@ -28,7 +33,6 @@ EXPLORATION_CLOCKS = ("device", "federation")
 # round-config key: env steps of all devices already in the global model being sent
 FEDERATION_STEPS_KEY = "federation-env-steps"
 COMPRESSIONS = ("none", "fp16", "int8")
-CENTRAL_DP = ("none", "server-fixed", "client-fixed")
 # keys of the device's privacy policy (common/privacy_policy.py), not of FedqConfig
 POLICY_PREFIX = "privacy-"
 
@@ -206,9 +210,10 @@ class FedqConfig:
     )
     # --- central DP on the aggregate (server/strategies.py, client/central_dp.py) ---------
     central_dp: str = _opt(
-        "none", "Flower's central DP on the averaged update: none, server-fixed (the server "
-        "clips each update) or client-fixed (devices clip); Gaussian noise on the average",
-        _check(lambda v: v in CENTRAL_DP, f"one of {CENTRAL_DP}"))
+        NO_CENTRAL_DP, "Flower's central DP on the averaged update, Gaussian noise on the "
+        "average (registered in common/central_dp_registry.py): "
+        + "; ".join(f"{m.name}: {m.doc}" for m in CENTRAL_DP_REGISTRY.values()),
+        lambda v: None if v in CENTRAL_DP_REGISTRY else f"one of {central_dp_names()}")
     central_dp_noise_multiplier: float = _opt(
         1.0, "central DP: noise std on the sum of updates, in units of central-dp-clip-norm",
         _non_negative)
@@ -301,7 +306,7 @@ class FedqConfig:
                     f"{spec.switch} > 0 and other strategies ignore it, so set it to 0")
 
     def _check_central_dp(self) -> None:
-        if self.central_dp == "none":
+        if self.central_dp == NO_CENTRAL_DP:
             return
         if self.central_dp_clients < 1:
             raise ConfigError("central-dp-clients", f"must be >= 1 with central-dp "
