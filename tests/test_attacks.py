@@ -147,3 +147,20 @@ def test_a_resumed_simulation_keeps_its_attack(tmp_path):
     assert simulation_attack(tmp_path, None) == attack
     with pytest.raises(AttackError, match="a resume cannot change it"):
         simulation_attack(tmp_path, Attack("nan", (1,)))
+
+
+def test_no_product_module_imports_the_simulation_layer():
+    """The product (common/, client/, server/) runs on devices and servers without the
+    simulations; attacks and process orchestration stay on the simulation side."""
+    import ast
+
+    root = APP_DIR
+    offenders = []
+    for package in ("common", "client", "server"):
+        for path in sorted((root / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                    [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+                offenders += [f"{path.relative_to(root)}: {n}" for n in names
+                              if n.split(".")[0] == "simulations"]
+    assert offenders == []
