@@ -70,7 +70,6 @@ PROGRESS_INTERVAL_S = 15.0  # a training round's progress line at most this ofte
 torch.set_num_threads(1)  # tiny MLPs: threads cost more than they give, and devices share cores
 
 
-
 def _load_trainer(device: Device, config: FedqConfig) -> LocalTrainer:
     trainer = LocalTrainer(config, seed=device.seed,
                            min_noise_multiplier=device.policy.min_noise_multiplier)
@@ -106,11 +105,10 @@ def train(msg: Message, context: Context) -> Message:
     except PolicyRefusal as refusal:
         return _refused(msg, device, refusal)
     with device_lock(device.state_dir):
-        return _train(msg, device, config, context, started)
+        return _train(msg, device, config, started)
 
 
-def _train(msg: Message, device: Device, config: FedqConfig, context: Context,
-           started: float) -> Message:
+def _train(msg: Message, device: Device, config: FedqConfig, started: float) -> Message:
     trainer = _load_trainer(device, config)
     global_state = _global_weights(msg, trainer)
     trainer.learner.load_online(global_state, sync_target=True)
@@ -265,7 +263,6 @@ def evaluate(msg: Message, context: Context) -> Message:
         metrics["personalized-return-mean"] = float(np.mean(personal))
     released = release(metrics, device.policy.release_metrics, private)
     return Message(RecordDict({"metrics": MetricRecord(released)}), reply_to=msg)
-
 
 
 def build_client_app(train_mods: Sequence[Mod] = ()) -> ClientApp:
