@@ -26,6 +26,9 @@ from simulations.attacks import Attack
 from simulations.run import resolve_run_config, simulate
 
 SCORE_SEED = 424_242  # evaluation episodes: the same for every cell
+# Keys of the attack settings that were product config keys before attacks moved to
+# simulations/attacks.py; cells cached then still carry them in their config.json.
+LEGACY_ATTACK_KEYS = frozenset({"attack", "attack-partitions", "attack-scale"})
 
 
 @dataclass
@@ -72,7 +75,9 @@ def checkpoint_score(run_dir: Path, episodes: int = 10) -> float:
         return float("nan")
     import torch
 
-    config = FedqConfig.from_mapping(json.loads((run_dir / "config.json").read_text()))
+    saved = json.loads((run_dir / "config.json").read_text())
+    config = FedqConfig.from_mapping({k: v for k, v in saved.items()
+                                      if k not in LEGACY_ATTACK_KEYS})
     returns = []
     for path in paths:
         trainer = LocalTrainer(config, seed=SCORE_SEED)

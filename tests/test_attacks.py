@@ -164,3 +164,19 @@ def test_no_product_module_imports_the_simulation_layer():
                 offenders += [f"{path.relative_to(root)}: {n}" for n in names
                               if n.split(".")[0] == "simulations"]
     assert offenders == []
+
+
+def test_benchmark_cells_cached_with_the_old_attack_keys_still_score(tmp_path):
+    """Cells cached before attacks left the product config keep ``attack`` keys in their
+    config.json; the benchmarks reuse them rather than failing on an unknown key."""
+    from simulations.federated_cells import checkpoint_score
+
+    config = {**FedqConfig().to_mapping(), "hidden-sizes": "8", "attack": "nan",
+              "attack-partitions": "4", "attack-scale": 10.0}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "checkpoints").mkdir()
+    torch.manual_seed(0)
+    torch.save({"state_dict": QNetwork(4, 2, (8,)).state_dict()},
+               tmp_path / "checkpoints" / "round-0001.pt")
+    score = checkpoint_score(tmp_path, episodes=2)
+    assert 1.0 <= score <= 500.0  # CartPole returns of a (random) greedy policy
