@@ -37,7 +37,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from flwr.app import (
@@ -50,11 +50,11 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 from flwr.supercore import log
 
 from client.central_dp import central_dp_clipping_mod
 from client.device import Device, device_from_context, device_lock
-from client.fault_injection import inject_fault
 from client.message_audit import message_audit_mod
 from client.metric_release import release
 from client.personalize import personalized_returns
@@ -71,9 +71,6 @@ from common.trainer import LocalTrainer, has_privacy_ledger
 from common.weights import check_arrays
 
 PROGRESS_INTERVAL_S = 15.0  # a training round's progress line at most this often
-
-# the audit mod is outermost: it sees each reply as it leaves, after central DP clipping
-app = ClientApp(mods=[message_audit_mod])
 
 
 def single_threaded_torch(config: FedqConfig) -> None:
@@ -112,7 +109,6 @@ def _global_weights(msg: Message, trainer: LocalTrainer) -> dict[str, np.ndarray
     return check_arrays(msg.content["arrays"], trainer.learner.layout)
 
 
-@app.train(mods=[central_dp_clipping_mod])
 def train(msg: Message, context: Context) -> Message:
     """One round of local training on the device, holding its state exclusively."""
     started = time.perf_counter()
@@ -122,11 +118,10 @@ def train(msg: Message, context: Context) -> Message:
     except PolicyRefusal as refusal:
         return _refused(msg, device, refusal)
     with device_lock(device.state_dir):
-        return _train(msg, device, config, context, started)
+        return _train(msg, device, config, started)
 
 
-def _train(msg: Message, device: Device, config: FedqConfig, context: Context,
-           started: float) -> Message:
+def _train(msg: Message, device: Device, config: FedqConfig, started: float) -> Message:
     try:
         trainer = _load_trainer(device, config)
     except DeviceStateError as err:
@@ -148,7 +143,7 @@ def _train(msg: Message, device: Device, config: FedqConfig, context: Context,
         trainer.close()
         return _refused(msg, device, refusal)
     trainer.counters.rounds += 1
-    arrays = _outgoing_update(trainer, context, global_state,
+    arrays = _outgoing_update(trainer, global_state,
                               str(round_config.get("update-compression", "none")))
     try:
         trainer.save(device.state_dir)
@@ -216,16 +211,12 @@ def exploration_start(config: FedqConfig, round_config: ConfigRecord) -> int | N
     return steps
 
 
-def _outgoing_update(trainer: LocalTrainer, context: Context,
-                     global_weights: dict[str, np.ndarray], mode: str) -> ArrayRecord:
+def _outgoing_update(trainer: LocalTrainer, global_weights: dict[str, np.ndarray],
+                     mode: str) -> ArrayRecord:
     """The reply's arrays: the online weights, or with ``update-compression`` their
     quantised delta to the global model (the error-feedback residual is kept in the
-    trainer and saved with its state). A benchmark attacker sends bad weights instead."""
+    trainer and saved with its state)."""
     local = trainer.learner.online_arrays()
-    partition = context.node_config.get("partition-id")
-    local = inject_fault(local, global_weights, trainer.config,
-                         None if partition is None else int(partition),
-                         np.random.default_rng([trainer.seed, trainer.counters.rounds]))
     record, trainer.update_residual = encode_update(local, global_weights,
                                                     trainer.update_residual, mode)
     return record
@@ -258,7 +249,6 @@ def _privacy_metrics(
     }
 
 
-@app.query()
 def identify(msg: Message, context: Context) -> Message:
     """Who this device is (its simulation partition id), so that the ``sequential``
     strategy can visit devices in the same order every run (server/sequential.py)."""
@@ -267,7 +257,6 @@ def identify(msg: Message, context: Context) -> Message:
                    reply_to=msg)
 
 
-@app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Greedy episodes of the global model on this device's env (device state untouched:
     only the numpy forward pass and a fresh env are built, not the device's trainer and
@@ -306,3 +295,17 @@ def evaluate(msg: Message, context: Context) -> Message:
     released = release(metrics, device.policy.release_metrics, private)
     return Message(RecordDict({"metrics": MetricRecord(released)}), reply_to=msg)
 
+
+def build_client_app(train_mods: Sequence[Mod] = ()) -> ClientApp:
+    """fedq's ClientApp. ``train_mods`` wrap the train handler inside central DP clipping
+    (they see the reply before it is clipped); the product adds none, a simulation adds
+    its own (simulations/attacks.py) without the product knowing of them. The audit mod
+    is outermost: it sees each reply as it leaves, after central DP clipping."""
+    client_app = ClientApp(mods=[message_audit_mod])
+    client_app.train(mods=[central_dp_clipping_mod, *train_mods])(train)
+    client_app.evaluate()(evaluate)
+    client_app.query()(identify)
+    return client_app
+
+
+app = build_client_app()

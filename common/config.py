@@ -18,19 +18,22 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from common.central_dp_registry import (
+    CENTRAL_DP_REGISTRY,
+    NO_CENTRAL_DP,
+    central_dp_names,
+)
+from common.strategy_registry import STRATEGY_REGISTRY, strategy_names, strategy_spec
+
 ConfigScalar = bool | int | float | str
 
 _LOSSES = ("huber", "mse")
 BACKENDS = ("torch", "numpy")
 _ACCOUNTANTS = ("rdp", "prv")
-STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedmedian",
-              "fedtrimmedavg", "krum", "sequential")
 EXPLORATION_CLOCKS = ("device", "federation")
 # round-config key: env steps of all devices already in the global model being sent
 FEDERATION_STEPS_KEY = "federation-env-steps"
 COMPRESSIONS = ("none", "fp16", "int8")
-ATTACKS = ("none", "nan", "noise")
-CENTRAL_DP = ("none", "server-fixed", "client-fixed")
 # keys of the device's privacy policy (common/privacy_policy.py), not of FedqConfig
 POLICY_PREFIX = "privacy-"
 
@@ -154,10 +157,9 @@ class FedqConfig:
         "this (inf: run every round)", allow_inf=True)
     # --- aggregation strategy (server/strategies.py) -------------------------------------
     strategy: str = _opt(
-        "fedavg", f"server aggregation: one of {', '.join(STRATEGIES)} (sequential: the "
-        "global model visits the round's devices one after another, each training the "
-        "previous one's result)",
-        _check(lambda v: v in STRATEGIES, f"one of {STRATEGIES}"),
+        "fedavg", f"server aggregation: one of {', '.join(strategy_names())} (registered in "
+        "common/strategy_registry.py; docs/strategies.md says what each does)",
+        lambda v: None if v in STRATEGY_REGISTRY else f"one of {strategy_names()}",
     )
     proximal_mu: float = _opt(
         0.0, "FedProx: weight mu of the proximal term mu/2 ||w - w_global||^2 in the "
@@ -193,16 +195,6 @@ class FedqConfig:
         "none", "device-to-server update encoding: none (fp32 weights), fp16 or int8 "
         "deltas with error feedback", _check(lambda v: v in COMPRESSIONS,
                                              f"one of {COMPRESSIONS}"))
-    # --- benchmark fault injection (client/fault_injection.py); never for real runs ------
-    attack: str = _opt(
-        "none", "BENCHMARK FAULT INJECTOR: devices in attack-partitions send nan "
-        "(all-NaN weights) or noise (global + N(0, attack-scale^2)) instead of their update",
-        _check(lambda v: v in ATTACKS, f"one of {ATTACKS}"))
-    attack_partitions: tuple[int, ...] = _opt(
-        (), "BENCHMARK FAULT INJECTOR: comma-separated simulation partition ids that attack",
-        _check(lambda v: all(p >= 0 for p in v), "needs partition ids >= 0"))
-    attack_scale: float = _opt(
-        10.0, "BENCHMARK FAULT INJECTOR: noise std of the noise attack", _positive)
     # --- differential privacy on the device (common/privacy.py) --------------------------
     dp_enabled: bool = _opt(False, "DP-SGD on the online Q-network (privacy unit: one transition)")
     dp_noise_multiplier: float = _opt(
@@ -227,9 +219,10 @@ class FedqConfig:
     )
     # --- central DP on the aggregate (server/strategies.py, client/central_dp.py) ---------
     central_dp: str = _opt(
-        "none", "Flower's central DP on the averaged update: none, server-fixed (the server "
-        "clips each update) or client-fixed (devices clip); Gaussian noise on the average",
-        _check(lambda v: v in CENTRAL_DP, f"one of {CENTRAL_DP}"))
+        NO_CENTRAL_DP, "Flower's central DP on the averaged update, Gaussian noise on the "
+        "average (registered in common/central_dp_registry.py): "
+        + "; ".join(f"{m.name}: {m.doc}" for m in CENTRAL_DP_REGISTRY.values()),
+        lambda v: None if v in CENTRAL_DP_REGISTRY else f"one of {central_dp_names()}")
     central_dp_noise_multiplier: float = _opt(
         1.0, "central DP: noise std on the sum of updates, in units of central-dp-clip-norm",
         _non_negative)
@@ -296,19 +289,7 @@ class FedqConfig:
                 f"{self.exploration_final_eps} exceeds exploration-initial-eps "
                 f"{self.exploration_initial_eps}",
             )
-        if (self.strategy == "fedprox") != (self.proximal_mu > 0):
-            raise ConfigError(
-                "proximal-mu", f"{self.proximal_mu} with strategy {self.strategy}: FedProx "
-                "needs proximal-mu > 0 and other strategies ignore it, so set it to 0")
-        if (self.strategy == "fedavgm") != (self.server_momentum > 0):
-            raise ConfigError(
-                "server-momentum", f"{self.server_momentum} with strategy {self.strategy}: "
-                "FedAvgM needs server-momentum > 0 (with 0 it is FedAvg) and other "
-                "strategies ignore it, so set it to 0")
-        if (self.attack == "none") != (not self.attack_partitions):
-            raise ConfigError(
-                "attack-partitions", f"{list(self.attack_partitions)} with attack "
-                f"{self.attack!r}: an attack needs partitions and partitions need an attack")
+        self._check_strategy_switches()
         if self.personalize_steps and self.dp_enabled:
             raise ConfigError(
                 "personalize-steps", "fine-tuning on private data outside the accountant "
@@ -325,8 +306,20 @@ class FedqConfig:
                 "multiplier from"
             )
 
+    def _check_strategy_switches(self) -> None:
+        """A strategy's switch key (FedProx's proximal-mu, FedAvgM's server-momentum) is
+        > 0 exactly when that strategy runs: elsewhere it would be silently ignored."""
+        for spec in STRATEGY_REGISTRY.values():
+            if spec.switch is None:
+                continue
+            value = getattr(self, spec.switch.replace("-", "_"))
+            if (self.strategy == spec.name) != (value > 0):
+                raise ConfigError(
+                    spec.switch, f"{value} with strategy {self.strategy}: {spec.name} needs "
+                    f"{spec.switch} > 0 and other strategies ignore it, so set it to 0")
+
     def _check_central_dp(self) -> None:
-        if self.central_dp == "none":
+        if self.central_dp == NO_CENTRAL_DP:
             return
         if self.central_dp_clients < 1:
             raise ConfigError("central-dp-clients", f"must be >= 1 with central-dp "
@@ -334,9 +327,10 @@ class FedqConfig:
         if self.update_compression != "none":
             raise ConfigError("update-compression", "central DP clips full weights against "
                               "the global model; use none with central-dp")
-        if self.strategy not in ("fedavg", "fedprox"):
+        if not strategy_spec(self.strategy).averages:
+            averaging = [s.name for s in STRATEGY_REGISTRY.values() if s.averages]
             raise ConfigError("strategy", f"central DP's noise is calibrated to an average; "
-                              f"{self.strategy!r} is not one (use fedavg or fedprox)")
+                              f"{self.strategy!r} is not one (use {' or '.join(averaging)})")
 
     def _check_client_overrides(self) -> None:
         for partition, overrides in self.client_overrides.items():

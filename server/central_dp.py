@@ -3,7 +3,8 @@
 Central DP protects a whole device's contribution to a round (all its data at once),
 against anyone who sees the global model: each update ``w_i - w_global`` is clipped to
 ``central-dp-clip-norm`` and the server adds Gaussian noise of std ``noise x clip / m``
-(m = ``central-dp-clients``) to the average. Both wrappers are Flower's own Message-API
+(m = ``central-dp-clients``) to the average. Each mode is one registration in
+:mod:`common.central_dp_registry`; both registered wrappers are Flower's own Message-API
 strategies (``flwr.serverapp.strategy``):
 
 - ``server-fixed``: ``DifferentialPrivacyServerSideFixedClipping`` clips on the server,
@@ -27,25 +28,18 @@ device is the clip norm. No amplification by sampling devices is claimed (sample
 
 from __future__ import annotations
 
-from flwr.serverapp.strategy import (
-    DifferentialPrivacyClientSideFixedClipping,
-    DifferentialPrivacyServerSideFixedClipping,
-    Strategy,
-)
+from flwr.serverapp.strategy import Strategy
 
+from common.central_dp_registry import central_dp_mode
 from common.config import FedqConfig
 from common.privacy import epsilon_of
 
 
 def with_central_dp(strategy: Strategy, config: FedqConfig) -> Strategy:
-    """``strategy`` wrapped in the configured central DP, or itself with ``none``."""
-    if config.central_dp == "none":
-        return strategy
-    wrapper = (DifferentialPrivacyServerSideFixedClipping if config.central_dp == "server-fixed"
-               else DifferentialPrivacyClientSideFixedClipping)
-    return wrapper(strategy, noise_multiplier=config.central_dp_noise_multiplier,
-                   clipping_norm=config.central_dp_clip_norm,
-                   num_sampled_clients=config.central_dp_clients)
+    """``strategy`` wrapped in the configured central-DP mode's Flower wrapper
+    (:mod:`common.central_dp_registry`), or itself with ``none``."""
+    mode = central_dp_mode(config.central_dp)
+    return strategy if mode.wrap is None else mode.wrap(strategy, config)
 
 
 def central_dp_report(config: FedqConfig, released_rounds: int) -> dict[str, float]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from common.config import FEDERATION_STEPS_KEY, FedqConfig
 from common.envs import env_spec
 from common.networks import QNetwork
 from common.privacy_policy import PrivacyPolicy
+from common.strategy_registry import PARALLEL, SEQUENTIAL, strategy_spec
 from server.central_dp import central_dp_report, with_central_dp
 from server.observability import RoundRecorder
 from server.outcome import (
@@ -114,11 +115,9 @@ def run_rounds(grid: Grid, strategy: Strategy, config: FedqConfig, run_dir: RunD
         train_config = ConfigRecord({"local-steps": config.local_steps,
                                      "update-compression": config.update_compression,
                                      FEDERATION_STEPS_KEY: federation_steps})
-        if config.strategy == "sequential":
-            phase = train_in_sequence(grid, config, order, arrays, train_config, server_round)
-        else:
-            phase = train_in_parallel(grid, strategy, config, arrays, train_config,
-                                      server_round)
+        train_phase_of = TRAIN_PHASES[strategy_spec(config.strategy).train_phase]
+        phase = train_phase_of(grid, strategy, config, order, arrays, train_config,
+                               server_round)
         privacy = privacy_log.record(server_round, phase.replies)  # declines go on record
         train_phase = time.perf_counter() - started
         if central_dp and phase.arrays is not None:  # a noised aggregate was released
@@ -210,6 +209,17 @@ def round_failures(phase: TrainPhase, eval_sent_to: dict[str, int],
     return failures
 
 
+TrainPhaseFn = Callable[[Grid, Strategy, FedqConfig, DeviceOrder, ArrayRecord, ConfigRecord, int],
+                        TrainPhase]
+# How each registered train phase (common/strategy_registry.py) runs a round's training.
+TRAIN_PHASES: dict[str, TrainPhaseFn] = {
+    PARALLEL: lambda grid, strategy, config, _order, arrays, train_config, server_round:
+        train_in_parallel(grid, strategy, config, arrays, train_config, server_round),
+    SEQUENTIAL: lambda grid, _strategy, config, order, arrays, train_config, server_round:
+        train_in_sequence(grid, config, order, arrays, train_config, server_round),
+}
+
+
 def central_dp_count_ok(config: FedqConfig, screening: Screening, server_round: int) -> bool:
     """Under central DP, whether the round may release a noised average: exactly
     ``central-dp-clients`` accepted updates. Flower's wrapper only warns about a different
@@ -287,11 +297,12 @@ def main(grid: Grid, context: Context) -> None:
     checkpoint = run_dir.load_checkpoint(last_round) if last_round else None
     net = initial_model(config, checkpoint)
     strategy = build_strategy(config)
-    if config.strategy == "sequential" and config.exploration_clock == "device":
-        log(logging.WARNING, "[fedq] strategy 'sequential' with exploration-clock 'device': "
+    if strategy_spec(config.strategy).train_phase == SEQUENTIAL and \
+            config.exploration_clock == "device":
+        log(logging.WARNING, "[fedq] strategy %r with exploration-clock 'device': "
             "every device decays epsilon over its own %d env steps although the model it "
             "trains has learnt from all devices' steps; exploration-clock 'federation' "
-            "decays it with the model's experience", config.exploration_steps)
+            "decays it with the model's experience", config.strategy, config.exploration_steps)
     if checkpoint is not None:
         log(logging.INFO, "[fedq] resuming %s after round %d", run_dir.root, last_round)
         resume_strategy(strategy, config, checkpoint)

@@ -1,27 +1,12 @@
-"""The aggregation strategy a run uses, chosen by the ``strategy`` config key.
+"""Build the aggregation strategy a run uses, chosen by the ``strategy`` config key.
 
-Every choice is one of Flower's own ``flwr.serverapp.strategy`` classes, built with the
-same sampling settings and fedq's metric aggregation, so ``run_rounds`` drives them all
-through the same ``configure_train`` / ``aggregate_train`` calls:
-
-- ``fedavg``: weighted mean of the devices' online weights (weight: env steps).
-- ``fedprox``: FedAvg on the server; ``configure_train`` puts ``proximal-mu`` in the round
-  config and each device adds mu/2 ||w - w_global||^2 to its loss (:mod:`common.dqn`).
-- ``fedavgm``: FedAvg's mean update ``mean - w_global`` feeds a server-side momentum
-  ``v = beta v + (mean - w_global)`` and the global model moves by ``v`` (Hsu et al.,
-  2019; server learning rate 1, so with ``beta = 0`` it is FedAvg). Updates that agree
-  from round to round add up; noise that the average did not cancel decays.
-- ``fedadam`` / ``fedyogi``: FedAvg's mean becomes a pseudo-gradient ``mean - w_global``
-  that a server-side Adam / Yogi step applies to the global model (Reddi et al., 2021).
-  ``configure_train`` remembers the global model it sent.
-
-- ``fedmedian`` / ``fedtrimmedavg``: coordinate-wise median / trimmed mean (Yin et al.,
-  2018), unweighted; robust to a minority of arbitrary updates.
-- ``krum``: the single update closest to its n - f - 2 nearest neighbours (Blanchard
-  et al., 2017), with f = ``krum-byzantine``.
-- ``sequential``: no aggregation; the model visits the round's devices one after another
-  (:mod:`server.sequential` drives the training; FedAvg's sampling and metric
-  aggregation serve its federated evaluation).
+What each strategy is lives in its registration (:mod:`common.strategy_registry`, which
+``docs/strategies.md``'s table is generated from); here it becomes one of Flower's own
+``flwr.serverapp.strategy`` objects, built with the same sampling settings and fedq's
+metric aggregation, so ``run_rounds`` drives them all through the same
+``configure_train`` / ``aggregate_train`` calls (and, for the ``sequential`` train phase,
+``configure_evaluate`` / ``aggregate_evaluate`` only). Under central DP every accepted
+update weighs the same (:func:`equal_train_weights`).
 
 The server optimisers' accumulated state (FedAvgM's momentum, FedAdam/FedYogi's moment
 estimates) goes into every checkpoint (:func:`optimizer_state`) and back into the
@@ -35,24 +20,16 @@ reaching any of these in the first place.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
-from flwr.serverapp.strategy import (
-    FedAdam,
-    FedAvg,
-    FedAvgM,
-    FedMedian,
-    FedProx,
-    FedTrimmedAvg,
-    FedYogi,
-    Krum,
-    Strategy,
-)
+from flwr.serverapp.strategy import FedAdam, FedAvgM, FedYogi, Strategy
 
 from common.config import FedqConfig
+from common.strategy_registry import strategy_spec
 from server.metrics import aggregate_eval_metrics, aggregate_train_metrics
 from server.update_validation import CENTRAL_DP_WEIGHT_KEY
 
@@ -73,30 +50,10 @@ def choose_strategy(config: FedqConfig) -> Strategy:
         "train_metrics_aggr_fn": aggregate_train_metrics,
         "evaluate_metrics_aggr_fn": aggregate_eval_metrics,
     }
-    adaptive = {"eta": config.server_learning_rate, "eta_l": config.learning_rate,
-                "beta_1": config.server_beta1, "beta_2": config.server_beta2,
-                "tau": config.server_tau}
-    name = config.strategy
-    central_dp = config.central_dp != "none"  # equal weights: the noise assumes 1/m each
-    if name in ("fedavg", "sequential"):
-        return EqualWeightFedAvg(**common) if central_dp else FedAvg(**common)
-    if name == "fedprox":
-        return (EqualWeightFedProx if central_dp else FedProx)(
-            **common, proximal_mu=config.proximal_mu)
-    if name == "fedavgm":
-        return FedAvgM(**common, server_learning_rate=1.0,
-                       server_momentum=config.server_momentum)
-    if name == "fedadam":
-        return FedAdam(**common, **adaptive)
-    if name == "fedyogi":
-        return FedYogi(**common, **adaptive)
-    if name == "fedmedian":
-        return FedMedian(**common)
-    if name == "fedtrimmedavg":
-        return FedTrimmedAvg(**common, beta=config.trim_beta)
-    if name == "krum":
-        return Krum(**common, num_malicious_nodes=config.krum_byzantine)
-    raise ValueError(f"unknown strategy {name!r}")  # FedqConfig.validate refuses it first
+    cls, kwargs = strategy_spec(config.strategy).recipe(config)
+    if config.central_dp != "none":  # equal weights: the noise assumes 1/m each
+        cls = equal_train_weights(cls)
+    return cls(**common, **kwargs)
 
 
 class _EqualTrainWeights:
@@ -116,12 +73,11 @@ class _EqualTrainWeights:
             self.weighted_by_key = saved
 
 
-class EqualWeightFedAvg(_EqualTrainWeights, FedAvg):
-    """FedAvg with equal training weights (central DP)."""
-
-
-class EqualWeightFedProx(_EqualTrainWeights, FedProx):
-    """FedProx with equal training weights (central DP)."""
+@functools.cache
+def equal_train_weights(cls: type[Strategy]) -> type[Strategy]:
+    """``cls`` with equal training weights (central DP), e.g. ``EqualWeightFedAvg``."""
+    return type(f"EqualWeight{cls.__name__}", (_EqualTrainWeights, cls),
+                {"__doc__": f"{cls.__name__} with equal training weights (central DP)."})
 
 
 OptimizerState = dict[str, dict[str, np.ndarray]]

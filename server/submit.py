@@ -42,9 +42,9 @@ import tomli_w
 
 from common.atomic import atomic_write_text
 from common.config import ConfigError, ConfigScalar, FedqConfig, parse_assignment
-from common.flower_runtime import poll_run_status
 from common.privacy_policy import PrivacyPolicy
 from server.outcome import status_in_log
+from server.run_status import poll_run_status
 
 CONNECTION = "fedq"
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")

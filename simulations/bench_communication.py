@@ -74,7 +74,7 @@ def main() -> None:
     cells: dict[str, list[Cell]] = {}
     for mode in modes:
         for seed in range(args.seeds):
-            overrides = cell_config("clean", {"strategy": "fedavg"}, seed, args)
+            overrides = cell_config({"strategy": "fedavg"}, seed, args)
             tag = "clean-fedavg" if mode == "none" else f"clean-fedavg-{mode}"
             if mode != "none":
                 overrides["update-compression"] = mode

@@ -7,8 +7,8 @@ Scenarios, each a real federated run in Flower's simulation engine:
 - noise: device 4 sends the global weights plus N(0, 10^2) noise per weight (an update
   norm ~200x an honest one).
 
-The bad device is made by the benchmark fault injector (``attack`` /
-``attack-partitions``, :mod:`client.fault_injection`). Each attack runs twice: plain
+The bad device is made by the simulated attacker (:mod:`simulations.attacks`, a client
+mod only simulations add; the product has no attack setting). Each attack runs twice: plain
 FedAvg with ``validate-updates = false`` (the contrast: what happens without the
 defences) and ``validate-updates = true`` with a robust strategy (``--strategy``,
 default FedTrimmedAvg). The score is the mean greedy return of the global model's last 3
@@ -30,13 +30,14 @@ from pathlib import Path
 
 import numpy as np
 
+from simulations.attacks import Attack
 from simulations.federated_cells import Cell, curve, mean_over_rounds, run_cell
 from simulations.results_io import RESULTS_ROOT, markdown_table, write_results
 
 CACHE = Path("runs/bench_robustness")
 CLIENTS = 5
 ATTACKER = CLIENTS - 1
-ATTACKS = {"clean": {}, "nan": {"attack": "nan"}, "noise": {"attack": "noise"}}
+ATTACKS = ("clean", "nan", "noise")
 
 
 def plan(strategy: str) -> list[tuple[str, str, dict, str]]:
@@ -50,13 +51,15 @@ def plan(strategy: str) -> list[tuple[str, str, dict, str]]:
     return cells
 
 
-def cell_config(attack: str, defence: dict, seed: int, args: argparse.Namespace) -> dict:
-    overrides = {"seed": seed, "local-steps": args.local_steps,
-                 "num-server-rounds": args.rounds, "eval-episodes": args.eval_episodes,
-                 **defence, **ATTACKS[attack]}
-    if attack != "clean":
-        overrides["attack-partitions"] = str(ATTACKER)
-    return overrides
+def cell_config(defence: dict, seed: int, args: argparse.Namespace) -> dict:
+    return {"seed": seed, "local-steps": args.local_steps,
+            "num-server-rounds": args.rounds, "eval-episodes": args.eval_episodes,
+            **defence}
+
+
+def cell_attack(attack: str) -> Attack | None:
+    """Device ``ATTACKER`` sends ``attack``'s bad weights every round (None: clean)."""
+    return None if attack == "clean" else Attack(attack, (ATTACKER,))
 
 
 def cell_name(tag: str, seed: int, args: argparse.Namespace) -> str:
@@ -115,7 +118,8 @@ def main() -> None:
             if seed >= (args.contrast_seeds if undefended else args.seeds):
                 continue
             cell = run_cell(CACHE, cell_name(tag, seed, args),
-                            cell_config(attack, defence, seed, args), CLIENTS)
+                            cell_config(defence, seed, args), CLIENTS,
+                            attack=cell_attack(attack))
             print(json.dumps({"attack": attack, "defence": label, "seed": seed,
                               "ok": cell.ok, "score": cell.score,
                               "rounds": len(cell.rows)}), flush=True)

@@ -3,7 +3,7 @@
 No Docker engine runs in CI, so the deployment tests and ``simulations.bench_deployment``
 take the compose file's own commands (SuperNode node configs, the submit service's
 ``fedq-submit`` command line) and run them on 127.0.0.1 with
-:mod:`common.flower_runtime`: a change to the compose file changes what they run.
+:mod:`simulations.flower_runtime`: a change to the compose file changes what they run.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from pathlib import Path
 import yaml
 from flwr.common.config import parse_config_args
 
-from common.flower_runtime import (
+from server.submit import run_config
+from simulations.flower_runtime import (
     SuperLinkHandle,
     SuperNode,
     TLSFiles,
@@ -28,7 +29,6 @@ from common.flower_runtime import (
     run_tagged,
     start_supernode,
 )
-from server.submit import run_config
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"

@@ -67,9 +67,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.flower_runtime import kill_serverapp, node_pids, signal_serverapp
 from common.state_store import MANIFEST_FILE, POINTER_FILE, generations
 from simulations.compose_topology import TINY_RUN, Topology, compose_topology
+from simulations.flower_runtime import kill_serverapp, node_pids, signal_serverapp
 
 #: Fault kinds and how often each is drawn: the ones that crash the ServerApp cost a
 #: resume (tens of seconds here), so they are drawn less often than device faults.

@@ -22,9 +22,13 @@ from typing import Any
 
 from common.config import ConfigScalar, FedqConfig
 from common.trainer import LocalTrainer
+from simulations.attacks import Attack
 from simulations.run import resolve_run_config, simulate
 
 SCORE_SEED = 424_242  # evaluation episodes: the same for every cell
+# Keys of the attack settings that were product config keys before attacks moved to
+# simulations/attacks.py; cells cached then still carry them in their config.json.
+LEGACY_ATTACK_KEYS = frozenset({"attack", "attack-partitions", "attack-scale"})
 
 
 @dataclass
@@ -40,8 +44,9 @@ class Cell:
 
 
 def run_cell(cache: Path, name: str, overrides: dict[str, ConfigScalar], clients: int,
-             timeout: float = 3600.0) -> Cell:
-    """Run (or reuse) the cell ``cache/name``; a run that ends badly still yields a cell."""
+             timeout: float = 3600.0, attack: Attack | None = None) -> Cell:
+    """Run (or reuse) the cell ``cache/name``, with simulated attackers if ``attack``
+    is given (the cell's name must say so); a run that ends badly still yields a cell."""
     run_dir = (cache / name).resolve()
     done = run_dir / "DONE"
     if not done.exists():
@@ -49,7 +54,7 @@ def run_cell(cache: Path, name: str, overrides: dict[str, ConfigScalar], clients
             shutil.rmtree(run_dir)
         _, run_config = resolve_run_config(
             {**overrides, "min-available-clients": clients, "run-dir": str(run_dir)}, clients)
-        result = simulate(run_config, clients, stream=False, timeout=timeout)
+        result = simulate(run_config, clients, stream=False, timeout=timeout, attack=attack)
         done.write_text(json.dumps({"ok": result.ok, "status": str(result.status),
                                     "details": result.status_details}) + "\n")
     outcome = json.loads(done.read_text())
@@ -70,7 +75,9 @@ def checkpoint_score(run_dir: Path, episodes: int = 10) -> float:
         return float("nan")
     import torch
 
-    config = FedqConfig.from_mapping(json.loads((run_dir / "config.json").read_text()))
+    saved = json.loads((run_dir / "config.json").read_text())
+    config = FedqConfig.from_mapping({k: v for k, v in saved.items()
+                                      if k not in LEGACY_ATTACK_KEYS})
     returns = []
     for path in paths:
         trainer = LocalTrainer(config, seed=SCORE_SEED)

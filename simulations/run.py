@@ -34,10 +34,11 @@ from common.config import (
     parse_assignment,
 )
 from common.envs import env_spec
-from common.flower_runtime import RunResult, simulation_superlink, submit_run
 from common.privacy_policy import PrivacyPolicy
 from server.outcome import STATUS_FILE, read_status
 from server.run_directory import RunDirectory, config_changes
+from simulations.attacks import Attack, AttackError, attacker_app
+from simulations.flower_runtime import RunResult, simulation_superlink, submit_run
 from simulations.scenario import load_scenario
 
 APP_DIR = Path(__file__).resolve().parent.parent
@@ -121,6 +122,27 @@ def _saved_config(run_dir: Path) -> dict[str, ConfigScalar]:
     return saved
 
 
+def requested_attack(args: argparse.Namespace) -> Attack | None:
+    """The ``--attack`` options as an :class:`Attack` (None without ``--attack``)."""
+    if args.attack is None:
+        if args.attack_partitions:
+            raise AttackError("partitions", "--attack-partitions needs --attack")
+        return None
+    return Attack.parse(args.attack, args.attack_partitions, args.attack_scale)
+
+
+def simulation_attack(run_dir: Path, requested: Attack | None) -> Attack | None:
+    """On resume, the attack the run was started with (``simulation.json``); a resume
+    that asks for another one would be another experiment and is refused."""
+    path = run_dir / SIMULATION_FILE
+    saved_json = json.loads(path.read_text()).get("attack") if path.exists() else None
+    saved = None if saved_json is None else Attack.from_json(saved_json)
+    if requested is not None and requested != saved:
+        raise AttackError("kind", f"the run in '{run_dir}' was started with attack {saved}; "
+                          "a resume cannot change it")
+    return saved
+
+
 def simulation_clients(run_dir: Path, requested: int | None) -> int:
     """How many virtual devices a run has: what ``--clients`` asks for, or on resume what
     the run was started with (kept in ``simulation.json``); a resume with another number
@@ -137,14 +159,17 @@ def simulation_clients(run_dir: Path, requested: int | None) -> int:
 
 def simulate(run_config: dict[str, ConfigScalar], clients: int, *, cpus_per_client: int = 1,
              timeout: float = 24 * 3600.0, stream: bool = True,
-             app_dir: Path = APP_DIR) -> RunResult:
-    """Submit the app to a private simulation SuperLink and wait for the run to end."""
+             app_dir: Path = APP_DIR, attack: Attack | None = None) -> RunResult:
+    """Submit the app to a private simulation SuperLink and wait for the run to end;
+    with an ``attack``, the app whose ClientApp has simulated attackers
+    (:mod:`simulations.attacks`)."""
     run_dir = Path(str(run_config["run-dir"]))
     run_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="fedq-sim-") as workdir, \
             simulation_superlink(Path(workdir)) as link:
+        app = app_dir if attack is None else attacker_app(app_dir, Path(workdir), attack)
         return submit_run(
-            link, app_dir, run_config=run_config, num_supernodes=clients,
+            link, app, run_config=run_config, num_supernodes=clients,
             federation_config={"client-resources-num-cpus": cpus_per_client},
             stream=stream, timeout=timeout, log_path=run_dir / "flower.log",
             echo=progress_line)
@@ -173,6 +198,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, default=24 * 3600.0,
                         help="seconds before the run is stopped (default 1 day)")
     parser.add_argument("--quiet", action="store_true", help="do not stream the run's log")
+    parser.add_argument("--attack", choices=["nan", "noise"],
+                        help="benchmarks only: devices in --attack-partitions send all-NaN "
+                             "weights or the global weights + N(0, --attack-scale^2) "
+                             "(simulations/attacks.py)")
+    parser.add_argument("--attack-partitions", default="",
+                        help="comma-separated partition ids that attack")
+    parser.add_argument("--attack-scale", type=float, default=10.0,
+                        help="noise std of --attack noise (default 10)")
     return parser
 
 
@@ -192,12 +225,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_dir = Path(str(overrides["run-dir"])).expanduser().resolve()
         clients = simulation_clients(run_dir, args.clients) if args.resume else (
             DEFAULT_CLIENTS if args.clients is None else args.clients)
+        attack = requested_attack(args)
+        if args.resume:
+            attack = simulation_attack(run_dir, attack)
         if args.scenario is not None:
             scenario = load_scenario(args.scenario, args.clients, app_defaults(), overrides)
             overrides = {**scenario.run_config(), **overrides}
             clients = scenario.num_clients
         config, run_config = resolve_run_config(overrides, clients)
-    except ConfigError as err:
+    except (ConfigError, AttackError) as err:
         print(f"fedq-simulate: {err}", file=sys.stderr)
         return 2
     done = RunDirectory(run_dir).latest_round() if config.resume else 0
@@ -212,12 +248,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"[fedq] watch it live: tensorboard --logdir {run_dir / 'tensorboard'}  "
           "(pip install tensorboard)", flush=True)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / SIMULATION_FILE).write_text(json.dumps({"clients": clients}) + "\n")
+    (run_dir / SIMULATION_FILE).write_text(json.dumps(
+        {"clients": clients, "attack": None if attack is None else attack.to_json()}) + "\n")
     submitted = time.time()
     try:
         for attempt in range(1, RAY_START_ATTEMPTS + 1):
             result = simulate(run_config, clients, cpus_per_client=args.cpus_per_client,
-                              timeout=args.timeout, stream=not args.quiet)
+                              timeout=args.timeout, stream=not args.quiet, attack=attack)
             if result.ok or not ray_start_failed(result.output):
                 break
             print(f"[fedq] Ray did not start within its fixed 30 s (attempt {attempt} of "

@@ -22,7 +22,6 @@ from client.edge import supernode_command
 from common.certs import main as certs_main
 from common.config import FedqConfig
 from common.envs import env_spec
-from common.flower_runtime import free_port
 from server.submit import main as submit_main
 from server.submit import write_connection
 from simulations.compose_topology import (
@@ -40,6 +39,7 @@ from simulations.compose_topology import (
     submit_overrides,
     supernode_services,
 )
+from simulations.flower_runtime import free_port
 
 PLAIN = load_compose(COMPOSE)
 TLS = load_compose(COMPOSE, TLS_OVERRIDE)

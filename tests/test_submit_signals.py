@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from common.flower_runtime import _flwr, deployment_superlink, poll_run_status
+from server.run_status import poll_run_status
+from simulations.flower_runtime import _flwr, deployment_superlink
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,13 +1,14 @@
 """One real Flower simulation through the whole update path: devices send int8 deltas
-(one of them, by the benchmark fault injector, NaN), the server reconstructs them,
-rejects the NaN one by node, aggregates the rest with a robust strategy, and records
-the rejection and the bytes each device sent in metrics.jsonl; devices keep their
-error-feedback residual on disk."""
+(one of them, a simulated attacker the simulation layer adds, NaN), the server
+reconstructs them, rejects the NaN one by node, aggregates the rest with a robust
+strategy, and records the rejection and the bytes each device sent in metrics.jsonl;
+devices keep their error-feedback residual on disk."""
 
 import json
 
 import pytest
 
+from simulations.attacks import Attack
 from simulations.run import resolve_run_config, simulate
 
 TINY = {"local-steps": 300, "learning-starts": 100, "batch-size": 32, "buffer-size": 2000,
@@ -20,9 +21,9 @@ def test_int8_updates_with_a_nan_attacker_under_fedmedian(tmp_path):
     run_dir = tmp_path / "run"
     _, run_config = resolve_run_config(
         {**TINY, "num-server-rounds": 1, "run-dir": str(run_dir), "strategy": "fedmedian",
-         "update-compression": "int8", "attack": "nan", "attack-partitions": "2"},
-        clients=3)
-    result = simulate(run_config, clients=3, stream=False, timeout=300)
+         "update-compression": "int8"}, clients=3)
+    result = simulate(run_config, clients=3, stream=False, timeout=300,
+                      attack=Attack("nan", (2,)))
     assert result.ok, result.output[-3000:]
 
     (row,) = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -127,12 +127,6 @@ def test_compressed_updates_are_reconstructed_then_validated(mode):
     ({"update-norm-factor": 0.5}, "update-norm-factor", "must be >= 1"),
     ({"update-compression": "int4"}, "update-compression", "one of"),
     ({"validate-updates": "no"}, "validate-updates", "true or false"),
-    ({"attack": "flip"}, "attack", "one of"),
-    ({"attack": "nan"}, "attack-partitions", "an attack needs partitions"),
-    ({"attack-partitions": "1"}, "attack-partitions", "with attack 'none'"),
-    ({"attack": "noise", "attack-partitions": "x"}, "attack-partitions", "integers"),
-    ({"attack": "noise", "attack-partitions": 1, "attack-scale": 0.0}, "attack-scale",
-     "must be > 0"),
 ])
 def test_validation_and_compression_keys_are_checked_naming_the_field(mapping, key, message):
     with pytest.raises(ConfigError, match=f"config field '{key}'") as err:

@@ -40,7 +40,6 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import shlex
@@ -65,6 +64,7 @@ import tomli_w
 from flwr.proto.federation_config_pb2 import SimulationConfig
 
 from common.certs import TLSFiles, make_supernode_auth_keys, make_tls_files
+from server.run_status import poll_run_status
 
 __all__ = [
     "FEDERATION_CONFIG_KEYS",
@@ -623,29 +623,6 @@ def _run_status(handle: SuperLinkHandle, run_id: int) -> tuple[str | None, str |
     return poll_run_status(lambda: _flwr(
         handle, ["ls", handle.connection, "--run-id", str(run_id), "--format", "json"],
         timeout=60.0).stdout, attempts=10)
-
-
-def poll_run_status(list_run: Callable[[], str],
-                    attempts: int) -> tuple[str | None, str | None]:
-    """(status, details) from the output of ``flwr ls --run-id ID --format json``, which
-    ``list_run`` returns; polled up to ``attempts`` times a second apart, since the log
-    stream can end a moment before the status turns final."""
-    status: str | None = None
-    details: str | None = None
-    for _ in range(attempts):
-        try:
-            output = list_run()
-        except subprocess.TimeoutExpired:
-            return status, "flwr ls timed out"
-        try:
-            run = json.loads(_ANSI.sub("", output))["runs"][0]
-        except (ValueError, KeyError, IndexError):
-            return None, output.strip() or None
-        status, details = run.get("status"), run.get("status-details")
-        if status is not None and status.startswith("finished"):
-            break
-        time.sleep(1.0)
-    return status, details
 
 
 def _pump(pipe: IO[bytes] | None, stream: bool, log: IO[str] | None, lines: list[str],
