@@ -53,22 +53,22 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 from flwr.supercore import log
 
-from client.central_dp import central_dp_clipping_mod
-from client.device import Device, device_from_context, device_lock
-from client.message_audit import message_audit_mod
-from client.metric_release import release
-from client.personalize import personalized_returns
-from common.compression import encode_update
-from common.config import FEDERATION_STEPS_KEY, FedqConfig
-from common.envs import env_spec
-from common.mlp_forward import MlpForward
-from common.mlp_params import mlp_layout
-from common.privacy import PRIVACY_BUDGET_ERROR_CODE, PrivacyBudgetExhausted, PrivacyReport
-from common.privacy_policy import PRIVACY_POLICY_ERROR_CODE, PolicyRefusal
-from common.rollouts import play_episodes
-from common.state_store import DEVICE_STATE_ERROR_CODE, DeviceStateError
-from common.trainer import LocalTrainer, has_privacy_ledger
-from common.weights import check_arrays
+from fedq.client.central_dp import central_dp_clipping_mod
+from fedq.client.device import Device, device_from_context, device_lock
+from fedq.client.message_audit import message_audit_mod
+from fedq.client.metric_release import release
+from fedq.client.personalize import personalized_returns
+from fedq.common.compression import encode_update
+from fedq.common.config import FEDERATION_STEPS_KEY, FedqConfig
+from fedq.common.envs import env_spec
+from fedq.common.mlp_forward import MlpForward
+from fedq.common.mlp_params import mlp_layout
+from fedq.common.privacy import PRIVACY_BUDGET_ERROR_CODE, PrivacyBudgetExhausted, PrivacyReport
+from fedq.common.privacy_policy import PRIVACY_POLICY_ERROR_CODE, PolicyRefusal
+from fedq.common.rollouts import play_episodes
+from fedq.common.state_store import DEVICE_STATE_ERROR_CODE, DeviceStateError
+from fedq.common.trainer import LocalTrainer, has_privacy_ledger
+from fedq.common.weights import check_arrays
 
 PROGRESS_INTERVAL_S = 15.0  # a training round's progress line at most this often
 

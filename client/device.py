@@ -22,8 +22,8 @@ from pathlib import Path
 
 from flwr.app import Context
 
-from common.config import FedqConfig
-from common.privacy_policy import PrivacyPolicy
+from fedq.common.config import FedqConfig
+from fedq.common.privacy_policy import PrivacyPolicy
 
 _FLOWER_NODE_KEYS = ("partition-id", "num-partitions")
 SEED_STRIDE = 1000

@@ -48,9 +48,9 @@ from pathlib import Path
 
 import tomli_w
 
-from common.config import ConfigError, ConfigScalar, FedqConfig, parse_assignment
-from common.envs import env_spec
-from common.privacy_policy import PrivacyPolicy
+from fedq.common.config import ConfigError, ConfigScalar, FedqConfig, parse_assignment
+from fedq.common.envs import env_spec
+from fedq.common.privacy_policy import PrivacyPolicy
 
 NODE_CONFIG_FILE = "node-config.toml"
 # flower-supernode's local Runtime API (127.0.0.1 only), which its ClientApp processes

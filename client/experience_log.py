@@ -32,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common.atomic import PRIVATE, atomic_open
-from common.state_store import MANIFEST_FILE, DeviceStateError, new_generation, resolve
+from fedq.common.atomic import PRIVATE, atomic_open
+from fedq.common.state_store import MANIFEST_FILE, DeviceStateError, new_generation, resolve
 
 # The name LocalTrainer.save uses (common/trainer.py); tests/test_policy_runner.py
 # checks that LocalTrainer.load sees what this module writes.

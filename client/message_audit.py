@@ -26,7 +26,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
-from common.atomic import atomic_write_text
+from fedq.common.atomic import atomic_write_text
 
 CONFIG_KEY = "message-audit-dir"
 

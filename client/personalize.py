@@ -19,8 +19,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from client.device import Device
-from common.trainer import LocalTrainer
+from fedq.client.device import Device
+from fedq.common.trainer import LocalTrainer
 
 
 def personalized_returns(device: Device, global_state: dict[str, np.ndarray], steps: int,

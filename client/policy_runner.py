@@ -30,10 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
-from client.experience_log import DeviceStateError, ExperienceRecorder
-from common.config import ConfigError
-from common.export.policy_file import Policy, PolicyFileError, read_policy
-from common.mlp_forward import MlpForward
+from fedq.client.experience_log import DeviceStateError, ExperienceRecorder
+from fedq.common.config import ConfigError
+from fedq.common.export.policy_file import Policy, PolicyFileError, read_policy
+from fedq.common.mlp_forward import MlpForward
 
 
 class ObservationError(ValueError):
@@ -153,7 +153,7 @@ def _run(runner: PolicyRunner, args: argparse.Namespace) -> int:
         raise ConfigError("--env-kwargs", f"not valid JSON: {err}") from None
     # gymnasium only for playing episodes: embedding PolicyRunner in a device's own control
     # loop needs numpy alone
-    from common.rollouts import play_episodes
+    from fedq.common.rollouts import play_episodes
 
     recorder = (ExperienceRecorder(args.record_to, runner.policy.obs_dim)
                 if args.record_to else None)

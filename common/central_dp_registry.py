@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from flwr.serverapp.strategy import Strategy
 
-    from common.config import FedqConfig
+    from fedq.common.config import FedqConfig
 
 Wrap = Callable[["Strategy", "FedqConfig"], "Strategy"]
 

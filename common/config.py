@@ -18,12 +18,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from common.central_dp_registry import (
+from fedq.common.central_dp_registry import (
     CENTRAL_DP_REGISTRY,
     NO_CENTRAL_DP,
     central_dp_names,
 )
-from common.strategy_registry import STRATEGY_REGISTRY, strategy_names, strategy_spec
+from fedq.common.strategy_registry import STRATEGY_REGISTRY, strategy_names, strategy_spec
 
 ConfigScalar = bool | int | float | str
 

@@ -17,13 +17,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common.atomic import PRIVATE, atomic_open
-from common.config import FedqConfig
-from common.dp_sgd import DPSGD
-from common.learners import STATE_FILES
-from common.networks import NumpyPolicy, QNetwork
-from common.privacy import DevicePrivacy, poisson_indices, sample_rate
-from common.replay_buffer import ReplayBuffer
+from fedq.common.atomic import PRIVATE, atomic_open
+from fedq.common.config import FedqConfig
+from fedq.common.dp_sgd import DPSGD
+from fedq.common.learners import STATE_FILES
+from fedq.common.networks import NumpyPolicy, QNetwork
+from fedq.common.privacy import DevicePrivacy, poisson_indices, sample_rate
+from fedq.common.replay_buffer import ReplayBuffer
 
 
 def td_targets(rewards: torch.Tensor, next_q_online: torch.Tensor | None,

@@ -13,8 +13,8 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-from common.config import ConfigError
-from common.physics import apply_physics, physics_make_kwargs
+from fedq.common.config import ConfigError
+from fedq.common.physics import apply_physics, physics_make_kwargs
 
 
 @dataclass(frozen=True)

@@ -15,10 +15,10 @@ from typing import Protocol
 
 import numpy as np
 
-from common.config import ConfigError, FedqConfig
-from common.mlp_forward import MlpForward
-from common.privacy import DevicePrivacy
-from common.replay_buffer import ReplayBuffer
+from fedq.common.config import ConfigError, FedqConfig
+from fedq.common.mlp_forward import MlpForward
+from fedq.common.privacy import DevicePrivacy
+from fedq.common.replay_buffer import ReplayBuffer
 
 STATE_FILES = {"torch": "learner.pt", "numpy": "learner.npz"}
 """The learner state file each backend writes into a device's state generation (the
@@ -48,14 +48,14 @@ def make_learner(obs_dim: int, n_actions: int, config: FedqConfig,
                  privacy: DevicePrivacy | None, seed: int) -> Learner:
     """The configured backend's learner, with DP-SGD when ``privacy`` is given."""
     if config.backend == "numpy":
-        from common.numpy_learner import NumpyDQNLearner, PrivateNumpyDQNLearner
+        from fedq.common.numpy_learner import NumpyDQNLearner, PrivateNumpyDQNLearner
 
         if privacy is None:
             return NumpyDQNLearner(obs_dim, n_actions, config, seed)
         return PrivateNumpyDQNLearner(obs_dim, n_actions, config, privacy, seed)
     import torch
 
-    from common.dqn import DQNLearner, PrivateDQNLearner
+    from fedq.common.dqn import DQNLearner, PrivateDQNLearner
 
     torch.manual_seed(seed)
     if privacy is None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from common.mlp_forward import MlpForward
+from fedq.common.mlp_forward import MlpForward
 
 
 class QNetwork(nn.Sequential):

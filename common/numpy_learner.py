@@ -28,13 +28,13 @@ from pathlib import Path
 
 import numpy as np
 
-from common.atomic import PRIVATE, atomic_open
-from common.config import ConfigError, FedqConfig
-from common.learners import STATE_FILES
-from common.mlp_forward import MlpForward
-from common.mlp_params import FlatParams, mlp_layout
-from common.privacy import DevicePrivacy, poisson_indices, sample_rate
-from common.replay_buffer import ReplayBuffer
+from fedq.common.atomic import PRIVATE, atomic_open
+from fedq.common.config import ConfigError, FedqConfig
+from fedq.common.learners import STATE_FILES
+from fedq.common.mlp_forward import MlpForward
+from fedq.common.mlp_params import FlatParams, mlp_layout
+from fedq.common.privacy import DevicePrivacy, poisson_indices, sample_rate
+from fedq.common.replay_buffer import ReplayBuffer
 
 STATE_FILE = STATE_FILES["numpy"]
 _STATE_VERSION = 1

@@ -31,7 +31,7 @@ from typing import Any
 
 import gymnasium as gym
 
-from common.config import ConfigError
+from fedq.common.config import ConfigError
 
 _KEY = "env-physics"
 

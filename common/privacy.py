@@ -42,9 +42,9 @@ from typing import Any
 
 import numpy as np
 
-from common import rdp
-from common.config import FedqConfig
-from common.privacy_policy import PolicyRefusal
+from fedq.common import rdp
+from fedq.common.config import FedqConfig
+from fedq.common.privacy_policy import PolicyRefusal
 
 Segment = tuple[float, float, int]
 """One entry of an Opacus accountant's history: (noise multiplier, sample rate, steps)."""

@@ -41,7 +41,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from common.config import POLICY_PREFIX, ConfigError, ConfigScalar, FedqConfig, coerce
+from fedq.common.config import POLICY_PREFIX, ConfigError, ConfigScalar, FedqConfig, coerce
 
 PRIVACY_POLICY_ERROR_CODE = 1002
 """Error code of a reply refused by the device's privacy policy (budget declines: 1001)."""

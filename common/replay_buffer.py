@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from common.atomic import PRIVATE, atomic_open
+from fedq.common.atomic import PRIVATE, atomic_open
 
 if TYPE_CHECKING:
     import torch

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from common.envs import make_env
+from fedq.common.envs import make_env
 
 Act = Callable[[np.ndarray], int]
 OnTransition = Callable[[np.ndarray, int, float, np.ndarray, bool], None]

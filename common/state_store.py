@@ -38,7 +38,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.atomic import PRIVATE, atomic_write_text
+from fedq.common.atomic import PRIVATE, atomic_write_text
 
 DEVICE_STATE_ERROR_CODE = 1003
 """Error code of a train reply from a device whose state cannot be loaded or saved."""

@@ -5,7 +5,7 @@ A :class:`StrategySpec` is everything fedq knows about a strategy: its name (the
 value), a doc line, the config keys it uses, how to build its Flower strategy object and
 how a round's training is driven. Everything else derives from the registry: config
 validation accepts exactly the registered names (and checks each spec's ``switch`` key),
-central DP accepts the strategies that average, ``python -m common.config_docs`` writes
+central DP accepts the strategies that average, ``python -m fedq.common.config_docs`` writes
 the table in ``docs/strategies.md`` and the ``strategy`` row of the configuration
 reference, and the ServerApp builds and drives whatever spec the config names
 (:mod:`server.strategies`, :mod:`server.server_app`). Adding a strategy is one
@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from flwr.serverapp.strategy import Strategy
 
-    from common.config import FedqConfig
+    from fedq.common.config import FedqConfig
 
 # How a round's training is driven (server/server_app.py maps each to its function):
 PARALLEL = "parallel"  # configure_train to the sampled devices, aggregate_train the replies

@@ -20,15 +20,15 @@ from pathlib import Path
 
 import numpy as np
 
-from common.atomic import PRIVATE, atomic_open, atomic_write_text
-from common.config import FedqConfig
-from common.envs import check_spaces, make_env
-from common.exploration import linear_epsilon
-from common.learners import STATE_FILES, check_state_backend, make_learner
-from common.privacy import DevicePrivacy, PrivacyReport
-from common.replay_buffer import ReplayBuffer
-from common.rollouts import play_episodes
-from common.state_store import DeviceStateError, new_generation, resolve
+from fedq.common.atomic import PRIVATE, atomic_open, atomic_write_text
+from fedq.common.config import FedqConfig
+from fedq.common.envs import check_spaces, make_env
+from fedq.common.exploration import linear_epsilon
+from fedq.common.learners import STATE_FILES, check_state_backend, make_learner
+from fedq.common.privacy import DevicePrivacy, PrivacyReport
+from fedq.common.replay_buffer import ReplayBuffer
+from fedq.common.rollouts import play_episodes
+from fedq.common.state_store import DeviceStateError, new_generation, resolve
 
 PROGRESS_EVERY = 1000  # env steps between calls of train()'s progress callback
 _BUFFER_FILE = "replay_buffer.npz"

@@ -30,9 +30,9 @@ from __future__ import annotations
 
 from flwr.serverapp.strategy import Strategy
 
-from common.central_dp_registry import central_dp_mode
-from common.config import FedqConfig
-from common.privacy import epsilon_of
+from fedq.common.central_dp_registry import central_dp_mode
+from fedq.common.config import FedqConfig
+from fedq.common.privacy import epsilon_of
 
 
 def with_central_dp(strategy: Strategy, config: FedqConfig) -> Strategy:

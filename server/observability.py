@@ -31,8 +31,8 @@ from typing import Any
 from flwr.app import Message
 from tensorboardX import SummaryWriter
 
-from server.outcome import replying_node
-from server.run_directory import RunDirectory
+from fedq.server.outcome import replying_node
+from fedq.server.run_directory import RunDirectory
 
 _GLOBAL_SCALARS = {
     ("eval", "eval-return-mean"): "global/eval-return-mean",

@@ -30,8 +30,8 @@ from typing import Any
 
 from flwr.app import Message
 
-from common.atomic import atomic_write_text
-from common.privacy import PRIVACY_BUDGET_ERROR_CODE
+from fedq.common.atomic import atomic_write_text
+from fedq.common.privacy import PRIVACY_BUDGET_ERROR_CODE
 
 STATUS_FILE = "status.json"
 STATUS_PREFIX = "[fedq] run status:"

@@ -38,9 +38,9 @@ from typing import Any
 from flwr.app import Message
 from flwr.supercore import log
 
-from common.atomic import atomic_write_text
-from common.privacy import PRIVACY_BUDGET_ERROR_CODE
-from common.privacy_policy import PRIVACY_POLICY_ERROR_CODE
+from fedq.common.atomic import atomic_write_text
+from fedq.common.privacy import PRIVACY_BUDGET_ERROR_CODE
+from fedq.common.privacy_policy import PRIVACY_POLICY_ERROR_CODE
 
 FILE_NAME = "privacy.jsonl"
 _KEYS = ("partition-id", "dp-epsilon", "dp-delta", "dp-noise-multiplier", "dp-sample-rate",

@@ -39,8 +39,8 @@ from typing import Any
 
 import torch
 
-from common.atomic import atomic_open, atomic_write_text
-from common.config import RESUME_CHANGEABLE_KEYS, FedqConfig
+from fedq.common.atomic import atomic_open, atomic_write_text
+from fedq.common.config import RESUME_CHANGEABLE_KEYS, FedqConfig
 
 _KEEP_CHECKPOINTS = 3
 _CHECKPOINT = re.compile(r"round-(\d{4,9})\.pt")

@@ -41,10 +41,10 @@ from dataclasses import dataclass, field
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
-from common.config import FEDERATION_STEPS_KEY, FedqConfig
-from server.metrics import aggregate_train_metrics
-from server.outcome import sent_to
-from server.update_validation import WEIGHT_KEY, Screening, screen_replies
+from fedq.common.config import FEDERATION_STEPS_KEY, FedqConfig
+from fedq.server.metrics import aggregate_train_metrics
+from fedq.server.outcome import sent_to
+from fedq.server.update_validation import WEIGHT_KEY, Screening, screen_replies
 
 NO_PARTITION = -1
 

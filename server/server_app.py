@@ -27,14 +27,14 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
-from common.config import FEDERATION_STEPS_KEY, FedqConfig
-from common.envs import env_spec
-from common.networks import QNetwork
-from common.privacy_policy import PrivacyPolicy
-from common.strategy_registry import PARALLEL, SEQUENTIAL, strategy_spec
-from server.central_dp import central_dp_report, with_central_dp
-from server.observability import RoundRecorder
-from server.outcome import (
+from fedq.common.config import FEDERATION_STEPS_KEY, FedqConfig
+from fedq.common.envs import env_spec
+from fedq.common.networks import QNetwork
+from fedq.common.privacy_policy import PrivacyPolicy
+from fedq.common.strategy_registry import PARALLEL, SEQUENTIAL, strategy_spec
+from fedq.server.central_dp import central_dp_report, with_central_dp
+from fedq.server.observability import RoundRecorder
+from fedq.server.outcome import (
     REJECTED_CODE,
     RunFailedError,
     phase_failures,
@@ -43,18 +43,18 @@ from server.outcome import (
     sent_to,
     write_status,
 )
-from server.plots import plot_client_curves, plot_learning_curve, return_goal
-from server.privacy_log import PrivacyLog
-from server.prompt_grid import PromptGrid
-from server.run_directory import RunDirectory
-from server.sequential import DeviceOrder, TrainPhase, reply_partition, train_in_sequence
-from server.strategies import (
+from fedq.server.plots import plot_client_curves, plot_learning_curve, return_goal
+from fedq.server.privacy_log import PrivacyLog
+from fedq.server.prompt_grid import PromptGrid
+from fedq.server.run_directory import RunDirectory
+from fedq.server.sequential import DeviceOrder, TrainPhase, reply_partition, train_in_sequence
+from fedq.server.strategies import (
     OptimizerState,
     choose_strategy,
     optimizer_state,
     restore_optimizer_state,
 )
-from server.update_validation import Screening, screen_replies
+from fedq.server.update_validation import Screening, screen_replies
 
 app = ServerApp()
 

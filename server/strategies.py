@@ -28,10 +28,10 @@ import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAdam, FedAvgM, FedYogi, Strategy
 
-from common.config import FedqConfig
-from common.strategy_registry import strategy_spec
-from server.metrics import aggregate_eval_metrics, aggregate_train_metrics
-from server.update_validation import CENTRAL_DP_WEIGHT_KEY
+from fedq.common.config import FedqConfig
+from fedq.common.strategy_registry import strategy_spec
+from fedq.server.metrics import aggregate_eval_metrics, aggregate_train_metrics
+from fedq.server.update_validation import CENTRAL_DP_WEIGHT_KEY
 
 
 def choose_strategy(config: FedqConfig) -> Strategy:

@@ -40,11 +40,11 @@ from pathlib import Path
 
 import tomli_w
 
-from common.atomic import atomic_write_text
-from common.config import ConfigError, ConfigScalar, FedqConfig, parse_assignment
-from common.privacy_policy import PrivacyPolicy
-from server.outcome import status_in_log
-from server.run_status import poll_run_status
+from fedq.common.atomic import atomic_write_text
+from fedq.common.config import ConfigError, ConfigScalar, FedqConfig, parse_assignment
+from fedq.common.privacy_policy import PrivacyPolicy
+from fedq.server.outcome import status_in_log
+from fedq.server.run_status import poll_run_status
 
 CONNECTION = "fedq"
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")

@@ -50,8 +50,8 @@ import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.supercore import log
 
-from common.compression import CompressionError, as_record, decode_update, payload_bytes
-from common.config import FedqConfig
+from fedq.common.compression import CompressionError, as_record, decode_update, payload_bytes
+from fedq.common.config import FedqConfig
 
 WEIGHT_KEY = "num-examples"
 CENTRAL_DP_WEIGHT_KEY = "central-dp-weight"

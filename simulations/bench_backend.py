@@ -16,7 +16,7 @@ one torch thread, runs alternating in this one process:
   (``flower-supernode``, ``flower-superexec``, ``flwr-clientapp``) in the
   docker-compose federation on loopback (:mod:`simulations.compose_topology`).
 
-    flock /tmp/fedq-bench.lock taskset -c 0 python -m simulations.bench_backend \\
+    flock /tmp/fedq-bench.lock taskset -c 0 python -m fedq.simulations.bench_backend \\
         --steps 20000 --repeats 5 --deployed-rounds 3
 """
 
@@ -41,10 +41,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.config import FedqConfig
-from common.exploration import linear_epsilon
-from common.trainer import LocalTrainer
-from simulations.results_io import markdown_table, write_results
+from fedq.common.config import FedqConfig
+from fedq.common.exploration import linear_epsilon
+from fedq.common.trainer import LocalTrainer
+from fedq.simulations.results_io import markdown_table, write_results
 
 BACKENDS = ("torch", "numpy")
 ROOT = Path(__file__).resolve().parent.parent
@@ -170,7 +170,7 @@ def update_costs(calls: int) -> dict[str, float]:
 
 def numpy_update_phases(calls: int) -> dict[str, float]:
     """Microseconds per phase of the numpy update, the phases run as ``update`` runs them."""
-    from common.numpy_learner import _forward
+    from fedq.common.numpy_learner import _forward
 
     learner = _filled("numpy").learner
     learner.update()
@@ -198,9 +198,9 @@ sys.path.insert(0, "tests")
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from _replies import device_context, instruction
-from client.client_app import app
-from common.config import FedqConfig
-from common.mlp_params import mlp_layout
+from fedq.client.client_app import app
+from fedq.common.config import FedqConfig
+from fedq.common.mlp_params import mlp_layout
 
 run_config = {**FedqConfig().to_mapping(), "run-dir": sys.argv[1], "backend": sys.argv[2]}
 rng = np.random.default_rng(0)
@@ -246,8 +246,8 @@ class TreeMemory(threading.Thread):
         self.stop = threading.Event()
 
     def run(self) -> None:
-        from simulations.bench_deployment import _children, _kind, _rss_kb, _tree
-        from simulations.bench_scale import memory_kib
+        from fedq.simulations.bench_deployment import _children, _kind, _rss_kb, _tree
+        from fedq.simulations.bench_scale import memory_kib
 
         while not self.stop.is_set():
             children = _children()
@@ -266,7 +266,7 @@ def deployed_memory(backend: str, rounds: int, local_steps: int,
                     workdir: Path) -> dict[str, object]:
     """Peak memory of the SuperNodes' process trees in the compose federation on loopback
     (the largest of the three devices)."""
-    from simulations.compose_topology import compose_topology
+    from fedq.simulations.compose_topology import compose_topology
 
     workdir = (workdir / f"deployed-{backend}").resolve()
     shutil.rmtree(workdir, ignore_errors=True)

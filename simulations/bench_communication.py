@@ -8,7 +8,7 @@ recorded in ``metrics.jsonl`` (``updates.upload-bytes-per-client``), median over
 Final return: the global model's last 3 checkpoints, 10 greedy episodes each, averaged
 over seeds. Targets: int8 >= 3.5x fewer bytes per round, final return within 2% of fp32.
 
-    python -m simulations.bench_communication --seeds 2
+    python -m fedq.simulations.bench_communication --seeds 2
 
 The fp32 runs are bench_robustness's clean FedAvg runs (shared cache, reused).
 """
@@ -20,9 +20,9 @@ import json
 import statistics
 from pathlib import Path
 
-from simulations.bench_robustness import CACHE, CLIENTS, cell_config, cell_name
-from simulations.federated_cells import Cell, curve, mean_over_rounds, run_cell
-from simulations.results_io import RESULTS_ROOT, markdown_table, write_results
+from fedq.simulations.bench_robustness import CACHE, CLIENTS, cell_config, cell_name
+from fedq.simulations.federated_cells import Cell, curve, mean_over_rounds, run_cell
+from fedq.simulations.results_io import RESULTS_ROOT, markdown_table, write_results
 
 
 def round_bytes(cell: Cell) -> list[int]:

@@ -23,7 +23,7 @@ message leaves, next to the raw fp32 weight bytes the server counted.
 Memory: peak resident set of each device's process tree (``flower-supernode``, its
 SuperExec and the ``flwr-clientapp`` process of the moment), sampled every 50 ms.
 
-    python -m simulations.bench_deployment --rounds 6
+    python -m fedq.simulations.bench_deployment --rounds 6
 """
 
 from __future__ import annotations
@@ -38,8 +38,13 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from simulations.compose_topology import COMPOSE, compose_topology, load_compose, submit_overrides
-from simulations.results_io import markdown_table, write_results
+from fedq.simulations.compose_topology import (
+    COMPOSE,
+    compose_topology,
+    load_compose,
+    submit_overrides,
+)
+from fedq.simulations.results_io import markdown_table, write_results
 
 WORKDIR = Path("runs") / "bench_deployment"
 

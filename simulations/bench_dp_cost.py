@@ -16,7 +16,7 @@ Variants alternate in blocks so drift on a shared machine hits them alike; each 
 the median over every timed update. A second table times Opacus's accountants on a
 device's lifetime history (what a round's budget check and report cost).
 
-    flock /tmp/fedq-bench.lock taskset -c 0 python -m simulations.bench_dp_cost
+    flock /tmp/fedq-bench.lock taskset -c 0 python -m fedq.simulations.bench_dp_cost
 """
 
 from __future__ import annotations
@@ -37,11 +37,11 @@ from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from common.config import FedqConfig
-from common.dqn import DQNLearner, PrivateDQNLearner
-from common.privacy import PRV_EPS_ERROR, DevicePrivacy, poisson_indices, sample_rate
-from common.replay_buffer import ReplayBuffer
-from simulations.results_io import markdown_table, write_results
+from fedq.common.config import FedqConfig
+from fedq.common.dqn import DQNLearner, PrivateDQNLearner
+from fedq.common.privacy import PRV_EPS_ERROR, DevicePrivacy, poisson_indices, sample_rate
+from fedq.common.replay_buffer import ReplayBuffer
+from fedq.simulations.results_io import markdown_table, write_results
 
 BUFFER_LENGTH = 3 * 2**14
 OBS_DIM, N_ACTIONS = 4, 2  # CartPole-v1

@@ -20,7 +20,7 @@ runs), ``fedq-export``'s code writes every format, and each one is measured the 
   teacher in 99.8% of states can still differ by 3% over 20 episodes, either way; the
   longer run tells a real loss from that noise.
 
-    flock /tmp/fedq-bench.lock taskset -c 0 python -m simulations.bench_export
+    flock /tmp/fedq-bench.lock taskset -c 0 python -m fedq.simulations.bench_export
 """
 
 from __future__ import annotations
@@ -35,16 +35,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from client.policy_runner import PolicyRunner, measure_latency
-from common.config import FedqConfig
-from common.export.checkpoint import Teacher, load_teacher
-from common.export.cli import FORMATS, export_policies
-from common.export.onnx_export import onnx_available
-from common.networks import NumpyPolicy
-from common.rollouts import collect_states, play_episodes
-from common.trainer import LocalTrainer
-from server.run_directory import RunDirectory
-from simulations.results_io import markdown_table, write_results
+from fedq.client.policy_runner import PolicyRunner, measure_latency
+from fedq.common.config import FedqConfig
+from fedq.common.export.checkpoint import Teacher, load_teacher
+from fedq.common.export.cli import FORMATS, export_policies
+from fedq.common.export.onnx_export import onnx_available
+from fedq.common.networks import NumpyPolicy
+from fedq.common.rollouts import collect_states, play_episodes
+from fedq.common.trainer import LocalTrainer
+from fedq.server.run_directory import RunDirectory
+from fedq.simulations.results_io import markdown_table, write_results
 
 RUNS = Path("runs/bench_export")
 TEACHERS = {  # name: (config overrides, greedy goal)

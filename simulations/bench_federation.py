@@ -16,8 +16,8 @@ is the slowest client's ``train-seconds`` when every client has its own core, el
 clients' summed ``train-seconds`` spread over the cores. Round 1 (Ray actors importing
 torch) is left out.
 
-    python -m simulations.bench_federation --clients 1,2,4,8 --seeds 3
-    python -m simulations.bench_federation --clients 1,4 --local-steps 500 \
+    python -m fedq.simulations.bench_federation --clients 1,2,4,8 --seeds 3
+    python -m fedq.simulations.bench_federation --clients 1,4 --local-steps 500 \
         --set strategy=fedavgm --set server-momentum=0.5
 
 ``--set KEY=VALUE`` changes a config key for every N alike (the variant's cells and its
@@ -37,10 +37,10 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from common.config import ConfigScalar, parse_assignment
-from simulations.federated_cells import curve
-from simulations.results_io import markdown_table, write_results
-from simulations.run import resolve_run_config, simulate
+from fedq.common.config import ConfigScalar, parse_assignment
+from fedq.simulations.federated_cells import curve
+from fedq.simulations.results_io import markdown_table, write_results
+from fedq.simulations.run import resolve_run_config, simulate
 
 GOAL = 475.0
 DEFAULT_LOCAL_STEPS = 2500

@@ -23,7 +23,7 @@ What it leaves out on purpose: messages, serialisation, device-state files (none
 change what is learnt). It is a probe for levers, not a replacement for the benchmark's
 numbers, which come from Flower.
 
-    python -m simulations.bench_federation_levers --seeds 3
+    python -m fedq.simulations.bench_federation_levers --seeds 3
 """
 
 from __future__ import annotations
@@ -38,11 +38,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.config import FedqConfig
-from common.networks import NumpyPolicy, QNetwork
-from common.rollouts import play_episodes
-from common.trainer import LocalTrainer
-from simulations.results_io import markdown_table, results_name, write_results
+from fedq.common.config import FedqConfig
+from fedq.common.networks import NumpyPolicy, QNetwork
+from fedq.common.rollouts import play_episodes
+from fedq.common.trainer import LocalTrainer
+from fedq.simulations.results_io import markdown_table, results_name, write_results
 
 GOAL = 475.0
 EVAL_EVERY = 500

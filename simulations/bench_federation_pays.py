@@ -25,7 +25,7 @@ run's last round used, so the methods are compared on the same episodes. Reporte
 cell: mean over clients and worst client of the mean greedy return; the table gives
 their mean over seeds.
 
-    python -m simulations.bench_federation_pays --seeds 2
+    python -m fedq.simulations.bench_federation_pays --seeds 2
 
 Finished cells are cached in ``runs/bench_federation_pays/`` (JSON per cell), so an
 interrupted run continues and two processes can split the work (``--only``).
@@ -48,13 +48,13 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from client.device import SEED_STRIDE
-from common.config import FedqConfig
-from common.envs import make_env
-from common.trainer import LocalTrainer
-from simulations.results_io import RESULTS_ROOT, markdown_table, write_results
-from simulations.run import app_defaults, resolve_run_config, simulate
-from simulations.scenario import SCENARIOS_DIR, Scenario, load_scenario
+from fedq.client.device import SEED_STRIDE
+from fedq.common.config import FedqConfig
+from fedq.common.envs import make_env
+from fedq.common.trainer import LocalTrainer
+from fedq.simulations.results_io import RESULTS_ROOT, markdown_table, write_results
+from fedq.simulations.run import app_defaults, resolve_run_config, simulate
+from fedq.simulations.scenario import SCENARIOS_DIR, Scenario, load_scenario
 
 CACHE = Path("runs/bench_federation_pays")
 SCENARIOS = ("homo_cartpole", "hetero_cartpole", "hetero_acrobot")

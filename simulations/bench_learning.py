@@ -9,7 +9,7 @@ best return, so a policy that touches the goal once and collapses shows as such.
 (env, seed) result is cached under ``runs/bench_learning/`` as it finishes, so an
 interrupted benchmark re-run continues instead of starting over.
 
-    python -m simulations.bench_learning --seeds 5
+    python -m fedq.simulations.bench_learning --seeds 5
 
 Goals: CartPole-v1 >= 475 (CleanRL's dqn.py needs ~220k-290k steps for a rolling 475),
 Acrobot-v1 >= -100, MountainCar-v0 >= -110. The hyperparameters below are fedq's
@@ -29,10 +29,10 @@ from typing import Any
 
 import torch
 
-from common.atomic import atomic_write_text
-from common.config import ConfigScalar, FedqConfig
-from common.trainer import LocalTrainer
-from simulations.results_io import curve_summary, markdown_table, spread, write_results
+from fedq.common.atomic import atomic_write_text
+from fedq.common.config import ConfigScalar, FedqConfig
+from fedq.common.trainer import LocalTrainer
+from fedq.simulations.results_io import curve_summary, markdown_table, spread, write_results
 
 
 @dataclass(frozen=True)

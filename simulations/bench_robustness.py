@@ -15,7 +15,7 @@ default FedTrimmedAvg). The score is the mean greedy return of the global model'
 checkpoints, 10 episodes each (:mod:`simulations.federated_cells`); target: defended
 runs within 5% of the clean run.
 
-    python -m simulations.bench_robustness --seeds 2
+    python -m fedq.simulations.bench_robustness --seeds 2
 
 Finished runs are kept under ``runs/bench_robustness/`` and reused.
 """
@@ -30,9 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-from simulations.attacks import Attack
-from simulations.federated_cells import Cell, curve, mean_over_rounds, run_cell
-from simulations.results_io import RESULTS_ROOT, markdown_table, write_results
+from fedq.simulations.attacks import Attack
+from fedq.simulations.federated_cells import Cell, curve, mean_over_rounds, run_cell
+from fedq.simulations.results_io import RESULTS_ROOT, markdown_table, write_results
 
 CACHE = Path("runs/bench_robustness")
 CLIENTS = 5

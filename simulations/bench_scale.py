@@ -15,7 +15,7 @@ sized Ray actors (here one core each, so two on two cores) and hands them whiche
 sampled device's message comes next; between rounds a device exists only as its
 partition id and its files on disk.
 
-    python -m simulations.bench_scale
+    python -m fedq.simulations.bench_scale
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from simulations.results_io import markdown_table, write_results
-from simulations.run import app_defaults, resolve_run_config, simulate
-from simulations.scenario import SCENARIOS_DIR, load_scenario
+from fedq.simulations.results_io import markdown_table, write_results
+from fedq.simulations.run import app_defaults, resolve_run_config, simulate
+from fedq.simulations.scenario import SCENARIOS_DIR, load_scenario
 
 CACHE = Path("runs/bench_scale")
 

@@ -6,7 +6,7 @@ over 250k steps, Huber loss, grad-norm clip 10, plain DQN target), on one core w
 torch thread, alternating fedq and SB3 runs in this one process. A second schedule
 starts at epsilon 0.05 so greedy acting (the late-training regime) dominates.
 
-    taskset -c 0 python -m simulations.bench_speed --steps 50000 --repeats 5
+    taskset -c 0 python -m fedq.simulations.bench_speed --steps 50000 --repeats 5
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import time
 
 import torch
 
-from common.config import FedqConfig
-from common.trainer import LocalTrainer
-from simulations.results_io import markdown_table, write_results
+from fedq.common.config import FedqConfig
+from fedq.common.trainer import LocalTrainer
+from fedq.simulations.results_io import markdown_table, write_results
 
 CLEANRL = {"hidden-sizes": "120,84", "learning-rate": 2.5e-4, "buffer-size": 10_000,
            "batch-size": 128, "learning-starts": 10_000, "train-frequency": 10,

@@ -19,8 +19,8 @@ from pathlib import Path
 import yaml
 from flwr.common.config import parse_config_args
 
-from server.submit import run_config
-from simulations.flower_runtime import (
+from fedq.server.submit import run_config
+from fedq.simulations.flower_runtime import (
     SuperLinkHandle,
     SuperNode,
     TLSFiles,

@@ -43,7 +43,7 @@ complete a round. After each fault it checks:
   with no visible effect (a SIGSTOP that ended before anyone waited, a file superseded
   by a save before anyone read it) counts as "no effect" rather than unnamed.
 
-    python -m simulations.fault_drill --faults 120 --minutes 13 \\
+    python -m fedq.simulations.fault_drill --faults 120 --minutes 13 \\
         --out simulations/results/fault_drill/drill.json
 """
 
@@ -67,9 +67,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.state_store import MANIFEST_FILE, POINTER_FILE, generations
-from simulations.compose_topology import TINY_RUN, Topology, compose_topology
-from simulations.flower_runtime import kill_serverapp, node_pids, signal_serverapp
+from fedq.common.state_store import MANIFEST_FILE, POINTER_FILE, generations
+from fedq.simulations.compose_topology import TINY_RUN, Topology, compose_topology
+from fedq.simulations.flower_runtime import kill_serverapp, node_pids, signal_serverapp
 
 #: Fault kinds and how often each is drawn: the ones that crash the ServerApp cost a
 #: resume (tens of seconds here), so they are drawn less often than device faults.
@@ -459,7 +459,7 @@ def _round_of(path: Path) -> int:
 
 
 def _newest_complete_checkpoint(run_dir: Path) -> int:
-    from server.run_directory import RunDirectory  # torch: only the drill's checks need it
+    from fedq.server.run_directory import RunDirectory  # torch: only the drill's checks need it
 
     return RunDirectory(run_dir).latest_round()
 
@@ -532,7 +532,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
-        "command": "python -m simulations.fault_drill " + " ".join(sys.argv[1:] if argv is None
+        "command": "python -m fedq.simulations.fault_drill " + " ".join(sys.argv[1:] if argv is None
                                                                    else argv),
         "seconds": round(time.monotonic() - started),
         "rounds": drill.last_round(),

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.config import ConfigScalar, FedqConfig
-from common.trainer import LocalTrainer
-from simulations.attacks import Attack
-from simulations.run import resolve_run_config, simulate
+from fedq.common.config import ConfigScalar, FedqConfig
+from fedq.common.trainer import LocalTrainer
+from fedq.simulations.attacks import Attack
+from fedq.simulations.run import resolve_run_config, simulate
 
 SCORE_SEED = 424_242  # evaluation episodes: the same for every cell
 # Keys of the attack settings that were product config keys before attacks moved to

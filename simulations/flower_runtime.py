@@ -63,8 +63,8 @@ from typing import IO
 import tomli_w
 from flwr.proto.federation_config_pb2 import SimulationConfig
 
-from common.certs import TLSFiles, make_supernode_auth_keys, make_tls_files
-from server.run_status import poll_run_status
+from fedq.common.certs import TLSFiles, make_supernode_auth_keys, make_tls_files
+from fedq.server.run_status import poll_run_status
 
 __all__ = [
     "FEDERATION_CONFIG_KEYS",

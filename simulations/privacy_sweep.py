@@ -22,7 +22,7 @@ from scratch (a resumed cell would repeat a round and spend extra epsilon and en
 So re-running the same command after an interruption continues the sweep, and widening
 the grid (more noise values, clip norms or seeds) runs only the new cells.
 
-    python -m simulations.privacy_sweep --noise 0.8,1.2,2.0 --clip 1.0 --seeds 3
+    python -m fedq.simulations.privacy_sweep --noise 0.8,1.2,2.0 --clip 1.0 --seeds 3
 """
 
 from __future__ import annotations
@@ -35,11 +35,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.config import ConfigScalar, parse_assignment
-from common.privacy import epsilon_of
-from simulations.federated_cells import Cell, run_cell
-from simulations.results_io import RESULTS_ROOT, markdown_table, results_name, write_results
-from simulations.run import resolve_run_config
+from fedq.common.config import ConfigScalar, parse_assignment
+from fedq.common.privacy import epsilon_of
+from fedq.simulations.federated_cells import Cell, run_cell
+from fedq.simulations.results_io import RESULTS_ROOT, markdown_table, results_name, write_results
+from fedq.simulations.run import resolve_run_config
 
 CACHE = Path("runs/privacy_sweep")
 UTILITY_SHARE = 0.9  # the issue's target: >= 90 % of the non-private return

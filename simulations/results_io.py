@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from common.atomic import atomic_write_text
+from fedq.common.atomic import atomic_write_text
 
 RESULTS_ROOT = Path(__file__).resolve().parent / "results"
 
@@ -59,7 +59,9 @@ def _module_name() -> str:
         rel = main.relative_to(RESULTS_ROOT.parent.parent)
     except ValueError:
         return str(main)
-    return ".".join(rel.with_suffix("").parts)
+    # the installed name (fedq.simulations.x): `python -m fedq.simulations.x` works from
+    # any directory, the folder's own name only from the checkout's root
+    return "fedq." + ".".join(rel.with_suffix("").parts)
 
 
 def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:

@@ -26,20 +26,20 @@ import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 
-from common.config import (
+from fedq.common.config import (
     RESUME_CHANGEABLE_KEYS,
     ConfigError,
     ConfigScalar,
     FedqConfig,
     parse_assignment,
 )
-from common.envs import env_spec
-from common.privacy_policy import PrivacyPolicy
-from server.outcome import STATUS_FILE, read_status
-from server.run_directory import RunDirectory, config_changes
-from simulations.attacks import Attack, AttackError, attacker_app
-from simulations.flower_runtime import RunResult, simulation_superlink, submit_run
-from simulations.scenario import load_scenario
+from fedq.common.envs import env_spec
+from fedq.common.privacy_policy import PrivacyPolicy
+from fedq.server.outcome import STATUS_FILE, read_status
+from fedq.server.run_directory import RunDirectory, config_changes
+from fedq.simulations.attacks import Attack, AttackError, attacker_app
+from fedq.simulations.flower_runtime import RunResult, simulation_superlink, submit_run
+from fedq.simulations.scenario import load_scenario
 
 APP_DIR = Path(__file__).resolve().parent.parent
 DEFAULT_CLIENTS = 4

@@ -44,8 +44,8 @@ from typing import Any
 
 import numpy as np
 
-from common.config import ConfigError, ConfigScalar, FedqConfig
-from common.envs import env_spec
+from fedq.common.config import ConfigError, ConfigScalar, FedqConfig
+from fedq.common.envs import env_spec
 
 SCENARIOS_DIR = Path(__file__).resolve().parent / "scenarios"
 DISTRIBUTIONS = ("uniform", "loguniform", "normal", "randint", "choice")

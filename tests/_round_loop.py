@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord
 
-from common.config import FedqConfig
-from server.run_directory import RunDirectory
-from server.server_app import build_strategy, initial_model, run_rounds
+from fedq.common.config import FedqConfig
+from fedq.server.run_directory import RunDirectory
+from fedq.server.server_app import build_strategy, initial_model, run_rounds
 
 
 def run_in_process(tmp_path: Path, federation: Any, rounds: int = 1, **config: Any

@@ -16,20 +16,20 @@ import torch
 from _replies import device_context, instruction
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
-from client.client_app import app as product_app
-from client.device import SEED_STRIDE
-from common.compression import decode_update
-from common.config import ConfigError, FedqConfig
-from common.networks import QNetwork
-from common.trainer import LocalTrainer
-from simulations.attacks import (
+from fedq.client.client_app import app as product_app
+from fedq.client.device import SEED_STRIDE
+from fedq.common.compression import decode_update
+from fedq.common.config import ConfigError, FedqConfig
+from fedq.common.networks import QNetwork
+from fedq.common.trainer import LocalTrainer
+from fedq.simulations.attacks import (
     APP_MODULE,
     Attack,
     AttackError,
     attacker_app,
     attacker_client_app,
 )
-from simulations.run import APP_DIR, app_defaults
+from fedq.simulations.run import APP_DIR, app_defaults
 
 SMALL = {"hidden-sizes": "16,16", "buffer-size": 500, "batch-size": 32,
          "learning-starts": 100, "exploration-steps": 500}
@@ -131,7 +131,7 @@ def test_attacker_app_is_the_product_app_with_another_client_app(tmp_path, monke
 
 
 def test_fedq_simulate_refuses_partitions_without_an_attack(tmp_path, capsys):
-    from simulations.run import main
+    from fedq.simulations.run import main
 
     assert main(["--attack-partitions", "1", "--run-dir", str(tmp_path / "run")]) == 2
     assert "attack field 'partitions': --attack-partitions needs --attack" in \
@@ -139,7 +139,7 @@ def test_fedq_simulate_refuses_partitions_without_an_attack(tmp_path, capsys):
 
 
 def test_a_resumed_simulation_keeps_its_attack(tmp_path):
-    from simulations.run import SIMULATION_FILE, simulation_attack
+    from fedq.simulations.run import SIMULATION_FILE, simulation_attack
 
     attack = Attack("noise", (1,), 3.0)
     (tmp_path / SIMULATION_FILE).write_text(
@@ -162,14 +162,15 @@ def test_no_product_module_imports_the_simulation_layer():
                 names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                     [node.module or ""] if isinstance(node, ast.ImportFrom) else []
                 offenders += [f"{path.relative_to(root)}: {n}" for n in names
-                              if n.split(".")[0] == "simulations"]
+                              if n.split(".")[:2] == ["fedq", "simulations"]
+                              or n.split(".")[0] == "simulations"]
     assert offenders == []
 
 
 def test_benchmark_cells_cached_with_the_old_attack_keys_still_score(tmp_path):
     """Cells cached before attacks left the product config keep ``attack`` keys in their
     config.json; the benchmarks reuse them rather than failing on an unknown key."""
-    from simulations.federated_cells import checkpoint_score
+    from fedq.simulations.federated_cells import checkpoint_score
 
     config = {**FedqConfig().to_mapping(), "hidden-sizes": "8", "attack": "nan",
               "attack-partitions": "4", "attack-scale": 10.0}

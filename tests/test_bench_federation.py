@@ -5,7 +5,7 @@ so their training times add up."""
 
 import pytest
 
-from simulations.bench_federation import overhead_shares
+from fedq.simulations.bench_federation import overhead_shares
 
 
 def _row(train_phase, round_seconds, seconds):
@@ -23,7 +23,7 @@ def test_overhead_of_parallel_and_sequential_rounds():
 
 
 def test_curves_plot_every_cell(tmp_path):
-    from simulations.bench_federation import plot_curves
+    from fedq.simulations.bench_federation import plot_curves
     cells = [{"clients": n, "seed": seed, "curve": [[2500, 20.0], [5000, None], [7500, 480.0]]}
              for n in (1, 4) for seed in (0, 1)]
     plot_curves(cells, tmp_path / "curves.png", "title")

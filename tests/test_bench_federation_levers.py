@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from common.config import FedqConfig
-from common.rollouts import play_episodes
-from common.trainer import LocalTrainer
-from simulations import bench_federation_levers as levers
+from fedq.common.config import FedqConfig
+from fedq.common.rollouts import play_episodes
+from fedq.common.trainer import LocalTrainer
+from fedq.simulations import bench_federation_levers as levers
 
 
 def test_one_device_that_keeps_its_target_is_plain_local_training():

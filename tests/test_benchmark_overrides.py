@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from common.config import ConfigError
-from simulations import bench_federation, bench_federation_levers, privacy_sweep
+from fedq.common.config import ConfigError
+from fedq.simulations import bench_federation, bench_federation_levers, privacy_sweep
 
 
 @pytest.mark.parametrize("main", [bench_federation.main, privacy_sweep.main])

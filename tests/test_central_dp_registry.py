@@ -13,14 +13,14 @@ from flwr.serverapp.strategy import (
     FedAvg,
 )
 
-from common.central_dp_registry import (
+from fedq.common.central_dp_registry import (
     CENTRAL_DP_REGISTRY,
     CentralDpMode,
     central_dp_names,
     register_central_dp,
 )
-from common.config import ConfigError, FedqConfig
-from server.server_app import build_strategy
+from fedq.common.config import ConfigError, FedqConfig
+from fedq.server.server_app import build_strategy
 
 DP = {"central-dp-clients": 2, "central-dp-clip-norm": 0.5, "central-dp-noise-multiplier": 0.7}
 

@@ -6,7 +6,7 @@ smaller than fp32 weights on the default network, and malformed payloads are ref
 import numpy as np
 import pytest
 
-from common.compression import (
+from fedq.common.compression import (
     CompressionError,
     as_record,
     decode_deltas,
@@ -14,9 +14,9 @@ from common.compression import (
     encode_update,
     payload_bytes,
 )
-from common.config import FedqConfig
-from common.networks import QNetwork
-from common.trainer import LocalTrainer
+from fedq.common.config import FedqConfig
+from fedq.common.networks import QNetwork
+from fedq.common.trainer import LocalTrainer
 
 
 def _weights(hidden=(64, 64), seed=0):

@@ -9,11 +9,11 @@ import gymnasium as gym
 import numpy as np
 import pytest
 
-from common.config import ConfigError, FedqConfig
-from common.config_docs import REGENERATE, configuration_markdown
-from common.config_docs import main as config_docs_main
-from common.envs import env_spec
-from common.trainer import LocalTrainer
+from fedq.common.config import ConfigError, FedqConfig
+from fedq.common.config_docs import REGENERATE, configuration_markdown
+from fedq.common.config_docs import main as config_docs_main
+from fedq.common.envs import env_spec
+from fedq.common.trainer import LocalTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -156,7 +156,7 @@ def test_config_docs_command_writes_the_reference_and_refuses_a_missing_folder(t
 
 
 def test_command_line_assignments_read_toml_scalars_and_keep_json_objects_as_text():
-    from common.config import parse_assignment
+    from fedq.common.config import parse_assignment
 
     assert parse_assignment("local-steps=2500") == ("local-steps", 2500)
     assert parse_assignment("double-dqn=false") == ("double-dqn", False)

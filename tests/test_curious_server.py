@@ -21,18 +21,18 @@ from flwr.app import (
     RecordDict,
 )
 
-from client.client_app import app
-from client.edge import main as client_main
-from client.metric_release import EVALUATION_METRICS, TRAINING_DATA_METRICS
-from common.config import ConfigError, FedqConfig
-from common.networks import QNetwork
-from common.privacy import PRIVACY_BUDGET_ERROR_CODE, extend
-from common.privacy_policy import PRIVACY_POLICY_ERROR_CODE, PrivacyPolicy
-from common.trainer import LocalTrainer
-from server.privacy_log import PrivacyLog, read_privacy_log
-from server.server_app import build_strategy
-from server.submit import run_config as submitted_run_config
-from server.update_validation import screen_replies
+from fedq.client.client_app import app
+from fedq.client.edge import main as client_main
+from fedq.client.metric_release import EVALUATION_METRICS, TRAINING_DATA_METRICS
+from fedq.common.config import ConfigError, FedqConfig
+from fedq.common.networks import QNetwork
+from fedq.common.privacy import PRIVACY_BUDGET_ERROR_CODE, extend
+from fedq.common.privacy_policy import PRIVACY_POLICY_ERROR_CODE, PrivacyPolicy
+from fedq.common.trainer import LocalTrainer
+from fedq.server.privacy_log import PrivacyLog, read_privacy_log
+from fedq.server.server_app import build_strategy
+from fedq.server.submit import run_config as submitted_run_config
+from fedq.server.update_validation import screen_replies
 
 SMALL = {"hidden-sizes": "16,16", "buffer-size": 600, "batch-size": 16, "learning-starts": 100,
          "target-update-interval": 50, "exploration-steps": 500, "local-steps": 300,

@@ -19,11 +19,16 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from client.edge import device_node_config, supernode_command, write_node_config
-from common.privacy_policy import PRIVACY_POLICY_ERROR_CODE
-from simulations.compose_topology import TINY_RUN
-from simulations.flower_runtime import SuperNode, deployment_superlink, start_supernode, submit_run
-from simulations.run import APP_DIR
+from fedq.client.edge import device_node_config, supernode_command, write_node_config
+from fedq.common.privacy_policy import PRIVACY_POLICY_ERROR_CODE
+from fedq.simulations.compose_topology import TINY_RUN
+from fedq.simulations.flower_runtime import (
+    SuperNode,
+    deployment_superlink,
+    start_supernode,
+    submit_run,
+)
+from fedq.simulations.run import APP_DIR
 
 pytestmark = pytest.mark.slow
 

@@ -19,9 +19,9 @@ import time
 
 import pytest
 
-from common.certs import make_supernode_auth_keys, make_tls_files
-from simulations.compose_topology import TINY_RUN, compose_topology
-from simulations.flower_runtime import kill_serverapp, start_supernode
+from fedq.common.certs import make_supernode_auth_keys, make_tls_files
+from fedq.simulations.compose_topology import TINY_RUN, compose_topology
+from fedq.simulations.flower_runtime import kill_serverapp, start_supernode
 
 pytestmark = pytest.mark.slow
 

@@ -16,15 +16,15 @@ import pytest
 from cryptography import x509
 from flwr.app import Context, RecordDict
 
-from client.device import device_from_context
-from client.edge import main as client_main
-from client.edge import supernode_command
-from common.certs import main as certs_main
-from common.config import FedqConfig
-from common.envs import env_spec
-from server.submit import main as submit_main
-from server.submit import write_connection
-from simulations.compose_topology import (
+from fedq.client.device import device_from_context
+from fedq.client.edge import main as client_main
+from fedq.client.edge import supernode_command
+from fedq.common.certs import main as certs_main
+from fedq.common.config import FedqConfig
+from fedq.common.envs import env_spec
+from fedq.server.submit import main as submit_main
+from fedq.server.submit import write_connection
+from fedq.simulations.compose_topology import (
     COMPOSE,
     ROOT,
     SUBMIT_SERVICE,
@@ -39,7 +39,7 @@ from simulations.compose_topology import (
     submit_overrides,
     supernode_services,
 )
-from simulations.flower_runtime import free_port
+from fedq.simulations.flower_runtime import free_port
 
 PLAIN = load_compose(COMPOSE)
 TLS = load_compose(COMPOSE, TLS_OVERRIDE)

@@ -9,10 +9,10 @@ import stat
 import numpy as np
 import pytest
 
-from client.experience_log import append_transitions
-from common.config import FedqConfig
-from common.state_store import DeviceStateError
-from common.trainer import LocalTrainer
+from fedq.client.experience_log import append_transitions
+from fedq.common.config import FedqConfig
+from fedq.common.state_store import DeviceStateError
+from fedq.common.trainer import LocalTrainer
 
 SMALL = {"hidden-sizes": "8,8", "buffer-size": 500, "batch-size": 16, "learning-starts": 50,
          "train-frequency": 4, "target-update-interval": 50, "exploration-steps": 300}

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from common.config import FedqConfig
-from common.dqn import DQNLearner, td_targets
-from common.exploration import linear_epsilon
-from common.networks import NumpyPolicy, QNetwork
+from fedq.common.config import FedqConfig
+from fedq.common.dqn import DQNLearner, td_targets
+from fedq.common.exploration import linear_epsilon
+from fedq.common.networks import NumpyPolicy, QNetwork
 
 
 def test_linear_epsilon_decays_then_stays_flat():
@@ -75,7 +75,7 @@ def test_hard_target_sync_copies_and_polyak_moves_partway():
 
 
 def test_update_reduces_td_error_on_a_fixed_batch():
-    from common.replay_buffer import ReplayBuffer
+    from fedq.common.replay_buffer import ReplayBuffer
 
     torch.manual_seed(0)
     learner = _learner(**{"learning-rate": 1e-2, "batch-size": 32})
@@ -90,7 +90,7 @@ def test_update_reduces_td_error_on_a_fixed_batch():
 
 
 def test_clip_grad_norm_matches_torch():
-    from common.dqn import clip_grad_norm
+    from fedq.common.dqn import clip_grad_norm
 
     torch.manual_seed(0)
     for scale in (0.01, 100.0):  # below the bound: untouched; above: scaled down

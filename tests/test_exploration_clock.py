@@ -9,9 +9,9 @@ import torch
 from _replies import device_context, instruction
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
-from client.client_app import app
-from common.config import FEDERATION_STEPS_KEY, FedqConfig
-from common.networks import QNetwork
+from fedq.client.client_app import app
+from fedq.common.config import FEDERATION_STEPS_KEY, FedqConfig
+from fedq.common.networks import QNetwork
 
 SMALL = {"hidden-sizes": "16,16", "buffer-size": 2000, "batch-size": 32,
          "learning-starts": 100, "exploration-steps": 1000, "exploration-final-eps": 0.05}

@@ -10,20 +10,20 @@ import numpy as np
 import pytest
 import torch
 
-from common.config import FedqConfig
-from common.export.calibrate import encode_calibrated
-from common.export.checkpoint import CheckpointError, load_teacher, numpy_layers
-from common.export.cli import main as export_main
-from common.export.distill import distill
-from common.export.encodings import INT8_MAX, decode, encode
-from common.export.onnx_export import export_onnx, onnx_available
-from common.export.policy_file import MAGIC, PolicyFileError, read_policy, write_policy
-from common.export.prune import prune_and_finetune
-from common.mlp_forward import MlpForward
-from common.networks import NumpyPolicy
-from common.rollouts import collect_states
-from common.trainer import LocalTrainer
-from server.run_directory import RunDirectory
+from fedq.common.config import FedqConfig
+from fedq.common.export.calibrate import encode_calibrated
+from fedq.common.export.checkpoint import CheckpointError, load_teacher, numpy_layers
+from fedq.common.export.cli import main as export_main
+from fedq.common.export.distill import distill
+from fedq.common.export.encodings import INT8_MAX, decode, encode
+from fedq.common.export.onnx_export import export_onnx, onnx_available
+from fedq.common.export.policy_file import MAGIC, PolicyFileError, read_policy, write_policy
+from fedq.common.export.prune import prune_and_finetune
+from fedq.common.mlp_forward import MlpForward
+from fedq.common.networks import NumpyPolicy
+from fedq.common.rollouts import collect_states
+from fedq.common.trainer import LocalTrainer
+from fedq.server.run_directory import RunDirectory
 
 QUICK = {"learning-starts": 200, "exploration-steps": 1000, "buffer-size": 5000}
 

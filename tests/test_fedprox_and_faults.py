@@ -4,8 +4,8 @@ file also covered are tested in test_attacks.py.)"""
 
 import torch
 
-from common.config import FedqConfig
-from common.trainer import LocalTrainer
+from fedq.common.config import FedqConfig
+from fedq.common.trainer import LocalTrainer
 
 SMALL = {"hidden-sizes": "16,16", "buffer-size": 500, "batch-size": 32,
          "learning-starts": 10_000, "max-grad-norm": 1e9, "learning-rate": 1e-12}

@@ -11,8 +11,8 @@ import time
 import numpy as np
 import pytest
 
-from client.policy_runner import main
-from common.export.policy_file import MAGIC, PolicyFileError, read_policy, write_policy
+from fedq.client.policy_runner import main
+from fedq.common.export.policy_file import MAGIC, PolicyFileError, read_policy, write_policy
 
 LAYERS = [(np.zeros((8, 4), np.float32), np.zeros(8, np.float32)),
           (np.zeros((2, 8), np.float32), np.zeros(2, np.float32))]

@@ -41,7 +41,7 @@ def test_ctrl_c_stops_every_process_keeps_the_rounds_and_prints_the_resume_comma
     scratch = Path(tempfile.mkdtemp(prefix="fq-int-", dir="/tmp"))
     run_dir = tmp_path / "run"
     env = {**os.environ, "TMPDIR": str(scratch)}
-    command = [sys.executable, "-m", "simulations.run", "--clients", "2", "--rounds", "50",
+    command = [sys.executable, "-m", "fedq.simulations.run", "--clients", "2", "--rounds", "50",
                "--run-dir", str(run_dir), *TINY]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, start_new_session=True)

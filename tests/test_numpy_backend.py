@@ -25,19 +25,19 @@ from _replies import device_context, instruction
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from opacus.accountants import RDPAccountant
 
-from client.client_app import app
-from client.device import device_from_context
-from client.edge import main as client_main
-from common import rdp
-from common.config import BACKENDS, ConfigError, FedqConfig
-from common.dp_sgd import DPSGD
-from common.dqn import DQNLearner, PrivateDQNLearner
-from common.learners import make_learner
-from common.mlp_params import mlp_layout
-from common.numpy_learner import NumpyDQNLearner, PrivateNumpyDQNLearner, _forward
-from common.privacy import DevicePrivacy
-from common.replay_buffer import ReplayBuffer
-from common.trainer import LocalTrainer
+from fedq.client.client_app import app
+from fedq.client.device import device_from_context
+from fedq.client.edge import main as client_main
+from fedq.common import rdp
+from fedq.common.config import BACKENDS, ConfigError, FedqConfig
+from fedq.common.dp_sgd import DPSGD
+from fedq.common.dqn import DQNLearner, PrivateDQNLearner
+from fedq.common.learners import make_learner
+from fedq.common.mlp_params import mlp_layout
+from fedq.common.numpy_learner import NumpyDQNLearner, PrivateNumpyDQNLearner, _forward
+from fedq.common.privacy import DevicePrivacy
+from fedq.common.replay_buffer import ReplayBuffer
+from fedq.common.trainer import LocalTrainer
 
 ROOT = Path(__file__).resolve().parent.parent
 OBS, ACTIONS, BATCH = 4, 2, 32
@@ -306,9 +306,9 @@ _NO_TORCH_DEVICE = textwrap.dedent("""
     import numpy as np
     from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
     from _replies import device_context, instruction
-    from client.client_app import app
-    from common.config import FedqConfig
-    from common.mlp_params import mlp_layout
+    from fedq.client.client_app import app
+    from fedq.common.config import FedqConfig
+    from fedq.common.mlp_params import mlp_layout
 
     run_config = {**FedqConfig().to_mapping(), "run-dir": sys.argv[1], "backend": "numpy",
                   "hidden-sizes": "16", "learning-starts": 100, "eval-episodes": 2,

@@ -10,9 +10,9 @@ from _replies import error_reply, reply
 from flwr.app import Message, MetricRecord, RecordDict
 from tensorboardX.proto.event_pb2 import Event
 
-from server.observability import RoundRecorder
-from server.plots import client_series, plot_client_curves
-from server.run_directory import RunDirectory
+from fedq.server.observability import RoundRecorder
+from fedq.server.plots import client_series, plot_client_curves
+from fedq.server.run_directory import RunDirectory
 
 
 def read_scalars(directory: Path) -> dict[str, list[tuple[int, float]]]:
@@ -105,7 +105,7 @@ def test_reply_without_metrics_is_recorded_with_its_node(tmp_path):
 
 
 def test_learning_curve_marks_the_target_or_the_envs_solved_threshold():
-    from server.plots import return_goal
+    from fedq.server.plots import return_goal
 
     assert return_goal(float("inf"), "CartPole-v1") == (475.0, "solved (475, gymnasium's "
                                                                "threshold)")

@@ -9,14 +9,14 @@ import torch
 from _replies import device_context, instruction
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
 
-from client.client_app import app
-from common.config import FedqConfig
-from common.networks import QNetwork
-from common.state_store import DEVICE_STATE_ERROR_CODE
-from server.observability import RoundRecorder, client_rows
-from server.outcome import NO_REPLY, phase_failures, round_failed, run_outcome
-from server.run_directory import RunDirectory
-from simulations.run import main
+from fedq.client.client_app import app
+from fedq.common.config import FedqConfig
+from fedq.common.networks import QNetwork
+from fedq.common.state_store import DEVICE_STATE_ERROR_CODE
+from fedq.server.observability import RoundRecorder, client_rows
+from fedq.server.outcome import NO_REPLY, phase_failures, round_failed, run_outcome
+from fedq.server.run_directory import RunDirectory
+from fedq.simulations.run import main
 
 SMALL = {"hidden-sizes": "16,16", "buffer-size": 500, "batch-size": 16,
          "learning-starts": 50, "train-frequency": 4, "exploration-steps": 300}

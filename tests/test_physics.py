@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from gymnasium.envs.classic_control.acrobot import AcrobotEnv
 
-from common.config import ConfigError, FedqConfig
-from common.envs import make_env
-from common.trainer import LocalTrainer
+from fedq.common.config import ConfigError, FedqConfig
+from fedq.common.envs import make_env
+from fedq.common.trainer import LocalTrainer
 
 
 def _next_state(env, action: int) -> np.ndarray:

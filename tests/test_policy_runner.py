@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from client import experience_log
-from client.experience_log import DeviceStateError, ExperienceRecorder
-from client.policy_runner import ObservationError, PolicyRunner
-from common import trainer as trainer_module
-from common.config import FedqConfig
-from common.export.checkpoint import numpy_layers
-from common.export.policy_file import write_policy
-from common.rollouts import play_episodes
-from common.trainer import LocalTrainer
+from fedq.client import experience_log
+from fedq.client.experience_log import DeviceStateError, ExperienceRecorder
+from fedq.client.policy_runner import ObservationError, PolicyRunner
+from fedq.common import trainer as trainer_module
+from fedq.common.config import FedqConfig
+from fedq.common.export.checkpoint import numpy_layers
+from fedq.common.export.policy_file import write_policy
+from fedq.common.rollouts import play_episodes
+from fedq.common.trainer import LocalTrainer
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = {"hidden-sizes": "16,16", "buffer-size": 400, "batch-size": 32, "learning-starts": 100,
@@ -70,7 +70,7 @@ def test_fedq_policy_runs_episodes_and_records_without_torch(device):
     buffer) in a process where ``import torch`` fails."""
     state_dir, policy = device
     code = ("import sys; sys.modules['torch'] = None; "
-            "from client.policy_runner import main; "
+            "from fedq.client.policy_runner import main; "
             f"sys.exit(main(['run', {str(policy)!r}, '--episodes', '2', '--epsilon', '0.1', "
             f"'--record-to', {str(state_dir)!r}]))")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,

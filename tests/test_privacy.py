@@ -15,11 +15,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Error, Message, RecordDict
 from opacus import GradSampleModule
 from opacus.accountants import PRVAccountant, RDPAccountant
 
-from client.client_app import app
-from common.config import ConfigError, FedqConfig
-from common.dp_sgd import DPSGD
-from common.networks import QNetwork
-from common.privacy import (
+from fedq.client.client_app import app
+from fedq.common.config import ConfigError, FedqConfig
+from fedq.common.dp_sgd import DPSGD
+from fedq.common.networks import QNetwork
+from fedq.common.privacy import (
     PRIVACY_BUDGET_ERROR_CODE,
     PRV_EPS_ERROR,
     PrivacyBudgetExhausted,
@@ -27,9 +27,9 @@ from common.privacy import (
     poisson_indices,
     sample_rate,
 )
-from common.trainer import LocalTrainer
-from server.central_dp import central_dp_report
-from server.server_app import build_strategy
+from fedq.common.trainer import LocalTrainer
+from fedq.server.central_dp import central_dp_report
+from fedq.server.server_app import build_strategy
 
 SMALL = {"hidden-sizes": "16,16", "buffer-size": 600, "batch-size": 16, "learning-starts": 100,
          "target-update-interval": 50, "exploration-steps": 500, "local-steps": 300,
@@ -338,7 +338,7 @@ def test_bad_central_dp_settings_name_the_key(mapping, key, message):
 
 
 def test_privacy_log_keeps_dp_devices_and_budget_declines_and_resumes_cleanly(tmp_path):
-    from server.privacy_log import PrivacyLog, read_privacy_log
+    from fedq.server.privacy_log import PrivacyLog, read_privacy_log
     from tests._replies import error_reply, reply, train_metrics
 
     weights = {"w": np.zeros(2, np.float32)}

@@ -19,12 +19,12 @@ import pytest
 import torch
 from opacus.accountants import RDPAccountant
 
-from common.config import FedqConfig
-from common.networks import QNetwork
-from common.privacy import PRIVACY_BUDGET_ERROR_CODE, extend
-from common.trainer import LocalTrainer
-from server.privacy_log import read_privacy_log
-from simulations.run import resolve_run_config, simulate
+from fedq.common.config import FedqConfig
+from fedq.common.networks import QNetwork
+from fedq.common.privacy import PRIVACY_BUDGET_ERROR_CODE, extend
+from fedq.common.trainer import LocalTrainer
+from fedq.server.privacy_log import read_privacy_log
+from fedq.simulations.run import resolve_run_config, simulate
 
 TINY = {"local-steps": 300, "learning-starts": 100, "batch-size": 16, "buffer-size": 600,
         "hidden-sizes": "16,16", "eval-episodes": 1, "exploration-steps": 500}

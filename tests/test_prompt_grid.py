@@ -5,7 +5,7 @@ deployment tests."""
 import time
 from types import SimpleNamespace
 
-from server.prompt_grid import MAX_POLL_S, PromptGrid
+from fedq.server.prompt_grid import MAX_POLL_S, PromptGrid
 
 
 class _SlowNodes:

@@ -4,7 +4,7 @@ a save/load (the device's experience must outlive a restart)."""
 import numpy as np
 import pytest
 
-from common.replay_buffer import ReplayBuffer
+from fedq.common.replay_buffer import ReplayBuffer
 
 
 def _fill(buf: ReplayBuffer, start: int, n: int) -> None:

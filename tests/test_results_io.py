@@ -1,7 +1,7 @@
 """The benchmarks' shared reading of a learning curve: "solved" is the goal held on three
 evaluations in a row, never one lucky evaluation, and final/best are always reported."""
 
-from simulations.results_io import curve_summary, solved_at, spread
+from fedq.simulations.results_io import curve_summary, solved_at, spread
 
 
 def test_one_lucky_evaluation_is_not_solved():

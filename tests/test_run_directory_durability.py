@@ -8,8 +8,8 @@ import logging
 import pytest
 import torch
 
-from common.config import FedqConfig
-from server.run_directory import RunDirectory, RunDirectoryError
+from fedq.common.config import FedqConfig
+from fedq.server.run_directory import RunDirectory, RunDirectoryError
 
 
 def _config(root, resume):

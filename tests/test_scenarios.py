@@ -12,12 +12,12 @@ import pytest
 import torch
 from flwr.app import Context, RecordDict
 
-from client.device import device_from_context
-from client.personalize import personalized_returns
-from common.config import ConfigError, FedqConfig
-from common.trainer import LocalTrainer
-from simulations.run import app_defaults, main
-from simulations.scenario import SCENARIOS_DIR, ScenarioError, load_scenario
+from fedq.client.device import device_from_context
+from fedq.client.personalize import personalized_returns
+from fedq.common.config import ConfigError, FedqConfig
+from fedq.common.trainer import LocalTrainer
+from fedq.simulations.run import app_defaults, main
+from fedq.simulations.scenario import SCENARIOS_DIR, ScenarioError, load_scenario
 
 _NEEDS = {"lunar_lander": "Box2D", "highway": "highway_env"}
 

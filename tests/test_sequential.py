@@ -14,9 +14,9 @@ from _replies import error_reply, reply, train_metrics
 from _round_loop import run_in_process
 from flwr.app import ArrayRecord, Message, Metadata, MetricRecord, RecordDict
 
-from common.config import FEDERATION_STEPS_KEY, FedqConfig
-from server.run_directory import RunDirectory
-from server.server_app import build_strategy, run_rounds
+from fedq.common.config import FEDERATION_STEPS_KEY, FedqConfig
+from fedq.server.run_directory import RunDirectory
+from fedq.server.server_app import build_strategy, run_rounds
 
 # node id -> partition id: node ids deliberately out of partition order
 PARTITIONS = {30: 0, 10: 1, 20: 2}

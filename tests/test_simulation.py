@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from common.config import FedqConfig
-from common.trainer import LocalTrainer
-from simulations.run import main, ray_start_failed, resolve_run_config, simulate
+from fedq.common.config import FedqConfig
+from fedq.common.trainer import LocalTrainer
+from fedq.simulations.run import main, ray_start_failed, resolve_run_config, simulate
 
 TINY = {"local-steps": 400, "learning-starts": 100, "batch-size": 32, "buffer-size": 2000,
         "hidden-sizes": "16,16", "eval-episodes": 2, "exploration-steps": 800}

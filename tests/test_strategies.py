@@ -17,10 +17,10 @@ from flwr.serverapp.strategy import (
     Krum,
 )
 
-from common.config import ConfigError, FedqConfig
-from server.run_directory import RunDirectory
-from server.server_app import _as_tensors, in_device_order, resume_strategy
-from server.strategies import choose_strategy, optimizer_state, restore_optimizer_state
+from fedq.common.config import ConfigError, FedqConfig
+from fedq.server.run_directory import RunDirectory
+from fedq.server.server_app import _as_tensors, in_device_order, resume_strategy
+from fedq.server.strategies import choose_strategy, optimizer_state, restore_optimizer_state
 
 GLOBAL = {"w": np.zeros((2, 3), np.float32), "b": np.zeros(2, np.float32)}
 

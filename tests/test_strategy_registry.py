@@ -14,15 +14,15 @@ from _round_loop import run_in_process
 from flwr.app import Message, Metadata, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
-from common.config import ConfigError, FedqConfig
-from common.config_docs import TABLE_END, TABLE_START, strategy_table, with_strategy_table
-from common.strategy_registry import (
+from fedq.common.config import ConfigError, FedqConfig
+from fedq.common.config_docs import TABLE_END, TABLE_START, strategy_table, with_strategy_table
+from fedq.common.strategy_registry import (
     STRATEGY_REGISTRY,
     StrategySpec,
     register_strategy,
     strategy_names,
 )
-from server.strategies import choose_strategy
+from fedq.server.strategies import choose_strategy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -112,6 +112,6 @@ def test_the_strategy_table_in_the_docs_is_what_the_registry_generates():
     assert TABLE_START in text and TABLE_END in text
     assert text == with_strategy_table(text), (
         "docs/strategies.md's strategy table is stale: regenerate it with "
-        "`python -m common.config_docs` from the repository root")
+        "`python -m fedq.common.config_docs` from the repository root")
     assert [f"`{n}`" for n in strategy_names()] == [
         line.split("|")[1].split()[0] for line in strategy_table().splitlines()[2:]]

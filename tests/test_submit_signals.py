@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from server.run_status import poll_run_status
-from simulations.flower_runtime import _flwr, deployment_superlink
+from fedq.server.run_status import poll_run_status
+from fedq.simulations.flower_runtime import _flwr, deployment_superlink
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,7 +27,7 @@ def test_sigterm_to_fedq_submit_stops_the_run_on_the_superlink(tmp_path):
                "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])}
         # no SuperNode joins: the run starts and waits for its devices
         submit = subprocess.Popen(
-            [sys.executable, "-m", "server.submit", "--superlink", link.address, "--insecure",
+            [sys.executable, "-m", "fedq.server.submit", "--superlink", link.address, "--insecure",
              "--app", str(ROOT), "--set", f"run-dir={tmp_path / 'run'}",
              "--set", "min-available-clients=1"],
             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

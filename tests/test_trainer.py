@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from common.config import FedqConfig
-from common.trainer import LocalTrainer
+from fedq.common.config import FedqConfig
+from fedq.common.trainer import LocalTrainer
 
 SMALL = {"hidden-sizes": "16,16", "buffer-size": 2000, "batch-size": 32, "learning-starts": 200,
          "train-frequency": 2, "target-update-interval": 100, "exploration-steps": 1000}
@@ -114,8 +114,8 @@ def test_a_long_round_reports_its_progress(caplog):
     done so far; the ClientApp turns that into a '[fedq] <device>: done/total' log line."""
     import logging
 
-    from client.client_app import round_progress
-    from common.trainer import PROGRESS_EVERY
+    from fedq.client.client_app import round_progress
+    from fedq.common.trainer import PROGRESS_EVERY
 
     config = FedqConfig.from_mapping({"learning-starts": 100, "buffer-size": 5000})
     trainer = LocalTrainer(config, seed=0)

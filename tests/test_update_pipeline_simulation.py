@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from simulations.attacks import Attack
-from simulations.run import resolve_run_config, simulate
+from fedq.simulations.attacks import Attack
+from fedq.simulations.run import resolve_run_config, simulate
 
 TINY = {"local-steps": 300, "learning-starts": 100, "batch-size": 32, "buffer-size": 2000,
         "hidden-sizes": "16,16", "eval-episodes": 1, "exploration-steps": 600,

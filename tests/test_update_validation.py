@@ -10,9 +10,9 @@ from _replies import as_numpy, error_reply, reply, train_metrics
 from flwr.app import Array, ArrayRecord
 from flwr.serverapp.strategy import FedAvg
 
-from common.compression import encode_update, payload_bytes
-from common.config import ConfigError, FedqConfig
-from server.update_validation import screen_replies
+from fedq.common.compression import encode_update, payload_bytes
+from fedq.common.config import ConfigError, FedqConfig
+from fedq.server.update_validation import screen_replies
 
 RNG = np.random.default_rng(0)
 GLOBAL = {"0.weight": RNG.normal(size=(8, 4)).astype(np.float32),

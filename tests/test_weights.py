@@ -8,8 +8,8 @@ from flwr.app import Array, ArrayRecord
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
 
-from common.networks import QNetwork
-from common.weights import WeightsError, to_record, to_state_dict
+from fedq.common.networks import QNetwork
+from fedq.common.weights import WeightsError, to_record, to_state_dict
 
 
 def test_round_trip_is_exact():

@@ -32,7 +32,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from common.export.encodings import (
+from fedq.common.export.encodings import (
     LOSSY,
     Layer,
     encode,

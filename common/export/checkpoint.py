@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.envs import env_spec
-from common.networks import QNetwork
+from fedq.common.envs import env_spec
+from fedq.common.networks import QNetwork
 
 _KEY = re.compile(r"^(\d+)\.(weight|bias)$")
 

@@ -37,16 +37,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.atomic import atomic_write_text
-from common.config import ConfigError
-from common.export.checkpoint import CheckpointError, Teacher, load_teacher, numpy_layers
-from common.export.distill import distill
-from common.export.onnx_export import OnnxUnavailableError, export_onnx, onnx_available
-from common.export.policy_file import read_policy, write_policy
-from common.export.prune import prune_and_finetune
-from common.mlp_forward import MlpForward
-from common.networks import NumpyPolicy
-from common.rollouts import collect_states
+from fedq.common.atomic import atomic_write_text
+from fedq.common.config import ConfigError
+from fedq.common.export.checkpoint import CheckpointError, Teacher, load_teacher, numpy_layers
+from fedq.common.export.distill import distill
+from fedq.common.export.onnx_export import OnnxUnavailableError, export_onnx, onnx_available
+from fedq.common.export.policy_file import read_policy, write_policy
+from fedq.common.export.prune import prune_and_finetune
+from fedq.common.mlp_forward import MlpForward
+from fedq.common.networks import NumpyPolicy
+from fedq.common.rollouts import collect_states
 
 FORMATS = ("fp32", "fp16", "int8", "int8-ptq", "pruned", "student", "onnx")
 _HELD_OUT_SEED = 10**6  # held-out states come from episodes no training state came from

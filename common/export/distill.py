@@ -18,8 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common.export.finetune import fit_on_states
-from common.networks import QNetwork
+from fedq.common.export.finetune import fit_on_states
+from fedq.common.networks import QNetwork
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common.networks import QNetwork
+from fedq.common.networks import QNetwork
 
 
 def match_teacher_loss(q: torch.Tensor, teacher_q: torch.Tensor, teacher_probs: torch.Tensor,

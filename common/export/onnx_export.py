@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from common.atomic import atomic_open
-from common.networks import QNetwork
+from fedq.common.atomic import atomic_open
+from fedq.common.networks import QNetwork
 
 
 class OnnxUnavailableError(RuntimeError):

@@ -36,9 +36,9 @@ from typing import Any
 
 import numpy as np
 
-from common.atomic import atomic_open
-from common.export.calibrate import encode_calibrated
-from common.export.encodings import ENCODINGS, Layer, array_specs, decode, encode
+from fedq.common.atomic import atomic_open
+from fedq.common.export.calibrate import encode_calibrated
+from fedq.common.export.encodings import ENCODINGS, Layer, array_specs, decode, encode
 
 MAGIC = b"FEDQPOL\0"
 FORMAT_VERSION = 1

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common.export.finetune import finetune_to_teacher
-from common.networks import QNetwork
+from fedq.common.export.finetune import finetune_to_teacher
+from fedq.common.networks import QNetwork
 
 
 @dataclass(frozen=True)
