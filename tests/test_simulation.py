@@ -178,3 +178,22 @@ def test_ray_start_timeout_is_recognised_in_rays_own_words():
     message = "".join(part.strip().strip('"') for part in raised.splitlines())
     assert ray_start_failed(f"Exception: {message}\n")
     assert not ray_start_failed("ValueError: config field 'seed'")
+
+
+def test_a_users_own_common_and_server_packages_cannot_shadow_fedq(tmp_path):
+    """fedq installs as fedq.common, fedq.client, fedq.server, fedq.simulations: packages
+    named common/ or server/ in the working directory (first on sys.path), as a user's own
+    project may have, are not what the ServerApp and ClientApp import."""
+    import subprocess
+    import sys
+
+    for name in ("common", "server", "client"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text(
+            f"raise ImportError('the user\\'s own {name} package was imported')\n")
+    code = ("import fedq.server.server_app, fedq.client.client_app, fedq.simulations.run; "
+            "print(fedq.server.server_app.app, fedq.client.client_app.app)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "ServerApp" in done.stdout and "ClientApp" in done.stdout
