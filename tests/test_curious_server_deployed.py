@@ -97,7 +97,10 @@ def test_a_device_that_requires_signed_apps_runs_no_unsigned_one(tmp_path):
                                     "run-dir": str(run_dir)})
         finally:
             node.stop()
-    assert result.ok, result.output[-3000:]
+    # its only device refused every message, so the run's one round failed and the run
+    # ends failed (server/outcome.py), with the refusal on record
+    assert not result.ok and result.status == "finished:failed", result.output[-3000:]
+    assert "[fedq] run status: failed" in result.output
     (row,) = _rows(run_dir / "metrics.jsonl")
     assert row["train"]["clients"] == 0 and row["participation"]["train"]["errors"] == 1
     (train,) = [r for r in _rows(run_dir / "clients.jsonl") if r["phase"] == "train"]
