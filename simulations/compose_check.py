@@ -248,7 +248,6 @@ def check_complete(compose: Compose, runs: dict[str, Path], rounds: int,
         "round-seconds": [r["round-seconds"] for r in metrics],
         "train-handler-seconds": _per_round(pi_rows, "train", "handler-seconds"),
         "train-seconds": _per_round(pi_rows, "train", "train-seconds"),
-        "evaluate-handler-seconds": _per_round(pi_rows, "evaluate", "handler-seconds"),
         "unlimited-nodes-train-handler-seconds": _per_round(other, "train",
                                                             "handler-seconds"),
     })

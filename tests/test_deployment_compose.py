@@ -1,10 +1,12 @@
 """docker-compose.yml, its TLS override and the Dockerfile, checked against the code.
 
-No Docker engine runs here, so this protects what `docker compose up` would trip over:
-a command that does not exist or a flag the installed Flower rejects, ports that do not
-line up, a node config the ClientApp would refuse, volumes that miss where the apps
-write, a TLS override that forgets a node, and an image that pulls CUDA torch. It also
-covers the edge-client and certificate scripts the deployment relies on."""
+Without a Docker engine (the default CI has none), this protects what `docker compose up`
+would trip over: a command that does not exist or a flag the installed Flower rejects,
+ports that do not line up or are open beyond loopback, a node config the ClientApp would
+refuse, volumes that miss where the apps write, a second `up` that refuses its own run
+directory, a TLS override that forgets a node or hands out private keys, and an image
+that pulls CUDA torch. It also covers the edge-client and certificate scripts the
+deployment relies on. tests/test_compose_check.py runs the file under a real engine."""
 
 import re
 import shutil
