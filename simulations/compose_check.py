@@ -386,6 +386,7 @@ def check(args: argparse.Namespace) -> dict[str, Any]:
         with docker_engine(work) as engine:
             report["engine"] = {"compose": " ".join(engine.compose),
                                 "started-here": engine.started_here,
+                                "dockerd-pid": engine.dockerd_pid,
                                 "server-version": run(["docker", "version", "-f",
                                                        "{{.Server.Version}}"],
                                                       timeout=60).stdout.strip()}

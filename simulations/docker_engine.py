@@ -71,7 +71,8 @@ def engine_answers() -> bool:
 
 @dataclass
 class Engine:
-    """The engine in use and the Compose command that drives it."""
+    """The engine in use, the Compose command that drives it, and the dockerd this
+    check started (and will stop), if any."""
 
     compose: list[str]
     started_here: bool
