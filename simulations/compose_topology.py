@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import sys
 from collections.abc import Iterator, Sequence
@@ -85,15 +86,19 @@ def node_config(service: dict) -> dict:
 
 def submit_overrides(compose: dict) -> dict:
     """The run config the submit service sets (``--set KEY=VALUE``), as fedq-submit
-    reads it (compose's ``${FEDQ_RESUME:-false}`` at its default)."""
+    reads it (compose's ``${VAR:-default}`` variables at their defaults)."""
     args = [interpolate(a) for a in argv(compose["services"][SUBMIT_SERVICE])]
     sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
     return run_config(None, sets)
 
 
+_VARIABLE = re.compile(r"\$\{[A-Z_][A-Z0-9_]*:-([^}]*)\}")
+
+
 def interpolate(arg: str) -> str:
-    """Compose variable defaults as an unset environment leaves them."""
-    return arg.replace("${FEDQ_RESUME:-false}", "false")
+    """Compose's ``${VAR:-default}`` as an environment without ``VAR`` leaves it: the
+    compose file's own defaults, whatever the calling shell has set."""
+    return _VARIABLE.sub(lambda m: m.group(1), arg)
 
 
 @dataclass

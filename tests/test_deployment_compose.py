@@ -1,18 +1,22 @@
 """docker-compose.yml, its TLS override and the Dockerfile, checked against the code.
 
-No Docker engine runs here, so this protects what `docker compose up` would trip over:
-a command that does not exist or a flag the installed Flower rejects, ports that do not
-line up, a node config the ClientApp would refuse, volumes that miss where the apps
-write, a TLS override that forgets a node, and an image that pulls CUDA torch. It also
-covers the edge-client and certificate scripts the deployment relies on."""
+Without a Docker engine (the default CI has none), this protects what `docker compose up`
+would trip over: a command that does not exist or a flag the installed Flower rejects,
+ports that do not line up or are open beyond loopback, a node config the ClientApp would
+refuse, volumes that miss where the apps write, a second `up` that refuses its own run
+directory, a TLS override that forgets a node or hands out private keys, and an image
+that pulls CUDA torch. It also covers the edge-client and certificate scripts the
+deployment relies on. tests/test_compose_check.py runs the file under a real engine."""
 
 import re
+import shutil
 import subprocess
 import tomllib
 from functools import cache
 from pathlib import Path
 
 import pytest
+import yaml
 from cryptography import x509
 from flwr.app import Context, RecordDict
 
@@ -125,10 +129,64 @@ def test_submitter_validates_and_waits_for_every_node():
     assert overrides["min-available-clients"] == len(supernode_services(PLAIN))
     assert set(PLAIN["services"][SUBMIT_SERVICE]["depends_on"]) == {
         SUPERLINK_SERVICE, *supernode_services(PLAIN)}
-    assert overrides["resume"] is False
     assert "--insecure" in argv(PLAIN["services"][SUBMIT_SERVICE])
     assert any("FEDQ_RESUME" in a for a in argv(PLAIN["services"][SUBMIT_SERVICE]))
-    assert interpolate("${FEDQ_RESUME:-false}") == "false"
+    assert interpolate("resume=${FEDQ_RESUME:-false}") == "resume=false"
+
+
+def test_a_second_up_continues_the_run_in_the_volume_instead_of_refusing_it():
+    """`docker compose up` twice reuses the `runs` volume: with resume=false the ServerApp
+    refuses the run-dir that the first `up` filled and submit exits 1. The default
+    resumes (a fresh run-dir starts fresh); FEDQ_RUN names a new run-dir instead."""
+    overrides = submit_overrides(PLAIN)
+    assert overrides["resume"] is True
+    submit = argv(PLAIN["services"][SUBMIT_SERVICE])
+    assert "run-dir=/data/runs/${FEDQ_RUN:-fedq}" in submit
+    assert overrides["run-dir"] == "/data/runs/fedq"
+
+
+def test_compose_file_is_one_that_compose_v1_and_v2_both_accept():
+    """Compose v1.29 (Debian's docker-compose) rejects a top-level `name:`; v2 accepts
+    both. Where a Compose binary is installed, it validates the merged files itself."""
+    for path in (COMPOSE, TLS_OVERRIDE):
+        assert "name" not in yaml.safe_load(path.read_text()), path
+    for compose in _compose_commands():
+        for files in ([COMPOSE], [COMPOSE, TLS_OVERRIDE]):
+            args = [a for f in files for a in ("-f", str(f))]
+            done = subprocess.run([*compose, "-p", "fedq", *args, "config", "-q"],
+                                  capture_output=True, text=True, timeout=120, check=False,
+                                  cwd=ROOT)
+            assert done.returncode == 0, f"{' '.join(compose)} config: {done.stderr}"
+
+
+def _compose_commands() -> list[list[str]]:
+    commands = []
+    if shutil.which("docker-compose"):
+        commands.append(["docker-compose"])
+    if shutil.which("docker") and subprocess.run(
+            ["docker", "compose", "version"], capture_output=True, timeout=60,
+            check=False).returncode == 0:
+        commands.append(["docker", "compose"])
+    return commands
+
+
+def test_up_can_end_by_itself_when_the_run_ends():
+    """No service restarts unconditionally (`always`/`unless-stopped` bring a stopped
+    federation back with the daemon), submit runs once, and the documented command ends
+    `up` with submit's exit status."""
+    for name, service in PLAIN["services"].items():
+        assert service.get("restart", "no") in ("no", "on-failure"), name
+    assert PLAIN["services"][SUBMIT_SERVICE]["restart"] == "no"
+    assert "docker compose up --build --exit-code-from submit" in COMPOSE.read_text()
+
+
+def test_plain_superlink_port_is_published_on_loopback_only_unless_asked():
+    """Without TLS the port serves Flower's Control API (it accepts runs to execute) with
+    no authentication: by default only this host may reach it."""
+    for mapping in PLAIN["services"][SUPERLINK_SERVICE]["ports"]:
+        host, _, _ = interpolate(mapping).split(":")
+        assert host == "127.0.0.1", mapping
+        assert "FEDQ_PUBLISH_HOST" in mapping  # the explicit opt-in to every interface
 
 
 def test_tls_override_secures_every_service_and_gives_each_node_its_own_key():
@@ -152,16 +210,53 @@ def test_tls_override_secures_every_service_and_gives_each_node_its_own_key():
     assert "--insecure" not in submit and "--register-key" in submit
 
 
+def test_tls_override_gives_submit_public_material_only_and_nobody_the_ca_key():
+    """`submit` registers public keys and trusts the CA: a leaked submit container must
+    not hold the CA key (it could mint server certificates) or any node's private key."""
+    submit = TLS["services"][SUBMIT_SERVICE]
+    sources = [v.split(":")[0] for v in submit["volumes"]]
+    assert all(s.endswith((".pub", ".crt")) for s in sources), sources
+    registered = flag_value(argv(submit), "--register-key")
+    public = [v.split(":")[1] for v in submit["volumes"] if v.split(":")[0].endswith(".pub")]
+    assert all(Path(target).parent == Path(registered) for target in public)
+    assert len(public) == len(supernode_services(TLS)), "every node's key gets registered"
+    for name, service in TLS["services"].items():
+        for volume in service.get("volumes", []):
+            source = Path(volume.split(":")[0])
+            assert source.name != "ca.key", f"{name} mounts the CA key"
+            if source.parent.name == "certs" and name.startswith("supernode"):
+                assert source.name in ("ca.crt", name.replace("supernode", "node")), \
+                    f"{name} mounts {source}, which is not its own key"
+
+
 def test_dockerfile_installs_cpu_torch_and_runs_unprivileged():
+    """Its defaults are what a user with internet access wants (python:3.11-slim, torch
+    from PyTorch's CPU index); build arguments switch both for an offline build."""
     text = (ROOT / "Dockerfile").read_text()
-    assert re.search(r"^FROM python:3\.11-slim$", text, re.M)
-    assert re.search(r"--index-url https://download\.pytorch\.org/whl/cpu torch==2\.13\.0\+cpu",
-                     text)
-    assert "\"torch==2.13.0+cpu; sys_platform == 'linux'\"" in (ROOT / "pyproject.toml").read_text()
+    assert re.search(r"^ARG BASE_IMAGE=python:3\.11-slim$", text, re.M)
+    assert re.findall(r"^FROM (\S+)", text, re.M) == ["${BASE_IMAGE}", "${BASE_IMAGE}"]
+    source = re.search(r'^ARG PIP_SOURCE="([^"]*)"$', text, re.M)
+    assert source and "--index-url https://download.pytorch.org/whl/cpu" in source.group(1)
+    assert "RUN pip install ${PIP_SOURCE} torch==2.13.0+cpu" in text
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    assert "torch==2.13.0+cpu; sys_platform == 'linux'" in extras["torch"]  # what it resolves
     user = re.findall(r"^USER (\S+)$", text, re.M)
     assert user and user[-1] not in ("root", "0")
     for service in PLAIN["services"].values():  # every service uses the image it builds
         assert service["image"] == PLAIN["services"][SUPERLINK_SERVICE]["image"]
+
+
+def test_offline_wheels_stay_out_of_the_final_image():
+    """The wheel folder (~1 GB) is copied into the build stage only; the final stage takes
+    the installed venv from it."""
+    text = (ROOT / "Dockerfile").read_text()
+    final = text[[m.start() for m in re.finditer(r"^FROM ", text, re.M)][-1]:]
+    assert "wheel" not in final.lower()
+    assert "COPY --from=build /opt/fedq /opt/fedq" in final
+    assert "wheelhouse" in (ROOT / ".gitignore").read_text()
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert ".venv" in ignored and ".git" in ignored  # keep the build context small
 
 
 # --- the edge client (fedq-client) --------------------------------------------------
