@@ -54,8 +54,12 @@ def test_image_requirements_are_the_dockerfiles():
     assert "flwr==1.42.0" in requirements and not any("[simulation]" in r
                                                       for r in requirements)
     assert "torch==2.13.0+cpu; sys_platform == 'linux'" in requirements
+    assert "opacus==1.6.0" in requirements and "tensorboardX==2.6.5" in requirements
+    assert not any(r.startswith("fedq[") for r in requirements)
     assert any(r.startswith("setuptools") for r in requirements)  # `pip install /src`
-    assert "flwr[simulation]', 'flwr'" in (ROOT / "Dockerfile").read_text()
+    dockerfile = (ROOT / "Dockerfile").read_text()  # the same selection of extras
+    assert "['optional-dependencies']['torch'] + p['optional-dependencies']['server']" in \
+        dockerfile
 
 
 def test_fault_run_needs_enough_rounds_to_kill_twice(capsys):
