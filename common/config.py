@@ -14,7 +14,7 @@ import difflib
 import json
 import math
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -51,6 +51,13 @@ class ConfigError(ValueError):
         super().__init__(f"config field '{key}': {problem}")
         self.key = key
         self.problem = problem
+
+
+def unknown_key(key: str, known: Iterable[str], what: str) -> ConfigError:
+    """The error for a key nobody knows, with the closest known one as a hint."""
+    hint = difflib.get_close_matches(key, list(known), n=1)
+    suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
+    return ConfigError(key, f"unknown {what}{suggestion}")
 
 
 def _check(predicate: Callable[[Any], bool], problem: str) -> Callable[[Any], str | None]:
@@ -256,9 +263,7 @@ class FedqConfig:
             if key.startswith(POLICY_PREFIX):
                 continue
             if key not in known:
-                hint = difflib.get_close_matches(key, known, n=1)
-                suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
-                raise ConfigError(key, f"unknown key{suggestion}")
+                raise unknown_key(key, known, "key")
             values[known[key].name] = coerce(key, known[key].type, raw)
         config = replace(cls(), **values)
         config.validate()

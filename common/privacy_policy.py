@@ -35,13 +35,19 @@ with a :class:`common.config.ConfigError` naming the key.
 
 from __future__ import annotations
 
-import difflib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from fedq.common.config import POLICY_PREFIX, ConfigError, ConfigScalar, FedqConfig, coerce
+from fedq.common.config import (
+    POLICY_PREFIX,
+    ConfigError,
+    ConfigScalar,
+    FedqConfig,
+    coerce,
+    unknown_key,
+)
 
 PRIVACY_POLICY_ERROR_CODE = 1002
 """Error code of a reply refused by the device's privacy policy (budget declines: 1001)."""
@@ -75,9 +81,7 @@ class PrivacyPolicy:
             if not key.startswith(POLICY_PREFIX):
                 continue
             if key not in known:
-                hint = difflib.get_close_matches(key, known, n=1)
-                suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
-                raise ConfigError(key, f"unknown privacy policy key{suggestion}")
+                raise unknown_key(key, known, "privacy policy key")
             values[known[key].name] = coerce(key, known[key].type, raw)
         policy = replace(cls(), **values)
         policy._validate()
