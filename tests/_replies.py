@@ -40,6 +40,16 @@ def reply(node: int, arrays: dict[str, np.ndarray] | ArrayRecord,
     return Message(content, metadata=_metadata(node))
 
 
+def eval_reply(node: int, mean_return: float = 10.0) -> Message:
+    """A device's evaluate reply: one greedy episode of ``mean_return``."""
+    metrics = MetricRecord({"num-examples": 1, "eval-return-mean": mean_return,
+                            "eval-return-min": mean_return, "eval-return-max": mean_return})
+    return Message(RecordDict({"metrics": metrics}), metadata=Metadata(
+        run_id=1, message_id=f"e{node}", src_node_id=node, dst_node_id=0,
+        reply_to_message_id="", group_id="", created_at=0.0, ttl=600.0,
+        message_type="evaluate"))
+
+
 def error_reply(node: int, reason: str = "declined") -> Message:
     return Message(Error(code=1, reason=reason), metadata=_metadata(node))
 

@@ -8,9 +8,8 @@ screening, run directory and checkpoints are the real ones."""
 
 import numpy as np
 import pytest
-from _replies import error_reply, reply, train_metrics
+from _replies import error_reply, eval_reply, reply, train_metrics
 from _round_loop import run_in_process
-from flwr.app import Message, Metadata, MetricRecord, RecordDict
 
 
 class _Federation:
@@ -34,12 +33,7 @@ class _Federation:
                 replies.append(error_reply(node) if node in self.failing
                                else reply(node, weights, train_metrics(num_examples=100)))
             else:
-                metrics = MetricRecord({"num-examples": 1, "eval-return-mean": 10.0,
-                                        "eval-return-min": 10.0, "eval-return-max": 10.0})
-                replies.append(Message(RecordDict({"metrics": metrics}), metadata=Metadata(
-                    run_id=1, message_id=f"e{node}", src_node_id=node, dst_node_id=0,
-                    reply_to_message_id="", group_id="", created_at=0.0, ttl=600.0,
-                    message_type="evaluate")))
+                replies.append(eval_reply(node))
         return replies
 
 
