@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from fedq.common.config import parse_assignment
 from fedq.simulations.harness import BENCHMARKS, HarnessError, run_benchmark
 
-PORTED = ("bench_dp_cost", "bench_robustness", "bench_communication", "privacy_sweep")
+PORTED = ("bench_dp_cost", "bench_speed", "bench_robustness", "bench_communication",
+          "privacy_sweep", "bench_scale")
 """Modules whose import registers their harness benchmarks."""
 
 
@@ -84,12 +85,9 @@ SCRIPTS = (
         "federation_levers_sequential_device_clock"), 8.0, "being changed on another branch"),
     Script("federation_pays", ("python -m fedq.simulations.bench_federation_pays --seeds 3 "
                                "--clients 4,8",), 5.0, "being changed on another branch"),
-    Script("speed", ("taskset -c 0 python -m fedq.simulations.bench_speed --steps 60000 "
-                     "--repeats 5",), 0.5, "needs stable-baselines3 (not a fedq extra)"),
     Script("backend", ("python -m fedq.simulations.bench_backend --steps 10000 --repeats 3 "
                        "--deployed-rounds 3",), 0.5, "not ported yet"),
     Script("export", ("python -m fedq.simulations.bench_export",), 0.5, "not ported yet"),
-    Script("scale", ("python -m fedq.simulations.bench_scale",), 0.3, "not ported yet"),
     Script("deployment", ("python -m fedq.simulations.bench_deployment --rounds 6",), 0.3,
            "process-level: real SuperLink and SuperNodes"),
     Script("fault_drill", ("python -m fedq.simulations.fault_drill --faults 120 --minutes 13 "

@@ -16,7 +16,7 @@ Variants alternate in blocks so drift on a shared machine hits them alike; each 
 the median over every timed update. A second table times Opacus's accountants on a
 device's lifetime history (what a round's budget check and report cost).
 
-    flock /tmp/fedq-bench.lock taskset -c 0 python -m fedq.simulations.bench dp_cost
+    flock /tmp/fedq-bench.lock python -m fedq.simulations.bench dp_cost   # cells pinned to one core
 
 Cells (:mod:`simulations.harness`): one per batch size (all variants interleaved in it,
 so they share the machine's drift) and one for the accountants; they run one at a time.
@@ -52,6 +52,7 @@ from fedq.simulations.harness import (
     CellKind,
     Done,
     Summary,
+    one_core,
     register_benchmark,
 )
 from fedq.simulations.results_io import markdown_table
@@ -227,13 +228,15 @@ def time_accountants(batch_size: int) -> list[dict]:
 
 
 def run_updates(params: Mapping[str, Any], workdir: Path) -> dict[str, Any]:
-    """One batch size's cell: every variant's seconds per update, interleaved."""
-    torch.set_num_threads(1)
-    return {"times": time_updates(params["batch-size"], params["updates"], params["block"])}
+    """One batch size's cell, on one core: every variant's seconds per update, interleaved."""
+    with one_core():
+        return {"times": time_updates(params["batch-size"], params["updates"],
+                                      params["block"])}
 
 
 def run_accountants(params: Mapping[str, Any], workdir: Path) -> dict[str, Any]:
-    return {"rows": time_accountants(params["batch-size"])}
+    with one_core():
+        return {"rows": time_accountants(params["batch-size"])}
 
 
 _CODE = (*PRODUCT_CODE, "fedq.simulations.bench_dp_cost")

@@ -28,10 +28,12 @@ import hashlib
 import importlib.util
 import json
 import math
+import os
 import shutil
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,6 +130,22 @@ def register_benchmark(benchmark: Benchmark) -> Benchmark:
                          f"{sorted(unknown)}")
     BENCHMARKS[benchmark.name] = benchmark
     return benchmark
+
+
+@contextmanager
+def one_core() -> Iterator[None]:
+    """Pin this process to one core (the lowest it may use) and one torch thread while a
+    timing cell runs, as ``taskset -c 0`` did for the timing scripts; restored after."""
+    import torch
+
+    cores, threads = os.sched_getaffinity(0), torch.get_num_threads()
+    os.sched_setaffinity(0, {min(cores)})
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, cores)
+        torch.set_num_threads(threads)
 
 
 def code_hash(modules: Sequence[str]) -> str:
