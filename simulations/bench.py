@@ -4,8 +4,8 @@ Benchmarks ported onto :mod:`simulations.harness` run here cell by cell, with th
 harness's cache, seeds, results and plots. The others are still their own scripts
 (:data:`SCRIPTS`): ``all`` runs each by the command that produced its committed results.
 ``python -m fedq.simulations.bench all`` is the one command that regenerates every
-committed result under ``simulations/results/`` (about 30 hours on a 2-core machine;
-``docs/benchmarks.md`` lists each part).
+committed result under ``simulations/results/`` (about a day on a 2-core machine, an
+estimate: ``docs/benchmarks.md`` lists each part).
 
     python -m fedq.simulations.bench list
     python -m fedq.simulations.bench robustness --set seeds=2 --workers 2
@@ -27,15 +27,15 @@ from dataclasses import dataclass
 from fedq.common.config import parse_assignment
 from fedq.simulations.harness import BENCHMARKS, HarnessError, run_benchmark
 
-PORTED = ("bench_dp_cost", "bench_speed", "bench_robustness", "bench_communication",
-          "privacy_sweep", "bench_scale")
+PORTED = ("bench_dp_cost", "bench_speed", "bench_export", "bench_robustness",
+          "bench_communication", "privacy_sweep", "bench_scale")
 """Modules whose import registers their harness benchmarks."""
 
 
 @dataclass(frozen=True)
 class Script:
     """A benchmark not (yet) on the harness: the commands that regenerate its committed
-    results, run from the repository root, and about how long they take here."""
+    results, run from the repository root, and an estimate of the hours they take here."""
 
     name: str
     commands: tuple[str, ...]
@@ -87,7 +87,6 @@ SCRIPTS = (
                                "--clients 4,8",), 5.0, "being changed on another branch"),
     Script("backend", ("python -m fedq.simulations.bench_backend --steps 10000 --repeats 3 "
                        "--deployed-rounds 3",), 0.5, "not ported yet"),
-    Script("export", ("python -m fedq.simulations.bench_export",), 0.5, "not ported yet"),
     Script("deployment", ("python -m fedq.simulations.bench_deployment --rounds 6",), 0.3,
            "process-level: real SuperLink and SuperNodes"),
     Script("fault_drill", ("python -m fedq.simulations.fault_drill --faults 120 --minutes 13 "

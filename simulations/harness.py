@@ -176,6 +176,18 @@ def fingerprint(cell: Cell, code_hashes: dict[tuple[str, ...], str] | None = Non
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def workdir_of(cell: Cell, beside: Path) -> Path:
+    """The kept scratch folder of a finished ``cell`` in the cache that holds ``beside``
+    (the asking cell's own workdir): how a cell reads an earlier cell's files, e.g. a
+    measurement the policy a training cell left. The benchmark declares ``cell`` before
+    the one asking, so it has run (benchmarks with such cells are not ``parallel``)."""
+    path = beside.parent.parent / cell.kind.name / f"{fingerprint(cell)}.json"
+    if not path.exists():
+        raise HarnessError(f"cell {cell_key(cell)} has not finished: declare it before the "
+                           "cells that read it")
+    return path.with_suffix(".work")
+
+
 def resolve_params(benchmark: Benchmark, overrides: Params, quick: bool) -> dict[str, Any]:
     """The defaults, then the quick variant, then ``overrides``; unknown names refused."""
     unknown = sorted(set(overrides) - set(benchmark.defaults))
