@@ -16,7 +16,10 @@ from fedq.simulations import bench
 from fedq.simulations.harness import (
     BENCHMARKS,
     Benchmark,
+    Cell,
+    CellKind,
     HarnessError,
+    Summary,
     fingerprint,
     resolve_params,
     run_benchmark,
@@ -225,3 +228,32 @@ def test_every_committed_result_folder_is_regenerated_by_bench_all():
                    or f"--results-name {folder}" in commands
                    or folder.startswith("federation-"))  # bench_federation's --set names
         assert covered, folder
+
+
+def _train(params, workdir):
+    (workdir / "policy.txt").write_text(f"policy {params['steps']}")
+    return {}
+
+
+def _read(params, workdir):
+    from fedq.simulations.harness import workdir_of
+
+    trained = workdir_of(Cell(TRAIN, {"steps": params["steps"]}), workdir)
+    return {"read": (trained / "policy.txt").read_text()}
+
+
+TRAIN = CellKind("probe-train", _train, code=())
+READ = CellKind("probe-read", _read, code=())
+
+
+def test_a_cell_reads_the_files_of_a_cell_declared_before_it(tmp_path):
+    def benchmark(order):
+        return Benchmark("chain", "a chain", {"steps": 5}, {}, lambda p: [
+            {"train": Cell(TRAIN, dict(p)), "read": Cell(READ, dict(p))}[k] for k in order],
+            lambda p, done: Summary([r for _, r in done], ["read"]), parallel=False)
+
+    with pytest.raises(HarnessError, match="has not finished: declare it before"):
+        _run(benchmark(["read", "train"]), tmp_path)
+    report = _run(benchmark(["train", "read"]), tmp_path)
+    record = json.loads((report.folder / "results.json").read_text())
+    assert record["summary"][1] == {"read": "policy 5"}
