@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from fedq.common.config import parse_assignment
 from fedq.simulations.harness import BENCHMARKS, HarnessError, run_benchmark
 
-PORTED = ("bench_dp_cost", "bench_speed", "bench_export", "bench_robustness",
-          "bench_communication", "privacy_sweep", "bench_scale")
+PORTED = ("bench_dp_cost", "bench_speed", "bench_backend", "bench_export",
+          "bench_robustness", "bench_communication", "privacy_sweep", "bench_scale")
 """Modules whose import registers their harness benchmarks."""
 
 
@@ -85,8 +85,6 @@ SCRIPTS = (
         "federation_levers_sequential_device_clock"), 8.0, "being changed on another branch"),
     Script("federation_pays", ("python -m fedq.simulations.bench_federation_pays --seeds 3 "
                                "--clients 4,8",), 5.0, "being changed on another branch"),
-    Script("backend", ("python -m fedq.simulations.bench_backend --steps 10000 --repeats 3 "
-                       "--deployed-rounds 3",), 0.5, "not ported yet"),
     Script("deployment", ("python -m fedq.simulations.bench_deployment --rounds 6",), 0.3,
            "process-level: real SuperLink and SuperNodes"),
     Script("fault_drill", ("python -m fedq.simulations.fault_drill --faults 120 --minutes 13 "
