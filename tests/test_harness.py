@@ -257,3 +257,12 @@ def test_a_cell_reads_the_files_of_a_cell_declared_before_it(tmp_path):
     report = _run(benchmark(["train", "read"]), tmp_path)
     record = json.loads((report.folder / "results.json").read_text())
     assert record["summary"][1] == {"read": "policy 5"}
+
+
+def test_workers_run_cells_in_parallel_processes_with_the_same_results(probe, tmp_path):
+    module, _, overrides = probe
+    report = _run(module.BENCHMARK, tmp_path, overrides=overrides, workers=2)
+    assert (report.ran, report.cached) == (3, 0)
+    assert sorted(_runs(tmp_path)) == ["0", "1", "2"]
+    record = json.loads((report.folder / "results.json").read_text())
+    assert [row["value"] for row in record["summary"]] == [0, 2, 4]  # declared order
