@@ -47,7 +47,7 @@ _LEVERS = "python -m fedq.simulations.bench_federation_levers"
 _FEDERATION = "python -m fedq.simulations.bench_federation"
 SCRIPTS = (
     Script("learning", ("python -m fedq.simulations.bench_learning --seeds 5 --envs "
-                        "CartPole-v1",), 1.5, "being changed on another branch"),
+                        "CartPole-v1",), 1.0, "being changed on another branch"),
     Script("federation", (
         f"{_FEDERATION} --clients 1,2,4,8 --seeds 3",
         f"{_FEDERATION} --clients 1,2,4,8 --seeds 5 --set strategy=sequential "
@@ -55,7 +55,7 @@ SCRIPTS = (
         f"{_FEDERATION} --clients 1,2,4,8 --seeds 5 --set strategy=sequential "
         "--set exploration-clock=federation --set learning-rate=0.002",
         f"{_FEDERATION} --clients 1,4 --seeds 3 --local-steps 500 --max-rounds 120 "
-        "--set strategy=fedavgm --set server-momentum=0.5"), 6.0,
+        "--set strategy=fedavgm --set server-momentum=0.5"), 4.5,
         "being changed on another branch"),
     Script("federation_levers", (
         f"{_LEVERS} --seeds 3",
@@ -82,9 +82,9 @@ SCRIPTS = (
         "--workers 2 --results-name federation_levers_sequential_500_fresh_adam",
         f"{_LEVERS} --levers device-clock-sequential-2500 --clients 4 --seeds 3 "
         "--max-steps 25000 --workers 2 --results-name "
-        "federation_levers_sequential_device_clock"), 8.0, "being changed on another branch"),
+        "federation_levers_sequential_device_clock"), 4.5, "being changed on another branch"),
     Script("federation_pays", ("python -m fedq.simulations.bench_federation_pays --seeds 3 "
-                               "--clients 4,8",), 5.0, "being changed on another branch"),
+                               "--clients 4,8",), 3.0, "being changed on another branch"),
     Script("deployment", ("python -m fedq.simulations.bench_deployment --rounds 6",), 0.3,
            "process-level: real SuperLink and SuperNodes"),
     Script("fault_drill", ("python -m fedq.simulations.fault_drill --faults 120 --minutes 13 "
@@ -150,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for b in BENCHMARKS.values():
             print(f"{b.name:20} harness  {b.doc}\n{'':29}parameters: {dict(b.defaults)}")
         for s in SCRIPTS:
-            print(f"{s.name:20} script   ~{s.hours:g} h, {len(s.commands)} command(s) "
+            print(f"{s.name:20} script   ~{s.hours:g} h (estimate), {len(s.commands)} command(s) "
                   f"({s.why})")
         return 0
     known = [*BENCHMARKS, *scripts]
