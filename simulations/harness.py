@@ -231,7 +231,7 @@ def run_benchmark(benchmark: Benchmark, *, overrides: Params | None = None,
     """Run (or reuse) every cell of ``benchmark`` and write its results.
 
     ``fresh``: run every cell again, overwriting its cache entry; ``report``: run
-    nothing, summarise the cached cells (refused if none is cached). Results go to
+    nothing, summarise the cached cells (no results written if none is). Results go to
     ``results_root/<name>/`` (default: the committed ``simulations/results/``; with
     ``quick``: ``cache_root/quick/``)."""
     params = resolve_params(benchmark, overrides or {}, quick)
@@ -239,8 +239,11 @@ def run_benchmark(benchmark: Benchmark, *, overrides: Params | None = None,
     hashes: dict[tuple[str, ...], str] = {}
     paths = [cache_root / c.kind.name / f"{fingerprint(c, hashes)}.json" for c in cells]
     records: dict[int, dict[str, Any]] = {}
-    todo = []
+    todo, first = [], {}
     for i, path in enumerate(paths):
+        if path in first:  # declared twice: run once, reported as each
+            continue
+        first[path] = i
         if path.exists() and not fresh:
             records[i] = json.loads(path.read_text())
         elif not report:
@@ -261,6 +264,9 @@ def run_benchmark(benchmark: Benchmark, *, overrides: Params | None = None,
             records[i] = _run_one(cells[i].kind, cells[i].params, paths[i])
             log(f"[bench] {benchmark.name}: cell {i + 1}/{len(cells)} done in "
                 f"{records[i]['seconds']:.1f} s")
+    for i, path in enumerate(paths):
+        if first[path] in records:
+            records[i] = records[first[path]]
     missing = len(cells) - len(records)
     if not records:
         log(f"[bench] {benchmark.name}: no cell finished, nothing to report")

@@ -266,3 +266,20 @@ def test_workers_run_cells_in_parallel_processes_with_the_same_results(probe, tm
     assert sorted(_runs(tmp_path)) == ["0", "1", "2"]
     record = json.loads((report.folder / "results.json").read_text())
     assert [row["value"] for row in record["summary"]] == [0, 2, 4]  # declared order
+
+
+def test_a_cell_declared_twice_runs_once_and_is_reported_twice(tmp_path):
+    runs = []
+
+    def count(params, workdir):
+        runs.append(params["steps"])
+        return {"steps": params["steps"]}
+
+    kind = CellKind("probe-count", count, code=())
+    twice = Benchmark("twice", "one cell twice", {"steps": 5}, {},
+                      lambda p: [Cell(kind, dict(p)), Cell(kind, dict(p))],
+                      lambda p, done: Summary([r for _, r in done], ["steps"]))
+    report = _run(twice, tmp_path)
+    assert (report.ran, report.missing, runs) == (1, 0, [5])
+    assert json.loads((report.folder / "results.json").read_text())["summary"] == [
+        {"steps": 5}, {"steps": 5}]
