@@ -23,13 +23,18 @@ from fedq.common.central_dp_registry import (
     NO_CENTRAL_DP,
     central_dp_names,
 )
+from fedq.common.dp_mechanism_registry import (
+    DEFAULT_DP_MECHANISM,
+    DP_MECHANISM_REGISTRY,
+    dp_accountant_names,
+    unregistered,
+)
 from fedq.common.strategy_registry import STRATEGY_REGISTRY, strategy_names, strategy_spec
 
 ConfigScalar = bool | int | float | str
 
 _LOSSES = ("huber", "mse")
 BACKENDS = ("torch", "numpy")
-_ACCOUNTANTS = ("rdp", "prv")
 EXPLORATION_CLOCKS = ("device", "federation")
 # round-config key: env steps of all devices already in the global model being sent
 FEDERATION_STEPS_KEY = "federation-env-steps"
@@ -204,6 +209,10 @@ class FedqConfig:
                                              f"one of {COMPRESSIONS}"))
     # --- differential privacy on the device (common/privacy.py) --------------------------
     dp_enabled: bool = _opt(False, "DP-SGD on the online Q-network (privacy unit: one transition)")
+    dp_mechanism: str = _opt(
+        DEFAULT_DP_MECHANISM, "device-side DP mechanism with dp-enabled (registered in "
+        "common/dp_mechanism_registry.py; docs/privacy.md lists each one's backends and "
+        "accountants)", unregistered)
     dp_noise_multiplier: float = _opt(
         1.0, "Gaussian noise std per update, in units of dp-clip-norm", _non_negative
     )
@@ -213,8 +222,8 @@ class FedqConfig:
         _check(lambda v: 0.0 < v < 1.0, "must be in (0, 1)"),
     )
     dp_accountant: str = _opt(
-        "rdp", "Opacus accountant: rdp or prv",
-        _check(lambda v: v in _ACCOUNTANTS, f"one of {_ACCOUNTANTS}"),
+        "rdp", "Opacus accountant: rdp or prv (the numpy backend: rdp, common/rdp.py)",
+        lambda v: None if v in dp_accountant_names() else f"one of {dp_accountant_names()}",
     )
     dp_target_epsilon: float = _opt(
         math.inf, "lifetime epsilon budget of a device (inf: no budget); a device declines "
@@ -301,10 +310,8 @@ class FedqConfig:
                 "would release returns no epsilon covers; use 0 with dp-enabled")
         self._check_client_overrides()
         self._check_central_dp()
-        if self.backend == "numpy" and self.dp_enabled and self.dp_accountant != "rdp":
-            raise ConfigError(
-                "dp-accountant", f"{self.dp_accountant!r} needs backend 'torch' (Opacus); "
-                "the numpy backend accounts with RDP (common/rdp.py), use rdp")
+        if self.dp_enabled:
+            self._check_dp_mechanism()
         if self.dp_planned_updates and self.dp_target_epsilon == math.inf:
             raise ConfigError(
                 "dp-planned-updates", "needs a finite dp-target-epsilon to derive the noise "
@@ -322,6 +329,22 @@ class FedqConfig:
                 raise ConfigError(
                     spec.switch, f"{value} with strategy {self.strategy}: {spec.name} needs "
                     f"{spec.switch} > 0 and other strategies ignore it, so set it to 0")
+
+    def _check_dp_mechanism(self) -> None:
+        """The DP mechanism serves this backend and can be accounted by dp-accountant
+        there (PRV is Opacus's: the numpy backend accounts with RDP, common/rdp.py)."""
+        backends = DP_MECHANISM_REGISTRY[self.dp_mechanism].backends
+        if self.backend not in backends:
+            raise ConfigError("dp-mechanism", f"{self.dp_mechanism!r} is not registered for "
+                              f"backend {self.backend!r} (it serves {', '.join(backends)})")
+        accountants = backends[self.backend].accountants
+        if self.dp_accountant not in accountants:
+            serving = [repr(b) for b, spec in backends.items()
+                       if self.dp_accountant in spec.accountants]
+            raise ConfigError(
+                "dp-accountant", f"{self.dp_accountant!r} with {self.dp_mechanism} needs "
+                f"backend {' or '.join(serving)}; on backend {self.backend!r} it is accounted "
+                f"with {' or '.join(accountants)}")
 
     def _check_central_dp(self) -> None:
         if self.central_dp == NO_CENTRAL_DP:

@@ -16,6 +16,7 @@ from typing import Protocol
 import numpy as np
 
 from fedq.common.config import ConfigError, FedqConfig
+from fedq.common.dp_mechanism_registry import dp_backend
 from fedq.common.mlp_forward import MlpForward
 from fedq.common.privacy import DevicePrivacy
 from fedq.common.replay_buffer import ReplayBuffer
@@ -46,21 +47,22 @@ class Learner(Protocol):
 
 def make_learner(obs_dim: int, n_actions: int, config: FedqConfig,
                  privacy: DevicePrivacy | None, seed: int) -> Learner:
-    """The configured backend's learner, with DP-SGD when ``privacy`` is given."""
+    """The configured backend's learner; when ``privacy`` is given, the learner of the
+    configured ``dp-mechanism`` on that backend (common/dp_mechanism_registry.py)."""
+    if config.backend != "numpy":
+        import torch
+
+        torch.manual_seed(seed)
+    if privacy is not None:
+        build = dp_backend(config.dp_mechanism, config.backend).build
+        return build(obs_dim, n_actions, config, privacy, seed)
     if config.backend == "numpy":
-        from fedq.common.numpy_learner import NumpyDQNLearner, PrivateNumpyDQNLearner
+        from fedq.common.numpy_learner import NumpyDQNLearner
 
-        if privacy is None:
-            return NumpyDQNLearner(obs_dim, n_actions, config, seed)
-        return PrivateNumpyDQNLearner(obs_dim, n_actions, config, privacy, seed)
-    import torch
+        return NumpyDQNLearner(obs_dim, n_actions, config, seed)
+    from fedq.common.dqn import DQNLearner
 
-    from fedq.common.dqn import DQNLearner, PrivateDQNLearner
-
-    torch.manual_seed(seed)
-    if privacy is None:
-        return DQNLearner(obs_dim, n_actions, config)
-    return PrivateDQNLearner(obs_dim, n_actions, config, privacy)
+    return DQNLearner(obs_dim, n_actions, config)
 
 
 def check_state_backend(directory: Path, backend: str) -> None:

@@ -7,22 +7,25 @@ one torch thread, runs alternating in this one process:
 * **train loop**: env steps/s of ``LocalTrainer.train`` (acting, env, buffer, updates)
   with ``backend`` torch and numpy, and of a CleanRL-style loop (``dqn.py``'s body at
   the same settings: plain torch, torch forward to act, MSE, no clip, vanilla target);
-  median of ``--repeats`` runs and the median of the paired ratios;
+  median of ``repeats`` runs and the median of the paired ratios;
 * **update**: microseconds per ``update()`` call on a filled buffer (median over blocks),
   for both learners and CleanRL's update, and where the numpy update's time goes;
 * **device memory**: peak RSS of a fresh process running the ClientApp's train (2,000
   env steps) and evaluate handlers with each backend, and whether torch got imported;
-  with ``--deployed-rounds``, peak RSS and PSS of each SuperNode's process tree
+  with ``deployed-rounds`` > 0, peak RSS and PSS of each SuperNode's process tree
   (``flower-supernode``, ``flower-superexec``, ``flwr-clientapp``) in the
   docker-compose federation on loopback (:mod:`simulations.compose_topology`).
 
-    flock /tmp/fedq-bench.lock taskset -c 0 python -m fedq.simulations.bench_backend \\
-        --steps 20000 --repeats 5 --deployed-rounds 3
+    flock /tmp/fedq-bench.lock python -m fedq.simulations.bench backend
+
+Cells (:mod:`simulations.harness`): one per train-loop repeat (the three loops back to
+back, so each ratio pairs runs that met the same machine state), one for the update costs,
+one per backend for each memory measurement; they run one at a time, the timing ones
+pinned to one core.
 """
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import os
@@ -33,7 +36,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
@@ -44,7 +49,17 @@ from torch import nn
 from fedq.common.config import FedqConfig
 from fedq.common.exploration import linear_epsilon
 from fedq.common.trainer import LocalTrainer
-from fedq.simulations.results_io import markdown_table, write_results
+from fedq.simulations.harness import (
+    PRODUCT_CODE,
+    Benchmark,
+    Cell,
+    CellKind,
+    Done,
+    Summary,
+    one_core,
+    register_benchmark,
+)
+from fedq.simulations.results_io import markdown_table
 
 BACKENDS = ("torch", "numpy")
 ROOT = Path(__file__).resolve().parent.parent
@@ -221,7 +236,7 @@ def device_process_memory(backend: str, workdir: Path) -> dict[str, object]:
     """Peak RSS of a fresh Python process that runs one train and one evaluate message
     through the ClientApp in-process (what one ``flwr-clientapp`` process does, without
     Flower's runtime around it)."""
-    run_dir = workdir / f"device-{backend}"
+    run_dir = (workdir / f"device-{backend}").resolve()
     shutil.rmtree(run_dir, ignore_errors=True)
     out = subprocess.run([sys.executable, "-c", _DEVICE_PROCESS, str(run_dir), backend],
                          cwd=ROOT, capture_output=True, text=True, check=True,
@@ -295,64 +310,112 @@ def deployed_memory(backend: str, rounds: int, local_steps: int,
             "round-seconds (median)": statistics.median(m["round-seconds"] for m in metrics)}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=20_000)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--update-calls", type=int, default=500)
-    parser.add_argument("--deployed-rounds", type=int, default=0,
-                        help="> 0: also measure the compose federation on loopback")
-    parser.add_argument("--deployed-local-steps", type=int, default=500)
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    workdir = Path("runs") / "bench_backend"
-    workdir.mkdir(parents=True, exist_ok=True)
+_CODE = (*PRODUCT_CODE, "fedq.simulations.bench_backend")
 
+
+def run_loops(params: Mapping[str, Any], workdir: Path) -> dict[str, Any]:
+    """One train-loop repeat, on one core: fedq torch, fedq numpy, CleanRL-style."""
+    steps, seed = params["steps"], params["seed"]
+    with one_core():
+        return {"fedq torch": fedq_steps_per_second("torch", steps, seed),
+                "fedq numpy": fedq_steps_per_second("numpy", steps, seed),
+                "CleanRL-style": cleanrl_steps_per_second(steps, seed)}
+
+
+def run_updates(params: Mapping[str, Any], workdir: Path) -> dict[str, Any]:
+    with one_core():
+        return {"updates": update_costs(params["update-calls"]),
+                "phases": numpy_update_phases(params["update-calls"])}
+
+
+def run_device_memory(params: Mapping[str, Any], workdir: Path) -> dict[str, Any]:
+    return device_process_memory(params["backend"], workdir)
+
+
+def run_deployed(params: Mapping[str, Any], workdir: Path) -> dict[str, Any]:
+    return deployed_memory(params["backend"], params["rounds"], params["local-steps"],
+                           workdir)
+
+
+LOOPS = CellKind("backend-loops", run_loops, _CODE)
+UPDATES = CellKind("backend-updates", run_updates, _CODE)
+DEVICE_MEMORY = CellKind("backend-device-memory", run_device_memory, _CODE)
+DEPLOYED = CellKind("backend-deployed", run_deployed, (
+    *_CODE, "fedq.simulations.compose_topology", "fedq.simulations.flower_runtime"))
+
+
+def cells(params: Mapping[str, Any]) -> list[Cell]:
+    out = [Cell(LOOPS, {"steps": params["steps"], "seed": rep})
+           for rep in range(params["repeats"])]
+    out.append(Cell(UPDATES, {"update-calls": params["update-calls"]}))
+    out += [Cell(DEVICE_MEMORY, {"backend": b}) for b in BACKENDS]
+    if params["deployed-rounds"]:
+        out += [Cell(DEPLOYED, {"backend": b, "rounds": params["deployed-rounds"],
+                                "local-steps": params["deployed-local-steps"]})
+                for b in BACKENDS]
+    return out
+
+
+def summarise(params: Mapping[str, Any], done: Done) -> Summary:
     runs: dict[str, list[float]] = {"fedq torch": [], "fedq numpy": [], "CleanRL-style": []}
-    for rep in range(args.repeats):
-        runs["fedq torch"].append(fedq_steps_per_second("torch", args.steps, rep))
-        runs["fedq numpy"].append(fedq_steps_per_second("numpy", args.steps, rep))
-        runs["CleanRL-style"].append(cleanrl_steps_per_second(args.steps, rep))
-        print(f"rep {rep}: " + ", ".join(f"{k} {v[-1]:,.0f}" for k, v in runs.items()),
-              flush=True)
+    update_rows, phase_rows, memory_rows, deployed_rows = [], [], [], []
+    for cell, result in done:
+        if cell.kind is LOOPS:
+            for name in runs:
+                runs[name].append(result[name])
+        elif cell.kind is UPDATES:
+            update_rows = [{"update": name, "us per call": us,
+                            "vs CleanRL-style": result["updates"]["CleanRL-style torch"] / us}
+                           for name, us in result["updates"].items()]
+            phase_rows = [{"numpy update phase": name, "us per call": us}
+                          for name, us in result["phases"].items()]
+        elif cell.kind is DEVICE_MEMORY:
+            memory_rows.append(result)
+        else:
+            deployed_rows.append(result)
     loop_rows = [{"loop": name, "steps/s (median)": statistics.median(v),
                   "vs CleanRL-style (median of paired)": statistics.median(
                       a / b for a, b in zip(v, runs["CleanRL-style"], strict=True)),
                   "vs fedq torch (median of paired)": statistics.median(
                       a / b for a, b in zip(v, runs["fedq torch"], strict=True))}
-                 for name, v in runs.items()]
-    updates = update_costs(args.update_calls)
-    update_rows = [{"update": name, "us per call": us,
-                    "vs CleanRL-style": updates["CleanRL-style torch"] / us}
-                   for name, us in updates.items()]
-    phase_rows = [{"numpy update phase": name, "us per call": us}
-                  for name, us in numpy_update_phases(args.update_calls).items()]
-    memory_rows = [device_process_memory(b, workdir) for b in BACKENDS]
-    deployed_rows = ([deployed_memory(b, args.deployed_rounds, args.deployed_local_steps,
-                                      workdir) for b in BACKENDS]
-                     if args.deployed_rounds else [])
-
+                 for name, v in runs.items() if v]
     sections = [
-        (f"Train loop, {args.steps} env steps, {args.repeats} runs each", loop_rows),
         ("One update on a filled buffer (batch 64)", update_rows),
         ("Where the numpy update's time goes", phase_rows),
         ("Fresh process: ClientApp train (2,000 env steps) + evaluate", memory_rows),
+        ("Deployed: compose federation on loopback, per SuperNode", deployed_rows),
     ]
-    if deployed_rows:
-        sections.append(("Deployed: compose federation on loopback, per SuperNode",
-                         deployed_rows))
-    text = "\n\n".join(f"{title}\n\n{markdown_table(rows, list(rows[0]))}"
-                       for title, rows in sections)
-    print(text)
-    payload = {"config": FedqConfig().to_mapping(), "steps": args.steps,
-               "repeats": args.repeats, "cpu-affinity": sorted(os.sched_getaffinity(0)),
-               "load-average-1min": os.getloadavg()[0], "train-loop": loop_rows,
-               "train-loop-runs": runs, "update-us": update_rows,
-               "numpy-update-phases-us": phase_rows, "device-process-memory": memory_rows,
-               "deployed-memory": deployed_rows}
-    folder = write_results("backend", payload, text)
-    print(f"results in {folder}")
+    text = "\n\n".join([f"Train loop: {params['steps']} env steps, {len(runs['fedq torch'])} "
+                         "runs each (the table above)."] +
+                        [f"{title}\n\n{markdown_table(rows, list(rows[0]))}"
+                         for title, rows in sections if rows])
+
+    def plot(path: Path) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(5.5, 3.4))
+        for i, values in enumerate(runs.values()):
+            ax.scatter([i] * len(values), values)
+        ax.set_xticks(range(len(runs)), list(runs), fontsize=8)
+        ax.set_ylabel("env steps / s, train loop, one core")
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+
+    return Summary(loop_rows, ["loop", "steps/s (median)", "vs CleanRL-style (median of paired)",
+                               "vs fedq torch (median of paired)"], text, payload={
+        "config": FedqConfig().to_mapping(), "train-loop-runs": runs,
+        "update-us": update_rows, "numpy-update-phases-us": phase_rows,
+        "device-process-memory": memory_rows, "deployed-memory": deployed_rows},
+        plot=plot)
 
 
-if __name__ == "__main__":
-    main()
+register_benchmark(Benchmark(
+    "backend", "the torch-free numpy learner vs the torch learner and a CleanRL-style loop",
+    defaults={"steps": 10_000, "repeats": 3, "update-calls": 500, "deployed-rounds": 3,
+              "deployed-local-steps": 500},
+    quick={"steps": 1_500, "repeats": 1, "update-calls": 20, "deployed-rounds": 0},
+    cells=cells, summarise=summarise, parallel=False))

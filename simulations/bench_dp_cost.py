@@ -16,15 +16,19 @@ Variants alternate in blocks so drift on a shared machine hits them alike; each 
 the median over every timed update. A second table times Opacus's accountants on a
 device's lifetime history (what a round's budget check and report cost).
 
-    flock /tmp/fedq-bench.lock taskset -c 0 python -m fedq.simulations.bench_dp_cost
+    flock /tmp/fedq-bench.lock python -m fedq.simulations.bench dp_cost   # cells pinned to one core
+
+Cells (:mod:`simulations.harness`): one per batch size (all variants interleaved in it,
+so they share the machine's drift) and one for the accountants; they run one at a time.
 """
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,7 +45,17 @@ from fedq.common.config import FedqConfig
 from fedq.common.dqn import DQNLearner, PrivateDQNLearner
 from fedq.common.privacy import PRV_EPS_ERROR, DevicePrivacy, poisson_indices, sample_rate
 from fedq.common.replay_buffer import ReplayBuffer
-from fedq.simulations.results_io import markdown_table, write_results
+from fedq.simulations.harness import (
+    PRODUCT_CODE,
+    Benchmark,
+    Cell,
+    CellKind,
+    Done,
+    Summary,
+    one_core,
+    register_benchmark,
+)
+from fedq.simulations.results_io import markdown_table
 
 BUFFER_LENGTH = 3 * 2**14
 OBS_DIM, N_ACTIONS = 4, 2  # CartPole-v1
@@ -213,37 +227,83 @@ def time_accountants(batch_size: int) -> list[dict]:
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--updates", type=int, default=2000, help="timed updates per variant")
-    parser.add_argument("--block", type=int, default=100, help="updates per interleaved block")
-    parser.add_argument("--batch-sizes", default="64,256")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    rows = []
-    for batch_size in (int(b) for b in args.batch_sizes.split(",")):
-        times = time_updates(batch_size, args.updates, args.block)
+def run_updates(params: Mapping[str, Any], workdir: Path) -> dict[str, Any]:
+    """One batch size's cell, on one core: every variant's seconds per update, interleaved."""
+    with one_core():
+        return {"times": time_updates(params["batch-size"], params["updates"],
+                                      params["block"])}
+
+
+def run_accountants(params: Mapping[str, Any], workdir: Path) -> dict[str, Any]:
+    with one_core():
+        return {"rows": time_accountants(params["batch-size"])}
+
+
+_CODE = (*PRODUCT_CODE, "fedq.simulations.bench_dp_cost")
+UPDATES = CellKind("dp-cost-updates", run_updates, _CODE)
+ACCOUNTANTS = CellKind("dp-cost-accountants", run_accountants, _CODE)
+
+
+def cells(params: Mapping[str, Any]) -> list[Cell]:
+    out = [Cell(UPDATES, {"batch-size": int(b), "updates": params["updates"],
+                          "block": params["block"]})
+           for b in str(params["batch-sizes"]).split(",")]
+    if params["accountants"]:
+        out.append(Cell(ACCOUNTANTS, {"batch-size": 64}))
+    return out
+
+
+def summarise(params: Mapping[str, Any], done: Done) -> Summary:
+    rows, accountant_rows = [], []
+    for cell, result in done:
+        if cell.kind is ACCOUNTANTS:
+            accountant_rows = result["rows"]
+            continue
+        times = result["times"]
         base = statistics.median(times[BASELINE])
         for name, seconds in times.items():
             median = statistics.median(seconds)
-            rows.append({"batch": batch_size, "update": name, "updates timed": len(seconds),
-                         "median us": median * 1e6,
+            rows.append({"batch": cell.params["batch-size"], "update": name,
+                         "updates timed": len(seconds), "median us": median * 1e6,
                          "p90 us": float(np.percentile(seconds, 90)) * 1e6,
                          "x non-private": median / base})
-            print(f"batch {batch_size:>3} {name:<36} {median * 1e6:8.1f} us "
-                  f"({median / base:.2f}x)", flush=True)
-    accountant_rows = time_accountants(batch_size=64)
-    table = markdown_table(rows, ["batch", "update", "updates timed", "median us", "p90 us",
-                                  "x non-private"])
-    accountant_table = markdown_table(accountant_rows, ["accountant", "segments", "updates",
-                                                        "epsilon", "seconds per get_epsilon"])
-    print(table + "\n\n" + accountant_table)
-    folder = write_results("dp_cost", {"buffer length": BUFFER_LENGTH, "rows": rows,
-                                       "accountants": accountant_rows},
-                           table + "\n\nOpacus accountants on a device's lifetime history "
-                           "(batch 64, noise multiplier 1, delta 1e-5):\n\n" + accountant_table)
-    print(f"results in {folder}")
+    text = ""
+    if accountant_rows:
+        text = ("Opacus accountants on a device's lifetime history (batch 64, noise "
+                "multiplier 1, delta 1e-5):\n\n" + markdown_table(
+                    accountant_rows, ["accountant", "segments", "updates", "epsilon",
+                                      "seconds per get_epsilon"]))
+
+    def plot(path: Path) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        batches = sorted({r["batch"] for r in rows})
+        fig, ax = plt.subplots(figsize=(7, 3.6))
+        width = 0.8 / len(batches)
+        for i, batch in enumerate(batches):
+            mine = [r for r in rows if r["batch"] == batch]
+            ax.barh([j + i * width for j in range(len(mine))],
+                    [r["x non-private"] for r in mine], height=width, label=f"batch {batch}")
+            ax.set_yticks(range(len(mine)), [r["update"] for r in mine], fontsize=8)
+        ax.axvline(1.0, color="k", lw=0.8)
+        ax.set_xlabel("median time per update / non-private update")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+
+    return Summary(rows, ["batch", "update", "updates timed", "median us", "p90 us",
+                          "x non-private"], text,
+                   payload={"buffer length": BUFFER_LENGTH, "accountants": accountant_rows},
+                   plot=plot)
 
 
-if __name__ == "__main__":
-    main()
+register_benchmark(Benchmark(
+    "dp_cost", "time per DP-SGD update vs a non-private update, per per-sample-gradient "
+    "method", defaults={"updates": 2000, "block": 100, "batch-sizes": "64,256",
+                        "accountants": True},
+    quick={"updates": 20, "block": 10, "batch-sizes": "16", "accountants": False},
+    cells=cells, summarise=summarise, parallel=False))

@@ -15,24 +15,33 @@ sized Ray actors (here one core each, so two on two cores) and hands them whiche
 sampled device's message comes next; between rounds a device exists only as its
 partition id and its files on disk.
 
-    python -m fedq.simulations.bench_scale
+    python -m fedq.simulations.bench scale
+
+Each run is one ``scale-run`` cell of :mod:`simulations.harness` (cached under
+``runs/harness/``; the two run one at a time, as each measures the machine's memory).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from fedq.simulations.results_io import markdown_table, write_results
+from fedq.simulations.harness import (
+    PRODUCT_CODE,
+    Benchmark,
+    Cell,
+    CellKind,
+    Done,
+    Summary,
+    register_benchmark,
+)
 from fedq.simulations.run import app_defaults, resolve_run_config, simulate
 from fedq.simulations.scenario import SCENARIOS_DIR, load_scenario
-
-CACHE = Path("runs/bench_scale")
 
 
 def _children() -> dict[int, list[int]]:
@@ -94,12 +103,15 @@ def du_kib(path: Path) -> float:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 1024
 
 
-def run_one(clients: int, fraction: float, args: argparse.Namespace) -> dict[str, Any]:
-    run_dir = (CACHE / f"n{clients}-f{fraction}-{int(time.time())}").resolve()
-    overrides = {"num-server-rounds": args.rounds, "local-steps": args.local_steps,
+def run_one(params: Mapping[str, Any], workdir: Path) -> dict[str, Any]:
+    """One ``scale-run`` cell: the scenario with ``clients`` virtual devices, a share
+    ``fraction`` of them sampled per round, its peak memory sampled while it runs."""
+    clients, fraction = params["clients"], params["fraction"]
+    run_dir = workdir.resolve()
+    overrides = {"num-server-rounds": params["rounds"], "local-steps": params["local-steps"],
                  "fraction-train": fraction, "fraction-evaluate": fraction,
                  "min-available-clients": clients, "eval-episodes": 2,
-                 "buffer-size": args.buffer_size, "learning-starts": 100,
+                 "buffer-size": params["buffer-size"], "learning-starts": 100,
                  "run-dir": str(run_dir)}
     scenario = load_scenario(SCENARIOS_DIR / "hetero_cartpole.toml", clients, app_defaults(),
                              overrides)
@@ -107,8 +119,8 @@ def run_one(clients: int, fraction: float, args: argparse.Namespace) -> dict[str
     sampler = PeakSampler()
     sampler.start()
     started = time.perf_counter()
-    result = simulate(run_config, clients, cpus_per_client=args.cpus_per_client, stream=False,
-                      timeout=3600)
+    result = simulate(run_config, clients, cpus_per_client=params["cpus-per-client"],
+                      stream=False, timeout=3600)
     wall = time.perf_counter() - started
     sampler.stop.set()
     sampler.join()
@@ -130,46 +142,74 @@ def run_one(clients: int, fraction: float, args: argparse.Namespace) -> dict[str
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--local-steps", type=int, default=500)
-    parser.add_argument("--buffer-size", type=int, default=5000)
-    parser.add_argument("--cpus-per-client", type=int, default=1)
-    args = parser.parse_args()
-    small = run_one(10, 1.0, args)
-    large = run_one(100, 0.1, args)
-    per_client_pss = (large["peak PSS MiB"] - small["peak PSS MiB"]) / 90 * 1024
-    per_client_rss = (large["peak RSS MiB"] - small["peak RSS MiB"]) / 90 * 1024
-    table = [small, large]
+SCALE_RUN = CellKind("scale-run", run_one, (
+    *PRODUCT_CODE, "fedq.simulations.bench_scale", "fedq.simulations.run",
+    "fedq.simulations.flower_runtime", "fedq.simulations.scenario"))
+
+
+def cells(params: Mapping[str, Any]) -> list[Cell]:
+    """The small federation (every device sampled) and the large one (a share of it)."""
+    shared = {k: params[k] for k in ("rounds", "local-steps", "buffer-size",
+                                     "cpus-per-client")}
+    return [Cell(SCALE_RUN, {**shared, "clients": params["small"], "fraction": 1.0}),
+            Cell(SCALE_RUN, {**shared, "clients": params["large"],
+                             "fraction": params["large-fraction"]})]
+
+
+def summarise(params: Mapping[str, Any], done: Done) -> Summary:
+    table = [result for _, result in done]
     columns = ["virtual clients", "fraction", "trained per round", "evaluated per round",
                "devices with state on disk", "disk KiB per device", "peak RSS MiB",
                "peak PSS MiB", "peak processes", "median round s", "wall s"]
-    markdown = markdown_table(table, columns)
     backend = {"backend": "ray (Flower simulation engine default)",
-               "client-resources-num-cpus": args.cpus_per_client,
+               "client-resources-num-cpus": params["cpus-per-client"],
                "client-resources-num-gpus": 0.0,
                "init-args-num-cpus": "Ray default: all cores visible",
                "cores": len(os.sched_getaffinity(0)),
                "concurrent ClientApp actors": len(os.sched_getaffinity(0))
-               // args.cpus_per_client}
-    summary = (f"Marginal memory per extra virtual client (100 vs 10 devices, same work per "
-               f"round): {per_client_pss:.1f} KiB PSS, {per_client_rss:.1f} KiB RSS in "
-               "memory (near zero or negative: below the run-to-run noise of the Ray "
-               "processes, i.e. memory does not grow with the number of virtual clients), "
-               f"plus {large['disk KiB per device']:.0f} KiB on disk per device that has "
-               f"trained (replay buffer of up to {args.buffer_size} transitions, learner, "
-               "counters).")
-    print(markdown)
-    print(summary)
-    write_results("scale", {"runs": table, "backend": backend,
-                            "marginal-KiB-per-client-pss": per_client_pss,
-                            "marginal-KiB-per-client-rss": per_client_rss,
-                            "rounds": args.rounds, "local-steps": args.local_steps},
-                  f"{markdown}\n\n{summary}\n\nSimulation backend settings: "
-                  f"{json.dumps(backend)}. Memory is the peak over the run of the summed "
-                  "memory of every process the benchmark started, sampled every 0.5 s.\n")
+               // params["cpus-per-client"]}
+    text = (f"Simulation backend settings: {json.dumps(backend)}. Memory is the peak over the "
+            "run of the summed memory of every process the benchmark started, sampled every "
+            "0.5 s.")
+    payload: dict[str, Any] = {"runs": table, "backend": backend}
+    if len(table) == 2:
+        small, large = table
+        extra = large["virtual clients"] - small["virtual clients"]
+        per_client_pss = (large["peak PSS MiB"] - small["peak PSS MiB"]) / extra * 1024
+        per_client_rss = (large["peak RSS MiB"] - small["peak RSS MiB"]) / extra * 1024
+        payload.update({"marginal-KiB-per-client-pss": per_client_pss,
+                        "marginal-KiB-per-client-rss": per_client_rss})
+        text = (f"Marginal memory per extra virtual client ({large['virtual clients']} vs "
+                f"{small['virtual clients']} devices, same work per round): "
+                f"{per_client_pss:.1f} KiB PSS, {per_client_rss:.1f} KiB RSS in memory (near "
+                "zero or negative: below the run-to-run noise of the Ray processes, i.e. "
+                "memory does not grow with the number of virtual clients), plus "
+                f"{large['disk KiB per device']:.0f} KiB on disk per device that has trained "
+                f"(replay buffer of up to {params['buffer-size']} transitions, learner, "
+                f"counters).\n\n{text}")
+
+    def plot(path: Path) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(5, 3.4))
+        labels = [f"{r['virtual clients']} virtual, {r['fraction']:g} per round" for r in table]
+        ax.bar(labels, [r["peak PSS MiB"] for r in table], label="peak PSS")
+        ax.plot(labels, [r["peak RSS MiB"] for r in table], "ko", label="peak RSS")
+        ax.set_ylabel("MiB, all processes of the run")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+
+    return Summary(table, columns, text, payload, plot)
 
 
-if __name__ == "__main__":
-    main()
+register_benchmark(Benchmark(
+    "scale", "100 virtual clients, 10 per round, vs 10 clients: memory and disk per device",
+    defaults={"small": 10, "large": 100, "large-fraction": 0.1, "rounds": 3,
+              "local-steps": 500, "buffer-size": 5000, "cpus-per-client": 1},
+    quick={"small": 2, "large": 4, "large-fraction": 0.5, "rounds": 1, "local-steps": 100},
+    cells=cells, summarise=summarise, parallel=False))

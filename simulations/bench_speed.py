@@ -6,20 +6,35 @@ over 250k steps, Huber loss, grad-norm clip 10, plain DQN target), on one core w
 torch thread, alternating fedq and SB3 runs in this one process. A second schedule
 starts at epsilon 0.05 so greedy acting (the late-training regime) dominates.
 
-    taskset -c 0 python -m fedq.simulations.bench_speed --steps 50000 --repeats 5
+    python -m fedq.simulations.bench speed      # each cell pinned to one core
+
+Each (schedule, repeat) is one ``speed-pair`` cell of :mod:`simulations.harness`: a fedq run
+and then an SB3 run of the same seed, back to back, so each ratio is of a pair that met
+the same machine state. SB3 is not a fedq dependency: without it the cell times fedq alone
+and the SB3 columns are empty.
 """
 
 from __future__ import annotations
 
-import argparse
+import importlib.util
 import statistics
 import time
-
-import torch
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
 from fedq.common.config import FedqConfig
 from fedq.common.trainer import LocalTrainer
-from fedq.simulations.results_io import markdown_table, write_results
+from fedq.simulations.harness import (
+    PRODUCT_CODE,
+    Benchmark,
+    Cell,
+    CellKind,
+    Done,
+    Summary,
+    one_core,
+    register_benchmark,
+)
 
 CLEANRL = {"hidden-sizes": "120,84", "learning-rate": 2.5e-4, "buffer-size": 10_000,
            "batch-size": 128, "learning-starts": 10_000, "train-frequency": 10,
@@ -57,33 +72,72 @@ def sb3_steps_per_second(steps: int, initial_eps: float, seed: int) -> float:
     return steps / (time.perf_counter() - started)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=50_000)
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
-    torch.set_num_threads(1)
+def run_pair(params: Mapping[str, Any], workdir: Path) -> dict[str, Any]:
+    """One ``speed-pair`` cell on one core: fedq's steps/s, then SB3's (None without
+    SB3)."""
+    initial_eps = SCHEDULES[params["schedule"]]
+    with one_core():
+        fedq = fedq_steps_per_second(params["steps"], initial_eps, seed=params["seed"])
+        sb3 = None
+        if importlib.util.find_spec("stable_baselines3") is not None:
+            sb3 = sb3_steps_per_second(params["steps"], initial_eps, seed=params["seed"])
+    return {"fedq": fedq, "sb3": sb3}
+
+
+SPEED_PAIR = CellKind("speed-pair", run_pair, (*PRODUCT_CODE, "fedq.simulations.bench_speed"))
+
+
+def cells(params: Mapping[str, Any]) -> list[Cell]:
+    schedules = [s for s in SCHEDULES if params["schedules"] == "all" or
+                 s.startswith(str(params["schedules"]))]
+    return [Cell(SPEED_PAIR, {"schedule": name, "steps": params["steps"], "seed": rep})
+            for name in schedules for rep in range(params["repeats"])]
+
+
+def summarise(params: Mapping[str, Any], done: Done) -> Summary:
+    by_schedule: dict[str, list[dict[str, Any]]] = {}
+    for cell, result in done:
+        by_schedule.setdefault(cell.params["schedule"], []).append(result)
     rows = []
-    for name, initial_eps in SCHEDULES.items():
-        fedq, sb3 = [], []
-        for rep in range(args.repeats):
-            fedq.append(fedq_steps_per_second(args.steps, initial_eps, seed=rep))
-            sb3.append(sb3_steps_per_second(args.steps, initial_eps, seed=rep))
-            print(f"{name} rep {rep}: fedq {fedq[-1]:,.0f} steps/s, SB3 {sb3[-1]:,.0f} steps/s",
-                  flush=True)
-        ratios = [f / s for f, s in zip(fedq, sb3, strict=True)]
-        rows.append({"schedule": name, "steps": args.steps, "repeats": args.repeats,
+    for name, pairs in by_schedule.items():
+        fedq = [p["fedq"] for p in pairs]
+        sb3 = [p["sb3"] for p in pairs if p["sb3"] is not None]
+        ratios = [p["fedq"] / p["sb3"] for p in pairs if p["sb3"] is not None]
+        rows.append({"schedule": name, "steps": params["steps"], "repeats": len(pairs),
                      "fedq steps/s (median)": statistics.median(fedq),
-                     "SB3 steps/s (median)": statistics.median(sb3),
-                     "ratio fedq/SB3 (median of paired)": statistics.median(ratios),
+                     "SB3 steps/s (median)": statistics.median(sb3) if sb3 else None,
+                     "ratio fedq/SB3 (median of paired)":
+                         statistics.median(ratios) if ratios else None,
                      "fedq runs": fedq, "sb3 runs": sb3})
     columns = ["schedule", "steps", "repeats", "fedq steps/s (median)", "SB3 steps/s (median)",
                "ratio fedq/SB3 (median of paired)"]
-    table = markdown_table(rows, columns)
-    print(table)
-    folder = write_results("speed", {"config": CLEANRL, "rows": rows}, table)
-    print(f"results in {folder}")
+
+    def plot(path: Path) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 3.4))
+        for i, row in enumerate(rows):
+            ax.scatter([i - 0.1] * len(row["fedq runs"]), row["fedq runs"], color="C0",
+                       label="fedq" if i == 0 else None)
+            ax.scatter([i + 0.1] * len(row["sb3 runs"]), row["sb3 runs"], color="C1",
+                       label="SB3" if i == 0 else None)
+        ax.set_xticks(range(len(rows)), [r["schedule"] for r in rows], fontsize=8)
+        ax.set_ylabel("env steps / s (one core)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+
+    return Summary(rows, columns, "CleanRL's CartPole schedule on one core, one torch thread "
+                   "(the harness pins each cell to one core).", payload={"config": CLEANRL},
+                   plot=plot)
 
 
-if __name__ == "__main__":
-    main()
+register_benchmark(Benchmark(
+    "speed", "env steps/s of the local learner vs Stable-Baselines3 DQN, CleanRL's schedule",
+    defaults={"steps": 60_000, "repeats": 5, "schedules": "all"},
+    quick={"steps": 1_000, "repeats": 1, "schedules": "greedy"},
+    cells=cells, summarise=summarise, parallel=False))

@@ -1,9 +1,11 @@
-"""Cached federated runs for the benchmarks, and a greedy score of their final models.
+"""Federated runs as benchmark cells, and a greedy score of their final models.
 
-A cell is one complete ``fedq-simulate`` run (Flower's simulation engine, real
-SuperLink) with some config overrides. A finished cell is marked ``DONE`` in its run
-directory and reused, so an interrupted benchmark continues where it stopped and two
-benchmarks that need the same run (the clean FedAvg baseline) share it.
+A ``federated-run`` cell (:data:`FEDERATED_RUN`, run and cached by
+:mod:`simulations.harness`) is one complete ``fedq-simulate`` run (Flower's simulation
+engine, real SuperLink) with some config overrides and, optionally, simulated attackers.
+Its result keeps what the benchmarks read: the run's ending, its ``metrics.jsonl`` rows,
+the score of its final models and each device's privacy ledger, so a table or plot can
+be redrawn from the cache alone.
 
 The score of a run is the greedy return of the *global model itself*, read back from
 the last checkpoints and played on fresh CartPole episodes here, rather than the
@@ -14,57 +16,78 @@ willing to evaluate it, yet the model still has a (poor) return to report.
 from __future__ import annotations
 
 import json
-import shutil
 import statistics
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from fedq.common.config import ConfigScalar, FedqConfig
+from fedq.common.config import FedqConfig
 from fedq.common.trainer import LocalTrainer
 from fedq.simulations.attacks import Attack
+from fedq.simulations.harness import PRODUCT_CODE, Cell, CellKind
 from fedq.simulations.run import resolve_run_config, simulate
 
 SCORE_SEED = 424_242  # evaluation episodes: the same for every cell
 # Keys of the attack settings that were product config keys before attacks moved to
-# simulations/attacks.py; cells cached then still carry them in their config.json.
+# simulations/attacks.py; runs saved then still carry them in their config.json.
 LEGACY_ATTACK_KEYS = frozenset({"attack", "attack-partitions", "attack-scale"})
 
 
-@dataclass
-class Cell:
-    """What one finished run left behind."""
-
-    name: str
-    ok: bool
-    status: str
-    rows: list[dict[str, Any]]
-    score: float  # mean greedy return of the last checkpoints
-    seconds: float
-
-
-def run_cell(cache: Path, name: str, overrides: dict[str, ConfigScalar], clients: int,
-             timeout: float = 3600.0, attack: Attack | None = None) -> Cell:
-    """Run (or reuse) the cell ``cache/name``, with simulated attackers if ``attack``
-    is given (the cell's name must say so); a run that ends badly still yields a cell."""
-    run_dir = (cache / name).resolve()
-    done = run_dir / "DONE"
-    if not done.exists():
-        if run_dir.exists():  # an interrupted cell: start it again from scratch
-            shutil.rmtree(run_dir)
-        _, run_config = resolve_run_config(
-            {**overrides, "min-available-clients": clients, "run-dir": str(run_dir)}, clients)
-        result = simulate(run_config, clients, stream=False, timeout=timeout, attack=attack)
-        done.write_text(json.dumps({"ok": result.ok, "status": str(result.status),
-                                    "details": result.status_details}) + "\n")
-    outcome = json.loads(done.read_text())
-    metrics = run_dir / "metrics.jsonl"
+def run_federated(params: Mapping[str, Any], workdir: Path) -> dict[str, Any]:
+    """Run one federated cell in ``workdir``: ``params`` are ``overrides`` (config keys),
+    ``clients`` and ``attack`` (None or ``{"kind", "partitions", "scale"}``). A run that
+    ends badly still yields a result (``ok`` false, its status)."""
+    clients = int(params["clients"])
+    attack = params.get("attack")
+    _, run_config = resolve_run_config(
+        {**params["overrides"], "min-available-clients": clients, "run-dir": str(workdir)},
+        clients)
+    outcome = simulate(run_config, clients, stream=False,
+                       timeout=float(params.get("timeout", 3600.0)),
+                       attack=None if attack is None else Attack(
+                           attack["kind"], tuple(attack["partitions"]),
+                           float(attack.get("scale", 10.0))))
+    metrics = workdir / "metrics.jsonl"
     rows = [json.loads(line) for line in metrics.read_text().splitlines()] \
         if metrics.exists() else []
-    details = outcome["details"] if outcome["details"] not in (None, "", "N/A") else None
-    status = outcome["status"] + (f" ({details})" if details else "")
-    return Cell(name=name, ok=outcome["ok"], status=status, rows=rows,
-                score=checkpoint_score(run_dir), seconds=sum(r["round-seconds"] for r in rows))
+    details = outcome.status_details if outcome.status_details not in (None, "", "N/A") \
+        else None
+    return {"ok": outcome.ok, "status": str(outcome.status) + (f" ({details})" if details
+                                                               else ""),
+            "rows": rows, "score": checkpoint_score(workdir),
+            "seconds": sum(r["round-seconds"] for r in rows),
+            "ledgers": device_ledgers(workdir)}
+
+
+FEDERATED_RUN = CellKind("federated-run", run_federated, (
+    *PRODUCT_CODE, "fedq.simulations.federated_cells", "fedq.simulations.run",
+    "fedq.simulations.attacks", "fedq.simulations.flower_runtime",
+    "fedq.simulations.scenario"))
+
+
+def federated_cell(overrides: Mapping[str, Any], clients: int,
+                   attack: Attack | None = None) -> Cell:
+    """The cell of one federated run (its cache entry is shared by every benchmark that
+    asks for the same overrides, clients and attack)."""
+    return Cell(FEDERATED_RUN, {
+        "overrides": dict(overrides), "clients": clients,
+        "attack": None if attack is None else {"kind": attack.kind,
+                                               "partitions": list(attack.partitions),
+                                               "scale": attack.scale}})
+
+
+def device_ledgers(run_dir: Path) -> list[list[list[float]]]:
+    """Each device's privacy ledger history as its disk holds it (empty without DP)."""
+    ledgers = []
+    devices = run_dir / "devices"
+    for device in sorted(devices.iterdir()) if devices.is_dir() else []:
+        pointer = device / "CURRENT"
+        if not pointer.exists():
+            continue
+        ledger = device / pointer.read_text().strip() / "privacy.json"
+        if ledger.exists():
+            ledgers.append(json.loads(ledger.read_text())["history"])
+    return ledgers
 
 
 def checkpoint_score(run_dir: Path, episodes: int = 10) -> float:
@@ -87,11 +110,11 @@ def checkpoint_score(run_dir: Path, episodes: int = 10) -> float:
     return statistics.fmean(returns)
 
 
-def mean_over_rounds(cell: Cell) -> float:
+def mean_over_rounds(rows: list[dict[str, Any]]) -> float:
     """The federated greedy return averaged over every round that had one: how well the
     run learned throughout, less at the mercy of DQN's round-to-round swings than the
     final score. NaN if no round was evaluated."""
-    returns = [r for r in curve(cell.rows)[1] if r == r]
+    returns = [r for r in curve(rows)[1] if r == r]
     return statistics.fmean(returns) if returns else float("nan")
 
 

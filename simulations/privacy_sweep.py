@@ -1,47 +1,50 @@
 """Privacy-utility sweep: device-side DP-SGD noise multipliers x clipping norms x seeds.
 
-Every cell is a real federated run in Flower's simulation engine
-(:func:`simulations.federated_cells.run_cell`, i.e. ``fedq-simulate``) with the same
-scenario and the same env-step budget per device (``--rounds`` x ``--local-steps``), plus
-the non-private baseline with that budget. For each cell the sweep reads
+Every cell is a real federated run in Flower's simulation engine (a ``federated-run`` cell of
+:mod:`simulations.harness`, i.e. ``fedq-simulate``) with the same scenario and the same
+env-step budget per device (``rounds`` x ``local-steps``), plus the non-private baseline
+with that budget. For each cell the sweep reads
 
-- every device's final lifetime epsilon (at ``--delta``), recomputed here with Opacus's
+- every device's final lifetime epsilon (at ``delta``), recomputed here with Opacus's
   accountant from the ledger the device left on its disk (``privacy.json``), not from
   what the server was told;
 - the final federated greedy return: the last round's mean over the devices' greedy
   evaluation episodes of the global model (and, less noisy, the mean of the last three
   rounds).
 
-Seeds are summarised as mean and spread (min..max); the table goes through
-``results_io.write_results("privacy_sweep", ...)`` and the plot (return vs epsilon, log
-x) to ``simulations/results/privacy_sweep/privacy_utility.png``.
+Seeds are summarised as mean and spread (min..max); the plot is return vs epsilon (log x).
+Two sweeps are registered: ``privacy_sweep`` (the noise x clip grid, 25k env steps per
+device) and ``privacy_sweep_50k`` (the best setting over 50k). Finished cells are cached by
+the harness; an interrupted cell starts again from scratch (a resumed one would repeat a
+round and spend extra epsilon and env steps), and widening the grid runs only new cells.
 
-Resumable: each finished cell is marked ``DONE`` in its run directory under
-``runs/privacy_sweep/<budget>/`` and reused; a cell interrupted half-way is started again
-from scratch (a resumed cell would repeat a round and spend extra epsilon and env steps).
-So re-running the same command after an interruption continues the sweep, and widening
-the grid (more noise values, clip norms or seeds) runs only the new cells.
-
-    python -m fedq.simulations.privacy_sweep --noise 0.8,1.2,2.0 --clip 1.0 --seeds 3
+    python -m fedq.simulations.bench privacy_sweep                   # the committed results
+    python -m fedq.simulations.bench privacy_sweep --set noise=0.8,1.2 --set seeds=2
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import statistics
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fedq.common.config import ConfigScalar, parse_assignment
 from fedq.common.privacy import epsilon_of
-from fedq.simulations.federated_cells import Cell, run_cell
-from fedq.simulations.results_io import RESULTS_ROOT, markdown_table, results_name, write_results
+from fedq.simulations.federated_cells import federated_cell
+from fedq.simulations.harness import (
+    Benchmark,
+    Cell,
+    Done,
+    Summary,
+    cell_key,
+    register_benchmark,
+    results_by_cell,
+)
 from fedq.simulations.run import resolve_run_config
 
-CACHE = Path("runs/privacy_sweep")
 UTILITY_SHARE = 0.9  # the issue's target: >= 90 % of the non-private return
 
 
@@ -57,58 +60,75 @@ class Setting:
         return "no-dp" if self.noise is None else f"noise{self.noise:g}-clip{self.clip:g}"
 
 
-def budget_name(args: argparse.Namespace) -> str:
-    """The cache folder of one scenario and budget: cells in it are comparable."""
-    return (f"{args.env_id}-n{args.clients}-r{args.rounds}x{args.local_steps}"
-            f"-ls{args.learning_starts}-b{args.batch_size}"
-            + "".join(f"-{k}{v}" for k, v in sorted(args.overrides.items())))
+def learner_overrides(params: Mapping[str, Any]) -> dict[str, ConfigScalar]:
+    """``learner``: comma-separated ``KEY=VALUE`` settings for every cell, DP or not (e.g.
+    ``train-frequency=32``): the baseline differs only in DP."""
+    items = [item for item in str(params["learner"]).split(",") if item.strip()]
+    return dict(parse_assignment(item.strip()) for item in items)
 
 
-def overrides_of(setting: Setting, seed: int, args: argparse.Namespace) -> dict[str, ConfigScalar]:
+def overrides_of(setting: Setting, seed: int, params: Mapping[str, Any]
+                 ) -> dict[str, ConfigScalar]:
     base: dict[str, ConfigScalar] = {
-        "env-id": args.env_id, "seed": seed, "num-server-rounds": args.rounds,
-        "local-steps": args.local_steps, "learning-starts": args.learning_starts,
-        "batch-size": args.batch_size, "eval-episodes": args.eval_episodes,
-        **args.overrides}
+        "env-id": params["env-id"], "seed": seed, "num-server-rounds": params["rounds"],
+        "local-steps": params["local-steps"], "learning-starts": params["learning-starts"],
+        "batch-size": params["batch-size"], "eval-episodes": params["eval-episodes"],
+        **learner_overrides(params)}
     if setting.noise is None:
         return base
     return {**base, "dp-enabled": True, "dp-noise-multiplier": setting.noise,
-            "dp-clip-norm": float(setting.clip), "dp-delta": args.delta}
+            "dp-clip-norm": float(setting.clip), "dp-delta": params["delta"]}
 
 
-def device_epsilons(run_dir: Path, delta: float) -> list[float]:
+def settings(params: Mapping[str, Any]) -> list[Setting]:
+    """The non-private baseline, then every (noise, clip) of the grid."""
+    return [Setting(None, None)] + [Setting(n, c) for c in _floats(params["clip"])
+                                    for n in _floats(params["noise"])]
+
+
+def _plan(params: Mapping[str, Any]) -> list[tuple[Setting, int, Cell]]:
+    resolve_run_config(learner_overrides(params), params["clients"])  # bad keys fail here
+    return [(setting, seed, federated_cell(overrides_of(setting, seed, params),
+                                           params["clients"]))
+            for setting in settings(params) for seed in range(params["seeds"])]
+
+
+def cells(params: Mapping[str, Any]) -> list[Cell]:
+    return [cell for *_, cell in _plan(params)]
+
+
+def device_epsilons(ledgers: list[list[list[float]]], delta: float) -> list[float]:
     """Each device's lifetime epsilon from the ledger on its disk (Opacus RDP)."""
-    epsilons = []
-    for device in sorted((run_dir / "devices").iterdir()):
-        generation = (device / "CURRENT").read_text().strip()
-        ledger = json.loads((device / generation / "privacy.json").read_text())
-        history = tuple((float(n), float(q), int(k)) for n, q, k in ledger["history"])
-        epsilons.append(epsilon_of("rdp", delta, history))
-    return epsilons
+    return [epsilon_of("rdp", delta, tuple((float(n), float(q), int(k)) for n, q, k in h))
+            for h in ledgers]
 
 
-def summarise(setting: Setting, cells: list[Cell], cache: Path, delta: float,
-              clients: int) -> dict[str, Any]:
+def summarise_setting(setting: Setting, runs: list[dict[str, Any]], delta: float,
+                      clients: int) -> dict[str, Any]:
     """One table row: epsilon over devices and seeds, return mean and spread over seeds."""
-    finals = [c.rows[-1]["eval"]["eval-return-mean"] for c in cells]
-    last3 = [statistics.fmean(r["eval"]["eval-return-mean"] for r in c.rows[-3:])
-             for c in cells]
+    for run in runs:
+        if not run["ok"] or not run["rows"]:
+            raise RuntimeError(f"privacy sweep: a {setting.name} run failed: {run['status']}")
+    finals = [c["rows"][-1]["eval"]["eval-return-mean"] for c in runs]
+    last3 = [statistics.fmean(r["eval"]["eval-return-mean"] for r in c["rows"][-3:])
+             for c in runs]
+    steps = runs[0]["rows"][-1]["env-steps-per-client-total"]
     row: dict[str, Any] = {
         "setting": setting.name,
         "noise": "-" if setting.noise is None else setting.noise,
         "clip": "-" if setting.clip is None else setting.clip,
-        "seeds": len(cells),
+        "seeds": len(runs),
         "return mean": statistics.fmean(finals),
         "return min": min(finals),
         "return max": max(finals),
         "return std": statistics.pstdev(finals),
         "last-3-rounds return mean": statistics.fmean(last3),
-        "env steps per device": cells[0].rows[-1]["env-steps-per-client-total"],
-        "env steps total": cells[0].rows[-1]["env-steps-per-client-total"] * clients,
+        "env steps per device": steps,
+        "env steps total": steps * clients,
         "per-seed returns": finals,
     }
     if setting.noise is not None:
-        epsilons = [e for c in cells for e in device_epsilons(cache / c.name, delta)]
+        epsilons = [e for c in runs for e in device_epsilons(c["ledgers"], delta)]
         row["epsilon max"] = max(epsilons)
         row["epsilon mean"] = statistics.fmean(epsilons)
     else:
@@ -150,70 +170,29 @@ def plot(rows: list[dict[str, Any]], baseline: dict[str, Any], path: Path,
     plt.close(fig)
 
 
-def _json_safe(row: dict[str, Any]) -> dict[str, Any]:
-    """inf (no DP) as null: strict JSON has no Infinity."""
-    return {k: None if isinstance(v, float) and math.isinf(v) else v for k, v in row.items()}
+def _floats(text: Any) -> list[float]:
+    return [float(v) for v in str(text).split(",") if v.strip()]
 
 
-def _floats(text: str) -> list[float]:
-    return [float(v) for v in text.split(",") if v.strip()]
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--noise", default="0.8,1.2,2.0", help="noise multipliers")
-    parser.add_argument("--clip", default="1.0", help="per-transition clip norms")
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--env-id", default="CartPole-v1")
-    parser.add_argument("--clients", type=int, default=4)
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--local-steps", type=int, default=2500)
-    parser.add_argument("--learning-starts", type=int, default=2500,
-                        help="env steps before the first update: later starts mean smaller "
-                             "sample rates (batch / buffer length), so less epsilon per update")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--eval-episodes", type=int, default=10)
-    parser.add_argument("--delta", type=float, default=1e-5)
-    parser.add_argument("--results-name", default="privacy_sweep", type=results_name,
-                        help="folder under simulations/results/ for the table and plot "
-                             "(another name keeps a second scenario's sweep beside the first)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="KEY=VALUE",
-                        help="a learner setting for every cell, DP or not (e.g. "
-                             "train-frequency=8): the baseline differs only in DP")
-    args = parser.parse_args()
-    args.overrides = dict(parse_assignment(item) for item in args.overrides)
-    resolve_run_config(args.overrides, args.clients)  # a bad override fails here, naming it
-
-    cache = CACHE / budget_name(args)
-    settings = [Setting(None, None)] + [Setting(n, c) for c in _floats(args.clip)
-                                        for n in _floats(args.noise)]
-    rows = []
-    for setting in settings:
-        cells = []
-        for seed in range(args.seeds):
-            name = f"{setting.name}-seed{seed}"
-            print(f"[sweep] {name}", flush=True)
-            cell = run_cell(cache, name, overrides_of(setting, seed, args), args.clients)
-            if not cell.ok or not cell.rows:
-                raise RuntimeError(f"cell {name} failed: {cell.status}; see "
-                                   f"{cache / name / 'flower.log'}")
-            cells.append(cell)
-        rows.append(summarise(setting, cells, cache, args.delta, args.clients))
-        print(f"[sweep] {setting.name}: return {rows[-1]['return mean']:.1f} "
-              f"eps max {rows[-1]['epsilon max']:.3g}", flush=True)
-
+def summarise(params: Mapping[str, Any], done: Done) -> Summary:
+    results = results_by_cell(done)
+    by_setting: dict[Setting, list[dict[str, Any]]] = {}
+    for setting, _, cell in _plan(params):
+        if cell_key(cell) in results:
+            by_setting.setdefault(setting, []).append(results[cell_key(cell)])
+    if Setting(None, None) not in by_setting:
+        raise ValueError("privacy sweep: the non-private baseline has not run yet")
+    rows = [summarise_setting(s, runs, params["delta"], params["clients"])
+            for s, runs in by_setting.items()]
     baseline, private = rows[0], rows[1:]
     for row in private:
         row["vs non-private"] = row["return mean"] / baseline["return mean"]
     baseline["vs non-private"] = 1.0
     eligible = [r for r in private if r["epsilon max"] <= 8.0]
     best = max(eligible, key=lambda r: r["return mean"], default=None)
-    budget = args.rounds * args.local_steps
-    title = (f"{args.env_id}, {args.clients} devices, {args.seeds} seeds, {budget:,} env "
-             f"steps per device, delta {args.delta:g}")
-    out_dir = RESULTS_ROOT / args.results_name
-    plot(private, baseline, out_dir / "privacy_utility.png", title)
+    budget = params["rounds"] * params["local-steps"]
+    title = (f"{params['env-id']}, {params['clients']} devices, {params['seeds']} seeds, "
+             f"{budget:,} env steps per device, delta {params['delta']:g}")
     columns = ["setting", "noise", "clip", "epsilon max", "epsilon mean", "return mean",
                "return min", "return max", "return std", "last-3-rounds return mean",
                "vs non-private", "env steps per device", "env steps total", "seeds"]
@@ -223,21 +202,32 @@ def main() -> None:
         f"{best['epsilon max']:.2f}), return {best['return mean']:.1f} = "
         f"{best['vs non-private']:.0%} of the non-private {baseline['return mean']:.1f} "
         f"(target >= {UTILITY_SHARE:.0%}: {'met' if met else 'not met'})")
-    markdown = "\n\n".join([
-        f"Privacy-utility sweep: {title}; FedAvg every {args.local_steps} env steps, "
-        f"learning-starts {args.learning_starts}, batch {args.batch_size}"
-        f"{', ' + str(args.overrides) if args.overrides else ''}. Return: the last "
-        f"round's federated greedy return (mean over devices x {args.eval_episodes} "
-        "episodes), mean and min..max over seeds. Epsilon: each device's lifetime "
-        "epsilon (Opacus RDP) recomputed from its on-disk ledger; max and mean over "
-        "devices and seeds. Privacy unit: one transition of a device's replay buffer.",
-        markdown_table([baseline, *private], columns),
-        verdict, "Plot: `privacy_utility.png`."])
-    write_results(args.results_name, {
-        "settings": vars(args), "rows": [_json_safe(r) for r in (baseline, *private)],
-        "verdict": verdict}, markdown)
-    print(markdown)
+    learner = learner_overrides(params)
+    text = "\n\n".join([
+        f"Privacy-utility sweep: {title}; FedAvg every {params['local-steps']} env steps, "
+        f"learning-starts {params['learning-starts']}, batch {params['batch-size']}"
+        f"{', ' + str(learner) if learner else ''}. Return: the last round's federated "
+        f"greedy return (mean over devices x {params['eval-episodes']} episodes), mean and "
+        "min..max over seeds. Epsilon: each device's lifetime epsilon (Opacus RDP) "
+        "recomputed from its on-disk ledger; max and mean over devices and seeds. Privacy "
+        "unit: one transition of a device's replay buffer.", verdict])
+    return Summary([baseline, *private], columns, text,
+                   payload={"verdict": verdict},
+                   plot=lambda path: plot(private, baseline, path, title))
 
 
-if __name__ == "__main__":
-    main()
+_SWEEP = {"noise": "1.2,1.9,3.0", "clip": "0.3,1.0,3.0,10.0", "seeds": 3,
+          "env-id": "CartPole-v1", "clients": 4, "rounds": 10, "local-steps": 2500,
+          "learning-starts": 5000, "batch-size": 1024, "eval-episodes": 10, "delta": 1e-5,
+          "learner": "train-frequency=32,learning-rate=0.003,target-update-interval=2500"}
+_QUICK = {"noise": "1.2", "clip": "1.0", "seeds": 1, "clients": 2, "rounds": 1,
+          "local-steps": 200, "learning-starts": 100, "batch-size": 32, "eval-episodes": 1}
+
+register_benchmark(Benchmark(
+    "privacy_sweep", "(epsilon, return) per DP-SGD noise multiplier x clip norm, 4 CartPole "
+    "devices", defaults=_SWEEP, quick=_QUICK, cells=cells, summarise=summarise,
+    plot_name="privacy_utility.png"))
+register_benchmark(Benchmark(
+    "privacy_sweep_50k", "the privacy sweep's best epsilon <= 8 setting over 50k env steps per "
+    "device", defaults={**_SWEEP, "noise": "2.0", "clip": "3.0", "rounds": 20}, quick=_QUICK,
+    cells=cells, summarise=summarise, plot_name="privacy_utility.png"))

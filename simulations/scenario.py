@@ -56,7 +56,8 @@ DEVICE_KEYS = frozenset({
     "learning-starts", "train-frequency", "gradient-steps", "target-update-interval", "tau",
     "double-dqn", "loss", "max-grad-norm", "exploration-initial-eps",
     "exploration-final-eps", "exploration-steps", "eval-episodes",
-    "dp-enabled", "dp-noise-multiplier", "dp-clip-norm", "dp-delta", "dp-accountant",
+    "dp-enabled", "dp-mechanism", "dp-noise-multiplier", "dp-clip-norm", "dp-delta",
+    "dp-accountant",
     "dp-target-epsilon", "dp-planned-updates",
 })
 _TABLE_KEYS = {"physics": "env-physics", "env-kwargs": "env-kwargs"}

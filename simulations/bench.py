@@ -1,0 +1,193 @@
+"""Run fedq's benchmarks: ``python -m fedq.simulations.bench <name>|all|list``.
+
+Benchmarks ported onto :mod:`simulations.harness` run here cell by cell, with the
+harness's cache, seeds, results and plots. The others are still their own scripts
+(:data:`SCRIPTS`): ``all`` runs each by the command that produced its committed results.
+``python -m fedq.simulations.bench all`` is the one command that regenerates every
+committed result under ``simulations/results/`` (about a day on a 2-core machine, an
+estimate: ``docs/benchmarks.md`` lists each part).
+
+    python -m fedq.simulations.bench list
+    python -m fedq.simulations.bench robustness --set seeds=2 --workers 2
+    python -m fedq.simulations.bench all --quick      # every ported benchmark, tiny cells
+    python -m fedq.simulations.bench privacy_sweep --report   # tabulate what is cached
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from fedq.common.config import parse_assignment
+from fedq.simulations.harness import BENCHMARKS, HarnessError, run_benchmark
+
+PORTED = ("bench_dp_cost", "bench_speed", "bench_backend", "bench_export",
+          "bench_robustness", "bench_communication", "privacy_sweep", "bench_scale")
+"""Modules whose import registers their harness benchmarks."""
+
+
+@dataclass(frozen=True)
+class Script:
+    """A benchmark not (yet) on the harness: the commands that regenerate its committed
+    results, run from the repository root, and an estimate of the hours they take here."""
+
+    name: str
+    commands: tuple[str, ...]
+    hours: float
+    why: str
+
+
+_LEVERS = "python -m fedq.simulations.bench_federation_levers"
+_FEDERATION = "python -m fedq.simulations.bench_federation"
+SCRIPTS = (
+    Script("learning", ("python -m fedq.simulations.bench_learning --seeds 5 --envs "
+                        "CartPole-v1",), 1.0, "being changed on another branch"),
+    Script("federation", (
+        f"{_FEDERATION} --clients 1,2,4,8 --seeds 3",
+        f"{_FEDERATION} --clients 1,2,4,8 --seeds 5 --set strategy=sequential "
+        "--set exploration-clock=federation",
+        f"{_FEDERATION} --clients 1,2,4,8 --seeds 5 --set strategy=sequential "
+        "--set exploration-clock=federation --set learning-rate=0.002",
+        f"{_FEDERATION} --clients 1,4 --seeds 3 --local-steps 500 --max-rounds 120 "
+        "--set strategy=fedavgm --set server-momentum=0.5"), 4.5,
+        "being changed on another branch"),
+    Script("federation_levers", (
+        f"{_LEVERS} --seeds 3",
+        f"{_LEVERS} --levers fedavgm-0.8-500 --first-seed 3 --seeds 7 --workers 1 "
+        "--results-name federation_levers_fedavgm08_seeds3-9",
+        f"{_LEVERS} --levers fedavgm-0.9-500 --seeds 3 --workers 1 "
+        "--results-name federation_levers_fedavgm09",
+        f"{_LEVERS} --levers gs4-fedavg-250 --seeds 3 --results-name federation_levers_gs4",
+        f"{_LEVERS} --levers fedavg-250,lr1e-3-fedavg-250,lr2e-3-fedavg-250,server-lr-N-250 "
+        "--seeds 5 --results-name federation_levers_lr",
+        f"{_LEVERS} --levers lr1e-3-fedavg-250 --seeds 10 --results-name "
+        "federation_levers_lr1e-3",
+        f"{_LEVERS} --levers lr1e-3-fedavg-250 --clients 4 --seeds 10 --max-steps 12000 "
+        "--keep-training --results-name federation_levers_lr1e-3_past_goal",
+        f"{_LEVERS} --levers server-lr-sqrtN-sync10,server-lr-N-sync10,lr1e-3-fedavg-2500,"
+        "lr1e-3-slow-eps-fedavg-250 --seeds 5 --results-name federation_levers_more",
+        f"{_LEVERS} --levers fedavgm-0.8-500,server-lr-2-2500 --seeds 3 --results-name "
+        "federation_levers_oneoffs",
+        f"{_LEVERS} --levers sequential-2500,lr2e-3-sequential-2500 --clients 1,4 --seeds 10 "
+        "--workers 1 --results-name federation_levers_sequential",
+        f"{_LEVERS} --levers sequential-500,lr2e-3-sequential-500 --clients 1,4 --seeds 10 "
+        "--workers 1 --results-name federation_levers_sequential_500",
+        f"{_LEVERS} --levers lr2e-3-sequential-500-fresh-adam --clients 1,4 --seeds 10 "
+        "--workers 2 --results-name federation_levers_sequential_500_fresh_adam",
+        f"{_LEVERS} --levers device-clock-sequential-2500 --clients 4 --seeds 3 "
+        "--max-steps 25000 --workers 2 --results-name "
+        "federation_levers_sequential_device_clock"), 4.5, "being changed on another branch"),
+    Script("federation_pays", ("python -m fedq.simulations.bench_federation_pays --seeds 3 "
+                               "--clients 4,8",), 3.0, "being changed on another branch"),
+    Script("deployment", ("python -m fedq.simulations.bench_deployment --rounds 6",), 0.3,
+           "process-level: real SuperLink and SuperNodes"),
+    Script("fault_drill", ("python -m fedq.simulations.fault_drill --faults 120 --minutes 13 "
+                           "--seed 17 --out simulations/results/fault_drill/drill-seed17.json",),
+           0.3, "process-level: kills real Flower processes"),
+    Script("compose", (
+        "python -m fedq.simulations.compose_check --out "
+        "simulations/results/compose/compose_check.json",
+        "python -m fedq.simulations.compose_check --skip-faults --pi-memory 1g --out "
+        "simulations/results/compose/compose_check_pi1g.json"), 0.2,
+        "process-level: needs a Docker engine"),
+)
+
+
+def load_benchmarks() -> None:
+    """Import the ported benchmark modules (each registers itself)."""
+    for module in PORTED:
+        importlib.import_module(f"fedq.simulations.{module}")
+
+
+def _command(name: str, args: argparse.Namespace) -> str:
+    """The command that regenerates one benchmark's results exactly as this run did."""
+    flags = [name] + (["--quick"] if args.quick else []) + \
+        [f"--set={item}" for item in args.overrides]
+    return "python -m fedq.simulations.bench " + shlex.join(flags)
+
+
+def _run_script(script: Script, report: bool) -> bool:
+    """Run a script benchmark's commands; False if one failed."""
+    if report:
+        print(f"[bench] {script.name}: a script benchmark, nothing cached to report")
+        return True
+    ok = True
+    for command in script.commands:
+        print(f"[bench] {script.name}: {command}", flush=True)
+        argv = shlex.split(command.replace("python ", f"{shlex.quote(sys.executable)} ", 1))
+        started = time.perf_counter()
+        code = subprocess.call(argv)
+        print(f"[bench] {script.name}: exit {code} after {time.perf_counter() - started:.0f} s",
+              flush=True)
+        ok = ok and code == 0
+    return ok
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    load_benchmarks()
+    scripts = {s.name: s for s in SCRIPTS}
+    parser = argparse.ArgumentParser(prog="python -m fedq.simulations.bench",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("name", help="a benchmark, 'all', or 'list'")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny cells; results under runs/harness/quick/ (scripts skipped)")
+    parser.add_argument("--fresh", action="store_true",
+                        help="run every cell again instead of reusing the cache")
+    parser.add_argument("--report", action="store_true",
+                        help="run nothing: write the results of the cells already cached")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="cells run at once (benchmarks that time things: always 1)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="PARAM=VALUE", help="a benchmark parameter (TOML scalar)")
+    args = parser.parse_args(argv)
+    if args.name == "list":
+        for b in BENCHMARKS.values():
+            print(f"{b.name:20} harness  {b.doc}\n{'':29}parameters: {dict(b.defaults)}")
+        for s in SCRIPTS:
+            print(f"{s.name:20} script   ~{s.hours:g} h (estimate), {len(s.commands)} command(s) "
+                  f"({s.why})")
+        return 0
+    known = [*BENCHMARKS, *scripts]
+    if args.name != "all" and args.name not in known:
+        parser.error(f"unknown benchmark {args.name!r}; one of: all, list, {', '.join(known)}")
+    if args.workers < 1:
+        parser.error("--workers must be >= 1")
+    if args.overrides and args.name == "all":
+        parser.error("--set applies to one benchmark, not to all")
+    try:
+        overrides = dict(parse_assignment(item) for item in args.overrides)
+    except ValueError as err:
+        parser.error(str(err))
+    names = known if args.name == "all" else [args.name]
+    failed = []
+    for name in names:
+        if name in scripts:
+            if args.quick:
+                print(f"[bench] {name}: script benchmark, no --quick variant: skipped")
+            elif not _run_script(scripts[name], args.report):
+                failed.append(name)
+            continue
+        try:
+            run_benchmark(BENCHMARKS[name], overrides=overrides, quick=args.quick,
+                          fresh=args.fresh, report=args.report, workers=args.workers,
+                          command=_command(name, args))
+        except (HarnessError, ValueError) as err:
+            if args.name != "all":
+                print(f"python -m fedq.simulations.bench: {err}", file=sys.stderr)
+                return 2
+            print(f"[bench] {name}: failed: {err}", file=sys.stderr)
+            failed.append(name)
+    if failed:
+        print(f"[bench] failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,285 @@
+"""The benchmark harness (simulations/harness.py, simulations/bench.py): a cell runs once
+and is reused until its parameters or its code change; a benchmark killed mid-cell goes
+on with its unfinished cells; results carry the exact command and the environment; every
+ported benchmark has a quick variant, and the cheap one runs here end to end."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from fedq.simulations import bench
+from fedq.simulations.harness import (
+    BENCHMARKS,
+    Benchmark,
+    Cell,
+    CellKind,
+    HarnessError,
+    Summary,
+    fingerprint,
+    resolve_params,
+    run_benchmark,
+)
+
+PROBE = textwrap.dedent('''
+    """A probe benchmark: cells that log each run and can be told to die mid-cell."""
+    import os
+    import signal
+    from pathlib import Path
+
+    from fedq.simulations.harness import Benchmark, Cell, CellKind, Summary
+
+    VERSION = 1
+
+    def run(params, workdir):
+        stale = sorted(p.name for p in workdir.iterdir())
+        (workdir / "partial").write_text("half-way")
+        log = Path(params["log"])
+        with log.open("a") as f:
+            f.write(f"{params['seed']}\\n")
+        if (log.parent / f"kill-at-{params['seed']}").exists():
+            (log.parent / f"kill-at-{params['seed']}").unlink()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return {"value": params["seed"] * params["scale"], "stale": stale}
+
+    KIND = CellKind("probe", run, code=("harness_probe",))
+
+    def cells(params):
+        return [Cell(KIND, {"seed": s, "scale": params["scale"], "log": params["log"]})
+                for s in range(params["seeds"])]
+
+    def summarise(params, done):
+        rows = [{"seed": c.params["seed"], "value": r["value"]} for c, r in done]
+        return Summary(rows, ["seed", "value"], "probe text",
+                       plot=lambda path: path.write_bytes(b"png"))
+
+    BENCHMARK = Benchmark("probe", "a probe", {"seeds": 3, "scale": 2, "log": ""},
+                          {"seeds": 1}, cells, summarise)
+''')
+
+
+@pytest.fixture
+def probe(tmp_path, monkeypatch):
+    """The probe module on sys.path, its log file, and the benchmark's overrides."""
+    module = tmp_path / "harness_probe.py"
+    module.write_text(PROBE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("harness_probe", None)
+    import harness_probe
+
+    yield harness_probe, module, {"log": str(tmp_path / "runs.log")}
+    sys.modules.pop("harness_probe", None)
+
+
+def _runs(tmp_path: Path) -> list[str]:
+    log = tmp_path / "runs.log"
+    return log.read_text().split() if log.exists() else []
+
+
+def _run(benchmark: Benchmark, tmp_path: Path, **kwargs):
+    return run_benchmark(benchmark, cache_root=tmp_path / "cache",
+                         results_root=tmp_path / "results", log=lambda _: None,
+                         command="python -m fedq.simulations.bench probe", **kwargs)
+
+
+def test_a_cell_is_reused_until_its_parameters_or_code_change(probe, tmp_path):
+    module, path, overrides = probe
+    first = _run(module.BENCHMARK, tmp_path, overrides=overrides)
+    assert (first.ran, first.cached) == (3, 0)
+    again = _run(module.BENCHMARK, tmp_path, overrides=overrides)
+    assert (again.ran, again.cached) == (0, 3)
+    assert _runs(tmp_path) == ["0", "1", "2"]  # nothing ran the second time
+    wider = _run(module.BENCHMARK, tmp_path, overrides={**overrides, "seeds": 4})
+    assert (wider.ran, wider.cached) == (1, 3)  # only the new seed
+    rescaled = _run(module.BENCHMARK, tmp_path, overrides={**overrides, "scale": 3})
+    assert (rescaled.ran, rescaled.cached) == (3, 0)
+    path.write_text(PROBE.replace("VERSION = 1", "VERSION = 2"))  # the code changed
+    recoded = _run(module.BENCHMARK, tmp_path, overrides={**overrides, "scale": 3})
+    assert (recoded.ran, recoded.cached) == (3, 0)
+    fresh = _run(module.BENCHMARK, tmp_path, overrides={**overrides, "scale": 3}, fresh=True)
+    assert (fresh.ran, fresh.cached) == (3, 0)
+
+
+def test_a_killed_benchmark_resumes_with_its_unfinished_cells(probe, tmp_path):
+    module, _, overrides = probe
+    (tmp_path / "kill-at-1").touch()  # cell 1 dies half-way, as a killed process would
+    script = ("from pathlib import Path\nimport harness_probe\n"
+              "from fedq.simulations.harness import run_benchmark\n"
+              f"run_benchmark(harness_probe.BENCHMARK, overrides={overrides!r}, "
+              f"cache_root=Path({str(tmp_path / 'cache')!r}), "
+              f"results_root=Path({str(tmp_path / 'results')!r}))\n")
+    killed = subprocess.run([sys.executable, "-c", script], cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": str(tmp_path)}, timeout=120)
+    assert killed.returncode == -9
+    cached = sorted(p.name for p in (tmp_path / "cache" / "probe").iterdir())
+    assert len([n for n in cached if n.endswith(".json")]) == 1  # cell 0 finished
+    assert len([n for n in cached if n.endswith(".work")]) == 2  # 0 kept, 1 half-way
+    assert not (tmp_path / "results" / "probe").exists()
+    resumed = _run(module.BENCHMARK, tmp_path, overrides=overrides)
+    assert (resumed.ran, resumed.cached) == (2, 1)
+    assert _runs(tmp_path) == ["0", "1", "1", "2"]  # cell 1 again from the start, then 2
+    record = json.loads((resumed.folder / "results.json").read_text())
+    assert [row["value"] for row in record["summary"]] == [0, 2, 4]
+    cache = tmp_path / "cache" / "probe"
+    stale = [json.loads(p.read_text())["result"]["stale"] for p in cache.glob("*.json")]
+    assert stale == [[], [], []]  # cell 1's half-way file was wiped before it re-ran
+
+
+def test_results_carry_the_command_the_environment_the_table_and_the_plot(probe, tmp_path):
+    module, _, overrides = probe
+    folder = _run(module.BENCHMARK, tmp_path, overrides=overrides).folder
+    assert folder == tmp_path / "results" / "probe"
+    record = json.loads((folder / "results.json").read_text())
+    assert record["command"] == "python -m fedq.simulations.bench probe"
+    assert {"python", "torch", "flwr", "cpu"} <= set(record["environment"])
+    assert record["params"] == {"seeds": 3, "scale": 2, **overrides}
+    assert len(record["cells"]) == 3 and all(len(c["fingerprint"]) == 16
+                                             for c in record["cells"])
+    markdown = (folder / "results.md").read_text()
+    assert "Command: `python -m fedq.simulations.bench probe`" in markdown
+    assert "'flwr': '1.42" in markdown and "| seed | value |" in markdown
+    assert "probe text" in markdown and "![probe](plot.png)" in markdown
+    assert (folder / "plot.png").read_bytes() == b"png"
+
+
+def test_report_runs_nothing_and_marks_a_partial_table(probe, tmp_path):
+    module, _, overrides = probe
+    nothing = _run(module.BENCHMARK, tmp_path, overrides=overrides, report=True)
+    assert (nothing.ran, nothing.missing, nothing.folder) == (0, 3, None)
+    _run(module.BENCHMARK, tmp_path, overrides={**overrides, "seeds": 1})
+    partial = _run(module.BENCHMARK, tmp_path, overrides=overrides, report=True)
+    assert (partial.ran, partial.cached, partial.missing) == (0, 1, 2)
+    assert "Partial: 2 cell(s) not run yet" in (partial.folder / "results.md").read_text()
+    assert _runs(tmp_path) == ["0"]
+
+
+def test_quick_results_never_overwrite_the_committed_ones(probe, tmp_path):
+    module, _, overrides = probe
+    report = run_benchmark(module.BENCHMARK, overrides=overrides, quick=True,
+                           cache_root=tmp_path / "cache", log=lambda _: None)
+    assert report.folder == tmp_path / "cache" / "quick" / "probe"
+    assert _runs(tmp_path) == ["0"]  # the quick variant: one seed
+
+
+def test_an_unknown_parameter_is_refused_naming_it(probe):
+    module, _, _ = probe
+    with pytest.raises(HarnessError, match=r"no parameter 'sedes' \(it has: seeds, scale"):
+        resolve_params(module.BENCHMARK, {"sedes": 2}, quick=False)
+
+
+def test_every_ported_benchmark_has_a_small_quick_variant():
+    bench.load_benchmarks()
+    for name, benchmark in BENCHMARKS.items():
+        cells = benchmark.cells(resolve_params(benchmark, {}, quick=True))
+        assert 1 <= len(cells) <= 5, name
+        for cell in cells:
+            overrides = cell.params.get("overrides")
+            if overrides is not None:  # a federated run: a few hundred env steps at most
+                assert overrides["num-server-rounds"] * overrides["local-steps"] <= 200, name
+
+
+def test_robustness_and_communication_share_their_clean_runs():
+    bench.load_benchmarks()
+    hashes: dict = {}
+
+    def prints(name):
+        benchmark = BENCHMARKS[name]
+        cells = benchmark.cells(resolve_params(benchmark, {}, quick=False))
+        return {fingerprint(c, hashes) for c in cells}
+
+    assert len(prints("robustness") & prints("communication")) == 3  # the 3 clean seeds
+
+
+def test_bench_quick_runs_the_dp_cost_benchmark_end_to_end(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert bench.main(["dp_cost", "--quick"]) == 0
+    folder = tmp_path / "runs" / "harness" / "quick" / "dp_cost"
+    record = json.loads((folder / "results.json").read_text())
+    assert record["command"] == "python -m fedq.simulations.bench dp_cost --quick"
+    updates = {row["update"]: row for row in record["summary"]}
+    assert updates["non-private (DQNLearner)"]["x non-private"] == 1.0
+    assert updates["fedq closed-form per-sample norms"]["updates timed"] == 20
+    assert (folder / "plot.png").stat().st_size > 1000
+    assert bench.main(["dp_cost", "--quick"]) == 0  # the second time from the cache
+    assert "1 cells, 1 cached, 0 to run" in capsys.readouterr().out
+
+
+def test_bench_refuses_unknown_names_and_parameters(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["robustnes"])
+    assert "unknown benchmark 'robustnes'" in capsys.readouterr().err
+    assert bench.main(["robustness", "--set", "sedes=2"]) == 2
+    assert "no parameter 'sedes'" in capsys.readouterr().err
+
+
+def test_every_committed_result_folder_is_regenerated_by_bench_all():
+    """`bench all` is the one command: each folder under simulations/results/ is a
+    harness benchmark's or named by a script benchmark's commands."""
+    bench.load_benchmarks()
+    results = Path(bench.__file__).resolve().parent / "results"
+    commands = " ".join(c for s in bench.SCRIPTS for c in s.commands)
+    script_names = {s.name for s in bench.SCRIPTS}
+    for folder in sorted(p.name for p in results.iterdir() if p.is_dir()):
+        covered = (folder in BENCHMARKS or folder in script_names
+                   or f"--results-name {folder}" in commands
+                   or folder.startswith("federation-"))  # bench_federation's --set names
+        assert covered, folder
+
+
+def _train(params, workdir):
+    (workdir / "policy.txt").write_text(f"policy {params['steps']}")
+    return {}
+
+
+def _read(params, workdir):
+    from fedq.simulations.harness import workdir_of
+
+    trained = workdir_of(Cell(TRAIN, {"steps": params["steps"]}), workdir)
+    return {"read": (trained / "policy.txt").read_text()}
+
+
+TRAIN = CellKind("probe-train", _train, code=())
+READ = CellKind("probe-read", _read, code=())
+
+
+def test_a_cell_reads_the_files_of_a_cell_declared_before_it(tmp_path):
+    def benchmark(order):
+        return Benchmark("chain", "a chain", {"steps": 5}, {}, lambda p: [
+            {"train": Cell(TRAIN, dict(p)), "read": Cell(READ, dict(p))}[k] for k in order],
+            lambda p, done: Summary([r for _, r in done], ["read"]), parallel=False)
+
+    with pytest.raises(HarnessError, match="has not finished: declare it before"):
+        _run(benchmark(["read", "train"]), tmp_path)
+    report = _run(benchmark(["train", "read"]), tmp_path)
+    record = json.loads((report.folder / "results.json").read_text())
+    assert record["summary"][1] == {"read": "policy 5"}
+
+
+def test_workers_run_cells_in_parallel_processes_with_the_same_results(probe, tmp_path):
+    module, _, overrides = probe
+    report = _run(module.BENCHMARK, tmp_path, overrides=overrides, workers=2)
+    assert (report.ran, report.cached) == (3, 0)
+    assert sorted(_runs(tmp_path)) == ["0", "1", "2"]
+    record = json.loads((report.folder / "results.json").read_text())
+    assert [row["value"] for row in record["summary"]] == [0, 2, 4]  # declared order
+
+
+def test_a_cell_declared_twice_runs_once_and_is_reported_twice(tmp_path):
+    runs = []
+
+    def count(params, workdir):
+        runs.append(params["steps"])
+        return {"steps": params["steps"]}
+
+    kind = CellKind("probe-count", count, code=())
+    twice = Benchmark("twice", "one cell twice", {"steps": 5}, {},
+                      lambda p: [Cell(kind, dict(p)), Cell(kind, dict(p))],
+                      lambda p, done: Summary([r for _, r in done], ["steps"]))
+    report = _run(twice, tmp_path)
+    assert (report.ran, report.missing, runs) == (1, 0, [5])
+    assert json.loads((report.folder / "results.json").read_text())["summary"] == [
+        {"steps": 5}, {"steps": 5}]
