@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -19,6 +19,9 @@ from fedq.common.config import ConfigError, FedqConfig
 from fedq.common.mlp_forward import MlpForward
 from fedq.common.privacy import DevicePrivacy
 from fedq.common.replay_buffer import ReplayBuffer
+
+if TYPE_CHECKING:
+    import gymnasium as gym
 
 STATE_FILES = {"torch": "learner.pt", "numpy": "learner.npz"}
 """The learner state file each backend writes into a device's state generation (the
@@ -29,7 +32,7 @@ class Learner(Protocol):
     """What the trainer and the ClientApp use of a learner."""
 
     backend: str
-    policy: MlpForward
+    policy: MlpForward  # or common.networks.TorchPolicy: anything with act(obs) -> int
 
     @property
     def layout(self) -> dict[str, tuple[int, ...]]: ...
@@ -44,23 +47,24 @@ class Learner(Protocol):
     def load(self, directory: Path) -> dict: ...
 
 
-def make_learner(obs_dim: int, n_actions: int, config: FedqConfig,
+def make_learner(observation_space: gym.spaces.Box | int, n_actions: int, config: FedqConfig,
                  privacy: DevicePrivacy | None, seed: int) -> Learner:
-    """The configured backend's learner, with DP-SGD when ``privacy`` is given."""
+    """The configured backend's learner of the configured network
+    (:func:`common.network_registry.build_network`), with DP-SGD when ``privacy`` is given."""
     if config.backend == "numpy":
         from fedq.common.numpy_learner import NumpyDQNLearner, PrivateNumpyDQNLearner
 
         if privacy is None:
-            return NumpyDQNLearner(obs_dim, n_actions, config, seed)
-        return PrivateNumpyDQNLearner(obs_dim, n_actions, config, privacy, seed)
+            return NumpyDQNLearner(observation_space, n_actions, config, seed)
+        return PrivateNumpyDQNLearner(observation_space, n_actions, config, privacy, seed)
     import torch
 
     from fedq.common.dqn import DQNLearner, PrivateDQNLearner
 
     torch.manual_seed(seed)
     if privacy is None:
-        return DQNLearner(obs_dim, n_actions, config)
-    return PrivateDQNLearner(obs_dim, n_actions, config, privacy)
+        return DQNLearner(observation_space, n_actions, config)
+    return PrivateDQNLearner(observation_space, n_actions, config, privacy)
 
 
 def check_state_backend(directory: Path, backend: str) -> None:

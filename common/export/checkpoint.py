@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from fedq.common.config import FedqConfig
 from fedq.common.envs import env_spec
+from fedq.common.network_registry import build_network
 from fedq.common.networks import QNetwork
 
 _KEY = re.compile(r"^(\d+)\.(weight|bias)$")
@@ -79,6 +81,11 @@ def load_teacher(source: Path, env_id: str | None = None) -> Teacher:
         raise CheckpointError(path, "no config.json beside its run directory names the "
                                     "env; pass --env-id")
     env_kwargs = json.loads(config.get("env-kwargs", "{}")) if config else {}
+    if config.get("network", "mlp") != "mlp":
+        raise CheckpointError(path, f"the run's config field 'network' is "
+                                    f"{config['network']!r}: fedq-export and the on-device "
+                                    "runner (fedq-policy) handle MLP Q-networks only; a CNN "
+                                    "runs on a device with the torch backend")
     sizes = _check_layer_sizes(path, state)
     hidden = tuple(sizes[1:-1])
     if config.get("hidden-sizes") and config["hidden-sizes"] != ",".join(map(str, hidden)):
@@ -89,7 +96,8 @@ def load_teacher(source: Path, env_id: str | None = None) -> Teacher:
         raise CheckpointError(path, f"network maps {sizes[0]} inputs to {sizes[-1]} actions, "
                                     f"but {env_id} has obs dim {spec.obs_dim} and "
                                     f"{spec.n_actions} actions")
-    net = QNetwork(sizes[0], sizes[-1], hidden)
+    net = build_network(replace(FedqConfig(), hidden_sizes=hidden), sizes[0], sizes[-1],
+                        "torch")
     net.load_state_dict({k: t.detach().float() for k, t in state.items()})
     net.eval()
     server_round = payload.get("round")
