@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from fedq.common.atomic import PRIVATE, atomic_open
 from fedq.common.config import FedqConfig
 from fedq.common.dp_sgd import DPSGD
-from fedq.common.dp_sgd_opacus import PerSampleDPSGD
 from fedq.common.learners import STATE_FILES
 from fedq.common.network_registry import build_network
 from fedq.common.networks import QNetwork, greedy_policy
@@ -206,8 +205,12 @@ class PrivateDQNLearner(DQNLearner):
         noise_generator = torch.Generator()
         noise_generator.seed()  # from OS entropy; torch.Generator() alone has a fixed seed
         # the closed form covers MLPs; other networks take Opacus's per-sample gradients
-        mechanism = DPSGD if isinstance(self.online, QNetwork) else PerSampleDPSGD
-        self.dp = mechanism(self.online, config.dp_clip_norm, noise_generator)
+        if isinstance(self.online, QNetwork):
+            self.dp = DPSGD(self.online, config.dp_clip_norm, noise_generator)
+        else:
+            from fedq.common.dp_sgd_opacus import PerSampleDPSGD  # Opacus's import: ~2 s
+
+            self.dp = PerSampleDPSGD(self.online, config.dp_clip_norm, noise_generator)
         self.privacy = privacy
         self.sampling_rng = np.random.default_rng()  # from OS entropy
 

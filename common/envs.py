@@ -19,6 +19,7 @@ import gymnasium as gym
 import numpy as np
 
 from fedq.common.config import ConfigError
+from fedq.common.frame_buffer import check_buffer_memory
 from fedq.common.network_registry import (
     IMAGE,
     NETWORK_REGISTRY,
@@ -131,10 +132,13 @@ def env_spec(env_id: str, env_kwargs: dict[str, Any] | None = None,
 
 def run_env_spec(config: FedqConfig) -> EnvSpec:
     """The spec of the run's env as its devices see it (image preprocessing included),
-    checked against the run's Q-network: the check every entry point runs before any
-    process starts (``fedq-simulate``, ``fedq-client``, the ServerApp)."""
-    spec = env_spec(config.env_id, config.env_kwargs, config.env_physics, ImageObs.of(config))
+    checked against the run's Q-network and replay-buffer memory limit: the check every
+    entry point runs before any process starts (``fedq-simulate``, ``fedq-client``, the
+    ServerApp)."""
+    spec = env_spec(config.env_id, config.env_kwargs, config.env_physics,
+                    ImageObs.of(config))
     check_network_fits(config, spec)
+    check_buffer_memory(config, spec)
     return spec
 
 

@@ -24,9 +24,9 @@ from fedq.common.atomic import PRIVATE, atomic_open, atomic_write_text
 from fedq.common.config import FedqConfig
 from fedq.common.envs import ImageObs, check_spaces, make_env
 from fedq.common.exploration import linear_epsilon
+from fedq.common.frame_buffer import replay_buffer_for
 from fedq.common.learners import STATE_FILES, check_state_backend, make_learner
 from fedq.common.privacy import DevicePrivacy, PrivacyReport
-from fedq.common.replay_buffer import ReplayBuffer
 from fedq.common.rollouts import play_episodes
 from fedq.common.state_store import DeviceStateError, new_generation, resolve
 
@@ -78,8 +78,7 @@ class LocalTrainer:
         self._kept_ledger: str | None = None
         self.learner = make_learner(spec.observation_space, spec.n_actions, config,
                                     self.privacy, seed)
-        self.buffer = ReplayBuffer(config.buffer_size, spec.obs_shape, config.batch_size, seed,
-                                   spec.obs_dtype)
+        self.buffer = replay_buffer_for(config, spec, seed)
         self.learner.bind(self.buffer)
         self.counters = Counters()
         self.rng = random.Random(seed)

@@ -108,10 +108,10 @@ def test_cnn_reads_each_image_layout_gymnasiums_wrappers_produce():
 
 
 def test_config_refuses_a_cnn_on_the_numpy_backend_naming_the_field():
-    with pytest.raises(ConfigError, match="'network'.*'nature-cnn' runs on backend torch, "
-                                          "not 'numpy'"):
+    with pytest.raises(ConfigError, match=r"'network'.*'nature-cnn' runs on backend torch, "
+                                          r"not 'numpy'"):
         FedqConfig.from_mapping({"network": "nature-cnn", "backend": "numpy"})
-    with pytest.raises(ConfigError, match="'network'.*one of"):
+    with pytest.raises(ConfigError, match=r"'network'.*one of"):
         FedqConfig.from_mapping({"network": "resnet"})
 
 
