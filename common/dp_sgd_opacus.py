@@ -12,6 +12,8 @@ Its cost against the plain update: ``simulations/bench_cnn.py``.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from opacus import GradSampleModule
 from torch import nn
@@ -23,7 +25,7 @@ class PerSampleDPSGD:
     def __init__(self, net: nn.Module, clip_norm: float, generator: torch.Generator) -> None:
         # hooks on net's own layers: the learner keeps calling net (and its optimizer
         # keeps stepping net's parameters); activations are captured only with grad on
-        self.module = GradSampleModule(net)
+        self.module = GradSampleModule(net, loss_reduction="sum")  # we sum the losses
         self.clip_norm = clip_norm
         self.generator = generator
         self.params = [p for p in net.parameters() if p.requires_grad]
@@ -38,7 +40,9 @@ class PerSampleDPSGD:
         :meth:`forward`. Returns the per-sample gradient norms before clipping."""
         n = losses.shape[0]
         if n:
-            losses.sum().backward()
+            with warnings.catch_warnings():  # the frames need no gradient: expected
+                warnings.filterwarnings("ignore", "Full backward hook is firing")
+                losses.sum().backward()
             samples = [p.grad_sample for p in self.params]
             norms = torch.stack([g.reshape(n, -1).norm(dim=1) for g in samples], 1).norm(dim=1)
             scale = (self.clip_norm / (norms + 1e-6)).clamp_(max=1.0)

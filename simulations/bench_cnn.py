@@ -1,0 +1,134 @@
+"""What the CNN Q-networks cost on this CPU: a DP-SGD update against the plain update,
+one greedy decision, and env steps/s of the whole CarRacing-v3 training loop.
+
+Updates: ``DQNLearner.update`` (fixed batch, global clip) against
+``PrivateDQNLearner.update`` (Poisson batch of the same expected size, per-sample
+gradients from Opacus's ``GradSampleModule``, clip, noise, accountant step), each network
+on 4 x 84 x 84 uint8 frames read from a filled :class:`common.frame_buffer.FrameReplayBuffer`;
+the two alternate in blocks so drift on a shared machine hits both alike, and each row is
+the median over every timed update. Decision: ``learner.policy.act`` on one stacked
+observation. Loop: ``LocalTrainer.train`` on discrete CarRacing (grayscale, 84 x 84, 4
+frames, an update every 4 env steps after ``--learning-starts``) against the same env
+stepped with random actions alone.
+
+    OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 python -m fedq.simulations.bench_cnn
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from fedq.common.config import FedqConfig
+from fedq.common.dqn import DQNLearner, PrivateDQNLearner
+from fedq.common.envs import ImageObs, make_env
+from fedq.common.frame_buffer import FrameReplayBuffer
+from fedq.common.privacy import DevicePrivacy
+from fedq.common.trainer import LocalTrainer
+from fedq.simulations.results_io import markdown_table, write_results
+
+STACK, SIDE, N_ACTIONS = 4, 84, 5  # CarRacing-v3 discrete, grayscale 84x84, 4 frames
+CAR = {"env-id": "CarRacing-v3", "env-kwargs": '{"continuous": false}', "obs-grayscale": True,
+       "obs-resize": SIDE, "obs-frame-stack": STACK}
+
+
+def _filled_buffer(n: int, batch: int) -> FrameReplayBuffer:
+    rng = np.random.default_rng(0)
+    buf = FrameReplayBuffer(n, (STACK, SIDE, SIDE), batch, seed=0)
+    obs = rng.integers(0, 256, (STACK, SIDE, SIDE), dtype=np.uint8)
+    for t in range(n):
+        nxt = np.concatenate([obs[1:], rng.integers(0, 256, (1, SIDE, SIDE), np.uint8)])
+        buf.add(obs, t % N_ACTIONS, float(rng.normal()), nxt, False)
+        obs = nxt
+    return buf
+
+
+def time_updates(network: str, batch: int, blocks: int, per_block: int) -> dict:
+    config = FedqConfig.from_mapping({**CAR, "network": network, "batch-size": batch,
+                                      "buffer-size": 2048, "dp-enabled": True})
+    space = gym.spaces.Box(0, 255, (STACK, SIDE, SIDE), np.uint8)
+    buf = _filled_buffer(2048, batch)
+    plain = DQNLearner(space, N_ACTIONS, config)
+    private = PrivateDQNLearner(space, N_ACTIONS, config, DevicePrivacy(config))
+    times: dict[str, list[float]] = {"plain": [], "dp": []}
+    for learner in (plain, private):
+        learner.bind(buf)
+        learner.update()  # warm-up: first-call allocations and kernel choice
+    for _ in range(blocks):
+        for name, learner in (("plain", plain), ("dp", private)):
+            for _ in range(per_block):
+                start = time.perf_counter()
+                learner.update()
+                times[name].append(time.perf_counter() - start)
+    obs = buf.gather_arrays(np.arange(1))[0][0]
+    decisions = []
+    for _ in range(50):
+        start = time.perf_counter()
+        plain.policy.act(obs)
+        decisions.append(time.perf_counter() - start)
+    plain_ms = statistics.median(times["plain"]) * 1e3
+    dp_ms = statistics.median(times["dp"]) * 1e3
+    return {"network": network, "batch": batch,
+            "parameters": sum(p.numel() for p in plain.online.parameters()),
+            "fp32_bytes": sum(p.numel() * 4 for p in plain.online.parameters()),
+            "plain_update_ms": plain_ms, "dp_update_ms": dp_ms, "dp_over_plain": dp_ms / plain_ms,
+            "decision_ms": statistics.median(decisions) * 1e3,
+            "timed_updates": len(times["plain"])}
+
+
+def time_loop(network: str, steps: int, learning_starts: int) -> dict:
+    config = FedqConfig.from_mapping({**CAR, "network": network, "buffer-size": 10_000,
+                                      "batch-size": 32, "learning-starts": learning_starts,
+                                      "train-frequency": 4, "target-update-interval": 1000})
+    env = make_env("CarRacing-v3", {"continuous": False}, None, ImageObs.of(config))
+    env.reset(seed=0)
+    rng = np.random.default_rng(0)
+    start = time.perf_counter()
+    for _ in range(steps):
+        _, _, terminated, truncated, _ = env.step(int(rng.integers(N_ACTIONS)))
+        if terminated or truncated:
+            env.reset()
+    env_only = steps / (time.perf_counter() - start)
+    env.close()
+    device = LocalTrainer(config, seed=0)
+    stats = device.train(steps)
+    device.close()
+    loop = steps / stats.seconds
+    return {"network": network, "env_steps": steps, "updates": stats.updates,
+            "env_only_steps_per_s": env_only, "loop_steps_per_s": loop,
+            "loop_over_env_only": loop / env_only}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--blocks", type=int, default=3)
+    parser.add_argument("--per-block", type=int, default=5)
+    parser.add_argument("--loop-steps", type=int, default=400)
+    parser.add_argument("--learning-starts", type=int, default=100)
+    parser.add_argument("--networks", default="edge-cnn,nature-cnn")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    networks = [n.strip() for n in args.networks.split(",") if n.strip()]
+    updates = [time_updates(n, args.batch, args.blocks, args.per_block) for n in networks]
+    loops = [time_loop(n, args.loop_steps, args.learning_starts) for n in networks]
+    tables = (markdown_table(updates, ["network", "batch", "parameters", "fp32_bytes",
+                                       "plain_update_ms", "dp_update_ms", "dp_over_plain",
+                                       "decision_ms"])
+              + "\n\n" + markdown_table(loops, ["network", "env_steps", "updates",
+                                                 "env_only_steps_per_s", "loop_steps_per_s",
+                                                 "loop_over_env_only"]))
+    print(tables)
+    folder = write_results("cnn", {"settings": vars(args), "updates": updates, "loop": loops},
+                           tables)
+    print(f"wrote {folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
