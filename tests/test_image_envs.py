@@ -117,3 +117,31 @@ def test_fedq_export_refuses_a_cnn_checkpoint_with_a_clear_message(tmp_path, cap
     assert export_main([str(tmp_path)]) == 2
     assert ("config field 'network' is 'edge-cnn': fedq-export and the on-device runner "
             "(fedq-policy) handle MLP Q-networks only") in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_car_racing_scenario_runs_end_to_end_in_the_simulation_engine(tmp_path):
+    """The shipped pixel scenario on a tiny budget (2 devices, 2 rounds of 30 steps,
+    50-step episodes): CNN weights travel, each device's frame buffer resumes between
+    rounds from its saved state, and federated evaluation runs the CNN."""
+    import json
+    from pathlib import Path
+
+    from fedq.simulations.run import main
+
+    scenario = Path(__file__).resolve().parents[1] / "simulations/scenarios/car_racing_pixels.toml"
+    run_dir = tmp_path / "run"
+    tiny = {"local-steps": 30, "learning-starts": 10, "buffer-size": 300, "eval-episodes": 1,
+            "target-update-interval": 20,
+            "env-kwargs": '{"continuous": false, "max_episode_steps": 50}'}
+    sets = [arg for key, value in tiny.items() for arg in ("--set", f"{key}={value}")]
+    assert main(["--scenario", str(scenario), "--clients", "2", "--rounds", "2",
+                 "--run-dir", str(run_dir), *sets, "--quiet"]) == 0
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2]
+    assert all(r["train"]["updates"] > 0 and r["eval"]["clients"] == 2 for r in rows)
+    assert rows[-1]["env-steps-per-client-total"] == 60
+    device = LocalTrainer(FedqConfig.from_mapping(
+        {**json.loads((run_dir / "config.json").read_text()), "client-overrides": "{}"}), seed=0)
+    assert device.load(run_dir / "devices" / "partition-0") and len(device.buffer) == 60
+    device.close()
