@@ -89,5 +89,5 @@ def build_nature_cnn(config: FedqConfig, obs_shape: tuple[int, ...],
 def build_edge_cnn(config: FedqConfig, obs_shape: tuple[int, ...],
                    n_actions: int) -> ConvQNetwork:
     """Half the channels and one conv layer fewer than Nature's, a 128-unit dense layer:
-    about a quarter of its parameters and a third of its multiply-adds at 84x84."""
+    a fifth of its parameters at 4x84x84 (0.34 M against 1.69 M)."""
     return ConvQNetwork(obs_shape, n_actions, ((16, 8, 4), (32, 4, 2)), 128)

@@ -123,9 +123,9 @@ register_network(NetworkSpec(
     (VECTOR,), keys=("hidden-sizes",)))
 register_network(NetworkSpec(
     "nature-cnn", "Mnih et al. (2015)'s DQN: conv 32x8x8/4, 64x4x4/2, 64x3x3/1, dense 512, "
-    "on uint8 frames scaled to [0, 1] (~1.7 M parameters at 4x84x84)",
+    "on uint8 frames scaled to [0, 1] (1.69 M parameters at 4x84x84, 5 actions)",
     {"torch": "fedq.common.cnn:build_nature_cnn"}, (IMAGE,)))
 register_network(NetworkSpec(
     "edge-cnn", "a smaller CNN for edge devices: conv 16x8x8/4, 32x4x4/2, dense 128 "
-    "(~0.4 M parameters at 4x84x84)",
+    "(0.34 M parameters at 4x84x84, 5 actions)",
     {"torch": "fedq.common.cnn:build_edge_cnn"}, (IMAGE,)))

@@ -17,6 +17,7 @@ stepped with random actions alone.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -114,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--networks", default="edge-cnn,nature-cnn")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    load_before = os.getloadavg()[0]  # a shared machine's load inflates every time alike
     networks = [n.strip() for n in args.networks.split(",") if n.strip()]
     updates = [time_updates(n, args.batch, args.blocks, args.per_block) for n in networks]
     loops = [time_loop(n, args.loop_steps, args.learning_starts) for n in networks]
@@ -124,8 +126,13 @@ def main(argv: list[str] | None = None) -> int:
                                                  "env_only_steps_per_s", "loop_steps_per_s",
                                                  "loop_over_env_only"]))
     print(tables)
-    folder = write_results("cnn", {"settings": vars(args), "updates": updates, "loop": loops},
-                           tables)
+    load = {"before": load_before, "after": os.getloadavg()[0], "cpus": os.cpu_count()}
+    print(f"load average (1 min) before {load['before']:.1f}, after {load['after']:.1f} on "
+          f"{load['cpus']} CPUs")
+    folder = write_results("cnn", {"settings": vars(args), "load_average": load,
+                                   "updates": updates, "loop": loops},
+                           tables + f"\n\nLoad average (1 min): {load['before']:.1f} before, "
+                           f"{load['after']:.1f} after, on {load['cpus']} CPUs.")
     print(f"wrote {folder}")
     return 0
 
