@@ -15,15 +15,15 @@ import numpy as np
 from fedq.common.config import FedqConfig
 from fedq.common.envs import EnvSpec
 from fedq.common.mlp_forward import MlpForward
-from fedq.common.mlp_params import Layout, mlp_layout
+from fedq.common.mlp_params import Layout
+from fedq.common.network_registry import build_network, network_spec
 
 
 def network_layout(config: FedqConfig, spec: EnvSpec) -> Layout:
-    """State-dict names and shapes of the run's Q-network on ``spec``'s env."""
-    if config.network == "mlp":
-        return mlp_layout(spec.obs_dim, spec.n_actions, config.hidden_sizes)
-    from fedq.common.network_registry import build_network
-
+    """State-dict names and shapes of the run's Q-network on ``spec``'s env (built by the
+    factory on the numpy backend where it serves the network: no torch import)."""
+    if "numpy" in network_spec(config.network).backends:
+        return build_network(config, spec.observation_space, spec.n_actions, "numpy").layout
     net = build_network(config, spec.observation_space, spec.n_actions, "torch")
     return {k: tuple(v.shape) for k, v in net.state_dict().items()}
 
@@ -37,7 +37,6 @@ def global_policy(config: FedqConfig, spec: EnvSpec, arrays: Mapping[str, np.nda
                            for w, b in zip(names[::2], names[1::2], strict=True)])
     import torch
 
-    from fedq.common.network_registry import build_network
     from fedq.common.networks import TorchPolicy
 
     net = build_network(config, spec.observation_space, spec.n_actions, "torch")
