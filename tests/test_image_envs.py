@@ -105,8 +105,16 @@ def test_a_private_cnn_device_takes_dp_sgd_steps_into_its_accountant():
     device.close()
 
 
-def test_fedq_export_refuses_a_cnn_checkpoint_with_a_clear_message(tmp_path, capsys):
+def test_fedq_export_writes_a_cnns_onnx_formats_and_fedq_policy_refuses_them(tmp_path,
+                                                                            capsys):
+    """A CNN checkpoint exports to fp32 / fp16 / int8 ONNX with size, agreement and latency
+    per decision in its manifest; the .fqp formats are refused for it, and the numpy-only
+    runner refuses the ONNX file, each with a message saying why."""
+    import json
+
+    from fedq.client.policy_runner import main as policy_main
     from fedq.common.export.cli import main as export_main
+    from fedq.common.export.onnx_export import onnx_available
     from fedq.server.run_directory import RunDirectory
 
     config = FedqConfig.from_mapping({**SMALL, "run-dir": str(tmp_path)})
@@ -114,9 +122,22 @@ def test_fedq_export_refuses_a_cnn_checkpoint_with_a_clear_message(tmp_path, cap
     run_dir = RunDirectory(tmp_path)
     run_dir.start(config)
     run_dir.save_checkpoint(1, net.state_dict(), {})
-    assert export_main([str(tmp_path)]) == 2
-    assert ("config field 'network' is 'edge-cnn': fedq-export and the on-device runner "
-            "(fedq-policy) handle MLP Q-networks only") in capsys.readouterr().err
+    assert export_main([str(tmp_path), "--formats", "int8,student"]) == 2
+    assert "['int8', 'student'] are MLP formats" in capsys.readouterr().err
+    if not onnx_available():
+        assert export_main([str(tmp_path)]) == 2
+        assert "pip install 'fedq[export]'" in capsys.readouterr().err
+        return
+    assert export_main([str(tmp_path), "--states", "20"]) == 0
+    formats = json.loads((tmp_path / "export" / "manifest.json").read_text())["formats"]
+    assert set(formats) == {"onnx", "onnx-fp16", "onnx-int8"}
+    assert formats["onnx"]["agreement"] == 1.0
+    assert formats["onnx-fp16"]["bytes"] < 0.6 * formats["onnx"]["bytes"]
+    assert formats["onnx-int8"]["bytes"] < 0.4 * formats["onnx"]["bytes"]
+    assert all(f["decision_ms"] > 0 and f["agreement"] >= 0.5 for f in formats.values())
+    capsys.readouterr()
+    assert policy_main(["info", str(tmp_path / "export" / "policy.onnx")]) == 2
+    assert "fedq-policy runs the .fqp policies of MLP Q-networks" in capsys.readouterr().err
 
 
 @pytest.mark.slow
