@@ -1,5 +1,6 @@
 """What the CNN Q-networks cost on this CPU: a DP-SGD update against the plain update,
-one greedy decision, and env steps/s of the whole CarRacing-v3 training loop.
+one greedy decision, env steps/s of the whole CarRacing-v3 training loop, and the size and
+latency per decision of each exported ONNX format.
 
 Updates: ``DQNLearner.update`` (fixed batch, global clip) against
 ``PrivateDQNLearner.update`` (Poisson batch of the same expected size, per-sample
@@ -9,7 +10,9 @@ the two alternate in blocks so drift on a shared machine hits both alike, and ea
 the median over every timed update. Decision: ``learner.policy.act`` on one stacked
 observation. Loop: ``LocalTrainer.train`` on discrete CarRacing (grayscale, 84 x 84, 4
 frames, an update every 4 env steps after ``--learning-starts``) against the same env
-stepped with random actions alone.
+stepped with random actions alone. Export: ``common.export.cnn_export.export_cnn`` of
+each (untrained: size and latency do not depend on the weights) network, agreement with
+torch on 100 random frames, onnxruntime with one thread.
 
     OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 python -m fedq.simulations.bench_cnn
 """
@@ -19,7 +22,9 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -29,6 +34,7 @@ from fedq.common.config import FedqConfig
 from fedq.common.dqn import DQNLearner, PrivateDQNLearner
 from fedq.common.envs import ImageObs, make_env
 from fedq.common.frame_buffer import FrameReplayBuffer
+from fedq.common.network_registry import build_network
 from fedq.common.privacy import DevicePrivacy
 from fedq.common.trainer import LocalTrainer
 from fedq.simulations.results_io import markdown_table, write_results
@@ -105,6 +111,18 @@ def time_loop(network: str, steps: int, learning_starts: int) -> dict:
             "loop_over_env_only": loop / env_only}
 
 
+def time_export(network: str, out: Path) -> list[dict]:
+    from fedq.common.export.cnn_export import CNN_FORMATS, export_cnn
+
+    torch.manual_seed(0)
+    space = gym.spaces.Box(0, 255, (STACK, SIDE, SIDE), np.uint8)
+    net = build_network(FedqConfig(network=network), space, N_ACTIONS)
+    frames = np.random.default_rng(0).integers(0, 256, (100, STACK, SIDE, SIDE), np.uint8)
+    entries = export_cnn(net, out / network, list(CNN_FORMATS), frames,
+                         {"network": network}, log=lambda _: None)
+    return [{"network": network, "format": name, **entry} for name, entry in entries.items()]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=32)
@@ -119,18 +137,22 @@ def main(argv: list[str] | None = None) -> int:
     networks = [n.strip() for n in args.networks.split(",") if n.strip()]
     updates = [time_updates(n, args.batch, args.blocks, args.per_block) for n in networks]
     loops = [time_loop(n, args.loop_steps, args.learning_starts) for n in networks]
+    with tempfile.TemporaryDirectory() as tmp:
+        exports = [row for n in networks for row in time_export(n, Path(tmp))]
     tables = (markdown_table(updates, ["network", "batch", "parameters", "fp32_bytes",
                                        "plain_update_ms", "dp_update_ms", "dp_over_plain",
                                        "decision_ms"])
               + "\n\n" + markdown_table(loops, ["network", "env_steps", "updates",
                                                  "env_only_steps_per_s", "loop_steps_per_s",
-                                                 "loop_over_env_only"]))
+                                                 "loop_over_env_only"])
+              + "\n\n" + markdown_table(exports, ["network", "format", "bytes", "agreement",
+                                                   "decision_ms"]))
     print(tables)
     load = {"before": load_before, "after": os.getloadavg()[0], "cpus": os.cpu_count()}
     print(f"load average (1 min) before {load['before']:.1f}, after {load['after']:.1f} on "
           f"{load['cpus']} CPUs")
     folder = write_results("cnn", {"settings": vars(args), "load_average": load,
-                                   "updates": updates, "loop": loops},
+                                   "updates": updates, "loop": loops, "export": exports},
                            tables + f"\n\nLoad average (1 min): {load['before']:.1f} before, "
                            f"{load['after']:.1f} after, on {load['cpus']} CPUs.")
     print(f"wrote {folder}")
