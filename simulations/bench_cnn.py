@@ -10,9 +10,10 @@ the two alternate in blocks so drift on a shared machine hits both alike, and ea
 the median over every timed update. Decision: ``learner.policy.act`` on one stacked
 observation. Loop: ``LocalTrainer.train`` on discrete CarRacing (grayscale, 84 x 84, 4
 frames, an update every 4 env steps after ``--learning-starts``) against the same env
-stepped with random actions alone. Export: ``common.export.cnn_export.export_cnn`` of
-each (untrained: size and latency do not depend on the weights) network, agreement with
-torch on 100 random frames, onnxruntime with one thread.
+stepped with random actions alone, in alternating blocks. Export:
+``common.export.cnn_export.export_cnn`` of each network (untrained: size and latency do not
+depend on the weights), agreement with torch on 100 random frames, onnxruntime with one
+thread.
 
     OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 python -m fedq.simulations.bench_cnn
 """
@@ -88,25 +89,31 @@ def time_updates(network: str, batch: int, blocks: int, per_block: int) -> dict:
             "timed_updates": len(times["plain"])}
 
 
-def time_loop(network: str, steps: int, learning_starts: int) -> dict:
+def time_loop(network: str, steps: int, learning_starts: int, blocks: int = 4) -> dict:
+    """The training loop and the env alone, in alternating blocks of ``steps / blocks``
+    env steps, so a shared machine's changing load hits both alike."""
     config = FedqConfig.from_mapping({**CAR, "network": network, "buffer-size": 10_000,
                                       "batch-size": 32, "learning-starts": learning_starts,
                                       "train-frequency": 4, "target-update-interval": 1000})
     env = make_env("CarRacing-v3", {"continuous": False}, None, ImageObs.of(config))
     env.reset(seed=0)
     rng = np.random.default_rng(0)
-    start = time.perf_counter()
-    for _ in range(steps):
-        _, _, terminated, truncated, _ = env.step(int(rng.integers(N_ACTIONS)))
-        if terminated or truncated:
-            env.reset()
-    env_only = steps / (time.perf_counter() - start)
-    env.close()
     device = LocalTrainer(config, seed=0)
-    stats = device.train(steps)
+    env_seconds, loop_seconds, updates, per_block = 0.0, 0.0, 0, steps // blocks
+    for _ in range(blocks):
+        start = time.perf_counter()
+        for _ in range(per_block):
+            _, _, terminated, truncated, _ = env.step(int(rng.integers(N_ACTIONS)))
+            if terminated or truncated:
+                env.reset()
+        env_seconds += time.perf_counter() - start
+        stats = device.train(per_block)
+        loop_seconds += stats.seconds
+        updates += stats.updates
+    env.close()
     device.close()
-    loop = steps / stats.seconds
-    return {"network": network, "env_steps": steps, "updates": stats.updates,
+    env_only, loop = blocks * per_block / env_seconds, blocks * per_block / loop_seconds
+    return {"network": network, "env_steps": blocks * per_block, "updates": updates,
             "env_only_steps_per_s": env_only, "loop_steps_per_s": loop,
             "loop_over_env_only": loop / env_only}
 
