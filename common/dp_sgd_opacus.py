@@ -1,13 +1,17 @@
-"""DP-SGD gradients of any Q-network through Opacus's per-sample gradients.
+"""DP-SGD gradients of any Q-network through Opacus: per-sample gradient norms, then one
+clipped backward pass.
 
-The closed form of :mod:`common.dp_sgd` covers Linear layers; a convolution's
-per-sample weight gradient is no outer product, so the CNNs take Opacus's
-``GradSampleModule``: its hooks give every parameter a ``grad_sample`` of shape
-``(batch, *param.shape)`` from one backward pass. The rest is DP-SGD as
-:class:`common.dp_sgd.DPSGD` does it, with the same interface and result: each
-transition's gradient clipped to ``C`` (Opacus's ``C / (norm + 1e-6)`` factor), summed,
-Gaussian noise of std ``noise_multiplier * C`` added, divided by the expected batch size.
-Its cost against the plain update: ``simulations/bench_cnn.py``.
+The closed form of :mod:`common.dp_sgd` covers MLPs; the CNNs take Opacus's
+``GradSampleModuleFastGradientClipping`` with ghost clipping (Li et al., 2022; Bu et al.,
+2023): a first backward pass computes each transition's gradient norm (for Linear layers
+from activations and output gradients alone, never materialising the per-sample weight
+gradients that make up most of a CNN's parameters in its dense layer; for convolutions
+from their per-sample gradients), then a second backward pass of the per-sample losses
+weighted by the clipping factors ``min(1, C / (norm + 1e-6))`` gives the sum of clipped
+gradients. The rest is DP-SGD as :class:`common.dp_sgd.DPSGD` does it, with the same
+interface and result: Gaussian noise of std ``noise_multiplier * C`` added, divided by the
+expected batch size. ``tests/test_image_envs.py`` checks it against one backward pass per
+transition; ``simulations/bench_cnn.py`` measures it against the plain update.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from __future__ import annotations
 import warnings
 
 import torch
-from opacus import GradSampleModule
+from opacus.grad_sample import GradSampleModuleFastGradientClipping
 from torch import nn
 
 
@@ -25,7 +29,8 @@ class PerSampleDPSGD:
     def __init__(self, net: nn.Module, clip_norm: float, generator: torch.Generator) -> None:
         # hooks on net's own layers: the learner keeps calling net (and its optimizer
         # keeps stepping net's parameters); activations are captured only with grad on
-        self.module = GradSampleModule(net, loss_reduction="sum")  # we sum the losses
+        self.module = GradSampleModuleFastGradientClipping(
+            net, max_grad_norm=clip_norm, use_ghost_clipping=True, loss_reduction="sum")
         self.clip_norm = clip_norm
         self.generator = generator
         self.params = [p for p in net.parameters() if p.requires_grad]
@@ -38,22 +43,26 @@ class PerSampleDPSGD:
         """Set each ``.grad`` to (sum of clipped per-sample gradients + N(0, (sigma C)^2))
         / ``expected_batch_size``, for the per-sample ``losses`` of the last
         :meth:`forward`. Returns the per-sample gradient norms before clipping."""
-        n = losses.shape[0]
-        if n:
+        norms = torch.zeros(0)
+        for p in self.params:
+            p.grad = None
+        if losses.shape[0]:  # an empty Poisson batch: the step is noise alone
             with warnings.catch_warnings():  # the frames need no gradient: expected
                 warnings.filterwarnings("ignore", "Full backward hook is firing")
-                losses.sum().backward()
-            samples = [p.grad_sample for p in self.params]
-            norms = torch.stack([g.reshape(n, -1).norm(dim=1) for g in samples], 1).norm(dim=1)
-            scale = (self.clip_norm / (norms + 1e-6)).clamp_(max=1.0)
-        else:  # an empty Poisson batch: the step is noise alone
-            samples, norms, scale = [None] * len(self.params), torch.zeros(0), None
+                losses.sum().backward(retain_graph=True)  # hooks: per-sample norms
+                norms = self.module.get_norm_sample()
+                scale = self.module.get_clipping_coef().detach()
+                for p in self.params:
+                    p.grad = None
+                self.module.disable_hooks()
+                try:
+                    (scale * losses).sum().backward()  # the sum of clipped gradients
+                finally:
+                    self.module.enable_hooks()
         with torch.no_grad():
-            for p, g in zip(self.params, samples, strict=True):
-                grad = (torch.einsum("i,i...->...", scale, g) if g is not None
-                        else torch.zeros_like(p))
+            for p in self.params:
+                grad = p.grad if p.grad is not None else torch.zeros_like(p)
                 noise = torch.empty_like(p).normal_(generator=self.generator)
                 grad.add_(noise, alpha=noise_multiplier * self.clip_norm)
                 p.grad = grad.div_(expected_batch_size)
-                p.grad_sample = None
         return norms
