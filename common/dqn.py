@@ -204,7 +204,7 @@ class PrivateDQNLearner(DQNLearner):
         super().__init__(observation_space, n_actions, config)
         noise_generator = torch.Generator()
         noise_generator.seed()  # from OS entropy; torch.Generator() alone has a fixed seed
-        # the closed form covers MLPs; other networks take Opacus's per-sample gradients
+        # the closed form covers MLPs; other networks take Opacus's ghost clipping
         if isinstance(self.online, QNetwork):
             self.dp = DPSGD(self.online, config.dp_clip_norm, noise_generator)
         else:
