@@ -4,8 +4,9 @@
 which needs the ``onnx`` and ``onnxscript`` packages (the old TorchScript exporter is
 deprecated); they are fedq's optional ``[export]`` extra, never a core dependency, and a
 device needs only ``onnxruntime``. The graph takes ``obs`` of shape ``(batch, obs_dim)``
-(an MLP) or uint8 frames ``(batch, *obs_shape)`` (a CNN; batch is dynamic) and returns ``q`` of shape ``(batch, n_actions)``; the env id and
-variant ride along as ONNX metadata so the file still says what it is.
+(an MLP) or uint8 frames ``(batch, *obs_shape)`` (a CNN; batch is dynamic) and returns
+``q`` of shape ``(batch, n_actions)``; the env id and variant ride along as ONNX metadata
+so the file still says what it is.
 """
 
 from __future__ import annotations
