@@ -60,9 +60,8 @@ from fedq.client.metric_release import release
 from fedq.client.personalize import personalized_returns
 from fedq.common.compression import encode_update
 from fedq.common.config import FEDERATION_STEPS_KEY, FedqConfig
-from fedq.common.envs import env_spec
-from fedq.common.mlp_forward import MlpForward
-from fedq.common.mlp_params import mlp_layout
+from fedq.common.envs import ImageObs, env_spec
+from fedq.common.policies import global_policy, network_layout
 from fedq.common.privacy import PRIVACY_BUDGET_ERROR_CODE, PrivacyBudgetExhausted, PrivacyReport
 from fedq.common.privacy_policy import PRIVACY_POLICY_ERROR_CODE, PolicyRefusal
 from fedq.common.rollouts import play_episodes
@@ -270,17 +269,14 @@ def evaluate(msg: Message, context: Context) -> Message:
         device.policy.check_personalize(personalize_steps, private)
     except PolicyRefusal as refusal:
         return _refused(msg, device, refusal)
-    spec = env_spec(config.env_id, config.env_kwargs, config.env_physics)
-    global_state = check_arrays(msg.content["arrays"],
-                                mlp_layout(spec.obs_dim, spec.n_actions, config.hidden_sizes))
-    names = list(global_state)
-    policy = MlpForward([(global_state[w].T, global_state[b])
-                         for w, b in zip(names[::2], names[1::2], strict=True)])
+    spec = env_spec(config.env_id, config.env_kwargs, config.env_physics, ImageObs.of(config))
+    global_state = check_arrays(msg.content["arrays"], network_layout(config, spec))
+    policy = global_policy(config, spec, global_state)
     server_round = int(round_config.get("server-round", 0))
     eval_seed = device.seed + 10**6 + 1000 * server_round
     returns = play_episodes(policy.act, config.env_id, config.eval_episodes,
                             seed=eval_seed, env_kwargs=config.env_kwargs,
-                            env_physics=config.env_physics)
+                            env_physics=config.env_physics, image=ImageObs.of(config))
     metrics: dict[str, float | int] = {
         **device.identity_metrics(),
         "num-examples": len(returns),

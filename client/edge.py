@@ -49,7 +49,7 @@ from pathlib import Path
 import tomli_w
 
 from fedq.common.config import ConfigError, ConfigScalar, FedqConfig, parse_assignment
-from fedq.common.envs import env_spec
+from fedq.common.envs import run_env_spec
 from fedq.common.privacy_policy import PrivacyPolicy
 
 NODE_CONFIG_FILE = "node-config.toml"
@@ -73,7 +73,7 @@ def device_node_config(env_id: str | None, assignments: Sequence[str],
     node["state-dir"] = str(state_dir.expanduser().resolve())
     config = FedqConfig.from_mapping(node)
     PrivacyPolicy.from_mapping(node)
-    env_spec(config.env_id, config.env_kwargs, config.env_physics)
+    run_env_spec(config)
     return node
 
 

@@ -52,6 +52,10 @@ class PolicyRunner:
 
     @classmethod
     def load(cls, path: Path | str) -> PolicyRunner:
+        if Path(path).suffix == ".onnx":  # what fedq-export writes for a CNN
+            raise PolicyFileError(path, "an ONNX file: fedq-policy runs the .fqp policies of "
+                                        "MLP Q-networks with numpy alone; a CNN's policy "
+                                        "runs with onnxruntime (docs/pixels.md)")
         return cls(read_policy(path))
 
     def q_values(self, obs: np.ndarray) -> np.ndarray:

@@ -29,6 +29,7 @@ from fedq.common.dp_mechanism_registry import (
     dp_accountant_names,
     unregistered,
 )
+from fedq.common.network_registry import NETWORK_REGISTRY, network_names, network_spec
 from fedq.common.strategy_registry import STRATEGY_REGISTRY, strategy_names, strategy_spec
 
 ConfigScalar = bool | int | float | str
@@ -99,12 +100,23 @@ class FedqConfig:
                "length/masspole/..., Acrobot link_*, LunarLander gravity/wind; see "
                "common/physics.py)", "check": None})
     seed: int = _opt(0, "base seed; device k uses seed + 1000 * k", _non_negative)
+    obs_grayscale: bool = _opt(False, "image observations: gymnasium's GrayscaleObservation")
+    obs_resize: int = _opt(0, "image observations: ResizeObservation to N x N (0: keep)",
+                           _non_negative)
+    obs_frame_stack: int = _opt(
+        1, "image observations: FrameStackObservation of N frames (1: none); the replay "
+        "buffer stores each frame once", _at_least_one)
     # --- Q-network and DQN learner -------------------------------------------------
     hidden_sizes: tuple[int, ...] = _opt(
         (64, 64),
         "comma-separated hidden layer widths of the MLP Q-network",
         _check(lambda v: len(v) >= 1 and all(h >= 1 for h in v), "needs widths >= 1"),
     )
+    network: str = _opt(
+        "mlp", f"Q-network architecture: one of {', '.join(network_names())} (registered in "
+        "common/network_registry.py; docs/networks.md says which backends and observations "
+        "each serves)",
+        lambda v: None if v in NETWORK_REGISTRY else f"one of {network_names()}")
     backend: str = _opt(
         "torch", "the device's learner: torch or numpy (MLP Q-networks in numpy alone; the "
         "device needs no torch, RDP accountant only; docs/backends.md)",
@@ -112,6 +124,9 @@ class FedqConfig:
     learning_rate: float = _opt(5e-4, "Adam learning rate", _positive)
     gamma: float = _opt(0.99, "discount factor", _open_unit)
     buffer_size: int = _opt(50_000, "replay buffer capacity (transitions)", _at_least_one)
+    buffer_memory_mb: float = _opt(
+        2048.0, "most memory (MiB) a device's replay buffer may take; a run whose buffer "
+        "would need more is refused before it starts", _positive)
     batch_size: int = _opt(64, "transitions per gradient step", _at_least_one)
     learning_starts: int = _opt(1_000, "env steps before the first update", _non_negative)
     train_frequency: int = _opt(1, "env steps between updates", _at_least_one)
@@ -304,6 +319,12 @@ class FedqConfig:
                 f"{self.exploration_initial_eps}",
             )
         self._check_strategy_switches()
+        if self.backend not in network_spec(self.network).backends:
+            raise ConfigError(
+                "network", f"{self.network!r} runs on backend "
+                f"{' or '.join(network_spec(self.network).backends)}, not {self.backend!r}; "
+                f"on {self.backend!r} use one of " + ", ".join(
+                    s.name for s in NETWORK_REGISTRY.values() if self.backend in s.backends))
         if self.personalize_steps and self.dp_enabled:
             raise ConfigError(
                 "personalize-steps", "fine-tuning on private data outside the accountant "

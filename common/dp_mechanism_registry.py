@@ -31,12 +31,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import gymnasium as gym
+
     from fedq.common.config import FedqConfig
     from fedq.common.learners import Learner
     from fedq.common.privacy import DevicePrivacy
 
-Builder = Callable[[int, int, "FedqConfig", "DevicePrivacy", int], "Learner"]
-"""``build(obs_dim, n_actions, config, privacy, seed)``: the backend's private learner
+Builder = Callable[["gym.spaces.Box | int", int, "FedqConfig", "DevicePrivacy", int], "Learner"]
+"""``build(observation_space, n_actions, config, privacy, seed)``: the backend's private learner
 (on torch, :func:`common.learners.make_learner` has seeded torch's global generator)."""
 
 DEFAULT_DP_MECHANISM = "dp-sgd"
@@ -109,18 +111,18 @@ def dp_backend(name: str, backend: str) -> DpBackend:
                          f"{backend!r}") from None
 
 
-def _torch_dp_sgd(obs_dim: int, n_actions: int, config: FedqConfig,
+def _torch_dp_sgd(observation_space: gym.spaces.Box | int, n_actions: int, config: FedqConfig,
                   privacy: DevicePrivacy, seed: int) -> Learner:
     from fedq.common.dqn import PrivateDQNLearner
 
-    return PrivateDQNLearner(obs_dim, n_actions, config, privacy)
+    return PrivateDQNLearner(observation_space, n_actions, config, privacy)
 
 
-def _numpy_dp_sgd(obs_dim: int, n_actions: int, config: FedqConfig,
+def _numpy_dp_sgd(observation_space: gym.spaces.Box | int, n_actions: int, config: FedqConfig,
                   privacy: DevicePrivacy, seed: int) -> Learner:
     from fedq.common.numpy_learner import PrivateNumpyDQNLearner
 
-    return PrivateNumpyDQNLearner(obs_dim, n_actions, config, privacy, seed)
+    return PrivateNumpyDQNLearner(observation_space, n_actions, config, privacy, seed)
 
 
 register_dp_mechanism(DpMechanism(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -21,9 +22,13 @@ from fedq.common.atomic import PRIVATE, atomic_open
 from fedq.common.config import FedqConfig
 from fedq.common.dp_sgd import DPSGD
 from fedq.common.learners import STATE_FILES
-from fedq.common.networks import NumpyPolicy, QNetwork
+from fedq.common.network_registry import build_network
+from fedq.common.networks import QNetwork, greedy_policy
 from fedq.common.privacy import DevicePrivacy, poisson_indices, sample_rate
 from fedq.common.replay_buffer import ReplayBuffer
+
+if TYPE_CHECKING:
+    import gymnasium as gym
 
 
 def td_targets(rewards: torch.Tensor, next_q_online: torch.Tensor | None,
@@ -59,21 +64,23 @@ class DQNLearner:
 
     backend = "torch"
 
-    def __init__(self, obs_dim: int, n_actions: int, config: FedqConfig) -> None:
+    def __init__(self, observation_space: gym.spaces.Box | int, n_actions: int,
+                 config: FedqConfig) -> None:
+        """``observation_space``: the env's (an int ``n``: a flat row of ``n`` floats)."""
         self.config = config
         # Dead ReLU units leave Adam's first moments decaying through the float32 denormal
         # range, where x86 arithmetic is many times slower: the optimizer step of a
         # CartPole learner measured 96 us with denormals, 42 us flushed to zero. Values
         # that small (< 1.2e-38) carry no information for the update. Process-wide.
         torch.set_flush_denormal(True)
-        self.online = QNetwork(obs_dim, n_actions, config.hidden_sizes)
-        self.target = QNetwork(obs_dim, n_actions, config.hidden_sizes)
+        self.online = build_network(config, observation_space, n_actions, "torch")
+        self.target = build_network(config, observation_space, n_actions, "torch")
         self.target.load_state_dict(self.online.state_dict())
         self.target.requires_grad_(False)
         # fused Adam: one kernel for all parameters instead of a Python loop per tensor
         self.optimizer = torch.optim.Adam(self.online.parameters(), lr=config.learning_rate,
                                           fused=True)
-        self.policy = NumpyPolicy(self.online)
+        self.policy = greedy_policy(self.online)
         self.loss_fn = F.smooth_l1_loss if config.loss == "huber" else F.mse_loss
         self.params = list(self.online.parameters())
         self.proximal_mu = 0.0
@@ -192,12 +199,18 @@ class PrivateDQNLearner(DQNLearner):
     server knows and could replay them from. The target network is never trained.
     """
 
-    def __init__(self, obs_dim: int, n_actions: int, config: FedqConfig,
-                 privacy: DevicePrivacy) -> None:
-        super().__init__(obs_dim, n_actions, config)
+    def __init__(self, observation_space: gym.spaces.Box | int, n_actions: int,
+                 config: FedqConfig, privacy: DevicePrivacy) -> None:
+        super().__init__(observation_space, n_actions, config)
         noise_generator = torch.Generator()
         noise_generator.seed()  # from OS entropy; torch.Generator() alone has a fixed seed
-        self.dp = DPSGD(self.online, config.dp_clip_norm, noise_generator)
+        # the closed form covers MLPs; other networks take Opacus's ghost clipping
+        if isinstance(self.online, QNetwork):
+            self.dp = DPSGD(self.online, config.dp_clip_norm, noise_generator)
+        else:
+            from fedq.common.dp_sgd_opacus import PerSampleDPSGD  # Opacus's import: ~2 s
+
+            self.dp = PerSampleDPSGD(self.online, config.dp_clip_norm, noise_generator)
         self.privacy = privacy
         self.sampling_rng = np.random.default_rng()  # from OS entropy
 

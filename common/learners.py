@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -20,6 +20,9 @@ from fedq.common.dp_mechanism_registry import dp_backend
 from fedq.common.mlp_forward import MlpForward
 from fedq.common.privacy import DevicePrivacy
 from fedq.common.replay_buffer import ReplayBuffer
+
+if TYPE_CHECKING:
+    import gymnasium as gym
 
 STATE_FILES = {"torch": "learner.pt", "numpy": "learner.npz"}
 """The learner state file each backend writes into a device's state generation (the
@@ -30,7 +33,7 @@ class Learner(Protocol):
     """What the trainer and the ClientApp use of a learner."""
 
     backend: str
-    policy: MlpForward
+    policy: MlpForward  # or common.networks.TorchPolicy: anything with act(obs) -> int
 
     @property
     def layout(self) -> dict[str, tuple[int, ...]]: ...
@@ -45,24 +48,25 @@ class Learner(Protocol):
     def load(self, directory: Path) -> dict: ...
 
 
-def make_learner(obs_dim: int, n_actions: int, config: FedqConfig,
+def make_learner(observation_space: gym.spaces.Box | int, n_actions: int, config: FedqConfig,
                  privacy: DevicePrivacy | None, seed: int) -> Learner:
-    """The configured backend's learner; when ``privacy`` is given, the learner of the
-    configured ``dp-mechanism`` on that backend (common/dp_mechanism_registry.py)."""
+    """The configured backend's learner of the configured network
+    (:func:`common.network_registry.build_network`); when ``privacy`` is given, the learner
+    of the configured ``dp-mechanism`` on that backend (common/dp_mechanism_registry.py)."""
     if config.backend != "numpy":
         import torch
 
         torch.manual_seed(seed)
     if privacy is not None:
         build = dp_backend(config.dp_mechanism, config.backend).build
-        return build(obs_dim, n_actions, config, privacy, seed)
+        return build(observation_space, n_actions, config, privacy, seed)
     if config.backend == "numpy":
         from fedq.common.numpy_learner import NumpyDQNLearner
 
-        return NumpyDQNLearner(obs_dim, n_actions, config, seed)
+        return NumpyDQNLearner(observation_space, n_actions, config, seed)
     from fedq.common.dqn import DQNLearner
 
-    return DQNLearner(obs_dim, n_actions, config)
+    return DQNLearner(observation_space, n_actions, config)
 
 
 def check_state_backend(directory: Path, backend: str) -> None:

@@ -13,8 +13,12 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from fedq.common.config import FedqConfig
 
 Layout = dict[str, tuple[int, ...]]
 
@@ -27,6 +31,12 @@ def mlp_layout(obs_dim: int, n_actions: int, hidden_sizes: tuple[int, ...]) -> L
         layout[f"{2 * k}.weight"] = (fan_out, fan_in)
         layout[f"{2 * k}.bias"] = (fan_out,)
     return layout
+
+
+def build_mlp(config: FedqConfig, obs_shape: tuple[int, ...], n_actions: int) -> FlatParams:
+    """The ``mlp`` network of :mod:`common.network_registry` on the numpy backend: its
+    parameters, zero (the learner initialises them)."""
+    return FlatParams(mlp_layout(int(np.prod(obs_shape)), n_actions, config.hidden_sizes))
 
 
 class FlatParams:

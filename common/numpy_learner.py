@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -32,9 +33,13 @@ from fedq.common.atomic import PRIVATE, atomic_open
 from fedq.common.config import ConfigError, FedqConfig
 from fedq.common.learners import STATE_FILES
 from fedq.common.mlp_forward import MlpForward
-from fedq.common.mlp_params import FlatParams, mlp_layout
+from fedq.common.mlp_params import FlatParams
+from fedq.common.network_registry import build_network
 from fedq.common.privacy import DevicePrivacy, poisson_indices, sample_rate
 from fedq.common.replay_buffer import ReplayBuffer
+
+if TYPE_CHECKING:
+    import gymnasium as gym
 
 STATE_FILE = STATE_FILES["numpy"]
 _STATE_VERSION = 1
@@ -70,10 +75,12 @@ class NumpyDQNLearner:
 
     backend = "numpy"
 
-    def __init__(self, obs_dim: int, n_actions: int, config: FedqConfig, seed: int = 0) -> None:
+    def __init__(self, observation_space: gym.spaces.Box | int, n_actions: int,
+                 config: FedqConfig, seed: int = 0) -> None:
+        """``observation_space``: the env's (an int ``n``: a flat row of ``n`` floats)."""
         self.config = config
-        self.layout = mlp_layout(obs_dim, n_actions, config.hidden_sizes)
-        self.online = FlatParams(self.layout)
+        self.online = build_network(config, observation_space, n_actions, "numpy")
+        self.layout = self.online.layout
         self.online.init_like_torch(np.random.default_rng(seed))
         self.target = FlatParams(self.layout)
         np.copyto(self.target.flat, self.online.flat)
@@ -282,9 +289,9 @@ def _check_layout(path: Path, stored: Mapping[str, np.ndarray], layout: dict) ->
 class PrivateNumpyDQNLearner(NumpyDQNLearner):
     """DP-SGD steps as :class:`common.dqn.PrivateDQNLearner` takes them, in numpy."""
 
-    def __init__(self, obs_dim: int, n_actions: int, config: FedqConfig,
-                 privacy: DevicePrivacy, seed: int = 0) -> None:
-        super().__init__(obs_dim, n_actions, config, seed)
+    def __init__(self, observation_space: gym.spaces.Box | int, n_actions: int,
+                 config: FedqConfig, privacy: DevicePrivacy, seed: int = 0) -> None:
+        super().__init__(observation_space, n_actions, config, seed)
         self.privacy = privacy
         # batches and noise from OS entropy, never from the run's (server-known) seed
         self.sampling_rng = np.random.default_rng()

@@ -2,7 +2,9 @@
 
 Sampling writes into preallocated batch arrays (:meth:`ReplayBuffer.batch_arrays`);
 :meth:`ReplayBuffer.batch_tensors` exposes torch views of those same arrays, so a DQN
-update reads the freshly sampled batch without copying or allocating tensors. Torch is
+update reads the freshly sampled batch without copying or allocating tensors.
+Observations keep their shape and their dtype when it is uint8 (camera frames: a quarter
+of float32's memory; the CNNs scale them), other observations are stored as float32. Torch is
 imported only by the torch views: the numpy backend's devices do not have it. The
 buffer saves to and loads from one ``.npz`` file so a device's experience survives
 restarts.
@@ -31,14 +33,18 @@ class ReplayBuffer:
     (truncation) keeps bootstrapping from its next observation.
     """
 
-    def __init__(self, capacity: int, obs_dim: int, batch_size: int, seed: int) -> None:
-        if capacity < 1 or obs_dim < 1 or batch_size < 1:
-            raise ValueError("capacity, obs_dim and batch_size must be >= 1")
+    def __init__(self, capacity: int, obs_shape: int | tuple[int, ...], batch_size: int,
+                 seed: int, obs_dtype: np.dtype | type = np.float32) -> None:
+        """``obs_shape``: one observation's shape (an int ``n``: ``(n,)``); ``obs_dtype``:
+        the env's, stored as is when uint8, as float32 otherwise."""
+        obs_shape = (obs_shape,) if isinstance(obs_shape, int | np.integer) else obs_shape
+        self.obs_shape = tuple(int(d) for d in obs_shape)
+        if capacity < 1 or batch_size < 1 or min(self.obs_shape, default=0) < 1:
+            raise ValueError("capacity, batch_size and each observation dimension must be >= 1")
         self.capacity = capacity
-        self.obs_dim = obs_dim
+        self.obs_dtype = np.dtype(np.uint8 if np.dtype(obs_dtype) == np.uint8 else np.float32)
         self.batch_size = batch_size
-        self.obs = np.zeros((capacity, obs_dim), dtype=np.float32)
-        self.next_obs = np.zeros((capacity, obs_dim), dtype=np.float32)
+        self._allocate_observations()
         self.actions = np.zeros(capacity, dtype=np.int64)
         self.rewards = np.zeros(capacity, dtype=np.float32)
         self.terminated = np.zeros(capacity, dtype=np.float32)
@@ -46,11 +52,22 @@ class ReplayBuffer:
         self.size = 0
         self.rng = np.random.default_rng(seed)
         self._idx = np.empty(batch_size, dtype=np.int64)
-        self._b_obs = np.empty((batch_size, obs_dim), dtype=np.float32)
-        self._b_next_obs = np.empty((batch_size, obs_dim), dtype=np.float32)
+        self._b_obs = np.empty((batch_size, *self.obs_shape), dtype=self.obs_dtype)
+        self._b_next_obs = np.empty((batch_size, *self.obs_shape), dtype=self.obs_dtype)
         self._b_actions = np.empty((batch_size, 1), dtype=np.int64)
         self._b_rewards = np.empty((batch_size, 1), dtype=np.float32)
         self._b_terminated = np.empty((batch_size, 1), dtype=np.float32)
+
+    def _allocate_observations(self) -> None:
+        shape = (self.capacity, *self.obs_shape)
+        self.obs = np.zeros(shape, dtype=self.obs_dtype)
+        self.next_obs = np.zeros(shape, dtype=self.obs_dtype)
+
+    @property
+    def nbytes(self) -> int:
+        """Memory of the stored transitions (batch arrays not counted)."""
+        return sum(a.nbytes for a in (self.obs, self.next_obs, self.actions, self.rewards,
+                                      self.terminated))
 
     def __len__(self) -> int:
         return self.size
@@ -59,8 +76,8 @@ class ReplayBuffer:
             terminated: bool) -> None:
         """Store one transition, overwriting the oldest once full."""
         i = self.pos
-        self.obs[i] = obs.reshape(-1)
-        self.next_obs[i] = next_obs.reshape(-1)
+        self.obs[i] = obs.reshape(self.obs_shape)
+        self.next_obs[i] = next_obs.reshape(self.obs_shape)
         self.actions[i] = action
         self.rewards[i] = reward
         self.terminated[i] = terminated
@@ -93,7 +110,7 @@ class ReplayBuffer:
         return tuple(torch.from_numpy(a) for a in self.gather_arrays(indices))
 
     def batch_arrays(self) -> tuple[np.ndarray, ...]:
-        """The preallocated batch arrays every :meth:`sample` refills: obs ``(B, obs_dim)``,
+        """The preallocated batch arrays every :meth:`sample` refills: obs ``(B, *obs_shape)``,
         actions ``(B, 1)`` int64, rewards, next_obs, terminated (``(B, 1)`` float32)."""
         return (self._b_obs, self._b_actions, self._b_rewards, self._b_next_obs,
                 self._b_terminated)
@@ -121,9 +138,9 @@ class ReplayBuffer:
         with np.load(path, allow_pickle=False) as data:
             if int(data["version"]) != _FORMAT_VERSION:
                 raise ValueError(f"{path}: unsupported replay buffer format {data['version']}")
-            if data["obs"].shape[1:] != (self.obs_dim,):
+            if data["obs"].shape[1:] != self.obs_shape:
                 raise ValueError(f"{path}: stored observations have shape "
-                                 f"{data['obs'].shape[1:]}, expected ({self.obs_dim},)")
+                                 f"{data['obs'].shape[1:]}, expected {self.obs_shape}")
             stored, pos = len(data["actions"]), int(data["pos"])
             same_layout = int(data["capacity"]) == self.capacity
             wrapped = stored == int(data["capacity"])

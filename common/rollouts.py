@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from fedq.common.envs import make_env
+from fedq.common.envs import ImageObs, make_env
 
 Act = Callable[[np.ndarray], int]
 OnTransition = Callable[[np.ndarray, int, float, np.ndarray, bool], None]
@@ -24,11 +24,13 @@ OnTransition = Callable[[np.ndarray, int, float, np.ndarray, bool], None]
 def play_episodes(act: Act, env_id: str, episodes: int, *, seed: int = 0,
                   env_kwargs: dict[str, Any] | None = None,
                   env_physics: dict[str, float] | None = None, epsilon: float = 0.0,
-                  on_transition: OnTransition | None = None) -> list[float]:
+                  on_transition: OnTransition | None = None,
+                  image: ImageObs | None = None) -> list[float]:
     """Returns of ``episodes`` episodes on a fresh env (``env_physics``: a device's
-    physics overrides); with ``epsilon`` > 0 a uniformly random action replaces the
-    policy's with that probability (exploration while deployed)."""
-    env = make_env(env_id, env_kwargs, env_physics)
+    physics overrides; ``image``: the run's image preprocessing); with ``epsilon`` > 0 a
+    uniformly random action replaces the policy's with that probability (exploration
+    while deployed)."""
+    env = make_env(env_id, env_kwargs, env_physics, image)
     rng = np.random.default_rng(seed)
     n_actions = int(env.action_space.n)
     returns = []

@@ -22,11 +22,11 @@ import numpy as np
 
 from fedq.common.atomic import PRIVATE, atomic_open, atomic_write_text
 from fedq.common.config import FedqConfig
-from fedq.common.envs import check_spaces, make_env
+from fedq.common.envs import ImageObs, check_spaces, make_env
 from fedq.common.exploration import linear_epsilon
+from fedq.common.frame_buffer import replay_buffer_for
 from fedq.common.learners import STATE_FILES, check_state_backend, make_learner
 from fedq.common.privacy import DevicePrivacy, PrivacyReport
-from fedq.common.replay_buffer import ReplayBuffer
 from fedq.common.rollouts import play_episodes
 from fedq.common.state_store import DeviceStateError, new_generation, resolve
 
@@ -69,14 +69,16 @@ class LocalTrainer:
         (:class:`common.privacy.DevicePrivacy` refuses a round below it)."""
         self.config = config
         self.seed = seed
-        self.env = make_env(config.env_id, config.env_kwargs, config.env_physics)
+        self.env = make_env(config.env_id, config.env_kwargs, config.env_physics,
+                            ImageObs.of(config))
         spec = check_spaces(config.env_id, self.env)
         self.privacy = (DevicePrivacy(config, min_noise_multiplier) if config.dp_enabled
                         else None)
         # a ledger loaded while DP is off: saved again unchanged, never dropped
         self._kept_ledger: str | None = None
-        self.learner = make_learner(spec.obs_dim, spec.n_actions, config, self.privacy, seed)
-        self.buffer = ReplayBuffer(config.buffer_size, spec.obs_dim, config.batch_size, seed)
+        self.learner = make_learner(spec.observation_space, spec.n_actions, config,
+                                    self.privacy, seed)
+        self.buffer = replay_buffer_for(config, spec, seed)
         self.learner.bind(self.buffer)
         self.counters = Counters()
         self.rng = random.Random(seed)
@@ -185,7 +187,8 @@ class LocalTrainer:
         c = self.config
         return play_episodes(self.learner.policy.act, c.env_id, n_episodes,
                              seed=(self.seed + 10**6) if seed is None else seed,
-                             env_kwargs=c.env_kwargs, env_physics=c.env_physics)
+                             env_kwargs=c.env_kwargs, env_physics=c.env_physics,
+                             image=ImageObs.of(c))
 
     # --- persistence -------------------------------------------------------------------
     def save(self, directory: Path) -> None:

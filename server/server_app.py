@@ -28,8 +28,8 @@ from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
 from fedq.common.config import FEDERATION_STEPS_KEY, FedqConfig
-from fedq.common.envs import env_spec
-from fedq.common.networks import QNetwork
+from fedq.common.envs import run_env_spec
+from fedq.common.network_registry import build_network
 from fedq.common.privacy_policy import PrivacyPolicy
 from fedq.common.strategy_registry import PARALLEL, SEQUENTIAL, strategy_spec
 from fedq.server.central_dp import central_dp_report, with_central_dp
@@ -65,11 +65,11 @@ def build_strategy(config: FedqConfig) -> Strategy:
     return with_central_dp(choose_strategy(config), config)
 
 
-def initial_model(config: FedqConfig, checkpoint: dict[str, Any] | None) -> QNetwork:
+def initial_model(config: FedqConfig, checkpoint: dict[str, Any] | None) -> torch.nn.Module:
     """A seeded fresh Q-network, or the one in ``checkpoint`` when resuming."""
-    spec = env_spec(config.env_id, config.env_kwargs, config.env_physics)
+    spec = run_env_spec(config)
     torch.manual_seed(config.seed)
-    net = QNetwork(spec.obs_dim, spec.n_actions, config.hidden_sizes)
+    net = build_network(config, spec.observation_space, spec.n_actions, "torch")
     if checkpoint is not None:
         net.load_state_dict(checkpoint["state_dict"])
     return net

@@ -85,6 +85,8 @@ SCRIPTS = (
         "federation_levers_sequential_device_clock"), 4.5, "being changed on another branch"),
     Script("federation_pays", ("python -m fedq.simulations.bench_federation_pays --seeds 3 "
                                "--clients 4,8",), 3.0, "being changed on another branch"),
+    Script("cnn", ("python -m fedq.simulations.bench_cnn",), 0.1,
+           "needs the [pixels] extra; times torch CNN updates and the CarRacing loop"),
     Script("deployment", ("python -m fedq.simulations.bench_deployment --rounds 6",), 0.3,
            "process-level: real SuperLink and SuperNodes"),
     Script("fault_drill", ("python -m fedq.simulations.fault_drill --faults 120 --minutes 13 "

@@ -39,7 +39,8 @@ import numpy as np
 import torch
 
 from fedq.common.config import FedqConfig
-from fedq.common.networks import NumpyPolicy, QNetwork
+from fedq.common.network_registry import build_network
+from fedq.common.networks import NumpyPolicy
 from fedq.common.rollouts import play_episodes
 from fedq.common.trainer import LocalTrainer
 from fedq.simulations.results_io import markdown_table, results_name, write_results
@@ -187,7 +188,7 @@ def run_cell(lever_name: str, clients: int, seed: int, max_steps: int,
     online = devices[0].learner.online
     # the global model is evaluated as the ClientApp does: a network and its numpy policy
     # (which reads the network's parameters in place), no trainer or replay buffer
-    global_net = QNetwork(online.obs_dim, online.n_actions, config.hidden_sizes)
+    global_net = build_network(config, online.obs_dim, online.n_actions, "torch")
     greedy = NumpyPolicy(global_net).act
     server_lr = lever.server_lr(clients)
     velocity = {k: torch.zeros_like(v) for k, v in global_weights.items()}

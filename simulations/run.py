@@ -33,7 +33,7 @@ from fedq.common.config import (
     FedqConfig,
     parse_assignment,
 )
-from fedq.common.envs import env_spec
+from fedq.common.envs import run_env_spec
 from fedq.common.privacy_policy import PrivacyPolicy
 from fedq.server.outcome import STATUS_FILE, read_status
 from fedq.server.run_directory import RunDirectory, config_changes
@@ -96,7 +96,7 @@ def resolve_run_config(overrides: dict[str, ConfigScalar], clients: int,
     config = FedqConfig.from_mapping({**base, **overrides})
     PrivacyPolicy.from_mapping(overrides)  # privacy-* keys that tighten every device's policy
     # unknown id / wrong spaces / bad physics fail here
-    env_spec(config.env_id, config.env_kwargs, config.env_physics)
+    run_env_spec(config)
     if config.min_available_clients > clients:
         raise ConfigError("min-available-clients",
                           f"{config.min_available_clients} exceeds the {clients} simulated "

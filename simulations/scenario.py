@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from fedq.common.config import ConfigError, ConfigScalar, FedqConfig
-from fedq.common.envs import env_spec
+from fedq.common.envs import run_env_spec
 
 SCENARIOS_DIR = Path(__file__).resolve().parent / "scenarios"
 DISTRIBUTIONS = ("uniform", "loguniform", "normal", "randint", "choice")
@@ -133,7 +133,7 @@ def load_scenario(path: Path | str, num_clients: int | None = None,
     base_mapping = {**(defaults or {}), **run, **(run_overrides or {})}
     try:
         base = FedqConfig.from_mapping(base_mapping)
-        reference = env_spec(base.env_id, base.env_kwargs, base.env_physics)
+        reference = run_env_spec(base)
     except ConfigError as err:
         raise ScenarioError(path, None, f"run.{err.key}", err.problem) from None
     clients = []
@@ -269,14 +269,14 @@ def _validate_client(path: Path, client: int, base_mapping: Mapping[str, ConfigS
     the run's env (one global Q-network serves every client)."""
     try:
         config = FedqConfig.from_mapping({**base_mapping, **overrides})
-        spec = env_spec(config.env_id, config.env_kwargs, config.env_physics)
+        spec = run_env_spec(config)
     except ConfigError as err:
         key = err.key.replace("env-physics", "physics")
         raise ScenarioError(path, client, key, err.problem) from None
-    if spec != reference:
-        raise ScenarioError(path, client, "env-id", f"{config.env_id!r} has {spec.obs_dim} "
-                                                    f"observations and {spec.n_actions} "
-                                                    f"actions, the run's env has "
-                                                    f"{reference.obs_dim} and "
+    if (spec.obs_shape, spec.n_actions) != (reference.obs_shape, reference.n_actions):
+        raise ScenarioError(path, client, "env-id", f"{config.env_id!r} has observations of "
+                                                    f"shape {spec.obs_shape} and "
+                                                    f"{spec.n_actions} actions, the run's "
+                                                    f"env has {reference.obs_shape} and "
                                                     f"{reference.n_actions}; one global "
                                                     "model cannot serve both")

@@ -9,12 +9,12 @@ from fedq.common.replay_buffer import ReplayBuffer
 
 def _fill(buf: ReplayBuffer, start: int, n: int) -> None:
     for i in range(start, start + n):
-        obs = np.full(buf.obs_dim, i, dtype=np.float32)
+        obs = np.full(buf.obs_shape, i, dtype=np.float32)
         buf.add(obs, i % 2, float(i), obs + 0.5, terminated=(i % 7 == 0))
 
 
 def test_wraps_around_keeping_the_newest_transitions():
-    buf = ReplayBuffer(capacity=5, obs_dim=3, batch_size=4, seed=0)
+    buf = ReplayBuffer(capacity=5, obs_shape=3, batch_size=4, seed=0)
     _fill(buf, 0, 8)
     assert len(buf) == 5
     assert sorted(buf.rewards.tolist()) == [3.0, 4.0, 5.0, 6.0, 7.0]
@@ -22,7 +22,7 @@ def test_wraps_around_keeping_the_newest_transitions():
 
 
 def test_sample_draws_only_stored_transitions_and_keeps_fields_aligned():
-    buf = ReplayBuffer(capacity=100, obs_dim=2, batch_size=64, seed=1)
+    buf = ReplayBuffer(capacity=100, obs_shape=2, batch_size=64, seed=1)
     _fill(buf, 10, 20)
     obs, actions, rewards, next_obs, terminated = buf.batch_tensors()
     buf.sample()
@@ -35,7 +35,7 @@ def test_sample_draws_only_stored_transitions_and_keeps_fields_aligned():
 
 
 def test_batch_tensors_are_views_refreshed_by_sample():
-    buf = ReplayBuffer(capacity=50, obs_dim=1, batch_size=16, seed=2)
+    buf = ReplayBuffer(capacity=50, obs_shape=1, batch_size=16, seed=2)
     _fill(buf, 0, 50)
     rewards = buf.batch_tensors()[2]
     buf.sample()
@@ -45,16 +45,16 @@ def test_batch_tensors_are_views_refreshed_by_sample():
 
 
 def test_sampling_from_empty_buffer_is_refused():
-    buf = ReplayBuffer(capacity=4, obs_dim=1, batch_size=2, seed=0)
+    buf = ReplayBuffer(capacity=4, obs_shape=1, batch_size=2, seed=0)
     with pytest.raises(RuntimeError, match="empty"):
         buf.sample()
 
 
 def test_save_load_round_trip_restores_contents_order_and_rng(tmp_path):
-    buf = ReplayBuffer(capacity=6, obs_dim=2, batch_size=3, seed=3)
+    buf = ReplayBuffer(capacity=6, obs_shape=2, batch_size=3, seed=3)
     _fill(buf, 0, 9)  # wrapped
     buf.save(tmp_path / "buf.npz")
-    restored = ReplayBuffer(capacity=6, obs_dim=2, batch_size=3, seed=99)
+    restored = ReplayBuffer(capacity=6, obs_shape=2, batch_size=3, seed=99)
     restored.load(tmp_path / "buf.npz")
     assert len(restored) == 6
     buf.sample()
@@ -66,20 +66,20 @@ def test_save_load_round_trip_restores_contents_order_and_rng(tmp_path):
 
 
 def test_load_refuses_a_buffer_of_another_observation_size(tmp_path):
-    buf = ReplayBuffer(capacity=4, obs_dim=2, batch_size=2, seed=0)
+    buf = ReplayBuffer(capacity=4, obs_shape=2, batch_size=2, seed=0)
     _fill(buf, 0, 2)
     buf.save(tmp_path / "buf.npz")
     with pytest.raises(ValueError, match="shape"):
-        ReplayBuffer(capacity=4, obs_dim=3, batch_size=2, seed=0).load(tmp_path / "buf.npz")
+        ReplayBuffer(capacity=4, obs_shape=3, batch_size=2, seed=0).load(tmp_path / "buf.npz")
 
 
 def test_load_into_a_different_capacity_keeps_the_newest_in_order(tmp_path):
-    buf = ReplayBuffer(capacity=5, obs_dim=1, batch_size=2, seed=0)
+    buf = ReplayBuffer(capacity=5, obs_shape=1, batch_size=2, seed=0)
     _fill(buf, 0, 8)  # holds 3..7, wrapped
     buf.save(tmp_path / "buf.npz")
-    bigger = ReplayBuffer(capacity=10, obs_dim=1, batch_size=2, seed=0)
+    bigger = ReplayBuffer(capacity=10, obs_shape=1, batch_size=2, seed=0)
     bigger.load(tmp_path / "buf.npz")
     assert bigger.rewards[:5].tolist() == [3.0, 4.0, 5.0, 6.0, 7.0] and bigger.pos == 5
-    smaller = ReplayBuffer(capacity=3, obs_dim=1, batch_size=2, seed=0)
+    smaller = ReplayBuffer(capacity=3, obs_shape=1, batch_size=2, seed=0)
     smaller.load(tmp_path / "buf.npz")
     assert smaller.rewards.tolist() == [5.0, 6.0, 7.0] and len(smaller) == 3

@@ -19,7 +19,7 @@ from fedq.common.trainer import LocalTrainer
 from fedq.simulations.run import app_defaults, main
 from fedq.simulations.scenario import SCENARIOS_DIR, ScenarioError, load_scenario
 
-_NEEDS = {"lunar_lander": "Box2D", "highway": "highway_env"}
+_NEEDS = {"lunar_lander": "Box2D", "highway": "highway_env", "car_racing_pixels": "Box2D"}
 
 
 @pytest.mark.parametrize("path", sorted(SCENARIOS_DIR.glob("*.toml")), ids=lambda p: p.stem)

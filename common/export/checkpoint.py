@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
-from fedq.common.envs import env_spec
+from fedq.common.config import ConfigError, FedqConfig
+from fedq.common.envs import ImageObs, env_spec
+from fedq.common.network_registry import build_network
 from fedq.common.networks import QNetwork
 
 _KEY = re.compile(r"^(\d+)\.(weight|bias)$")
@@ -37,11 +40,12 @@ class CheckpointError(ValueError):
 class Teacher:
     """The Q-network to export and where it came from."""
 
-    net: QNetwork
+    net: nn.Module  # a QNetwork (MLP), or a CNN (common/export/cnn_export.py)
     env_id: str
     source: Path
     env_kwargs: dict[str, Any] = field(default_factory=dict)
     server_round: int | None = None
+    image: ImageObs = field(default_factory=ImageObs)
 
 
 def resolve_checkpoint(source: Path) -> Path:
@@ -79,6 +83,10 @@ def load_teacher(source: Path, env_id: str | None = None) -> Teacher:
         raise CheckpointError(path, "no config.json beside its run directory names the "
                                     "env; pass --env-id")
     env_kwargs = json.loads(config.get("env-kwargs", "{}")) if config else {}
+    server_round = payload.get("round")
+    server_round = int(server_round) if isinstance(server_round, int) else None
+    if config.get("network", "mlp") != "mlp":
+        return _cnn_teacher(path, state, config, env_id, server_round)
     sizes = _check_layer_sizes(path, state)
     hidden = tuple(sizes[1:-1])
     if config.get("hidden-sizes") and config["hidden-sizes"] != ",".join(map(str, hidden)):
@@ -89,12 +97,32 @@ def load_teacher(source: Path, env_id: str | None = None) -> Teacher:
         raise CheckpointError(path, f"network maps {sizes[0]} inputs to {sizes[-1]} actions, "
                                     f"but {env_id} has obs dim {spec.obs_dim} and "
                                     f"{spec.n_actions} actions")
-    net = QNetwork(sizes[0], sizes[-1], hidden)
+    net = build_network(replace(FedqConfig(), hidden_sizes=hidden), sizes[0], sizes[-1],
+                        "torch")
     net.load_state_dict({k: t.detach().float() for k, t in state.items()})
     net.eval()
-    server_round = payload.get("round")
     return Teacher(net=net, env_id=env_id, source=path, env_kwargs=env_kwargs,
-                   server_round=int(server_round) if isinstance(server_round, int) else None)
+                   server_round=server_round)
+
+
+def _cnn_teacher(path: Path, state: dict[str, Any], config: dict[str, Any], env_id: str,
+                 server_round: int | None) -> Teacher:
+    """The run's CNN, built by the network factory from its config.json (network, image
+    keys) and the env's observation space, with the checkpoint's weights."""
+    try:
+        run = FedqConfig.from_mapping({**config, "env-id": env_id, "client-overrides": "{}"})
+    except ConfigError as err:
+        raise CheckpointError(path, f"its run's config.json: {err}") from None
+    image = ImageObs.of(run)
+    spec = env_spec(env_id, run.env_kwargs, None, image)
+    net = build_network(run, spec.observation_space, spec.n_actions, "torch")
+    try:
+        net.load_state_dict({k: t.detach().float() for k, t in state.items()})
+    except (RuntimeError, AttributeError) as err:
+        raise CheckpointError(path, f"does not hold a {run.network!r} network for "
+                                    f"{env_id}: {str(err)[:300]}") from None
+    return Teacher(net=net.eval(), env_id=env_id, source=path, env_kwargs=run.env_kwargs,
+                   server_round=server_round, image=image)
 
 
 def _run_config(checkpoint: Path) -> dict[str, Any]:

@@ -21,7 +21,9 @@ the fp32 teacher on held-out teacher states:
 
 The ``.fqp`` files run with ``fedq-policy`` (numpy only). Calibration, pruning and
 distillation use states gathered by rolling out the teacher epsilon-greedily
-(``--states``, ``--seed``).
+(``--states``, ``--seed``). A CNN checkpoint (``network = "nature-cnn"`` or
+``"edge-cnn"``) exports to ONNX only, fp32, fp16 and int8, for onnxruntime
+(:mod:`common.export.cnn_export`).
 """
 
 from __future__ import annotations
@@ -40,16 +42,18 @@ import torch
 from fedq.common.atomic import atomic_write_text
 from fedq.common.config import ConfigError
 from fedq.common.export.checkpoint import CheckpointError, Teacher, load_teacher, numpy_layers
+from fedq.common.export.cnn_export import CNN_FORMATS, collect_frames, export_cnn
 from fedq.common.export.distill import distill
 from fedq.common.export.onnx_export import OnnxUnavailableError, export_onnx, onnx_available
 from fedq.common.export.policy_file import read_policy, write_policy
 from fedq.common.export.prune import prune_and_finetune
 from fedq.common.mlp_forward import MlpForward
-from fedq.common.networks import NumpyPolicy
+from fedq.common.networks import NumpyPolicy, QNetwork
 from fedq.common.rollouts import collect_states
 
 FORMATS = ("fp32", "fp16", "int8", "int8-ptq", "pruned", "student", "onnx")
 _HELD_OUT_SEED = 10**6  # held-out states come from episodes no training state came from
+CNN_STATES = 300  # frames a CNN's formats are compared on (CarRacing: ~26 ms per step)
 
 
 def default_student_hidden(hidden_sizes: Sequence[int]) -> tuple[int, ...]:
@@ -121,6 +125,29 @@ def export_policies(teacher: Teacher, out_dir: Path, formats: Sequence[str], *,
     return manifest
 
 
+def export_cnn_policies(teacher: Teacher, out_dir: Path, formats: Sequence[str], *,
+                        n_states: int = CNN_STATES, seed: int = 0, log: Any = print
+                        ) -> dict[str, Any]:
+    """Write the requested ONNX formats of a CNN ``teacher``; returns the manifest."""
+    unknown = sorted(set(formats) - set(CNN_FORMATS))
+    if unknown:
+        raise ConfigError("--formats", f"{unknown} are MLP formats (.fqp files for the numpy "
+                          f"runner); a CNN exports to {', '.join(CNN_FORMATS)}")
+    if not onnx_available():
+        raise OnnxUnavailableError("a CNN exports to ONNX only, which needs the optional "
+                                   "packages onnx and onnxscript: pip install 'fedq[export]'")
+    log(f"collecting {n_states} teacher frames on {teacher.env_id}")
+    states = collect_frames(teacher.net, teacher.env_id, teacher.env_kwargs, teacher.image,
+                            n_states, seed=_HELD_OUT_SEED + seed)
+    source = {"checkpoint": str(teacher.source), "round": teacher.server_round}
+    entries = export_cnn(teacher.net, out_dir, list(formats), states,
+                         {"env_id": teacher.env_id, "checkpoint": str(teacher.source)}, log)
+    manifest = {"env_id": teacher.env_id, "obs_shape": list(states.shape[1:]), **source,
+                "held_out_states": len(states), "formats": entries}
+    atomic_write_text(out_dir / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
 def _actions(layers: list, states: np.ndarray) -> np.ndarray:
     forward = MlpForward([(np.ascontiguousarray(w.T), b) for w, b in layers])
     return np.array([forward.act(s) for s in states])
@@ -138,9 +165,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--env-id", help="env id (default: from the run's config.json)")
     parser.add_argument("--formats", help=f"comma-separated subset of {','.join(FORMATS)} "
                                            "(default: all; onnx only if its extra is installed)")
-    parser.add_argument("--states", type=int, default=20_000,
+    parser.add_argument("--states", type=int,
                         help="teacher states to calibrate (fp16, int8), fine-tune (pruned) "
-                             "and distil on")
+                             f"and distil on (default 20000); for a CNN, the frames its "
+                             f"formats are compared on (default {CNN_STATES})")
     parser.add_argument("--sparsity", type=float, default=0.75,
                         help="fraction of each weight matrix pruned")
     parser.add_argument("--finetune-steps", type=int, default=2000,
@@ -168,9 +196,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         teacher = load_teacher(args.source, args.env_id)
         folder = teacher.source.parent
         out = args.out or (folder.parent if folder.name == "checkpoints" else folder) / "export"
-        export_policies(teacher, out, formats, n_states=args.states, sparsity=args.sparsity,
-                        finetune_steps=args.finetune_steps, student_hidden=student_hidden,
-                        seed=args.seed)
+        if not isinstance(teacher.net, QNetwork):
+            export_cnn_policies(teacher, out, formats if args.formats else CNN_FORMATS,
+                                n_states=args.states or CNN_STATES, seed=args.seed)
+            print(f"wrote {out / 'manifest.json'}")
+            return 0
+        export_policies(teacher, out, formats, n_states=args.states or 20_000,
+                        sparsity=args.sparsity, finetune_steps=args.finetune_steps,
+                        student_hidden=student_hidden, seed=args.seed)
     except (CheckpointError, ConfigError, OnnxUnavailableError, ValueError) as err:
         print(f"fedq-export: error: {err}", file=sys.stderr)
         return 2

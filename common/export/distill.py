@@ -12,13 +12,15 @@ starting point for further TD learning.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fedq.common.config import FedqConfig
 from fedq.common.export.finetune import fit_on_states
+from fedq.common.network_registry import build_network
 from fedq.common.networks import QNetwork
 
 
@@ -37,7 +39,8 @@ def distill(teacher: QNetwork, states: np.ndarray, hidden_sizes: tuple[int, ...]
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     torch.manual_seed(seed)
-    student = QNetwork(teacher.obs_dim, teacher.n_actions, hidden_sizes)
+    student = build_network(replace(FedqConfig(), hidden_sizes=tuple(hidden_sizes)),
+                            teacher.obs_dim, teacher.n_actions, "torch")
     x = torch.from_numpy(states)
     with torch.no_grad():
         teacher_q = teacher(x)

@@ -1,0 +1,131 @@
+"""The network registry and its one factory: the default MLP run is bit-identical to the
+code before the registry, configs refuse networks a backend or an env cannot serve, and
+the docs table comes from the registry."""
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fedq.common.cnn import ConvQNetwork
+from fedq.common.config import ConfigError, FedqConfig
+from fedq.common.config_docs import networks_markdown
+from fedq.common.network_registry import (
+    NETWORK_REGISTRY,
+    NetworkSpec,
+    build_network,
+    network_names,
+    register_network,
+)
+from fedq.common.networks import QNetwork
+from fedq.common.trainer import LocalTrainer
+from fedq.server.server_app import initial_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Recorded on main at 6d4a8ff (before the registry) with this same run: /tmp script ran
+# run_hash() below against the old QNetwork call sites and the flat float32 buffer.
+MAIN_HASHES = {
+    "torch": "b97ff1f50773381bed60cc1f4147cd2aecd80bfb4e6b1a4346f78a791fe34343",
+    "numpy": "dd7daa61fe27c0835429b53d28425af41ff0ec8550dc69f2e663e84cec633802",
+    "server": "623ac182763c7d85b1a8cd079247ddedc42fb8382de7f8ed2b605301b76444ea",
+}
+
+
+def _tiny(**overrides) -> FedqConfig:
+    return FedqConfig.from_mapping({
+        "hidden-sizes": "16,16", "buffer-size": 400, "batch-size": 16, "learning-starts": 50,
+        "target-update-interval": 50, "exploration-steps": 200, "seed": 3, **overrides})
+
+
+def _run_hash(backend: str, tmp_path: Path) -> str:
+    """sha256 of a 300-step seeded device's saved networks and replay buffer."""
+    trainer = LocalTrainer(_tiny(backend=backend), seed=3)
+    trainer.train(300)
+    trainer.save(tmp_path)
+    trainer.close()
+    gen = next(p for p in tmp_path.iterdir() if p.name.startswith("gen-"))
+    h = hashlib.sha256()
+    if backend == "torch":
+        state = torch.load(gen / "learner.pt", weights_only=True)["learner"]
+        for part in ("online", "target"):
+            for k, v in sorted(state[part].items()):
+                h.update(k.encode())
+                h.update(v.numpy().tobytes())
+    else:
+        with np.load(gen / "learner.npz") as data:
+            for k in sorted(data.files):
+                h.update(k.encode())
+                h.update(np.ascontiguousarray(data[k]).tobytes())
+    with np.load(gen / "replay_buffer.npz") as data:
+        for k in ("obs", "next_obs", "actions", "rewards", "terminated"):
+            h.update(np.ascontiguousarray(data[k]).tobytes())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("backend", ["torch", "numpy"])
+def test_default_mlp_run_is_bit_identical_to_main_before_the_registry(backend, tmp_path):
+    assert _run_hash(backend, tmp_path) == MAIN_HASHES[backend]
+
+
+def test_server_initial_model_is_bit_identical_to_main_before_the_registry():
+    net = initial_model(FedqConfig.from_mapping({"hidden-sizes": "16,16", "seed": 3}), None)
+    h = hashlib.sha256()
+    for k, v in net.state_dict().items():
+        h.update(k.encode())
+        h.update(v.numpy().tobytes())
+    assert h.hexdigest() == MAIN_HASHES["server"]
+
+
+def test_factory_builds_each_registered_network_for_its_observations():
+    mlp = build_network(FedqConfig(), 4, 2)
+    assert isinstance(mlp, QNetwork) and mlp(torch.zeros(3, 4)).shape == (3, 2)
+    numpy_mlp = build_network(FedqConfig(backend="numpy"), 4, 2)
+    assert numpy_mlp.layout == {k: tuple(v.shape) for k, v in mlp.state_dict().items()}
+    frames = torch.zeros(2, 4, 84, 84, dtype=torch.uint8)
+    sizes = {}
+    for name in ("nature-cnn", "edge-cnn"):
+        import gymnasium as gym
+
+        space = gym.spaces.Box(0, 255, (4, 84, 84), np.uint8)
+        net = build_network(FedqConfig(network=name), space, 5)
+        assert isinstance(net, ConvQNetwork) and net(frames).shape == (2, 5)
+        sizes[name] = sum(p.numel() for p in net.parameters())
+    assert sizes["edge-cnn"] < sizes["nature-cnn"] / 4
+
+
+def test_cnn_reads_each_image_layout_gymnasiums_wrappers_produce():
+    import gymnasium as gym
+
+    for shape, channels in [((84, 84), 1), ((96, 96, 3), 3), ((4, 84, 84), 4),
+                            ((2, 64, 64, 3), 6)]:
+        net = build_network(FedqConfig(network="edge-cnn"),
+                            gym.spaces.Box(0, 255, shape, np.uint8), 3)
+        assert net.features[0].in_channels == channels
+        assert net(torch.zeros((1, *shape), dtype=torch.uint8)).shape == (1, 3)
+
+
+def test_config_refuses_a_cnn_on_the_numpy_backend_naming_the_field():
+    with pytest.raises(ConfigError, match=r"'network'.*'nature-cnn' runs on backend torch, "
+                                          r"not 'numpy'"):
+        FedqConfig.from_mapping({"network": "nature-cnn", "backend": "numpy"})
+    with pytest.raises(ConfigError, match=r"'network'.*one of"):
+        FedqConfig.from_mapping({"network": "resnet"})
+
+
+def test_registry_refuses_duplicates_and_unknown_observation_kinds():
+    with pytest.raises(ValueError, match="already registered"):
+        register_network(NETWORK_REGISTRY["mlp"])
+    with pytest.raises(ValueError, match="observations"):
+        register_network(NetworkSpec("x", "x", {"torch": "m:f"}, ("audio",)))
+
+
+def test_networks_doc_is_generated_from_the_registry():
+    text = networks_markdown()
+    for name in network_names():
+        assert f"`{name}`" in text
+    assert "| `mlp` (default) |" in text and "torch, numpy" in text
+    assert (ROOT / "docs" / "networks.md").read_text() == text, (
+        "docs/networks.md is stale: run python -m fedq.common.config_docs")
