@@ -89,3 +89,6 @@ register_central_dp(CentralDpMode(
 register_central_dp(CentralDpMode(
     "client-fixed", "devices clip their update before replying",
     _fixed_clipping("DifferentialPrivacyClientSideFixedClipping")))
+register_central_dp(CentralDpMode(
+    "distributed", "with secure-aggregation: each device clips its update and adds its share "
+    "of the noise before SecAgg+ masks it; the server only sees the noised sum", None))
