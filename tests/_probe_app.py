@@ -5,7 +5,7 @@ or on real SuperNodes: the same pyproject (config defaults) with a generated mod
   every reply the server receives to ``<out>/server-received.jsonl`` (the number of array
   elements each reply carries, and the spread of each masked SecAgg+ vector);
 - ClientApp is fedq's with one test-only train mod inside SecAgg+, which saves the global
-  model and the weights each device trained (``<out>/plain-<partition>.npz``: what the
+  model and the weights each device trained (``<out>/plain-<partition or node id>.npz``: what the
   server must not see) and, for ``drop = {partition: True}``, fails that device's
   masked-vector stage (a device lost in the middle of the protocol).
 
@@ -33,7 +33,6 @@ from flwr.common.secure_aggregation.secaggplus_constants import Key
 from flwr.serverapp import Grid, ServerApp
 
 from fedq.client.client_app import build_client_app
-from fedq.server.server_app import main as fedq_main
 
 OUT = Path({out!r})
 DROP = {drop!r}
@@ -74,11 +73,13 @@ server = ServerApp()
 
 @server.main()
 def main(grid: Grid, context: Context) -> None:
+    from fedq.server.server_app import main as fedq_main  # the devices do not load it
+
     fedq_main(CapturingGrid(grid), context)
 
 
 def plain(msg: Message, context: Context, call_next) -> Message:
-    partition = int(context.node_config["partition-id"])
+    partition = int(context.node_config.get("partition-id", context.node_id))
     if DROP.get(str(partition)):
         raise RuntimeError(f"partition {{partition}} drops out mid-protocol")
     reply = call_next(msg, context)
