@@ -245,8 +245,8 @@ class FedqConfig:
         "their sum (docs/privacy.md); needs an averaging strategy, validate-updates = false "
         "and update-compression none; central DP with it is central-dp = distributed")
     secagg_num_shares: int = _opt(
-        3, "SecAgg+: devices (itself included) each device secret-shares its keys with; "
-        "odd, >= 3")
+        3, "SecAgg+: devices (itself included) each device secret-shares its keys with; odd "
+        "or >= the devices sampled (then a round tolerates devices - threshold dropouts)")
     secagg_reconstruction_threshold: int = _opt(
         2, "SecAgg+: shares needed to unmask; a round survives as long as every device keeps "
         "this many live neighbours (>= 2, < secagg-num-shares)")
