@@ -225,3 +225,17 @@ def test_a_device_requiring_secagg_refuses_a_plain_train_message(tmp_path, serve
     waived = device_context(0, {**run_config, "privacy-require-secagg": False},
                             **{"privacy-require-secagg": True})
     assert build_client_app()(message, waived).has_error()
+
+
+def test_a_device_refusing_inside_the_protocol_answers_with_its_own_error(
+        tmp_path, server_process):
+    """A device whose policy refuses the round (here: it requires DP, the run has none)
+    answers the masked-vector stage with its policy error, which the server's privacy
+    log reads as for a plain round; the others' sum is released."""
+    overrides = '{"3": {"privacy-dp-required": true}}'
+    phase, _, _, _ = _secure_round(tmp_path, **{"client-overrides": overrides})
+    assert phase.arrays is not None and len(phase.screening.accepted) == 3
+    (refused,) = [m for m in phase.replies if m.has_error()]
+    assert refused.metadata.src_node_id == FIRST_NODE + 3
+    assert refused.error.code == PRIVACY_POLICY_ERROR_CODE
+    assert "privacy-dp-required" in refused.error.reason
