@@ -17,7 +17,8 @@ everything else:
 
 A device that errs or does not answer in any stage is a dropout; the workflow recovers
 the sum of the others while every device keeps ``secagg-reconstruction-threshold`` live
-neighbours and otherwise halts, and the round then releases nothing (the global model is
+neighbours (one that dropped before sharing its keys is simply left out:
+:class:`_SecAggPlus`) and otherwise halts, and the round then releases nothing (the global model is
 kept). Under distributed DP (``central-dp = "distributed"``) a released round holding k of
 the n = ``central-dp-clients`` expected noise shares is accounted with noise multiplier
 ``sigma x sqrt(k / n)`` (:attr:`TrainPhase.noise_multiplier`), and a round with fewer than
@@ -43,6 +44,7 @@ from flwr.server.strategy import Strategy as LegacyStrategy
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
+from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
@@ -134,13 +136,42 @@ def _fitins(message: Message) -> FitIns:
     return FitIns(compat.arrayrecord_to_parameters(arrays, keep_input=True), config)
 
 
+class _SecAggPlus(SecAggPlusWorkflow):
+    """Flower's workflow, except that a device which never shared its keys is left out
+    instead of halting the round.
+
+    Flower 1.42 asks, in the unmask stage, for shares of *every* sampled device's keys,
+    so a device that did not answer the setup or share-keys stage (a SuperNode that died
+    before the round, still listed by the SuperLink) halts every round: its keys were
+    never shared, "Not enough shares to recover secret". Such a device put no mask into
+    anyone's vector (a device masks only with the neighbours whose shares it received),
+    so before the masked vectors are collected this drops it from the sampled devices and
+    from every neighbourhood; the protocol and its threshold checks then run on the
+    devices that did share keys (the original SecAgg+'s U2). Dropouts from the masked-vector
+    stage on are recovered as Flower does."""
+
+    _before_masking = True
+
+    def collect_masked_vectors_stage(self, grid, context, state) -> bool:
+        self._before_masking = False
+        return super().collect_masked_vectors_stage(grid, context, state)
+
+    def _check_threshold(self, state: WorkflowState) -> bool:
+        if self._before_masking:
+            live = set(state.active_node_ids)
+            state.sampled_node_ids = live
+            state.nid_to_neighbours = {nid: neighbours & live for nid, neighbours
+                                       in state.nid_to_neighbours.items() if nid in live}
+        return super()._check_threshold(state)
+
+
 def workflow(config: FedqConfig) -> SecAggPlusWorkflow:
     """Flower's SecAgg+ workflow with the run's settings. The weight a device reports is
     at most the largest ``local-steps`` (env steps collected), 1 under distributed DP."""
     steps = [config.local_steps] + [int(o.get("local-steps", config.local_steps))
                                     for o in config.client_overrides.values()]
     max_weight = 1.0 if config.central_dp == DISTRIBUTED_DP else float(max(steps))
-    return SecAggPlusWorkflow(
+    return _SecAggPlus(
         config.secagg_num_shares, config.secagg_reconstruction_threshold,
         max_weight=max_weight, clipping_range=config.secagg_clipping_range,
         quantization_range=config.secagg_quantization_range, modulus_range=MODULUS_RANGE,

@@ -12,6 +12,7 @@ import pytest
 import torch
 from _local_grid import FIRST_NODE, LocalGrid
 from _replies import as_numpy, device_context, instruction
+from _round_loop import run_in_process
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common import bytes_to_ndarray
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
@@ -20,12 +21,14 @@ from fedq.client.client_app import build_client_app
 from fedq.client.secure_aggregation import noised_update
 from fedq.common.config import ConfigError, FedqConfig
 from fedq.common.networks import QNetwork
+from fedq.common.privacy import epsilon_of
 from fedq.common.privacy_policy import PRIVACY_POLICY_ERROR_CODE
 from fedq.common.secure_aggregation import (
     effective_noise_multiplier,
     min_clipping_range,
     noise_share_std,
 )
+from fedq.server.central_dp import central_dp_report
 from fedq.server.secure_aggregation import train_securely
 from fedq.server.sequential import DeviceOrder
 from fedq.server.server_app import build_strategy
@@ -119,11 +122,11 @@ def test_the_server_never_receives_an_individual_update(tmp_path, server_process
 
 
 # --- dropouts -------------------------------------------------------------------------------
+@pytest.mark.parametrize("stage", [Stage.SETUP, Stage.SHARE_KEYS, Stage.COLLECT_MASKED_VECTORS])
 def test_a_device_going_offline_mid_protocol_is_tolerated_up_to_the_threshold(
-        tmp_path, server_process):
+        tmp_path, server_process, stage):
     lost = FIRST_NODE + 2
-    phase, plain, _, arrays = _secure_round(
-        tmp_path, offline_from={lost: Stage.COLLECT_MASKED_VECTORS})
+    phase, plain, _, arrays = _secure_round(tmp_path, offline_from={lost: stage})
     assert phase.arrays is not None  # 4 - 1 >= threshold 3: the round is released
     survivors = {n: u for n, u in _updates(plain, arrays).items() if n != lost}
     assert len(survivors) == 3 and lost not in {m.metadata.src_node_id
@@ -239,3 +242,26 @@ def test_a_device_refusing_inside_the_protocol_answers_with_its_own_error(
     assert refused.metadata.src_node_id == FIRST_NODE + 3
     assert refused.error.code == PRIVACY_POLICY_ERROR_CODE
     assert "privacy-dp-required" in refused.error.reason
+
+
+def test_the_round_loop_accounts_each_released_sum_with_the_noise_it_holds(
+        tmp_path, server_process):
+    """fedq's round loop (run_rounds) over SecAgg+ with distributed DP: a device lost in
+    round 1's masked-vector stage stays away (round 2 it does not even answer the setup,
+    which Flower's own workflow would halt on), so both rounds release a sum of 3 of the
+    4 expected noise shares; each is accounted at sigma sqrt(3/4), not sigma."""
+    run_config = {**_config(tmp_path, **DP), "num-server-rounds": 2}
+    grid = LocalGrid(build_client_app(), run_config, DEVICES,
+                     offline_from={FIRST_NODE + 3: Stage.COLLECT_MASKED_VECTORS})
+    rows, _, _ = run_in_process(tmp_path, grid, rounds=2, **{
+        k: v for k, v in run_config.items() if k not in ("num-server-rounds", "run-dir")})
+    reduced = 100.0 * math.sqrt(3 / 4)
+    assert [r["train"]["secagg-masked-devices"] for r in rows] == [3, 3]
+    report = rows[-1]["central-dp"]
+    assert report["released-rounds"] == 2
+    assert report["released-noise-multipliers"] == pytest.approx([reduced, reduced])
+    assert report["epsilon"] == pytest.approx(
+        epsilon_of("rdp", report["delta"], ((reduced, 1.0, 1), (reduced, 1.0, 1))))
+    assert report["epsilon"] > central_dp_report(FedqConfig.from_mapping(run_config), 2)[
+        "epsilon"]  # what sigma itself would have claimed
+    assert {f["node-id"] for r in rows for f in r["device-failures"]} == {FIRST_NODE + 3}
