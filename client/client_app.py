@@ -58,6 +58,7 @@ from fedq.client.device import Device, device_from_context, device_lock
 from fedq.client.message_audit import message_audit_mod
 from fedq.client.metric_release import release
 from fedq.client.personalize import personalized_returns
+from fedq.client.secure_aggregation import secure_aggregation_mod
 from fedq.common.compression import encode_update
 from fedq.common.config import FEDERATION_STEPS_KEY, FedqConfig
 from fedq.common.envs import ImageObs, env_spec
@@ -295,10 +296,11 @@ def evaluate(msg: Message, context: Context) -> Message:
 def build_client_app(train_mods: Sequence[Mod] = ()) -> ClientApp:
     """fedq's ClientApp. ``train_mods`` wrap the train handler inside central DP clipping
     (they see the reply before it is clipped); the product adds none, a simulation adds
-    its own (simulations/attacks.py) without the product knowing of them. The audit mod
-    is outermost: it sees each reply as it leaves, after central DP clipping."""
+    its own (simulations/attacks.py) without the product knowing of them. SecAgg+
+    (:mod:`client.secure_aggregation`) is outside both: it masks what they return. The
+    audit mod is outermost: it sees each reply as it leaves, after clipping and masking."""
     client_app = ClientApp(mods=[message_audit_mod])
-    client_app.train(mods=[central_dp_clipping_mod, *train_mods])(train)
+    client_app.train(mods=[secure_aggregation_mod, central_dp_clipping_mod, *train_mods])(train)
     client_app.evaluate()(evaluate)
     client_app.query()(identify)
     return client_app

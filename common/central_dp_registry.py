@@ -6,8 +6,10 @@ and add Gaussian noise to the average. Config validation accepts exactly the reg
 ``central-dp`` row of the configuration reference lists them, and
 :func:`server.central_dp.with_central_dp` wraps the strategy in whichever the config
 names. Adding a mode (e.g. Flower's adaptive clipping) is one :func:`register_central_dp`
-call. ``none`` is the registered mode without a wrapper. The central epsilon fedq reports
-(:func:`server.central_dp.central_dp_report`) is the fixed-clipping Gaussian mechanism's:
+call. ``none`` and ``distributed`` are the registered modes without a wrapper: the latter's
+noise is added by the devices under SecAgg+ (:mod:`common.secure_aggregation`). The
+central epsilon fedq reports (:func:`server.central_dp.central_dp_report`) is the
+fixed-clipping Gaussian mechanism's:
 a mode whose noise is calibrated otherwise must bring its own accounting.
 
 On the device nothing is mode-specific: a wrapper that wants devices to clip puts the
@@ -89,3 +91,6 @@ register_central_dp(CentralDpMode(
 register_central_dp(CentralDpMode(
     "client-fixed", "devices clip their update before replying",
     _fixed_clipping("DifferentialPrivacyClientSideFixedClipping")))
+register_central_dp(CentralDpMode(
+    "distributed", "with secure-aggregation: each device clips its update and adds its share "
+    "of the noise before SecAgg+ masks it; the server only sees the noised sum", None))

@@ -30,6 +30,7 @@ from fedq.common.dp_mechanism_registry import (
     unregistered,
 )
 from fedq.common.network_registry import NETWORK_REGISTRY, network_names, network_spec
+from fedq.common.secure_aggregation import secure_aggregation_problem
 from fedq.common.strategy_registry import STRATEGY_REGISTRY, strategy_names, strategy_spec
 
 ConfigScalar = bool | int | float | str
@@ -262,6 +263,23 @@ class FedqConfig:
     central_dp_clients: int = _opt(
         0, "central DP: devices sampled per round (noise std on the average is noise x clip "
         "/ this); required >= 1 with central-dp", _non_negative)
+    # --- secure aggregation (server/secure_aggregation.py, client/secure_aggregation.py) ----
+    secure_aggregation: bool = _opt(
+        False, "aggregate the training updates with Flower's SecAgg+: the server learns only "
+        "their sum (docs/privacy.md); needs an averaging strategy, validate-updates = false "
+        "and update-compression none; central DP with it is central-dp = distributed")
+    secagg_num_shares: int = _opt(
+        3, "SecAgg+: devices (itself included) each device secret-shares its keys with; odd "
+        "or >= the devices sampled (then a round tolerates devices - threshold dropouts)")
+    secagg_reconstruction_threshold: int = _opt(
+        2, "SecAgg+: shares needed to unmask; a round survives as long as every device keeps "
+        "this many live neighbours (>= 2, < secagg-num-shares)")
+    secagg_clipping_range: float = _opt(
+        8.0, "SecAgg+: each coordinate of a device's update (w_i - w_global, weighted) is "
+        "clipped to +-this before quantisation", _positive)
+    secagg_quantization_range: int = _opt(
+        4194304, "SecAgg+: integer levels of the quantiser (2**22); the rounding error of a "
+        "coordinate is at most 2 x secagg-clipping-range / this", _at_least_one)
     # --- outputs -----------------------------------------------------------------------
     run_dir: str = _opt(
         "runs/default", "where config, metrics, checkpoints and plots are written",
@@ -331,6 +349,9 @@ class FedqConfig:
                 "would release returns no epsilon covers; use 0 with dp-enabled")
         self._check_client_overrides()
         self._check_central_dp()
+        problem = secure_aggregation_problem(self)
+        if problem is not None:
+            raise ConfigError(*problem)
         if self.dp_enabled:
             self._check_dp_mechanism()
         if self.dp_planned_updates and self.dp_target_epsilon == math.inf:

@@ -23,6 +23,9 @@ key                            default    meaning
                                           ``minimal`` (counters and the ledger only)
 ``privacy-allow-personalize``  true       whether evaluate messages may fine-tune on the
                                           device's buffer (never on a DP device: refused)
+``privacy-require-secagg``     false      answer a train message only through SecAgg+
+                                          (:mod:`client.secure_aggregation`): the server
+                                          gets this device's update only masked
 ============================== ========== ==============================================
 
 The same keys in the run config can only tighten the node's policy: each setting of the
@@ -70,6 +73,7 @@ class PrivacyPolicy:
     max_delta: float = 1e-5
     release_metrics: str = "covered"
     allow_personalize: bool = True
+    require_secagg: bool = False
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, ConfigScalar]) -> PrivacyPolicy:
@@ -112,7 +116,8 @@ class PrivacyPolicy:
             max_delta=min(self.max_delta, other.max_delta),
             release_metrics=RELEASE_LEVELS[max(RELEASE_LEVELS.index(self.release_metrics),
                                                RELEASE_LEVELS.index(other.release_metrics))],
-            allow_personalize=self.allow_personalize and other.allow_personalize)
+            allow_personalize=self.allow_personalize and other.allow_personalize,
+            require_secagg=self.require_secagg or other.require_secagg)
 
     def apply(self, config: FedqConfig) -> FedqConfig:
         """``config`` as the device may train with it: its budget capped at

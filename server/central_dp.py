@@ -24,9 +24,17 @@ released a new global model is one Gaussian mechanism with multiplier
 ``central-dp-noise-multiplier`` on a sum whose sensitivity to adding or removing one
 device is the clip norm. No amplification by sampling devices is claimed (sample rate
 1), so the figure is an upper bound whatever ``fraction-train`` is.
+
+``distributed`` (with ``secure-aggregation``) has no server-side wrapper: the devices clip
+and add the noise in shares (:mod:`client.secure_aggregation`), the server unmasks only
+the noised sum, and each released round is accounted with the noise its sum actually
+holds (:func:`common.secure_aggregation.effective_noise_multiplier`).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
 
 from flwr.serverapp.strategy import Strategy
 
@@ -42,12 +50,21 @@ def with_central_dp(strategy: Strategy, config: FedqConfig) -> Strategy:
     return strategy if mode.wrap is None else mode.wrap(strategy, config)
 
 
-def central_dp_report(config: FedqConfig, released_rounds: int) -> dict[str, float]:
+def central_dp_report(config: FedqConfig, released_rounds: int,
+                      noise_multipliers: Sequence[float] | None = None) -> dict[str, Any]:
     """The run's central (epsilon, delta) after ``released_rounds`` noised aggregates; the
-    unit is one device's whole contribution (all its rounds)."""
+    unit is one device's whole contribution (all its rounds). Distributed DP
+    (:mod:`server.secure_aggregation`) passes each released round's own
+    ``noise_multipliers`` (a round with dropouts carries less noise)."""
     noise = config.central_dp_noise_multiplier
-    history = ((noise, 1.0, released_rounds),) if released_rounds else ()
+    if noise_multipliers is None:
+        history = ((noise, 1.0, released_rounds),) if released_rounds else ()
+    else:
+        history = tuple((m, 1.0, 1) for m in noise_multipliers)
     # RDP whatever dp-accountant says: Opacus's PRV divides by zero at sample rate 1
-    return {"epsilon": epsilon_of("rdp", config.dp_delta, history),
-            "delta": config.dp_delta, "noise-multiplier": noise,
-            "released-rounds": released_rounds}
+    report: dict[str, Any] = {"epsilon": epsilon_of("rdp", config.dp_delta, history),
+                              "delta": config.dp_delta, "noise-multiplier": noise,
+                              "released-rounds": released_rounds}
+    if noise_multipliers is not None:
+        report["released-noise-multipliers"] = list(noise_multipliers)
+    return report

@@ -103,6 +103,8 @@ class TrainPhase:
     arrays: ArrayRecord | None  # the new global model; None: unchanged this round
     metrics: MetricRecord | None
     sent_to: dict[str, int] = field(default_factory=dict)  # message id -> node id
+    # distributed DP: the noise multiplier of the released sum (fewer shares, less noise)
+    noise_multiplier: float | None = None
 
 
 def train_in_sequence(grid: Grid, config: FedqConfig, order: DeviceOrder,

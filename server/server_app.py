@@ -31,6 +31,7 @@ from fedq.common.config import FEDERATION_STEPS_KEY, FedqConfig
 from fedq.common.envs import run_env_spec
 from fedq.common.network_registry import build_network
 from fedq.common.privacy_policy import PrivacyPolicy
+from fedq.common.secure_aggregation import DISTRIBUTED_DP
 from fedq.common.strategy_registry import PARALLEL, SEQUENTIAL, strategy_spec
 from fedq.server.central_dp import central_dp_report, with_central_dp
 from fedq.server.observability import RoundRecorder
@@ -47,6 +48,7 @@ from fedq.server.plots import plot_client_curves, plot_learning_curve, return_go
 from fedq.server.privacy_log import PrivacyLog
 from fedq.server.prompt_grid import PromptGrid
 from fedq.server.run_directory import RunDirectory
+from fedq.server.secure_aggregation import train_securely
 from fedq.server.sequential import DeviceOrder, TrainPhase, reply_partition, train_in_sequence
 from fedq.server.strategies import (
     OptimizerState,
@@ -107,6 +109,8 @@ def run_rounds(grid: Grid, strategy: Strategy, config: FedqConfig, run_dir: RunD
     central_dp = config.central_dp != "none"
     released = int(previous[-1].get("central-dp", {}).get("released-rounds", 0)) \
         if previous else 0
+    released_noise = list(previous[-1].get("central-dp", {}).get(
+        "released-noise-multipliers", [])) if previous else []  # distributed DP's rounds
     # env steps of every device that went into the global model (exploration-clock)
     federation_steps = sum(int(r["train"].get("env-steps", 0)) for r in previous)
     order = DeviceOrder()
@@ -115,13 +119,16 @@ def run_rounds(grid: Grid, strategy: Strategy, config: FedqConfig, run_dir: RunD
         train_config = ConfigRecord({"local-steps": config.local_steps,
                                      "update-compression": config.update_compression,
                                      FEDERATION_STEPS_KEY: federation_steps})
-        train_phase_of = TRAIN_PHASES[strategy_spec(config.strategy).train_phase]
+        train_phase_of = train_securely if config.secure_aggregation else \
+            TRAIN_PHASES[strategy_spec(config.strategy).train_phase]
         phase = train_phase_of(grid, strategy, config, order, arrays, train_config,
                                server_round)
         privacy = privacy_log.record(server_round, phase.replies)  # declines go on record
         train_phase = time.perf_counter() - started
         if central_dp and phase.arrays is not None:  # a noised aggregate was released
             released += 1
+            if phase.noise_multiplier is not None:
+                released_noise.append(phase.noise_multiplier)
         if phase.arrays is None:
             log(logging.WARNING, "round %d: %d valid update(s) (min-train-replies %d); the "
                 "global model is unchanged", server_round, len(phase.screening.accepted),
@@ -158,7 +165,9 @@ def run_rounds(grid: Grid, strategy: Strategy, config: FedqConfig, run_dir: RunD
             "eval": dict(eval_metrics or MetricRecord({"clients": 0})),
             "updates": phase.screening.row(),
             "privacy": privacy,
-            **({"central-dp": central_dp_report(config, released)} if central_dp else {}),
+            **({"central-dp": central_dp_report(
+                config, released, released_noise if config.central_dp == DISTRIBUTED_DP
+                else None)} if central_dp else {}),
             "participation": {"train": participation(phase.sent, phase.replies),
                               "evaluate": participation(len(eval_messages), eval_replies)},
             "device-failures": failures,

@@ -87,6 +87,8 @@ SCRIPTS = (
                                "--clients 4,8",), 3.0, "being changed on another branch"),
     Script("cnn", ("python -m fedq.simulations.bench_cnn",), 0.1,
            "needs the [pixels] extra; times torch CNN updates and the CarRacing loop"),
+    Script("secagg", ("python -m fedq.simulations.bench_secagg",), 0.2,
+           "rounds in Flower's simulation engine with and without SecAgg+"),
     Script("deployment", ("python -m fedq.simulations.bench_deployment --rounds 6",), 0.3,
            "process-level: real SuperLink and SuperNodes"),
     Script("fault_drill", ("python -m fedq.simulations.fault_drill --faults 120 --minutes 13 "

@@ -379,7 +379,7 @@ def _runs(pid: int, program: str) -> bool:
     return any(Path(arg.decode(errors="replace")).name == program for arg in argv[:2])
 
 
-def submit_run(handle: SuperLinkHandle, app_dir: Path, *,
+def submit_run(handle: SuperLinkHandle, app_dir: Path | str, *,
                run_config: Mapping[str, ConfigValue] | None = None,
                num_supernodes: int | None = None,
                federation_config: Mapping[str, ConfigValue] | None = None,
@@ -397,7 +397,9 @@ def submit_run(handle: SuperLinkHandle, app_dir: Path, *,
     ``num_supernodes`` and ``federation_config`` (keys in :data:`FEDERATION_CONFIG_KEYS`,
     e.g. ``client-resources-num-cpus``) configure a simulation. Both travel as TOML files,
     so strings with quotes or spaces arrive intact. After ``timeout`` seconds the run is
-    stopped with ``flwr stop``. The final status is read with ``flwr ls``.
+    stopped with ``flwr stop``. The final status is read with ``flwr ls``. A string
+    ``app_dir`` is a Flower Hub app spec (``@publisher/app==x.y.z``), which the SuperLink
+    fetches (and whose signatures it delivers) from ``FLWR_SUPERGRID_API_URL``.
     """
     federation = dict(federation_config or {})
     if num_supernodes is not None:
@@ -408,7 +410,8 @@ def submit_run(handle: SuperLinkHandle, app_dir: Path, *,
         raise ValueError(f"unknown federation config keys {unknown}; "
                          f"known: {sorted(FEDERATION_CONFIG_KEYS)}")
     submission = handle._next_id()
-    command = [_executable("flwr"), "run", str(app_dir.resolve()), handle.connection, "--stream"]
+    app = app_dir if isinstance(app_dir, str) else str(app_dir.resolve())
+    command = [_executable("flwr"), "run", app, handle.connection, "--stream"]
     if run_config:
         path = handle.workdir / f"run-{submission}-run-config.toml"
         command += ["--run-config", str(_write_toml(path, run_config))]
