@@ -30,6 +30,7 @@ from fedq.common.dp_mechanism_registry import (
     unregistered,
 )
 from fedq.common.network_registry import NETWORK_REGISTRY, network_names, network_spec
+from fedq.common.return_bounds import REWARD_RANGES, reward_range
 from fedq.common.secure_aggregation import secure_aggregation_problem
 from fedq.common.strategy_registry import STRATEGY_REGISTRY, strategy_names, strategy_spec
 
@@ -123,6 +124,13 @@ class FedqConfig:
         "device needs no torch, RDP accountant only; docs/backends.md)",
         _check(lambda v: v in BACKENDS, f"one of {BACKENDS}"))
     learning_rate: float = _opt(5e-4, "Adam learning rate", _positive)
+    learning_rate_final: float = _opt(
+        0.0, "Adam learning rate at the end of the linear decay from learning-rate (used "
+        "with learning-rate-decay-steps > 0)", _non_negative)
+    learning_rate_decay_steps: int = _opt(
+        0, "env steps of the linear learning-rate decay from learning-rate to "
+        "learning-rate-final, counted by exploration-clock (0: constant learning-rate)",
+        _non_negative)
     gamma: float = _opt(0.99, "discount factor", _open_unit)
     buffer_size: int = _opt(50_000, "replay buffer capacity (transitions)", _at_least_one)
     buffer_memory_mb: float = _opt(
@@ -137,6 +145,10 @@ class FedqConfig:
     )
     tau: float = _opt(1.0, "target sync weight (1 = hard copy, <1 = Polyak)", _open_unit)
     double_dqn: bool = _opt(True, "use the Double DQN target")
+    td_target_clip: bool = _opt(
+        False, "clip TD targets to the env's discounted-return bounds, [min(r_min, "
+        "r_min/(1-gamma)), max(r_max, r_max/(1-gamma))] from its per-step reward range "
+        "(common/return_bounds.py; envs with a known range only)")
     loss: str = _opt(
         "huber", "TD loss: huber or mse", _check(lambda v: v in _LOSSES, f"one of {_LOSSES}")
     )
@@ -336,6 +348,14 @@ class FedqConfig:
                 f"{self.exploration_final_eps} exceeds exploration-initial-eps "
                 f"{self.exploration_initial_eps}",
             )
+        if self.learning_rate_decay_steps and self.learning_rate_final > self.learning_rate:
+            raise ConfigError(
+                "learning-rate-final", f"{self.learning_rate_final} exceeds learning-rate "
+                f"{self.learning_rate} (the schedule decays)")
+        if self.td_target_clip and reward_range(self.env_id, self.env_kwargs) is None:
+            raise ConfigError(
+                "td-target-clip", f"no known reward range for {self.env_id!r} (known: "
+                f"{', '.join(REWARD_RANGES)}; common/return_bounds.py); set it to false")
         self._check_strategy_switches()
         if self.backend not in network_spec(self.network).backends:
             raise ConfigError(

@@ -26,6 +26,7 @@ from fedq.common.network_registry import build_network
 from fedq.common.networks import QNetwork, greedy_policy
 from fedq.common.privacy import DevicePrivacy, poisson_indices, sample_rate
 from fedq.common.replay_buffer import ReplayBuffer
+from fedq.common.return_bounds import return_bounds
 
 if TYPE_CHECKING:
     import gymnasium as gym
@@ -85,6 +86,13 @@ class DQNLearner:
         self.params = list(self.online.parameters())
         self.proximal_mu = 0.0
         self._anchor: list[torch.Tensor] = []
+        self.target_bounds = (return_bounds(config.env_id, config.env_kwargs, config.gamma)
+                              if config.td_target_clip else None)
+
+    def set_learning_rate(self, lr: float) -> None:
+        """The Adam step size of later updates (the trainer's learning-rate schedule)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
 
     def set_proximal(self, mu: float) -> None:
         """FedProx: from now on every update adds the gradient of
@@ -134,7 +142,10 @@ class DQNLearner:
         cfg = self.config
         next_q_target = self.target(next_obs)
         next_q_online = self.online(next_obs) if cfg.double_dqn else None
-        return td_targets(rewards, next_q_online, next_q_target, terminated, cfg.gamma)
+        targets = td_targets(rewards, next_q_online, next_q_target, terminated, cfg.gamma)
+        if self.target_bounds is not None:  # td-target-clip
+            targets.clamp_(*self.target_bounds)
+        return targets
 
     @torch.no_grad()
     def sync_target(self) -> None:

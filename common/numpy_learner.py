@@ -37,6 +37,7 @@ from fedq.common.mlp_params import FlatParams
 from fedq.common.network_registry import build_network
 from fedq.common.privacy import DevicePrivacy, poisson_indices, sample_rate
 from fedq.common.replay_buffer import ReplayBuffer
+from fedq.common.return_bounds import return_bounds
 
 if TYPE_CHECKING:
     import gymnasium as gym
@@ -96,6 +97,13 @@ class NumpyDQNLearner:
         self.policy = MlpForward([(w.T, b) for w, b in self._layers])
         self.proximal_mu = 0.0
         self._anchor: np.ndarray | None = None
+        self.learning_rate = config.learning_rate
+        self.target_bounds = (return_bounds(config.env_id, config.env_kwargs, config.gamma)
+                              if config.td_target_clip else None)
+
+    def set_learning_rate(self, lr: float) -> None:
+        """The Adam step size of later updates (the trainer's learning-rate schedule)."""
+        self.learning_rate = lr
 
     # --- the update ----------------------------------------------------------------------
     def bind(self, buffer: ReplayBuffer) -> None:
@@ -173,6 +181,8 @@ class NumpyDQNLearner:
         tmp *= cfg.gamma
         out *= tmp
         out += self._rewards
+        if self.target_bounds is not None:  # td-target-clip
+            np.clip(out, *self.target_bounds, out=out)
         return out
 
     def _backward(self, x: np.ndarray, outs: list[np.ndarray], douts: list[np.ndarray],
@@ -218,7 +228,7 @@ class NumpyDQNLearner:
         scratch *= 1.0 / bias2_sqrt
         scratch += ADAM_EPS
         np.divide(m, scratch, out=scratch)
-        scratch *= self.config.learning_rate / bias1
+        scratch *= self.learning_rate / bias1
         self.online.flat -= scratch
 
     # --- federated plumbing (the torch learner offers the same) ----------------------
@@ -347,7 +357,10 @@ class PrivateNumpyDQNLearner(NumpyDQNLearner):
             value = next_q[np.arange(batch), best]
         else:
             value = next_q.max(1)
-        return rewards + self.config.gamma * (1.0 - terminated) * value
+        targets = rewards + self.config.gamma * (1.0 - terminated) * value
+        if self.target_bounds is not None:  # td-target-clip
+            np.clip(targets, *self.target_bounds, out=targets)
+        return targets
 
     def _clipped_sum(self, x: np.ndarray, outs: list[np.ndarray],
                      douts: list[np.ndarray]) -> np.ndarray:

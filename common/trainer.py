@@ -118,6 +118,7 @@ class LocalTrainer:
         rng_random, policy_act, n_actions = self.rng.random, learner.policy.act, self.n_actions
         eps_start, eps_end, eps_steps = (
             c.exploration_initial_eps, c.exploration_final_eps, c.exploration_steps)
+        lr_decay = c.learning_rate_decay_steps > 0  # off: the learner's lr is never touched
         start_time = time.perf_counter()
         returns: list[float] = []
         loss_sum, n_updates = 0.0, 0
@@ -146,6 +147,10 @@ class LocalTrainer:
             else:
                 obs = next_obs
             if step > c.learning_starts and step % c.train_frequency == 0:
+                if lr_decay:  # the same linear schedule and clock as epsilon
+                    learner.set_learning_rate(linear_epsilon(
+                        step + clock_offset, c.learning_rate, c.learning_rate_final,
+                        c.learning_rate_decay_steps))
                 for _ in range(c.gradient_steps):
                     loss_sum += learner.update()
                     n_updates += 1

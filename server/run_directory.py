@@ -11,6 +11,8 @@ Layout of ``<run-dir>``::
     checkpoints/round-NNNN.pt   global Q-network after round NNNN (last few kept)
     checkpoints/round-NNNN.pt.sha256   its size and digest, written after it: "complete"
     checkpoints/LATEST     name of the newest complete checkpoint
+    checkpoints/best.pt    global Q-network of the round with the best federated return so
+                           far, and its best.pt.sha256 (server/best_model.py)
     metrics.superseded.jsonl, clients.superseded.jsonl   rows a resume took out of the
                            two logs (rounds it repeats), kept rather than deleted
     learning_curve.png     written when the run ends
@@ -108,7 +110,7 @@ class RunDirectory:
                                      + [f"skipped {p.name} ({why})" for p, why in skipped]))
         for path, _ in skipped:
             _set_aside(path)
-        if chosen and not _digest_path(self._checkpoint_path(chosen)).exists():
+        if chosen and not digest_path(self._checkpoint_path(chosen)).exists():
             logger.warning("[fedq] %s: resuming from round-%04d.pt, which has no digest "
                            "file (written before digests, or the digest was lost); it loads "
                            "as round %d, so it is used", self.root, chosen, chosen)
@@ -165,13 +167,13 @@ class RunDirectory:
         path = self._checkpoint_path(server_round)
         with atomic_open(path) as fh:
             torch.save({"round": server_round, "state_dict": state_dict, **extra}, fh)
-        atomic_write_text(_digest_path(path), _digest(path))
+        atomic_write_text(digest_path(path), digest_of(path))
         atomic_write_text(self.checkpoints / "LATEST", path.name)
         earlier = [(r, p) for r, p in self._checkpoint_files() if r < server_round
                    and self._checkpoint_problem(p, r) is None]
         for _, old in earlier[_KEEP_CHECKPOINTS - 1:]:
             old.unlink()
-            _digest_path(old).unlink(missing_ok=True)
+            digest_path(old).unlink(missing_ok=True)
         return path
 
     def latest_round(self) -> int:
@@ -180,6 +182,11 @@ class RunDirectory:
             if self._checkpoint_problem(path, server_round) is None:
                 return server_round
         return 0
+
+    def is_complete(self, server_round: int) -> bool:
+        """Whether ``round-NNNN.pt`` of ``server_round`` is on disk and complete."""
+        path = self._checkpoint_path(server_round)
+        return path.is_file() and self._checkpoint_problem(path, server_round) is None
 
     def load_checkpoint(self, server_round: int | None = None) -> dict[str, Any]:
         server_round = self.latest_round() if server_round is None else server_round
@@ -208,13 +215,13 @@ class RunDirectory:
 
         Complete: its digest file matches. A checkpoint without one (written before
         digests existed) must load and say it is of ``server_round``."""
-        digest = _digest_path(path)
+        digest = digest_path(path)
         if digest.exists():
             try:
                 expected = digest.read_text()[:200].strip()
             except (OSError, UnicodeDecodeError) as err:
                 return f"{digest.name} unreadable: {err}"
-            return None if _digest(path) == expected else "does not match its digest"
+            return None if digest_of(path) == expected else "does not match its digest"
         try:
             payload = torch.load(path, weights_only=True)
         except Exception as err:  # torch raises many types for torn or foreign files
@@ -236,11 +243,13 @@ class RunDirectory:
         return None
 
 
-def _digest_path(path: Path) -> Path:
+def digest_path(path: Path) -> Path:
+    """Where a checkpoint's "size sha256" digest file lives (written after it)."""
     return path.with_name(path.name + _DIGEST_SUFFIX)
 
 
-def _digest(path: Path) -> str:
+def digest_of(path: Path) -> str:
+    """``"<size> <sha256 hex>"`` of a file, the content of its digest file."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         while chunk := fh.read(1 << 20):
@@ -251,7 +260,7 @@ def _digest(path: Path) -> str:
 def _set_aside(path: Path) -> None:
     """Rename a damaged checkpoint (and its digest) out of the scan, keeping it."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    for item in (path, _digest_path(path)):
+    for item in (path, digest_path(path)):
         if item.exists():
             item.rename(item.with_name(f"{item.name}.damaged-{stamp}"))
 

@@ -33,6 +33,7 @@ from fedq.common.network_registry import build_network
 from fedq.common.privacy_policy import PrivacyPolicy
 from fedq.common.secure_aggregation import DISTRIBUTED_DP
 from fedq.common.strategy_registry import PARALLEL, SEQUENTIAL, strategy_spec
+from fedq.server.best_model import BestModel, round_score
 from fedq.server.central_dp import central_dp_report, with_central_dp
 from fedq.server.observability import RoundRecorder
 from fedq.server.outcome import (
@@ -114,6 +115,8 @@ def run_rounds(grid: Grid, strategy: Strategy, config: FedqConfig, run_dir: RunD
     # env steps of every device that went into the global model (exploration-clock)
     federation_steps = sum(int(r["train"].get("env-steps", 0)) for r in previous)
     order = DeviceOrder()
+    best = BestModel(run_dir)
+    best.resume(previous)
     for server_round in range(first_round, config.num_server_rounds + 1):
         started = time.perf_counter()
         train_config = ConfigRecord({"local-steps": config.local_steps,
@@ -173,14 +176,19 @@ def run_rounds(grid: Grid, strategy: Strategy, config: FedqConfig, run_dir: RunD
             "device-failures": failures,
             "round-failed": round_failed(failures, phase.sent, len(phase.screening.accepted)),
         }
+        improved = best.consider(server_round, round_score(row))
+        row["best"] = best.row()
         if recorder is not None:
             recorder.record(row, phase.replies, eval_replies,
                             {**phase.sent_to, **eval_sent_to}, order.partitions)
         run_dir.append_metrics(row)
-        run_dir.save_checkpoint(server_round, arrays.to_torch_state_dict(),
-                                {"env-steps-per-client-total": steps_per_client,
-                                 "strategy": config.strategy,
-                                 "server-optimizer": _as_tensors(optimizer_state(strategy))})
+        state_dict = arrays.to_torch_state_dict()
+        checkpoint_extra = {"env-steps-per-client-total": steps_per_client,
+                            "strategy": config.strategy,
+                            "server-optimizer": _as_tensors(optimizer_state(strategy))}
+        run_dir.save_checkpoint(server_round, state_dict, checkpoint_extra)
+        if improved:
+            best.save(state_dict, checkpoint_extra)
         log(logging.INFO, "%s", progress_line(row, config.num_server_rounds))
         if row["eval"].get("eval-return-mean", -math.inf) >= config.target_return:
             log(logging.INFO, "[fedq] target return %g reached in round %d; stopping",

@@ -2,12 +2,16 @@
 
 Each cell is a real run in Flower's simulation engine (``simulations.run.simulate``):
 N homogeneous CartPole-v1 devices (different seeds), FedAvg every ``--local-steps`` env
-steps, federated greedy evaluation after every round, stopped by ``target-return`` at the
-first round whose mean greedy return reaches 475 over ``--eval-episodes-total`` episodes
-split evenly across the devices (every N is judged on as many episodes: with 5 per device,
-one device would pass on 5 lucky episodes where 8 devices need 40). A cell's result is
-its round count times ``--local-steps`` (env steps *per client*); runs that never reach
-the goal within ``--max-rounds`` count as unsolved.
+steps, federated greedy evaluation after every round over ``--eval-episodes-total``
+episodes split evenly across the devices (every N is judged on as many episodes: with 5
+per device, one device would pass on 5 lucky episodes where 8 devices need 40). Every
+cell runs all ``--max-rounds`` rounds and counts as solved at the third round in a row
+whose mean greedy return reaches 475 (:func:`simulations.results_io.solved_at`); its
+result is the env steps *per client* at that round, and it also reports its final and its
+best return, so a model that reaches the goal and loses it shows as such. Runs that never
+do count as unsolved. ``--stop-at-first-goal`` restores the old, cheaper cells that stop
+(``target-return``) at the first round at the goal; they report that round, and their
+"solved" is the first evaluation at the goal, not three in a row.
 
 The same runs give the round overhead: the share of a round's wall time not spent in
 local training (sending weights, Ray scheduling, loading/saving device state,
@@ -39,7 +43,7 @@ from typing import Any
 
 from fedq.common.config import ConfigScalar, parse_assignment
 from fedq.simulations.federated_cells import curve
-from fedq.simulations.results_io import markdown_table, write_results
+from fedq.simulations.results_io import curve_summary, markdown_table, spread, write_results
 from fedq.simulations.run import resolve_run_config, simulate
 
 GOAL = 475.0
@@ -53,33 +57,40 @@ def variant_name(overrides: dict[str, ConfigScalar]) -> str:
 
 
 def cell_dir(clients: int, seed: int, local_steps: int, eval_episodes: int,
-             overrides: dict[str, ConfigScalar]) -> Path:
+             overrides: dict[str, ConfigScalar], max_rounds: int | None = None) -> Path:
+    """A cell's run directory; ``max_rounds`` names cells that run every round (None:
+    the old cells that stop at the first round at the goal keep their old names)."""
+    full = f"-full{max_rounds}" if max_rounds is not None else ""
     return (CACHE / f"n{clients}-seed{seed}-local{local_steps}-eval{eval_episodes}"
-                     f"{variant_name(overrides)}").resolve()
+                     f"{variant_name(overrides)}{full}").resolve()
 
 
 def run_cell(clients: int, seed: int, local_steps: int, max_rounds: int,
-             eval_episodes: int, overrides: dict[str, ConfigScalar]) -> list[dict[str, Any]]:
+             eval_episodes: int, overrides: dict[str, ConfigScalar],
+             stop_at_first_goal: bool = False) -> list[dict[str, Any]]:
     """The metrics rows of one federated run (reused when the run already finished)."""
-    run_dir = cell_dir(clients, seed, local_steps, eval_episodes, overrides)
+    run_dir = cell_dir(clients, seed, local_steps, eval_episodes, overrides,
+                       None if stop_at_first_goal else max_rounds)
     done = run_dir / "DONE"
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     with open(run_dir.parent / f"{run_dir.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # benchmark processes may share the cache
         if not done.exists():
             _run_fresh(run_dir, clients, seed, local_steps, max_rounds, eval_episodes,
-                       overrides)
+                       overrides, stop_at_first_goal)
             done.write_text("ok\n")
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def _run_fresh(run_dir: Path, clients: int, seed: int, local_steps: int, max_rounds: int,
-               eval_episodes: int, variant: dict[str, ConfigScalar]) -> None:
+               eval_episodes: int, variant: dict[str, ConfigScalar],
+               stop_at_first_goal: bool) -> None:
     """Run one cell from scratch (an interrupted cell's leftovers are removed first)."""
     shutil.rmtree(run_dir, ignore_errors=True)
     overrides = {**variant, "seed": seed, "local-steps": local_steps,
                  "num-server-rounds": max_rounds, "eval-episodes": eval_episodes,
-                 "target-return": GOAL, "min-available-clients": clients, "run-dir": str(run_dir)}
+                 "min-available-clients": clients, "run-dir": str(run_dir),
+                 **({"target-return": GOAL} if stop_at_first_goal else {})}
     _, run_config = resolve_run_config(overrides, clients)
     result = simulate(run_config, clients, stream=False, timeout=4 * 3600)
     if not result.ok:
@@ -115,6 +126,9 @@ def main() -> None:
                         help="greedy episodes per evaluation over all clients (each of N "
                              "clients runs total // N), so every N is judged on as many "
                              "episodes")
+    parser.add_argument("--stop-at-first-goal", action="store_true",
+                        help="stop each cell at its first round at the goal (the old cells: "
+                             "cheaper, but cannot tell whether the goal is kept)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="a config override for every cell")
     args = parser.parse_args()
@@ -126,17 +140,25 @@ def main() -> None:
         per_seed = []
         for seed in range(args.first_seed, args.first_seed + args.seeds):
             rows = run_cell(n, seed, args.local_steps, args.max_rounds,
-                            max(1, args.eval_episodes_total // n), overrides)
-            solved = rows[-1]["eval"].get("eval-return-mean", 0.0) >= GOAL
-            steps = rows[-1]["env-steps-per-client-total"] if solved else None
+                            max(1, args.eval_episodes_total // n), overrides,
+                            args.stop_at_first_goal)
+            points = [(s, r) for s, r in zip(*curve(rows), strict=True) if r == r]
+            summary = curve_summary(points, GOAL)
+            if args.stop_at_first_goal:  # the old rule: the first evaluation at the goal
+                summary["solved-at"] = next((s for s, r in points if r >= GOAL), None)
+            steps = summary["solved-at"]
+            solved = steps is not None
+            solved_round = next((r["round"] for r in rows
+                                 if r["env-steps-per-client-total"] == steps), len(rows))
             train_share, round_share = overhead_shares(
                 rows, n, cores, sequential=overrides.get("strategy") == "sequential")
             cell = {"clients": n, "seed": seed, "solved": solved, "rounds": len(rows),
-                    "steps-per-client": steps, "final-return": rows[-1]["eval"].get(
-                        "eval-return-mean"), "overhead-share-train-phase": train_share,
+                    "steps-per-client": steps, "final-return": summary["final-return"],
+                    "best-return": summary["best-return"],
+                    "overhead-share-train-phase": train_share,
                     "overhead-share-round": round_share,
-                    "seconds-to-goal": sum(r["round-seconds"] for r in rows) if solved
-                    else None,
+                    "seconds-to-goal": sum(r["round-seconds"] for r in rows[:solved_round])
+                    if solved else None,
                     "median-round-seconds": statistics.median(
                         r["round-seconds"] for r in rows[1:]) if len(rows) > 1 else None,
                     # (env steps per client, federated return); null: no evaluation
@@ -152,6 +174,10 @@ def main() -> None:
             else None,
             "total env steps (median)": n * statistics.median(solved_steps) if solved_steps
             else None,
+            "final return": spread([c["final-return"] for c in per_seed
+                                    if c["final-return"] is not None]),
+            "best return": spread([c["best-return"] for c in per_seed
+                                   if c["best-return"] is not None]),
             "overhead share, train phase": statistics.median(
                 c["overhead-share-train-phase"] for c in per_seed),
             "overhead share, whole round": statistics.median(
@@ -167,20 +193,27 @@ def main() -> None:
         steps = row["median steps/client to 475"]
         row["vs N=1"] = steps / base if steps and base else None
     columns = ["clients", "solved", "median steps/client to 475", "vs N=1",
-               "total env steps (median)", "overhead share, train phase",
+               "total env steps (median)", "final return", "best return",
+               "overhead share, train phase",
                "overhead share, whole round", "median round s", "median wall s to 475"]
     markdown = markdown_table(table, columns)
     print(markdown)
     folder = "federation" + variant_name(overrides) + (
-        f"-local{args.local_steps}" if args.local_steps != DEFAULT_LOCAL_STEPS else "")
+        f"-local{args.local_steps}" if args.local_steps != DEFAULT_LOCAL_STEPS else "") + (
+        "-first-goal" if args.stop_at_first_goal else "")
     written = write_results(folder, {"summary": table, "cells": cells, "cores": cores,
                            "local-steps": args.local_steps, "goal": GOAL,
                            "max-rounds": args.max_rounds,
                            "eval-episodes-total": args.eval_episodes_total,
+                           "stop-at-first-goal": args.stop_at_first_goal,
                            "overrides": overrides},
-                  f"{markdown}\n\nSteps per client are counted at the first round whose "
-                  f"federated greedy return (mean over {args.eval_episodes_total} episodes "
-                  f"split evenly over the clients) reaches {GOAL:g}; aggregation every "
+                  f"{markdown}\n\nSteps per client are counted at the "
+                  f"{'first round' if args.stop_at_first_goal else 'third round in a row'} "
+                  f"whose federated greedy return (mean over {args.eval_episodes_total} "
+                  f"episodes split evenly over the clients) reaches {GOAL:g}"
+                  f"{' (cells stopped there)' if args.stop_at_first_goal else ''}; final = "
+                  f"the last round's return, best = the best round's, median [min, max] "
+                  f"over seeds; {args.max_rounds} rounds at most; aggregation every "
                   f"{args.local_steps} local env steps"
                   f"{'; overrides ' + str(overrides) if overrides else ''}; "
                   f"{cores} cores. Overhead shares are medians over rounds >= 2. Learning "

@@ -17,7 +17,9 @@ run, so a lever can be tried over several seeds in minutes:
 - or, with the ``sequential`` strategy, each device trains the previous device's result
   (server/sequential.py) and the last one's weights are the global model;
 - every 500 env steps per device the global model plays 24 greedy episodes; a cell's result
-  is the per-device env steps at the first evaluation whose mean return reaches 475.
+  is the per-device env steps at the third evaluation in a row whose mean return reaches
+  475 (:func:`simulations.results_io.solved_at`), beside its final and its best return
+  (``first_at_goal`` keeps the first evaluation at the goal, the old result).
 
 What it leaves out on purpose: messages, serialisation, device-state files (none of them
 change what is learnt). It is a probe for levers, not a replacement for the benchmark's
@@ -43,7 +45,13 @@ from fedq.common.network_registry import build_network
 from fedq.common.networks import NumpyPolicy
 from fedq.common.rollouts import play_episodes
 from fedq.common.trainer import LocalTrainer
-from fedq.simulations.results_io import markdown_table, results_name, write_results
+from fedq.simulations.results_io import (
+    curve_summary,
+    markdown_table,
+    results_name,
+    spread,
+    write_results,
+)
 
 GOAL = 475.0
 EVAL_EVERY = 500
@@ -177,9 +185,9 @@ LEVERS: dict[str, Lever] = {
 
 def run_cell(lever_name: str, clients: int, seed: int, max_steps: int,
              stop_at_goal: bool = True) -> dict[str, Any]:
-    """Per-device env steps until the global model's greedy return reaches the goal
-    (``solved_at``); with ``stop_at_goal`` off, training goes on to ``max_steps`` so the
-    curve shows whether the solved model stays solved."""
+    """Per-device env steps until the global model's greedy return is at the goal three
+    evaluations in a row (``solved_at``); with ``stop_at_goal`` off, training goes on to
+    ``max_steps`` so the curve and the final return show whether it stays solved."""
     torch.set_num_threads(1)
     lever = LEVERS[lever_name]
     config = FedqConfig().with_overrides(lever.overrides)
@@ -193,7 +201,7 @@ def run_cell(lever_name: str, clients: int, seed: int, max_steps: int,
     server_lr = lever.server_lr(clients)
     velocity = {k: torch.zeros_like(v) for k, v in global_weights.items()}
     federation_clock = config.exploration_clock == "federation"
-    steps, federation_steps, solved, curve = 0, 0, None, []
+    steps, federation_steps, solved, curve, points = 0, 0, None, [], []
     while steps < max_steps and (solved is None or not stop_at_goal):
         updates = []
         round_start = federation_steps
@@ -218,11 +226,14 @@ def run_cell(lever_name: str, clients: int, seed: int, max_steps: int,
             score = float(np.mean(play_episodes(greedy, config.env_id, EVAL_EPISODES,
                                                 seed=10**6 + seed + steps)))
             curve.append(round(score, 1))
-            if score >= GOAL and solved is None:
-                solved = steps
+            points.append((steps, score))
+            solved = curve_summary(points, GOAL)["solved-at"]
     for device in devices:
         device.close()
+    summary = curve_summary(points, GOAL)
     return {"lever": lever_name, "clients": clients, "seed": seed, "solved_at": solved,
+            "first_at_goal": next((s for s, r in points if r >= GOAL), None),
+            "final_return": summary["final-return"], "best_return": summary["best-return"],
             "steps": steps, "curve": curve}
 
 
@@ -243,6 +254,10 @@ def summarise(cells: list[dict[str, Any]], max_steps: int) -> list[dict[str, Any
                                       else f">{max_steps:,}" for c in mine),
                 "solved": f"{sum(c['solved_at'] is not None for c in mine)}/{len(mine)}",
                 "median": medians[n],
+                "final": spread([c["final_return"] for c in mine
+                                 if c.get("final_return") is not None]),
+                "best": spread([c["best_return"] for c in mine
+                                if c.get("best_return") is not None]),
                 # None (JSON null, "-" in the table) when the run had no N = 1 baseline
                 "vs N=1": medians[n] / medians[1] if 1 in medians else None})
     return rows
@@ -259,9 +274,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="per-device env steps after which a cell counts as unsolved")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--keep-training", action="store_true",
-                        help="train every cell to --max-steps even after the goal is reached "
-                             "(the result is still the first evaluation at the goal; the "
-                             "curve shows whether the model stays solved)")
+                        help="train every cell to --max-steps even after it is solved "
+                             "(the result is still when it was solved; the final return "
+                             "and the curve show whether the model stays solved)")
     parser.add_argument("--results-name", default="federation_levers", type=results_name,
                         help="folder under simulations/results/ for this run's files")
     args = parser.parse_args(argv)
@@ -294,7 +309,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{c['lever']} N={c['clients']} seed {c['seed']}: solved at "
                   f"{c['solved_at']} (last returns {c['curve'][-5:]})", flush=True)
     rows = summarise(cells, args.max_steps)
-    columns = ["lever", "N", "per seed", "solved", "median", "vs N=1"]
+    columns = ["lever", "N", "per seed", "solved", "median", "vs N=1", "final", "best"]
     table = markdown_table(rows, columns)
     print(table)
     legend = "\n".join(f"- `{name}`: {LEVERS[name].meaning}" for name in levers)
@@ -304,8 +319,11 @@ def main(argv: list[str] | None = None) -> None:
                                         "keep_training": args.keep_training, "rows": rows,
                                         "cells": cells},
                   table + "\n\nPer-device env steps until the global model's mean greedy "
-                  f"return over {EVAL_EPISODES} episodes reaches {GOAL:g} (evaluated every "
-                  f"{EVAL_EVERY} steps); unsolved cells count as the cap in the median.\n\n"
+                  f"return over {EVAL_EPISODES} episodes reaches {GOAL:g} on three "
+                  f"evaluations in a row (evaluated every {EVAL_EVERY} steps); unsolved "
+                  "cells count as the cap in the median. Final and best: the last and the "
+                  "best evaluation of the cell, median [min, max] over seeds (the final "
+                  "return is the solved one unless --keep-training).\n\n"
                   + legend)
 
 

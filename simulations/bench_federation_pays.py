@@ -23,7 +23,9 @@ each with the same env steps per client (``--rounds`` x ``--local-steps``):
 Every evaluation runs ``--eval-episodes`` greedy episodes with the seeds the federated
 run's last round used, so the methods are compared on the same episodes. Reported per
 cell: mean over clients and worst client of the mean greedy return; the table gives
-their mean over seeds.
+their mean over seeds. The federated runs' learning curves (federated evaluation every
+round) also give when each was solved (3 rounds in a row at the env's goal,
+:func:`simulations.results_io.solved_at`), its final and its best return.
 
     python -m fedq.simulations.bench_federation_pays --seeds 2
 
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import time
 from pathlib import Path
@@ -52,7 +55,14 @@ from fedq.client.device import SEED_STRIDE
 from fedq.common.config import FedqConfig
 from fedq.common.envs import make_env
 from fedq.common.trainer import LocalTrainer
-from fedq.simulations.results_io import RESULTS_ROOT, markdown_table, write_results
+from fedq.simulations.federated_cells import curve
+from fedq.simulations.results_io import (
+    RESULTS_ROOT,
+    curve_summary,
+    markdown_table,
+    spread,
+    write_results,
+)
 from fedq.simulations.run import app_defaults, resolve_run_config, simulate
 from fedq.simulations.scenario import SCENARIOS_DIR, Scenario, load_scenario
 
@@ -112,7 +122,7 @@ def _evaluate_on_clients(state: dict[str, torch.Tensor], scenario: Scenario,
 
 def run_federated(name: str, clients: int, overrides: dict[str, Any],
                   personalize_steps: int, run_dir: Path) -> dict[str, Any]:
-    scenario, _ = _scenario(name, clients, overrides)
+    scenario, base = _scenario(name, clients, overrides)
     if run_dir.exists():  # an interrupted cell: start it again
         for path in sorted(run_dir.rglob("*"), reverse=True):
             path.unlink() if path.is_file() else path.rmdir()
@@ -129,7 +139,16 @@ def run_federated(name: str, clients: int, overrides: dict[str, Any],
                    key=lambda r: r["partition-id"])
     return {"federated": [r["eval-return-mean"] for r in final],
             "personalised": [r["personalized-return-mean"] for r in final],
-            "rounds": last}
+            "rounds": last, "curve": federated_curve(run_dir, base.env_id)}
+
+
+def federated_curve(run_dir: Path, env_id: str) -> dict[str, Any]:
+    """Solved-at (3 rounds in a row at the env's goal), final and best of a federated
+    run's per-round federated evaluation, from its metrics.jsonl."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    points = [(s, r) for s, r in zip(*curve(rows), strict=True) if r == r]
+    goal = gym.spec(env_id).reward_threshold
+    return {"goal": goal, **curve_summary(points, goal if goal is not None else math.inf)}
 
 
 def run_independent(name: str, clients: int, overrides: dict[str, Any],
@@ -201,6 +220,8 @@ def collect(name: str, clients: int, seed: int, args: argparse.Namespace,
     out: dict[str, list[float]] = {}
     if "federated" in kinds and (done := cell("federated", name, clients, seed, args)):
         out.update({k: v for k, v in done.items() if k in METHODS})
+        if "curve" in done:  # cells from before the curve summary lack it
+            out["federated-curve"] = done["curve"]
     if "independent" in kinds:  # the N = 4 clients are the first 4 of N = 8
         sizes = sorted({n for n in [*args.clients, clients] if n >= clients}, reverse=True)
         done = next((d for n in sizes
@@ -232,6 +253,27 @@ def summarise(results: dict[tuple[str, int, int], dict[str, list[float]]],
                     "worst-client, per seed": ", ".join(f"{min(r):.0f}" for r in per_seed),
                 })
     return table
+
+
+def curve_table(results: dict[tuple[str, int, int], dict[str, Any]],
+                args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Per scenario and N: the federated runs' solved (3 rounds in a row), final and best
+    federated return over seeds."""
+    rows = []
+    for name in args.scenarios:
+        for n in args.clients:
+            runs = [results[(name, n, s)]["federated-curve"] for s in args.seed_list
+                    if "federated-curve" in results.get((name, n, s), {})]
+            if not runs:
+                continue
+            solved = [r["solved-at"] for r in runs if r["solved-at"] is not None]
+            rows.append({"scenario": name, "N": n, "seeds": len(runs),
+                         "solved (3 in a row)": f"{len(solved)}/{len(runs)}",
+                         "median steps/client to solved": statistics.median(solved)
+                         if solved else None,
+                         "final": spread([r["final-return"] for r in runs]),
+                         "best": spread([r["best-return"] for r in runs])})
+    return rows
 
 
 def verdicts(table: list[dict[str, Any]]) -> list[str]:
@@ -312,7 +354,12 @@ def main() -> None:
     table = summarise(results, args)
     columns = ["scenario", "N", "method", "seeds", "mean return", "worst-client return",
                "worst-client, per seed"]
+    curves = curve_table(results, args)
     markdown = markdown_table(table, columns) + "\n\n" + "\n".join(verdicts(table))
+    if curves:
+        markdown += "\n\nFederated runs, per-round federated evaluation:\n\n" + \
+            markdown_table(curves, ["scenario", "N", "seeds", "solved (3 in a row)",
+                                    "median steps/client to solved", "final", "best"])
     print(markdown)
     if kinds != {"federated", "independent", "centralised"} or not table:
         return  # a partial pass only fills the cache
@@ -321,7 +368,7 @@ def main() -> None:
     plot(table, args, folder / "federation_pays.png")
     per_client = {f"{name}/N={n}/seed={s}": v for (name, n, s), v in results.items() if v}
     write_results("federation_pays", {
-        "summary": table, "per-client-returns": per_client,
+        "summary": table, "federated-curves": curves, "per-client-returns": per_client,
         "budget-steps-per-client": args.rounds * args.local_steps,
         "rounds": args.rounds, "local-steps": args.local_steps,
         "eval-episodes": args.eval_episodes, "personalize-steps": args.personalize_steps,

@@ -4,6 +4,7 @@ people, both stamped with the exact command and the software that produced them.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import platform
 import re
@@ -28,14 +29,16 @@ def results_name(value: str) -> str:
 
 
 def environment() -> dict[str, str]:
-    import flwr
-    import gymnasium
-    import numpy
-    import torch
-
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "flwr": flwr.__version__, "gymnasium": gymnasium.__version__,
-            "numpy": numpy.__version__, "machine": platform.machine(),
+    """Versions of the software a result came from, read from the installed packages'
+    metadata rather than by importing them: a numpy-only benchmark (the stability sweep)
+    must not load torch or flwr, and need not have them installed ("absent")."""
+    versions = {}
+    for name in ("torch", "flwr", "gymnasium", "numpy"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "absent"
+    return {"python": platform.python_version(), **versions, "machine": platform.machine(),
             "cpu": _cpu_model()}
 
 

@@ -28,3 +28,21 @@ def test_curves_plot_every_cell(tmp_path):
              for n in (1, 4) for seed in (0, 1)]
     plot_curves(cells, tmp_path / "curves.png", "title")
     assert (tmp_path / "curves.png").stat().st_size > 10_000
+
+
+def test_federated_runs_count_as_solved_at_the_third_round_in_a_row_at_the_goal(tmp_path):
+    """A federated run that touches the goal once and falls back is not solved; its
+    final and best return say what happened (issue 20's honest criterion)."""
+    import json
+
+    from fedq.simulations.bench_federation_pays import federated_curve
+
+    returns = [100.0, 480.0, 120.0, 476.0, 500.0, None, 490.0, 300.0]
+    rows = [{"round": i + 1, "env-steps-per-client-total": 2500.0 * (i + 1),
+             "eval": {} if r is None else {"eval-return-mean": r}}
+            for i, r in enumerate(returns)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = federated_curve(tmp_path, "CartPole-v1")
+    # rounds 4, 5 and 7 in a row among the evaluated ones (round 6 had no evaluation)
+    assert summary == {"goal": 475.0, "solved-at": 17500.0, "final-return": 300.0,
+                       "best-return": 500.0}

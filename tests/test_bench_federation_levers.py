@@ -28,13 +28,16 @@ def test_one_device_that_keeps_its_target_is_plain_local_training():
     assert cell["curve"] == expected
 
 
-@pytest.mark.parametrize(("stop_at_goal", "steps"), [(True, 500), (False, 1000)])
-def test_keep_training_goes_on_past_the_goal_and_still_reports_the_first_solve(
+@pytest.mark.parametrize(("stop_at_goal", "steps"), [(True, 1500), (False, 2000)])
+def test_keep_training_goes_on_past_the_goal_and_still_reports_when_it_was_solved(
         stop_at_goal, steps, monkeypatch):
     monkeypatch.setattr(levers, "GOAL", 0.0)  # every evaluation reaches it
-    cell = levers.run_cell("fedavg-500", clients=1, seed=0, max_steps=1000,
+    cell = levers.run_cell("fedavg-500", clients=1, seed=0, max_steps=2000,
                            stop_at_goal=stop_at_goal)
-    assert cell["solved_at"] == 500
+    assert cell["first_at_goal"] == 500
+    assert cell["solved_at"] == 1500  # the third evaluation in a row at the goal
+    assert cell["final_return"] == pytest.approx(cell["curve"][-1], abs=0.05)  # curve: 0.1
+    assert cell["best_return"] == pytest.approx(max(cell["curve"]), abs=0.05)
     assert cell["steps"] == steps
     assert len(cell["curve"]) == steps // levers.EVAL_EVERY
 

@@ -111,6 +111,17 @@ def test_numpy_learner_adds_the_fedprox_gradient_as_torch_does():
     _assert_same(torch_learner.online_arrays(), numpy_learner.online_arrays())
 
 
+def test_numpy_learner_clips_targets_and_follows_learning_rate_changes_as_torch_does():
+    """td-target-clip (the batch's rewards of +-3 push many CartPole targets below its
+    bound of 1) and the trainer's learning-rate schedule, on both backends."""
+    torch_learner, numpy_learner = _pair(**{"td-target-clip": True, "learning-rate": 1e-3})
+    for step in range(1, 9):
+        for learner in (torch_learner, numpy_learner):
+            learner.set_learning_rate(1e-3 * (1 - step / 10))
+        assert numpy_learner.update() == pytest.approx(torch_learner.update(), rel=1e-5)
+    _assert_same(torch_learner.online_arrays(), numpy_learner.online_arrays())
+
+
 def test_per_sample_clipped_sum_equals_the_torch_closed_form():
     config = FedqConfig.from_mapping({"hidden-sizes": "16,8", "dp-clip-norm": 0.3,
                                       "dp-enabled": True, "backend": "numpy"})

@@ -57,6 +57,10 @@ def test_two_clients_two_rounds_write_all_outputs_then_resume_continues_devices(
     assert rows[-1]["env-steps-per-client-total"] == 800
     assert json.loads((run_dir / "config.json").read_text())["local-steps"] == 400
     assert (run_dir / "checkpoints" / "round-0002.pt").exists()
+    best = rows[-1]["best"]  # the best global model by federated evaluation, kept beside
+    assert best["round"] in (1, 2)
+    assert best["eval-return-mean"] == max(r["eval"]["eval-return-mean"] for r in rows)
+    assert (run_dir / "checkpoints" / "best.pt.sha256").exists()
     assert (run_dir / "learning_curve.png").stat().st_size > 10_000
     assert (run_dir / "client_curves.png").stat().st_size > 10_000
     assert any((run_dir / "tensorboard").glob("events.out.tfevents.*"))

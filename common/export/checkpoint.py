@@ -1,7 +1,9 @@
 """Load a global checkpoint as the teacher Q-network, refusing anything that is not one.
 
-``fedq-export`` accepts a run directory (its newest checkpoint), a ``checkpoints/``
-folder, or one ``round-NNNN.pt`` file (:mod:`server.run_directory` writes all three). The
+``fedq-export`` accepts a run directory or its ``checkpoints/`` folder (the best model by
+federated evaluation, ``best.pt``, where the run kept one, else the newest checkpoint;
+``latest=True`` takes the newest), or one ``.pt`` file (:mod:`server.run_directory` and
+:mod:`server.best_model` write them). The
 env id comes from the run's ``config.json`` (or ``--env-id`` for a loose file), and the
 layer sizes from the tensors themselves, which must form exactly the :class:`QNetwork`
 MLP fedq trains and fit the env's observation and action spaces. Each mismatch raises
@@ -10,6 +12,7 @@ MLP fedq trains and fit the env's observation and action spaces. Each mismatch r
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass, field, replace
@@ -48,11 +51,20 @@ class Teacher:
     image: ImageObs = field(default_factory=ImageObs)
 
 
-def resolve_checkpoint(source: Path) -> Path:
-    """The ``.pt`` file ``source`` names: itself, or the newest one of a run directory."""
+BEST_FILE = "best.pt"  # server/best_model.py
+
+
+def resolve_checkpoint(source: Path, latest: bool = False) -> Path:
+    """The ``.pt`` file ``source`` names: itself, or of a run directory (or its
+    ``checkpoints/``) the best model if the run kept one and ``latest`` is False, else
+    the newest checkpoint."""
     if source.is_file():
         return source
     for folder in (source / "checkpoints", source):
+        best = folder / BEST_FILE
+        if not latest and best.is_file():
+            _check_digest(best)
+            return best
         pointer = folder / "LATEST"
         if pointer.is_file():
             name = pointer.read_bytes()[:64].decode("utf-8", errors="replace").strip()
@@ -67,9 +79,23 @@ def resolve_checkpoint(source: Path) -> Path:
                                   "checkpoints folder with a LATEST pointer")
 
 
-def load_teacher(source: Path, env_id: str | None = None) -> Teacher:
-    """Load, check and build the teacher; ``env_id`` overrides the run's config."""
-    path = resolve_checkpoint(source)
+def _check_digest(path: Path) -> None:
+    """Refuse a ``best.pt`` that does not match its digest file (a torn or stale write:
+    the server writes the file first and the digest after it)."""
+    digest = path.with_name(path.name + ".sha256")
+    if not digest.is_file():
+        raise CheckpointError(path, f"has no {digest.name} (incomplete); pass --latest to "
+                                    "export the newest round checkpoint instead")
+    actual = f"{path.stat().st_size} {hashlib.sha256(path.read_bytes()).hexdigest()}"
+    if digest.read_text()[:200].strip() != actual:
+        raise CheckpointError(path, f"does not match {digest.name}; pass --latest to export "
+                                    "the newest round checkpoint instead")
+
+
+def load_teacher(source: Path, env_id: str | None = None, latest: bool = False) -> Teacher:
+    """Load, check and build the teacher; ``env_id`` overrides the run's config,
+    ``latest`` takes a run's newest checkpoint over its best model."""
+    path = resolve_checkpoint(source, latest)
     try:
         payload = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as err:  # torch raises many types for torn or foreign files

@@ -1,6 +1,7 @@
 """``fedq-export``: turn a global checkpoint into deployable policy files.
 
-    fedq-export runs/my-run                      # newest checkpoint of a run directory
+    fedq-export runs/my-run                      # the run's best model (checkpoints/best.pt)
+    fedq-export runs/my-run --latest             # the run's newest checkpoint instead
     fedq-export runs/my-run/checkpoints/round-0010.pt --out policies/ --formats int8,student
 
 Writes into ``--out`` (default ``<run-dir>/export``) one file per format and a
@@ -160,7 +161,10 @@ def _agreement(layers: list, states: np.ndarray, reference: np.ndarray) -> float
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedq-export", description=__doc__.split("\n\n")[0])
     parser.add_argument("source", type=Path,
-                        help="run directory, checkpoints folder, or round-NNNN.pt file")
+                        help="run directory or checkpoints folder (its best model by "
+                             "federated evaluation, else its newest checkpoint), or a .pt file")
+    parser.add_argument("--latest", action="store_true",
+                        help="export the run's newest checkpoint instead of its best model")
     parser.add_argument("--out", type=Path, help="output folder (default <run-dir>/export)")
     parser.add_argument("--env-id", help="env id (default: from the run's config.json)")
     parser.add_argument("--formats", help=f"comma-separated subset of {','.join(FORMATS)} "
@@ -193,7 +197,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     torch.set_num_threads(1)
     try:
-        teacher = load_teacher(args.source, args.env_id)
+        teacher = load_teacher(args.source, args.env_id, latest=args.latest)
+        print(f"fedq-export: exporting {teacher.source} (round {teacher.server_round})")
         folder = teacher.source.parent
         out = args.out or (folder.parent if folder.name == "checkpoints" else folder) / "export"
         if not isinstance(teacher.net, QNetwork):

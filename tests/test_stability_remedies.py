@@ -1,0 +1,82 @@
+"""The learner's stability switches (issue 20): a linear learning-rate decay in env steps
+and TD targets clipped to the env's return bounds. Off by default, and then the learner
+takes exactly the steps it always took; on, each does what its key says on both backends
+(tests/test_numpy_backend.py holds the two backends' updates together)."""
+
+import numpy as np
+import pytest
+
+from fedq.common.config import ConfigError, FedqConfig
+from fedq.common.replay_buffer import ReplayBuffer
+from fedq.common.return_bounds import return_bounds
+from fedq.common.trainer import LocalTrainer
+
+QUICK = {"learning-starts": 100, "exploration-steps": 200, "buffer-size": 2000,
+         "hidden-sizes": "16"}
+
+
+def test_return_bounds_follow_from_the_per_step_reward_range():
+    assert return_bounds("CartPole-v1", {}, 0.99) == pytest.approx((1.0, 100.0))
+    assert return_bounds("CartPole-v1", {"sutton_barto_reward": True}, 0.99) == \
+        pytest.approx((-100.0, 0.0))
+    assert return_bounds("Acrobot-v1", {}, 0.99) == pytest.approx((-100.0, 0.0))
+    assert return_bounds("MountainCar-v0", {}, 0.98) == pytest.approx((-50.0, -1.0))
+    assert return_bounds("LunarLander-v3", {}, 0.99) is None
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_clipped_td_targets_stay_within_the_bounds(backend):
+    config = FedqConfig.from_mapping({**QUICK, "backend": backend, "td-target-clip": True,
+                                      "batch-size": 256})
+    trainer = LocalTrainer(config, seed=0)
+    buffer = ReplayBuffer(300, 4, 256, seed=1)
+    rng = np.random.default_rng(2)
+    for _ in range(300):  # rewards far outside CartPole's: unclipped targets leave [1, 100]
+        buffer.add(rng.normal(size=4).astype(np.float32), int(rng.integers(2)),
+                   float(rng.normal() * 300), rng.normal(size=4).astype(np.float32), False)
+    learner = trainer.learner
+    learner.bind(buffer)
+    buffer.sample()
+    if backend == "numpy":
+        targets = learner._td_target_into(np.empty(256, np.float32))
+    else:
+        _, _, rewards, next_obs, terminated = learner._batch
+        targets = learner.td_target(rewards, next_obs, terminated).numpy().ravel()
+    assert targets.min() == pytest.approx(1.0) and targets.max() == pytest.approx(100.0)
+    trainer.close()
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_learning_rate_decays_linearly_in_env_steps(backend):
+    config = FedqConfig.from_mapping({**QUICK, "backend": backend, "learning-rate": 1e-3,
+                                      "learning-rate-final": 1e-4,
+                                      "learning-rate-decay-steps": 1000})
+    trainer = LocalTrainer(config, seed=0)
+
+    def lr() -> float:
+        if backend == "numpy":
+            return trainer.learner.learning_rate
+        return trainer.learner.optimizer.param_groups[0]["lr"]
+
+    trainer.train(500)  # the last update happened at env step 500
+    assert lr() == pytest.approx(1e-3 + (1e-4 - 1e-3) * 0.5)
+    trainer.train(1000)
+    assert lr() == pytest.approx(1e-4)
+    trainer.close()
+
+
+def test_default_learner_never_touches_the_learning_rate():
+    trainer = LocalTrainer(FedqConfig.from_mapping({**QUICK, "backend": "numpy"}), seed=0)
+    trainer.learner.set_learning_rate = None  # would raise if the trainer called it
+    trainer.train(300)
+    assert trainer.learner.learning_rate == 5e-4
+    trainer.close()
+
+
+def test_bad_settings_are_refused_naming_the_field():
+    with pytest.raises(ConfigError, match=r"'td-target-clip'.*LunarLander-v3"):
+        FedqConfig.from_mapping({"td-target-clip": True, "env-id": "LunarLander-v3"})
+    with pytest.raises(ConfigError, match="'learning-rate-final'"):
+        FedqConfig.from_mapping({"learning-rate-final": 1e-2, "learning-rate-decay-steps": 10})
+    with pytest.raises(ConfigError, match="'learning-rate-decay-steps'"):
+        FedqConfig.from_mapping({"learning-rate-decay-steps": -1})
