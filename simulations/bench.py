@@ -89,6 +89,14 @@ SCRIPTS = (
            "needs the [pixels] extra; times torch CNN updates and the CarRacing loop"),
     Script("secagg", ("python -m fedq.simulations.bench_secagg",), 0.2,
            "rounds in Flower's simulation engine with and without SecAgg+"),
+    Script("stability", (
+        "python -m fedq.simulations.sweep_stability --envs CartPole-v1 --variants "
+        "defaults,td-clip,eps0,td-clip+eps0,lr-decay,td-clip+lr-decay --seeds 3 --eval-every 5000 "
+        "--results-name stability_sweep_quick",
+        "python -m fedq.simulations.sweep_stability --envs CartPole-v1 --variants "
+        "defaults,eps0,lr-decay,td-clip+lr-decay --seeds 5 --eval-every 5000 "
+        "--results-name stability_sweep_quick5"), 1.5,
+           "its own parallel workers and cell cache (runs/sweep_stability/)"),
     Script("deployment", ("python -m fedq.simulations.bench_deployment --rounds 6",), 0.3,
            "process-level: real SuperLink and SuperNodes"),
     Script("fault_drill", ("python -m fedq.simulations.fault_drill --faults 120 --minutes 13 "
