@@ -18,6 +18,7 @@ import numpy as np
 from fedq.common.config import FedqConfig
 from fedq.common.rollouts import play_episodes
 from fedq.common.trainer import LocalTrainer
+from fedq.simulations.harness import Cell, CellKind
 
 WEIGHTS = "pretrained.npz"
 EVAL_SEED = 10**6  # greedy evaluation episodes start here (never a training seed)
@@ -78,3 +79,14 @@ def run_pretrain(params: Mapping[str, Any], workdir: Path) -> dict[str, Any]:
     assert best_weights is not None
     np.savez(workdir / WEIGHTS, **best_weights)
     return {"curve": curve, "best-return": best, "env-steps": trainer.counters.env_steps}
+
+
+PRETRAIN = CellKind("privacy-gain-pretrain", run_pretrain,
+                    ("fedq.common", "fedq.simulations.public_pretrain"))
+
+SHARED_PARAMS = ("env-id", "hidden-sizes", "eval-episodes", "pretrain-steps", "pretrain-lr",
+           "pretrain-eval-every", "pretrain-physics", "goal")
+
+
+def pretrain_cell(params: Mapping[str, Any]) -> Cell:
+    return Cell(PRETRAIN, {**{k: params[k] for k in SHARED_PARAMS}, "seed": params["seed"]})

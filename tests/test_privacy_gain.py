@@ -7,21 +7,21 @@ from __future__ import annotations
 import json
 import math
 
-from fedq.simulations import privacy_gain
-from fedq.simulations.harness import BENCHMARKS, run_benchmark
+from fedq.simulations import privacy_gain, private_finetune
+from fedq.simulations.harness import run_benchmark
 from fedq.simulations.public_pretrain import PUBLIC_PHYSICS_BASE, sample_physics
 
 
 def test_device_physics_are_fixed_per_index_and_apart_from_the_public_draws() -> None:
-    assert privacy_gain.device_physics(3) == privacy_gain.device_physics(3)
-    assert privacy_gain.device_physics(3) != privacy_gain.device_physics(4)
-    devices = {json.dumps(privacy_gain.device_physics(i)) for i in range(100)}
+    assert private_finetune.device_physics(3) == private_finetune.device_physics(3)
+    assert private_finetune.device_physics(3) != private_finetune.device_physics(4)
+    devices = {json.dumps(private_finetune.device_physics(i)) for i in range(100)}
     public = {json.dumps(sample_physics(PUBLIC_PHYSICS_BASE, j)) for j in range(10)}
     assert not devices & public
 
 
 def test_quick_run_reports_both_privacy_units_with_their_epsilons(tmp_path) -> None:
-    benchmark = BENCHMARKS["privacy_gain"]
+    benchmark = privacy_gain.BENCHMARK
     params = {**benchmark.defaults, **benchmark.quick}
     kinds = [cell.kind.name for cell in benchmark.cells(params)]
     assert kinds[0] == "privacy-gain-pretrain"  # read by every later cell of its seed
