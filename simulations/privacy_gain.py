@@ -85,21 +85,18 @@ Row = tuple[str, str, float | None]  # (privacy unit, setting name, noise)
 
 
 def plan(params: Mapping[str, Any]) -> list[tuple[Row, Cell]]:
-    """Per seed: pretraining, then the device cells (pretrained only, non-private
-    fine-tuning, DP-SGD per noise) and the federation cells (non-private FedAvg, DP-FedAvg
-    per noise). Pretraining comes first: the others read its weights."""
+    """Per seed: pretraining, then the device cells (non-private fine-tuning, DP-SGD per
+    noise) and the federation cells (non-private FedAvg, DP-FedAvg per noise).
+    Pretraining comes first: the others read its weights. Each non-private cell also
+    scores the pretrained net before it fine-tunes (the "pretrained only" rows)."""
     out: list[tuple[Row, Cell]] = []
     for seed in range(params["seeds"]):
         base = {**params, "seed": seed}
         out.append((("public", "pretrained", None), pretrain_cell(base)))
-        out.append((("transition", "pretrained only", None),
-                     Cell(DEVICE, _device_params(params, seed, None, 0))))
         for noise in [None, *_floats(params["noise"])]:
             name = "no-dp" if noise is None else f"noise {noise:g}"
             out.append((("transition", name, noise),
                         Cell(DEVICE, _device_params(params, seed, noise, params["steps"]))))
-        out.append((("device", "pretrained only", None),
-                    Cell(FEDERATION, {**_federation_params(params, seed, None), "rounds": 0})))
         for noise in [None, *_floats(params["fed-noise"])]:
             name = "no-dp" if noise is None else f"noise {noise:g}"
             out.append((("device", name, noise),
@@ -119,6 +116,13 @@ def summarise_rows(params: Mapping[str, Any], done: Done) -> list[dict[str, Any]
     for row, cell in plan(params):
         if cell_key(cell) in results and row[0] != "public":
             groups.setdefault(row, []).append(results[cell_key(cell)])
+            if row[1] == "no-dp":  # the pretrained net as is: no device data touched
+                groups.setdefault((row[0], "pretrained only", None), []).append({
+                    "return": results[cell_key(cell)]["pretrained-return"], "epsilon": 0.0,
+                    "epsilon-no-amplification": 0.0})
+    order = ["pretrained only", "no-dp"]
+    groups = dict(sorted(groups.items(), key=lambda g: (
+        g[0][0] != "transition", order.index(g[0][1]) if g[0][1] in order else 2)))
     rows = []
     for (unit, name, noise), runs in groups.items():
         returns = [r["return"] for r in runs]

@@ -41,8 +41,8 @@ def _pretrained(params: Mapping[str, Any], workdir: Path) -> dict[str, np.ndarra
 
 def run_device(params: Mapping[str, Any], workdir: Path) -> dict[str, Any]:
     """Transition-level: one device fine-tunes the pretrained net on its own physics,
-    with DP-SGD when ``noise`` is set (None: the non-private baseline; steps 0: the
-    pretrained net as is, which touches no device data)."""
+    with DP-SGD when ``noise`` is set (None: the non-private baseline). Also scores the
+    pretrained net on the device's physics before it touches device data."""
     physics = json.loads(params["physics"])
     private = params["noise"] is not None
     extra: dict[str, Any] = {
@@ -58,10 +58,8 @@ def run_device(params: Mapping[str, Any], workdir: Path) -> dict[str, Any]:
     trainer = LocalTrainer(run_config(params, **extra), seed=params["seed"])
     trainer.learner.load_online(_pretrained(params, workdir))
     before = greedy_return(trainer, physics, params["eval-episodes"], EVAL_SEED)
-    if params["steps"]:
-        trainer.train(params["steps"])
-    epsilon = trainer.privacy.epsilon() if trainer.privacy else (
-        math.inf if params["steps"] else 0.0)
+    trainer.train(params["steps"])
+    epsilon = trainer.privacy.epsilon() if trainer.privacy else math.inf
     return {"return": greedy_return(trainer, physics, params["eval-episodes"], EVAL_SEED),
             "pretrained-return": before, "epsilon": epsilon,
             "updates": trainer.counters.updates}
@@ -81,6 +79,7 @@ def run_federation(params: Mapping[str, Any], workdir: Path) -> dict[str, Any]:
              "exploration-initial-eps": params["explore"],
              "exploration-final-eps": params["explore"]}
     global_w = {k: v.astype(np.float64) for k, v in _pretrained(params, workdir).items()}
+    before = _federation_return(params, global_w)
     curve, participations = [], 0
     for round_ in range(params["rounds"]):
         chosen = np.flatnonzero(rng.random(n) < rate)
@@ -108,17 +107,16 @@ def run_federation(params: Mapping[str, Any], workdir: Path) -> dict[str, Any]:
             global_w[k] += total[k] / denominator
         curve.append(len(chosen))
     score = _federation_return(params, global_w)
-    if not params["rounds"]:  # the pretrained net as is: no device data touched
-        eps, eps_no_amp = 0.0, 0.0
-    elif params["noise"] is None:
+    if params["noise"] is None:
         eps, eps_no_amp = math.inf, math.inf
     else:
         history = ((params["noise"], rate, params["rounds"]),)
         eps = epsilon_of("rdp", params["delta"], history, "numpy")
         eps_no_amp = epsilon_of("rdp", params["delta"], ((params["noise"], 1.0,
                                                            params["rounds"]),), "numpy")
-    return {"return": score, "epsilon": eps, "epsilon-no-amplification": eps_no_amp,
-            "sampled-per-round": curve, "participations": participations}
+    return {"return": score, "pretrained-return": before, "epsilon": eps,
+            "epsilon-no-amplification": eps_no_amp, "sampled-per-round": curve,
+            "participations": participations}
 
 
 def _federation_return(params: Mapping[str, Any], weights: Mapping[str, np.ndarray]
