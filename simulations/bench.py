@@ -28,7 +28,8 @@ from fedq.common.config import parse_assignment
 from fedq.simulations.harness import BENCHMARKS, HarnessError, run_benchmark
 
 PORTED = ("bench_dp_cost", "bench_speed", "bench_backend", "bench_export",
-          "bench_robustness", "bench_communication", "privacy_sweep", "bench_scale")
+          "bench_robustness", "bench_communication", "privacy_sweep", "bench_scale",
+          "privacy_gain")
 """Modules whose import registers their harness benchmarks."""
 
 
