@@ -18,6 +18,11 @@ Flower's own timing), and the SuperExec child inherits
 ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` (unless already set). At 0.2 s an idle device
 sends the SuperLink 5 small pull requests per second.
 
+It also puts a ``flwr-clientapp`` of its own first on the ``PATH`` its SuperExec starts
+ClientApp processes from (in ``$FLWR_HOME/fedq-bin``): the same Flower function, without
+importing the SuperNode's CLI, database and web server in every message's process
+(:mod:`client.clientapp_launcher`).
+
     fedq-supernode --superlink 127.0.0.1:9092 --insecure --node-config "..."
 """
 
@@ -29,7 +34,10 @@ import sys
 import time
 import types
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
+
+from fedq.client.clientapp_launcher import write_launcher
 
 POLL_ENV = "FEDQ_SUPERNODE_POLL_S"
 DEFAULT_POLL_S = 0.2
@@ -79,13 +87,24 @@ def cap_polling(cap: float, environ: dict[str, str] | os._Environ[str] = os.envi
     environ.setdefault(SUPEREXEC_POLL_ENV, f"{cap:g}")
 
 
+def use_clientapp_launcher(environ: dict[str, str] | os._Environ[str] = os.environ) -> Path:
+    """Put the lean ``flwr-clientapp`` (:mod:`client.clientapp_launcher`) first on
+    ``environ``'s ``PATH``; returns its directory."""
+    home = Path(environ.get("FLWR_HOME") or Path.home() / ".flwr")
+    directory = write_launcher(home / "fedq-bin").parent
+    environ["PATH"] = os.pathsep.join([str(directory), environ.get("PATH", "")])
+    return directory
+
+
 def main() -> None:
-    """Start ``flower-supernode`` with this process's arguments and capped polling."""
+    """Start ``flower-supernode`` with this process's arguments, capped polling and the
+    lean ClientApp launcher."""
     try:
         cap = poll_interval(os.environ)
     except ValueError as err:
         sys.exit(f"fedq-supernode: error: {err}")
     cap_polling(cap)
+    use_clientapp_launcher()
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
     flower_supernode()

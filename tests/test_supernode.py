@@ -3,19 +3,27 @@
 Protects that a real ``fedq-supernode`` connected to a real SuperLink on 127.0.0.1 pulls
 for messages every ``FEDQ_SUPERNODE_POLL_S`` (0.2 s) rather than Flower's 3 s, counted in
 the SuperLink's own access log, that its SuperExec child looks for work just as often,
-and that a bad interval is refused naming the variable.
+that a bad interval is refused naming the variable, and that the ``flwr-clientapp`` it
+puts on its children's PATH is Flower's without the SuperNode's imports
+(client/clientapp_launcher.py).
 """
 
+import os
+import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from fedq.client.clientapp_launcher import write_launcher
 from fedq.client.supernode import (
     POLL_ENV,
     SUPEREXEC_POLL_ENV,
     CappedSleepTime,
     poll_interval,
+    use_clientapp_launcher,
 )
 from fedq.simulations.flower_runtime import deployment_superlink, node_pids, start_supernode
 
@@ -60,3 +68,25 @@ def test_poll_interval_reads_the_environment(raw, expected):
 def test_a_bad_poll_interval_is_refused_naming_the_variable(raw):
     with pytest.raises(ValueError, match=POLL_ENV):
         poll_interval({POLL_ENV: raw})
+
+
+def test_the_clientapp_launcher_runs_flowers_clientapp_without_the_supernode_imports(
+        tmp_path):
+    launcher = write_launcher(tmp_path / "bin")
+    done = subprocess.run([sys.executable, "-X", "importtime", str(launcher), "--help"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Run a Flower ClientApp" in done.stdout  # Flower's own flwr-clientapp parser
+    imported = {line.split("|")[-1].strip() for line in done.stderr.splitlines()}
+    assert "flwr.supernode.cli.flwr_clientapp" in imported
+    # what Flower's console script imports on top, per message: the SuperNode's CLI and
+    # its SQL object store
+    assert not imported & {"flwr.supernode.cli.flower_supernode", "sqlalchemy", "alembic"}
+
+
+def test_fedq_supernode_puts_the_launcher_first_on_path(tmp_path):
+    environ = {"FLWR_HOME": str(tmp_path), "PATH": "/usr/bin"}
+    directory = use_clientapp_launcher(environ)
+    assert environ["PATH"].split(os.pathsep) == [str(directory), "/usr/bin"]
+    assert shutil.which("flwr-clientapp", path=environ["PATH"]) == \
+        str(tmp_path / "fedq-bin" / "flwr-clientapp")
