@@ -43,7 +43,7 @@ def _renamed(run_dir, rows):
     """``rows`` with each node id (random per run) replaced by the device's partition."""
     text = json.dumps(rows)
     for client in _rows(run_dir / "clients.jsonl"):
-        text = text.replace(str(client["node-id"]), f"partition-{client['partition-id']}")
+        text = text.replace(str(client["node-id"]), f"{90_000 + client['partition-id']}")
     return json.loads(text)
 
 
