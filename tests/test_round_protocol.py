@@ -13,10 +13,14 @@ import json
 
 import numpy as np
 import pytest
-from _replies import error_reply, eval_reply, reply, train_metrics
+import torch
+from _replies import device_context, error_reply, eval_reply, instruction, reply, train_metrics
 from _round_loop import run_in_process
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
+from fedq.client.client_app import app
 from fedq.common.config import EVALUATE_ROUND_KEY, EVALUATION_RECORD, FedqConfig
+from fedq.common.networks import QNetwork
 from fedq.server.round_protocol import split_reply, uses_fused_rounds
 from fedq.server.run_directory import RunDirectory
 from fedq.simulations.run import simulate
@@ -186,3 +190,27 @@ def test_resume_refuses_a_changed_round_protocol(tmp_path):
 def test_an_unknown_round_protocol_is_refused_naming_the_field():
     with pytest.raises(ValueError, match="round-protocol"):
         FedqConfig.from_mapping({"round-protocol": "fast"})
+
+
+@pytest.mark.parametrize("node", [
+    {"privacy-release-metrics": "minimal"},  # a DP device that releases the minimum
+    {"dp-enabled": False},  # a device without DP: releases everything
+])
+def test_a_fused_train_message_evaluates_as_the_evaluate_message_does(tmp_path, node):
+    """The evaluation in a fused reply is the evaluate reply the device would have sent for
+    the same model and round: the same episodes and the same privacy-policy release."""
+    run_config = {**FedqConfig().to_mapping(), **TINY, "dp-enabled": True,
+                  "run-dir": str(tmp_path)}
+    context = device_context(0, run_config, **node)
+    torch.manual_seed(0)
+    weights = ArrayRecord(QNetwork(4, 2, (16, 16)).state_dict())
+    train = {"arrays": weights, "config": ConfigRecord({"local-steps": 300})}
+    app(instruction(0, "train", RecordDict(train)), context)  # round 1: a buffer, a ledger
+    evaluate = app(instruction(0, "evaluate", RecordDict(
+        {"arrays": weights, "config": ConfigRecord({"server-round": 1})})), context)
+    fused = app(instruction(0, "train", RecordDict({**train, "config": ConfigRecord(
+        {"local-steps": 300, EVALUATE_ROUND_KEY: 1})})), context)
+    assert not fused.has_error()
+    assert json.dumps(dict(fused.content[EVALUATION_RECORD])) == \
+        json.dumps(dict(evaluate.content["metrics"]))
+    assert set(fused.content) == {"arrays", "metrics", EVALUATION_RECORD}
