@@ -7,6 +7,8 @@ strategy (server/strategies.py; FedAvg weights by env steps collected) or, with 
 ``sequential`` strategy, let the devices train one after another instead
 (server/sequential.py), ask every device for greedy returns of the new global model on
 its own env, then append the round to ``metrics.jsonl`` and checkpoint the global model.
+With ``round-protocol = "fused"`` (server/round_protocol.py) that evaluation rides on the
+next round's train message, one message per device and round.
 The loop is ours (not ``Strategy.start``) so a restarted server resumes at the round
 after its last checkpoint instead of at round 1.
 """
