@@ -59,32 +59,25 @@ def _simulate(run_dir, protocol, rounds=3, **extra):
 
 
 @pytest.mark.slow
-def test_fused_rounds_give_the_same_run_as_train_then_evaluate(tmp_path):
-    fused = _simulate(tmp_path / "fused", "fused")
-    two = _simulate(tmp_path / "two", "train-then-evaluate")
-    assert [r["round"] for r in fused] == [1, 2, 3]
-    # every round evaluated, the last one's model too (its own evaluate message)
-    assert all(r["eval"]["clients"] == 2 for r in fused)
-    assert _renamed(tmp_path / "fused", _untimed(fused)) == \
-        _renamed(tmp_path / "two", _untimed(two))
-    clients = [_renamed(d, _untimed(_rows(d / "clients.jsonl")))
-               for d in (tmp_path / "fused", tmp_path / "two")]
+def test_fused_rounds_give_the_same_run_as_train_then_evaluate_resumed_or_not(tmp_path):
+    """Fused: 2 rounds, then resumed to 3 (each round once); train-then-evaluate: 3 rounds
+    in one go. Same seed: the same rows, client rows and global models."""
+    fused, two = tmp_path / "fused", tmp_path / "two"
+    _simulate(fused, "fused", rounds=2)
+    rows = _simulate(fused, "fused", rounds=3, resume=True)
+    reference = _simulate(two, "train-then-evaluate")
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    # every round evaluated by every device, the last one's model too (its own message)
+    assert all(r["eval"]["clients"] == 2 and r["train"]["clients"] == 2 for r in rows)
+    assert [(r["round"], r["phase"]) for r in _rows(fused / "clients.jsonl")] == \
+        [(n, phase) for n in (1, 2, 3) for phase in ("train",) * 2 + ("evaluate",) * 2]
+    assert _renamed(fused, _untimed(rows)) == _renamed(two, _untimed(reference))
+    clients = [_renamed(d, _untimed(_rows(d / "clients.jsonl"))) for d in (fused, two)]
     assert clients[0] == clients[1]
     for n in (1, 2, 3):
-        models = [RunDirectory(d).load_checkpoint(n)["state_dict"]
-                  for d in (tmp_path / "fused", tmp_path / "two")]
+        models = [RunDirectory(d).load_checkpoint(n)["state_dict"] for d in (fused, two)]
         for key, tensor in models[0].items():
             np.testing.assert_array_equal(tensor.numpy(), models[1][key].numpy())
-
-
-@pytest.mark.slow
-def test_a_resumed_fused_run_produces_each_round_once(tmp_path):
-    _simulate(tmp_path, "fused", rounds=2)
-    rows = _simulate(tmp_path, "fused", rounds=3, resume=True)
-    assert [r["round"] for r in rows] == [1, 2, 3]
-    assert all(r["eval"]["clients"] == 2 and r["train"]["clients"] == 2 for r in rows)
-    assert [(r["round"], r["phase"]) for r in _rows(tmp_path / "clients.jsonl")] == \
-        [(n, phase) for n in (1, 2, 3) for phase in ("train",) * 2 + ("evaluate",) * 2]
 
 
 class _FusedFederation:
