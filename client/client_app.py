@@ -60,7 +60,12 @@ from fedq.client.metric_release import release
 from fedq.client.personalize import personalized_returns
 from fedq.client.secure_aggregation import secure_aggregation_mod
 from fedq.common.compression import encode_update
-from fedq.common.config import FEDERATION_STEPS_KEY, FedqConfig
+from fedq.common.config import (
+    EVALUATE_ROUND_KEY,
+    EVALUATION_RECORD,
+    FEDERATION_STEPS_KEY,
+    FedqConfig,
+)
 from fedq.common.envs import ImageObs, env_spec
 from fedq.common.policies import global_policy, network_layout
 from fedq.common.privacy import PRIVACY_BUDGET_ERROR_CODE, PrivacyBudgetExhausted, PrivacyReport
@@ -110,15 +115,34 @@ def _global_weights(msg: Message, trainer: LocalTrainer) -> dict[str, np.ndarray
 
 
 def train(msg: Message, context: Context) -> Message:
-    """One round of local training on the device, holding its state exclusively."""
-    started = time.perf_counter()
+    """One round of local training on the device, holding its state exclusively; a fused
+    round's train message (round config ``evaluate-round``: server/round_protocol.py)
+    first evaluates the model it carries, exactly as an evaluate message would, and the
+    reply carries that evaluation (record ``evaluation``) next to the update."""
     device = device_from_context(context)
     try:
         config = device.policy.apply(device.config)
     except PolicyRefusal as refusal:
         return _refused(msg, device, refusal)
+    evaluation = _fused_evaluation(msg, device)
+    started = time.perf_counter()
     with device_lock(device.state_dir):
-        return _train(msg, device, config, started)
+        reply = _train(msg, device, config, started)
+    if evaluation is not None and reply.has_content():  # an error reply carries none:
+        reply.content[EVALUATION_RECORD] = evaluation  # the server asks again
+    return reply
+
+
+def _fused_evaluation(msg: Message, device: Device) -> MetricRecord | None:
+    """The evaluation a fused train message asks for (None: not asked, or refused: the
+    server then sends the evaluate message, which gets the refusal)."""
+    evaluate_round = msg.content["config"].get(EVALUATE_ROUND_KEY)
+    if evaluate_round is None:
+        return None
+    try:
+        return _evaluation(device, msg.content["arrays"], int(evaluate_round), 0)
+    except PolicyRefusal:
+        return None
 
 
 def _train(msg: Message, device: Device, config: FedqConfig, started: float) -> Message:
@@ -262,18 +286,27 @@ def evaluate(msg: Message, context: Context) -> Message:
     only the numpy forward pass and a fresh env are built, not the device's trainer and
     buffer, so no backend's learner is loaded)."""
     device = device_from_context(context)
-    config = device.config
     round_config = msg.content["config"]
-    personalize_steps = int(round_config.get("personalize-steps", 0))
-    private = is_private(device, config)
     try:
-        device.policy.check_personalize(personalize_steps, private)
+        metrics = _evaluation(device, msg.content["arrays"],
+                              int(round_config.get("server-round", 0)),
+                              int(round_config.get("personalize-steps", 0)))
     except PolicyRefusal as refusal:
         return _refused(msg, device, refusal)
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+def _evaluation(device: Device, arrays: ArrayRecord, server_round: int,
+                personalize_steps: int) -> MetricRecord:
+    """Round ``server_round``'s evaluation of the global model ``arrays`` on this device,
+    reduced to what its policy releases; raises :class:`PolicyRefusal` where the policy
+    forbids it."""
+    config = device.config
+    private = is_private(device, config)
+    device.policy.check_personalize(personalize_steps, private)
     spec = env_spec(config.env_id, config.env_kwargs, config.env_physics, ImageObs.of(config))
-    global_state = check_arrays(msg.content["arrays"], network_layout(config, spec))
+    global_state = check_arrays(arrays, network_layout(config, spec))
     policy = global_policy(config, spec, global_state)
-    server_round = int(round_config.get("server-round", 0))
     eval_seed = device.seed + 10**6 + 1000 * server_round
     returns = play_episodes(policy.act, config.env_id, config.eval_episodes,
                             seed=eval_seed, env_kwargs=config.env_kwargs,
@@ -289,8 +322,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         personal = personalized_returns(device, global_state, personalize_steps,
                                         config.eval_episodes, eval_seed)
         metrics["personalized-return-mean"] = float(np.mean(personal))
-    released = release(metrics, device.policy.release_metrics, private)
-    return Message(RecordDict({"metrics": MetricRecord(released)}), reply_to=msg)
+    return MetricRecord(release(metrics, device.policy.release_metrics, private))
 
 
 def build_client_app(train_mods: Sequence[Mod] = ()) -> ClientApp:

@@ -1,6 +1,8 @@
 """``fedq-client``: join a device (a Raspberry Pi, a laptop, a container) to a federation.
 
-Wraps ``flower-supernode`` so one command gives a device everything it needs::
+Wraps ``flower-supernode`` (as ``fedq-supernode``: :mod:`client.supernode`, which polls
+the SuperLink every ``FEDQ_SUPERNODE_POLL_S`` = 0.2 s instead of every 3 s) so one command
+gives a device everything it needs::
 
     fedq-client --server 192.168.1.10:9093 --state-dir ~/fedq-state \\
         --env-id CartPole-v1 --set seed=7 --set env-physics='{"length": 0.3}' \\
@@ -32,8 +34,9 @@ Wraps ``flower-supernode`` so one command gives a device everything it needs::
   the signatures the SuperLink delivers with the FAB; a SuperLink that delivers none
   (a self-hosted ``flower-superlink`` without app verification) gets every run refused.
 
-The process becomes ``flower-supernode`` (``exec``), so a service manager's signals
-reach Flower directly. ``--print-command`` shows the command instead of running it.
+The process becomes ``fedq-supernode``, i.e. Flower's ``flower-supernode`` (``exec``), so
+a service manager's signals reach Flower directly. ``--print-command`` shows the command
+instead of running it.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from pathlib import Path
 
 import tomli_w
 
+from fedq.client.supernode import poll_interval
 from fedq.common.config import ConfigError, ConfigScalar, FedqConfig, parse_assignment
 from fedq.common.envs import run_env_spec
 from fedq.common.privacy_policy import PrivacyPolicy
@@ -109,7 +113,8 @@ def supernode_command(server: str, node_config_path: Path, *,
                       insecure: bool, max_wait_time: float | None,
                       local_port: int = DEFAULT_LOCAL_PORT,
                       trusted_entities: Path | None = None) -> list[str]:
-    """The ``flower-supernode`` command line for a device (see the module docstring)."""
+    """The ``fedq-supernode`` (``flower-supernode`` with prompt polling) command line for
+    a device (see the module docstring)."""
     if root_certificates is not None and insecure:
         raise ValueError("--insecure contradicts --root-certificates; choose one")
     if root_certificates is None and not insecure:
@@ -120,7 +125,7 @@ def supernode_command(server: str, node_config_path: Path, *,
                          "TLS, so give --root-certificates too")
     if not 1 <= local_port <= 65535:
         raise ValueError(f"--local-port {local_port}: not a TCP port (1-65535)")
-    command = ["flower-supernode", "--superlink", server, "--isolation", "subprocess",
+    command = ["fedq-supernode", "--superlink", server, "--isolation", "subprocess",
                "--node-config", str(node_config_path), "--port", str(local_port)]
     if root_certificates is not None:
         command += ["--root-certificates", str(_existing(root_certificates))]
@@ -187,13 +192,13 @@ def _parser() -> argparse.ArgumentParser:
                         "...' public key); without it the device runs any app the "
                         "SuperLink sends")
     parser.add_argument("--print-command", action="store_true",
-                        help="print the flower-supernode command (with its FLWR_HOME) "
+                        help="print the fedq-supernode command (with its FLWR_HOME) "
                         "instead of running it")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Validate the device's settings, then become ``flower-supernode``."""
+    """Validate the device's settings, then become ``fedq-supernode``."""
     parser = _parser()
     args = parser.parse_args(argv)
     try:
@@ -203,6 +208,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             args.server, state_dir / NODE_CONFIG_FILE, root_certificates=args.root_certificates,
             auth_key=args.auth_key, insecure=args.insecure, max_wait_time=args.max_wait_time,
             local_port=args.local_port, trusted_entities=args.trusted_entities)
+        poll_interval(os.environ)  # FEDQ_SUPERNODE_POLL_S, checked before exec
     except (ConfigError, ValueError) as err:
         parser.exit(2, f"fedq-client: error: {err}\n")
     if args.insecure:
@@ -214,11 +220,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(shlex.join([f"FLWR_HOME={flwr_home}", *command]))
         return
     os.environ["FLWR_HOME"] = str(flwr_home)
-    executable = shutil.which("flower-supernode",
+    executable = shutil.which("fedq-supernode",
                               path=os.pathsep.join([str(Path(sys.executable).parent),
                                                     os.environ.get("PATH", "")]))
     if executable is None:
-        parser.exit(2, "fedq-client: error: flower-supernode not found; install fedq "
+        parser.exit(2, "fedq-client: error: fedq-supernode not found; install fedq "
                     "(pip install .) in this environment\n")
     os.execv(executable, [executable, *command[1:]])
 

@@ -41,6 +41,12 @@ BACKENDS = ("torch", "numpy")
 EXPLORATION_CLOCKS = ("device", "federation")
 # round-config key: env steps of all devices already in the global model being sent
 FEDERATION_STEPS_KEY = "federation-env-steps"
+# round-protocol values (server/round_protocol.py), and the fused protocol's round-config
+# key (evaluate the received model as this round's global model before training on it)
+# and reply record (that evaluation's metrics)
+ROUND_PROTOCOLS = ("fused", "train-then-evaluate")
+EVALUATE_ROUND_KEY = "evaluate-round"
+EVALUATION_RECORD = "evaluation"
 COMPRESSIONS = ("none", "fp16", "int8")
 # keys of the device's privacy policy (common/privacy_policy.py), not of FedqConfig
 POLICY_PREFIX = "privacy-"
@@ -170,6 +176,13 @@ class FedqConfig:
     fraction_evaluate: float = _opt(
         1.0, "share of connected clients sampled for federated evaluation per round",
         _open_unit)
+    round_protocol: str = _opt(
+        "fused", "messages per device and round: fused (one; the train message of round r+1 "
+        "first evaluates the model it carries, round r's, and a last evaluate message "
+        "evaluates the final model) or train-then-evaluate (a train and an evaluate "
+        "message); strategies and sampling that need two messages use the latter "
+        "(server/round_protocol.py)",
+        _check(lambda v: v in ROUND_PROTOCOLS, f"one of {ROUND_PROTOCOLS}"))
     min_available_clients: int = _opt(
         1, "clients that must be connected before a round starts", _at_least_one
     )

@@ -46,7 +46,11 @@ class StrategySpec:
     strategy shares (and, under central DP, equal training weights). ``switch``: a config
     key that must be > 0 with this strategy and 0 with any other (it turns the strategy's
     algorithm on; other strategies would silently ignore it). ``averages``: it aggregates
-    by a (weighted) mean, which central DP's noise calibration assumes.
+    by a (weighted) mean, which central DP's noise calibration assumes. ``fused_rounds``:
+    round r's global model may be evaluated by the devices that receive it as round r+1's
+    train message (``round-protocol = "fused"``, server/round_protocol.py); False where
+    a train message does not carry the global model (``sequential``: each visit carries
+    the previous device's result), so evaluation needs its own message.
     """
 
     name: str
@@ -56,6 +60,7 @@ class StrategySpec:
     switch: str | None = None
     averages: bool = False
     train_phase: str = PARALLEL
+    fused_rounds: bool = True
 
 
 STRATEGY_REGISTRY: dict[str, StrategySpec] = {}
@@ -138,4 +143,4 @@ register_strategy(StrategySpec(
 register_strategy(StrategySpec(
     "sequential", "no aggregation: the global model visits the round's devices one after "
     "another, each training the previous one's result (server/sequential.py)",
-    lambda config: (_flower("FedAvg"), {}), train_phase=SEQUENTIAL))
+    lambda config: (_flower("FedAvg"), {}), train_phase=SEQUENTIAL, fused_rounds=False))

@@ -7,6 +7,8 @@ strategy (server/strategies.py; FedAvg weights by env steps collected) or, with 
 ``sequential`` strategy, let the devices train one after another instead
 (server/sequential.py), ask every device for greedy returns of the new global model on
 its own env, then append the round to ``metrics.jsonl`` and checkpoint the global model.
+With ``round-protocol = "fused"`` (server/round_protocol.py) that evaluation rides on the
+next round's train message, one message per device and round.
 The loop is ours (not ``Strategy.start``) so a restarted server resumes at the round
 after its last checkpoint instead of at round 1.
 """
@@ -48,6 +50,7 @@ from fedq.server.outcome import (
 from fedq.server.plots import plot_client_curves, plot_learning_curve, return_goal
 from fedq.server.privacy_log import PrivacyLog
 from fedq.server.prompt_grid import PromptGrid
+from fedq.server.round_protocol import NextTrainPhase, RoundProtocol
 from fedq.server.run_directory import RunDirectory
 from fedq.server.secure_aggregation import train_securely
 from fedq.server.sequential import DeviceOrder, TrainPhase, reply_partition, train_in_sequence
@@ -95,7 +98,7 @@ def resume_strategy(strategy: Strategy, config: FedqConfig, checkpoint: dict[str
 
 
 def _as_tensors(state: OptimizerState) -> dict[str, dict[str, torch.Tensor]]:
-    return {name: {k: torch.from_numpy(np.ascontiguousarray(a)) for k, a in arrays.items()}
+    return {name: {k: torch.from_numpy(np.array(a)) for k, a in arrays.items()}  # copies
             for name, arrays in state.items()}
 
 
@@ -117,17 +120,18 @@ def run_rounds(grid: Grid, strategy: Strategy, config: FedqConfig, run_dir: RunD
     order = DeviceOrder()
     best = BestModel(run_dir)
     best.resume(previous)
+    protocol = RoundProtocol(config, in_device_order)
+    train_phase_of = train_securely if config.secure_aggregation else \
+        TRAIN_PHASES[strategy_spec(config.strategy).train_phase]
     for server_round in range(first_round, config.num_server_rounds + 1):
         started = time.perf_counter()
-        train_config = ConfigRecord({"local-steps": config.local_steps,
-                                     "update-compression": config.update_compression,
-                                     FEDERATION_STEPS_KEY: federation_steps})
-        train_phase_of = train_securely if config.secure_aggregation else \
-            TRAIN_PHASES[strategy_spec(config.strategy).train_phase]
-        phase = train_phase_of(grid, strategy, config, order, arrays, train_config,
-                               server_round)
+        # fused rounds: the round trained while the previous one was evaluated
+        ahead = protocol.take_ahead()
+        phase = ahead.phase if ahead else train_phase_of(
+            grid, strategy, config, order, arrays,
+            ConfigRecord(train_config(config, federation_steps)), server_round)
         privacy = privacy_log.record(server_round, phase.replies)  # declines go on record
-        train_phase = time.perf_counter() - started
+        train_phase = ahead.seconds if ahead else time.perf_counter() - started
         if central_dp and phase.arrays is not None:  # a noised aggregate was released
             released += 1
             if phase.noise_multiplier is not None:
@@ -138,20 +142,21 @@ def run_rounds(grid: Grid, strategy: Strategy, config: FedqConfig, run_dir: RunD
                 config.min_train_replies)
         else:
             arrays = phase.arrays
-        eval_started = time.perf_counter()
+        train = dict(phase.metrics or MetricRecord({"clients": 0}))
         eval_config = ConfigRecord({"personalize-steps": config.personalize_steps
                                     if server_round == config.num_server_rounds else 0})
-        eval_messages = list(strategy.configure_evaluate(server_round, arrays, eval_config,
-                                                         grid))
-        eval_replies = in_device_order(grid.send_and_receive(eval_messages,
-                                                             timeout=config.round_timeout))
+        # as aggregated this round: a fused evaluation aggregates the next round first
+        server_optimizer = _as_tensors(optimizer_state(strategy))
+        evaluation = protocol.evaluate(grid, strategy, server_round, arrays, eval_config,
+                                       next_round(train_phase_of, strategy, config, order, arrays,
+                                                  federation_steps + int(train.get("env-steps", 0)),
+                                                  server_round + 1))
+        eval_replies, eval_sent_to = evaluation.replies, evaluation.sent_to
         order.learn(phase.replies)
         order.learn(eval_replies)
         privacy.update(privacy_log.record(server_round, eval_replies, phase="evaluate"))
-        eval_sent_to = sent_to(eval_messages)
         failures = round_failures(phase, eval_sent_to, eval_replies, order.partitions)
         eval_metrics = strategy.aggregate_evaluate(server_round, eval_replies)
-        train = dict(phase.metrics or MetricRecord({"clients": 0}))
         # per device of the federation, not per device that trained: with fraction-train
         # < 1 a device trains in only some rounds
         devices = max(len(list(grid.get_node_ids())), phase.sent, 1)
@@ -162,8 +167,8 @@ def run_rounds(grid: Grid, strategy: Strategy, config: FedqConfig, run_dir: RunD
             "env-steps-per-client-total": steps_per_client,
             "env-steps-federation-total": federation_steps,
             "train-phase-seconds": train_phase,
-            "eval-phase-seconds": time.perf_counter() - eval_started,
-            "round-seconds": time.perf_counter() - started,
+            "eval-phase-seconds": evaluation.seconds,
+            "round-seconds": protocol.round_seconds(started, ahead),
             "train": train,
             "eval": dict(eval_metrics or MetricRecord({"clients": 0})),
             "updates": phase.screening.row(),
@@ -172,7 +177,7 @@ def run_rounds(grid: Grid, strategy: Strategy, config: FedqConfig, run_dir: RunD
                 config, released, released_noise if config.central_dp == DISTRIBUTED_DP
                 else None)} if central_dp else {}),
             "participation": {"train": participation(phase.sent, phase.replies),
-                              "evaluate": participation(len(eval_messages), eval_replies)},
+                              "evaluate": participation(evaluation.sent, eval_replies)},
             "device-failures": failures,
             "round-failed": round_failed(failures, phase.sent, len(phase.screening.accepted)),
         }
@@ -185,7 +190,7 @@ def run_rounds(grid: Grid, strategy: Strategy, config: FedqConfig, run_dir: RunD
         state_dict = arrays.to_torch_state_dict()
         checkpoint_extra = {"env-steps-per-client-total": steps_per_client,
                             "strategy": config.strategy,
-                            "server-optimizer": _as_tensors(optimizer_state(strategy))}
+                            "server-optimizer": server_optimizer}
         run_dir.save_checkpoint(server_round, state_dict, checkpoint_extra)
         if improved:
             best.save(state_dict, checkpoint_extra)
@@ -193,8 +198,26 @@ def run_rounds(grid: Grid, strategy: Strategy, config: FedqConfig, run_dir: RunD
         if row["eval"].get("eval-return-mean", -math.inf) >= config.target_return:
             log(logging.INFO, "[fedq] target return %g reached in round %d; stopping",
                 config.target_return, server_round)
+            protocol.discard_ahead()
             break
     return arrays
+
+
+def train_config(config: FedqConfig, federation_steps: int) -> dict[str, Any]:
+    """A round's train config: local steps, compression and the env steps already in
+    the global model it sends (exploration-clock)."""
+    return {"local-steps": config.local_steps, "update-compression": config.update_compression,
+            FEDERATION_STEPS_KEY: federation_steps}
+
+
+def next_round(train_phase_of: TrainPhaseFn, strategy: Strategy, config: FedqConfig,
+               order: DeviceOrder, arrays: ArrayRecord, federation_steps: int,
+               server_round: int) -> NextTrainPhase:
+    """Round ``server_round``'s train phase from ``arrays``, for a fused evaluation to
+    run ahead (server/round_protocol.py) with the extra train config it adds."""
+    return lambda grid, extra: train_phase_of(
+        grid, strategy, config, order, arrays,
+        ConfigRecord({**train_config(config, federation_steps), **extra}), server_round)
 
 
 def train_in_parallel(grid: Grid, strategy: Strategy, config: FedqConfig,

@@ -15,7 +15,22 @@ buffer yet, reported apart; the median over the others):
 
 It runs one federation per learner backend (``--backends torch,numpy``): the torch
 backend's ClientApp processes import torch (and opacus with DP), the numpy backend's
-import neither, so the two show what a device's imports cost per round.
+import neither, so the two show what a device's imports cost per round. Each runs as the
+compose file deploys it (``round-protocol = "fused"``: one message per device and round;
+``fedq-supernode``: 0.2 s polling); ``--baseline`` also runs each backend the way a
+round was deployed before (``train-then-evaluate``: a train and an evaluate message per
+device and round, Flower's ``flower-supernode``: 3 s polling), in the same script run.
+
+Where the rest of a round goes, from per-phase timestamps: the sampler also records when
+each device's ``flwr-clientapp`` processes (one per message) start and end (50 ms
+resolution). Per round, for the device that trained longest: *ClientApp processes* is
+the wall time its message processes lived (Python start, imports, Flower's message I/O,
+the handlers), *handler* the time fedq's train handler ran (``handler-seconds``: device
+state load and save around the training), *training* its ``train-seconds``; *outside
+the device* is the rest of the round (waiting for a poll, the SuperLink, the ServerApp's
+aggregation, metrics and checkpoint). A round's messages: fused, the train message (which
+evaluates the previous round's model first; the last round also has its evaluate
+message); train-then-evaluate, its train and its evaluate message.
 
 Bytes sent per device and round: the serialized train reply (weights + metrics, every
 object of Flower's message tree) measured by the ClientApp's message-audit mod as the
@@ -23,13 +38,14 @@ message leaves, next to the raw fp32 weight bytes the server counted.
 Memory: peak resident set of each device's process tree (``flower-supernode``, its
 SuperExec and the ``flwr-clientapp`` process of the moment), sampled every 50 ms.
 
-    python -m fedq.simulations.bench_deployment --rounds 6
+    python -m fedq.simulations.bench_deployment --rounds 5 --local-steps 2000 --baseline
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import statistics
@@ -57,6 +73,8 @@ class MemorySampler:
         self.period = period
         self.peak_total: dict[str, int] = defaultdict(int)
         self.peak_by_kind: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        # per device: each flwr-clientapp process's (first seen, last seen), monotonic s
+        self.clientapps: dict[str, dict[int, list[float]]] = defaultdict(dict)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -76,6 +94,9 @@ class MemorySampler:
                 for pid in _tree(root, children):
                     rss, kind = _rss_kb(pid), _kind(pid)
                     total += rss
+                    if kind == "flwr-clientapp":
+                        now = time.monotonic()
+                        self.clientapps[name].setdefault(pid, [now, now])[1] = now
                     by_kind = self.peak_by_kind[name]
                     by_kind[kind] = max(by_kind[kind], rss)
                 self.peak_total[name] = max(self.peak_total[name], total)
@@ -119,6 +140,8 @@ def _kind(pid: int) -> str:
     except OSError:
         return "gone"
     names = [Path(a.decode(errors="replace")).name for a in argv[:2]]
+    if "fedq-supernode" in names:  # flower-supernode with prompt polling
+        return "flower-supernode"
     for kind in ("flower-supernode", "flower-superexec", "flwr-clientapp"):
         if kind in names:
             return kind
@@ -133,6 +156,13 @@ def main() -> None:
     parser.add_argument("--backends", default="torch,numpy",
                         help="devices' learner backends to measure, one federation each, "
                         "in this order (default torch,numpy)")
+    parser.add_argument("--baseline", action="store_true",
+                        help="also run each backend as rounds were deployed before: "
+                        "round-protocol train-then-evaluate, flower-supernode (3 s polling)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="federations per backend and setup (default 1)")
+    parser.add_argument("--results-name", default="deployment",
+                        help="folder under simulations/results/ (default deployment)")
     args = parser.parse_args()
     if args.rounds < 3:
         parser.error("--rounds must be >= 3 (round 1 is reported apart)")
@@ -141,52 +171,76 @@ def main() -> None:
         parser.error(f"--backends: unknown {unknown}; known: {list(BACKENDS)}")
     shutil.rmtree(WORKDIR, ignore_errors=True)
     compose_run = submit_overrides(load_compose(COMPOSE))
+    setups = {name: SETUPS[name] for name in (("fused", "baseline") if args.baseline
+                                              else ("fused",))}
     load_before = os.getloadavg()[0]
-    results = {backend: measure(WORKDIR / backend, backend, args.rounds, args.local_steps)
-               for backend in backends}
+    results = {f"{backend} {name}{f' #{i}' if args.repeats > 1 else ''}": measure(
+        WORKDIR / f"{backend}-{name}-{i}", backend, args.rounds, args.local_steps, **setup)
+        for backend in backends for name, setup in setups.items()
+        for i in range(1, args.repeats + 1)}
     local_steps = args.local_steps or compose_run["local-steps"]
     payload = {"rounds": args.rounds, "local-steps": local_steps, "run-config": compose_run,
-               "cpu-affinity": sorted(os.sched_getaffinity(0)),
+               "setups": setups, "cpu-affinity": sorted(os.sched_getaffinity(0)),
                # other work on the machine skews every number here: say how much there was
                "load-average-1min": {"before": load_before, "after": os.getloadavg()[0]},
-               "backends": results}
-    round_rows = [{"backend": backend, "rounds": label, **values}
-                  for backend, result in results.items()
+               "results": results}
+    round_rows = [{"setup": key, "rounds": label, **values}
+                  for key, result in results.items()
                   for label, values in (("1 (warm-up)", result["round-1"]),
                                         (f"2-{args.rounds} median",
                                          result["median-rounds-2-on"]))]
-    round_table = markdown_table(round_rows, ["backend", "rounds", *ROUND_COLUMNS])
-    devices = [{"backend": backend, **device} for backend, result in results.items()
+    round_table = markdown_table(round_rows, ["setup", "rounds", *ROUND_COLUMNS])
+    phase_table = markdown_table(round_rows, ["setup", "rounds", *PHASE_COLUMNS])
+    curves = [{"setup": key, **{f"round {r['round']}": r["eval-return-mean"]
+                                for r in result["per-round"]},
+               "aggregation order": " ".join(result["aggregation-order"])}
+              for key, result in results.items()]
+    curve_table = markdown_table(curves, list(curves[0]))
+    devices = [{"setup": key, **device} for key, result in results.items()
                for device in result["devices"]]
     device_table = markdown_table(devices, list(devices[0]))
     text = (f"Deployed round on loopback: 3 SuperNodes (docker-compose.yml node configs), "
-            f"CartPole, local-steps {local_steps}, one federation per backend, CPUs "
+            f"CartPole, local-steps {local_steps}, one federation per backend and setup "
+            f"({'; '.join(f'{k}: {v}' for k, v in setups.items())}), CPUs "
             f"{payload['cpu-affinity']}, load average {load_before:.1f} before / "
             f"{os.getloadavg()[0]:.1f} after. Local-training share = the slowest device's "
             f"train-seconds / round-seconds (median of rounds 2-{args.rounds}).\n\n"
-            f"{round_table}\n\n{device_table}")
+            f"{round_table}\n\nWhere the round goes, from per-phase timestamps (seconds, the "
+            f"device that trained longest; see the module docstring):\n\n{phase_table}\n\n"
+            f"Federated evaluation (eval-return-mean) per round, and the order in which the "
+            f"server sums the devices' updates (by node id, which the SuperLink draws at "
+            f"random):\n\n{curve_table}\n\n"
+            f"{device_table}")
     print(text)
-    write_results("deployment", payload, text)
+    write_results(args.results_name, payload, text)
 
 
 BACKENDS = ("torch", "numpy")
+# How a round is deployed: round protocol and the SuperNode program
+SETUPS = {"fused": {"protocol": "fused", "supernode": "fedq-supernode"},
+          "baseline": {"protocol": "train-then-evaluate", "supernode": "flower-supernode"}}
 ROUND_COLUMNS = ["round-seconds", "local-training-seconds", "local-training-share",
                  "everything-else-seconds", "train-phase-seconds", "eval-phase-seconds",
                  "client-handler-overhead-seconds"]
+PHASE_COLUMNS = ["round-seconds", "outside-device-seconds", "clientapp-process-seconds",
+                 "process-outside-handler-seconds", "handler-outside-training-seconds",
+                 "local-training-seconds", "local-training-share-of-process"]
 
 
-def measure(workdir: Path, backend: str, rounds: int, local_steps: int | None
-            ) -> dict[str, object]:
-    """One compose federation whose devices all use ``backend``: per-round timings, reply
-    sizes and each device's peak memory."""
+def measure(workdir: Path, backend: str, rounds: int, local_steps: int | None, *,
+            protocol: str, supernode: str) -> dict[str, object]:
+    """One compose federation whose devices all use ``backend``, deployed with
+    ``protocol`` and ``supernode``: per-round timings, reply sizes, each device's peak
+    memory."""
     workdir.mkdir(parents=True)
     workdir = workdir.resolve()
     run_dir, audit_dir = workdir / "run", workdir / "audit"
-    overrides = {"num-server-rounds": rounds, "backend": backend}
+    overrides = {"num-server-rounds": rounds, "backend": backend, "round-protocol": protocol}
     if local_steps:
         overrides["local-steps"] = local_steps
     # the audit directory is each device's own setting: a run config cannot choose it
-    with compose_topology(workdir, node_extra={"message-audit-dir": str(audit_dir)}) as topology:
+    with compose_topology(workdir, node_extra={"message-audit-dir": str(audit_dir)},
+                          supernode_program=supernode) as topology:
         roots = {name: node.process.pid for name, node in topology.nodes.items()}
         ids = {node.wait_registered(): name for name, node in topology.nodes.items()}
         with MemorySampler(roots) as memory:
@@ -197,22 +251,33 @@ def measure(workdir: Path, backend: str, rounds: int, local_steps: int | None
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
     clients = [json.loads(line) for line in (run_dir / "clients.jsonl").open()]
     audits = [json.loads(p.read_text()) for p in audit_dir.glob("*.json")]
+    process_seconds = {name: _process_seconds_by_round(windows, protocol, rounds)
+                       for name, windows in memory.clientapps.items()}
     per_round = []
     for row in rows:
         train = [c for c in clients if c["round"] == row["round"] and c["phase"] == "train"]
-        slowest = max(c["train-seconds"] for c in train)
+        slowest = max(train, key=lambda c: c["train-seconds"])
+        process = process_seconds.get(ids.get(slowest["node-id"], ""), {}).get(
+            row["round"], math.nan)
         per_round.append({
             "round": row["round"], "round-seconds": row["round-seconds"],
-            "local-training-seconds": slowest,
-            "local-training-share": slowest / row["round-seconds"],
-            "everything-else-seconds": row["round-seconds"] - slowest,
+            "local-training-seconds": slowest["train-seconds"],
+            "local-training-share": slowest["train-seconds"] / row["round-seconds"],
+            "everything-else-seconds": row["round-seconds"] - slowest["train-seconds"],
             "train-phase-seconds": row["train-phase-seconds"],
             "eval-phase-seconds": row["eval-phase-seconds"],
             "client-handler-overhead-seconds": statistics.median(
-                c["handler-seconds"] - c["train-seconds"] for c in train)})
+                c["handler-seconds"] - c["train-seconds"] for c in train),
+            "outside-device-seconds": row["round-seconds"] - process,
+            "clientapp-process-seconds": process,
+            "process-outside-handler-seconds": process - slowest["handler-seconds"],
+            "handler-outside-training-seconds": slowest["handler-seconds"]
+            - slowest["train-seconds"],
+            "local-training-share-of-process": slowest["train-seconds"] / process,
+            "eval-return-mean": row["eval"].get("eval-return-mean")})
     later = per_round[1:]
     summary = {key: statistics.median(r[key] for r in later) for key in later[0]
-               if key != "round"}
+               if key not in ("round", "eval-return-mean")}
     reply_bytes = defaultdict(list)
     for audit in audits:
         if audit["message-type"] == "train" and audit["error"] is None:
@@ -223,12 +288,32 @@ def measure(workdir: Path, backend: str, rounds: int, local_steps: int | None
     devices = [{"device": name, "train replies": len(reply_bytes[name]),
                 "reply bytes (median)": statistics.median(reply_bytes[name]),
                 "fp32 weight bytes": weight_bytes,
+                "ClientApp processes": len(memory.clientapps[name]),
                 "peak RSS tree MiB": memory.peak_total[name] / 1024,
                 **{f"peak {k} MiB": memory.peak_by_kind[name].get(k, 0) / 1024
                    for k in ("flower-supernode", "flower-superexec", "flwr-clientapp")}}
                for name in topology.nodes]
-    return {"round-1": per_round[0], "median-rounds-2-on": summary, "per-round": per_round,
-            "devices": devices}
+    return {"protocol": protocol, "supernode": supernode,
+            # real devices have no partition id: replies are summed in node-id order
+            "aggregation-order": [ids[node_id] for node_id in sorted(ids)],
+            "round-1": per_round[0],
+            "median-rounds-2-on": summary, "per-round": per_round, "devices": devices}
+
+
+def _process_seconds_by_round(windows: dict[int, list[float]], protocol: str, rounds: int
+                              ) -> dict[int, float]:
+    """A device's ClientApp process lifetimes (in start order) summed per round: fused,
+    one train message per round and the last round's evaluate message; otherwise a train
+    and an evaluate message per round."""
+    lives = [last - first for first, last in sorted(windows.values())]
+    if protocol == "fused":
+        owner = [*range(1, rounds + 1), rounds]
+    else:
+        owner = [r for r in range(1, rounds + 1) for _ in range(2)]
+    by_round: dict[int, float] = defaultdict(float)
+    for server_round, seconds in zip(owner, lives, strict=False):
+        by_round[server_round] += seconds
+    return dict(by_round)
 
 
 if __name__ == "__main__":

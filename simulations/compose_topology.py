@@ -138,11 +138,14 @@ class Topology:
 
 @contextlib.contextmanager
 def compose_topology(workdir: Path, *, tls: TLSFiles | None = None, auth: bool = False,
-                     node_extra: dict | None = None) -> Iterator[Topology]:
+                     node_extra: dict | None = None,
+                     supernode_program: str | None = None) -> Iterator[Topology]:
     """Start the compose file's SuperLink and SuperNodes locally (TLS and node auth as
     ``server/compose.tls.yml`` turns them on); each node's state-dir moves under
     ``workdir`` and keeps its name. ``node_extra`` adds keys to every node's config
-    (e.g. a ``message-audit-dir``, which a device takes only from its own node config)."""
+    (e.g. a ``message-audit-dir``, which a device takes only from its own node config).
+    Each node runs its service's entrypoint (``fedq-supernode``) unless
+    ``supernode_program`` names another (``flower-supernode``: Flower's 3 s polling)."""
     files = (COMPOSE, TLS_OVERRIDE) if tls else (COMPOSE,)
     compose = load_compose(*files)
     nodes_spec = supernode_services(compose)
@@ -162,7 +165,8 @@ def compose_topology(workdir: Path, *, tls: TLSFiles | None = None, auth: bool =
             config["state-dir"] = str(state_dirs[name])
             config.update(node_extra or {})
             nodes[name] = start_supernode(link, workdir / name, config, name=name,
-                                          auth_private_key=keys.get(name))
+                                          auth_private_key=keys.get(name),
+                                          program=supernode_program or argv(service)[0])
         for node in nodes.values():
             node.wait_registered(timeout=120)
         yield Topology(link, nodes, state_dirs, workdir, compose)

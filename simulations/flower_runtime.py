@@ -194,8 +194,10 @@ class SuperNode:
     """
 
     def __init__(self, handle: SuperLinkHandle, name: str, workdir: Path,
-                 command_tail: list[str], env: dict[str, str]) -> None:
+                 command_tail: list[str], env: dict[str, str],
+                 program: str = "flower-supernode") -> None:
         self.name = name
+        self.program = program
         self.workdir = workdir
         self.log_path = workdir / "supernode.log"
         self._handle = handle
@@ -223,7 +225,7 @@ class SuperNode:
             return
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         self.port = free_port()
-        command = [_executable("flower-supernode"), *self._command_tail,
+        command = [_executable(self.program), *self._command_tail,
                    "--port", str(self.port)]
         tag = f"{self._env[_TAG_VAR]}/{self.name}-{self._handle._next_id()}"
         self._group = _ProcessGroup.spawn(command, {**self._env, _TAG_VAR: tag},
@@ -293,7 +295,8 @@ def deployment_superlink(workdir: Path, *, tls: TLSFiles | None = None,
 def start_supernode(handle: SuperLinkHandle, workdir: Path,
                     node_config: Mapping[str, ConfigValue], *,
                     auth_private_key: Path | None = None, name: str | None = None,
-                    max_wait_time: float | None = None) -> SuperNode:
+                    max_wait_time: float | None = None,
+                    program: str = "flower-supernode") -> SuperNode:
     """Start a ``flower-supernode`` connected to a deployment SuperLink.
 
     ``node_config`` (e.g. ``{"partition-id": 0, "num-partitions": 2}``) reaches the
@@ -301,7 +304,9 @@ def start_supernode(handle: SuperLinkHandle, workdir: Path,
     survives, which ``--node-config 'k="v"'`` cannot promise. The node trusts the
     SuperLink's CA when the SuperLink uses TLS. ``max_wait_time`` bounds how long it keeps
     reconnecting to a SuperLink that is gone (default: forever). The node is stopped when
-    the SuperLink's context exits, or earlier with :meth:`SuperNode.stop`.
+    the SuperLink's context exits, or earlier with :meth:`SuperNode.stop`. ``program``:
+    ``flower-supernode``, or ``fedq-supernode`` (the same with prompt polling:
+    client/supernode.py).
     """
     if handle.simulation:
         raise ValueError("SuperNodes connect to a deployment SuperLink, not a simulation one")
@@ -317,7 +322,8 @@ def start_supernode(handle: SuperLinkHandle, workdir: Path,
         tail += ["--auth-supernode-private-key", str(auth_private_key)]
     if max_wait_time is not None:
         tail += ["--max-wait-time", str(max_wait_time)]
-    node = SuperNode(handle, name, workdir, tail, {**handle._env, "FLWR_HOME": str(flwr_home)})
+    node = SuperNode(handle, name, workdir, tail, {**handle._env, "FLWR_HOME": str(flwr_home)},
+                     program)
     with handle._lock:
         handle._supernodes.append(node)
     node.start()

@@ -300,9 +300,9 @@ def test_edge_client_command_is_a_valid_supernode_command_with_a_stable_state_di
     flwr_home, *command = capsys.readouterr().out.split()
     # what the printed line runs is what fedq-client itself would run: its FLWR_HOME too
     assert flwr_home == f"FLWR_HOME={state_dir.resolve() / 'flwr-home'}"
-    assert Path(command[0]).name == "flower-supernode"
+    assert Path(command[0]).name == "fedq-supernode"  # flower-supernode, prompt polling
     assert flag_value(command, "--port") == "9194"  # two devices on one host: two ports
-    help_text = _help("flower-supernode")
+    help_text = _help("fedq-supernode")
     assert all(flag in help_text for flag in _flags(command))
     assert "--insecure" not in command
     written = node_config({"command": ["--node-config",

@@ -1,0 +1,114 @@
+"""``fedq-supernode``: Flower's own ``flower-supernode``, polling for messages promptly.
+
+Flower 1.42's SuperNode waits between the steps of a message's round trip with fixed
+sleeps, in ``flwr/supernode/start_client_internal.py``: 3 s after every pull of the
+SuperLink that found no message (``time.sleep(3)`` in the main loop), 0.5 s while it
+waits for the ClientApp's reply and for each of its objects (``_push_messages``); its
+SuperExec, which starts a ClientApp process for each message, looks for new work every
+1 s (``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``, ``flwr/supercore/superexec/
+run_superexec.py``). A message sent just after a pull waits up to 3 s before the device
+even sees it, and a deployed round paid that twice per message.
+
+This entry point runs the unmodified ``flower-supernode`` (same flags, same node config,
+same processes) with those waits capped at ``FEDQ_SUPERNODE_POLL_S`` seconds (default
+0.2): before Flower's CLI starts, the ``time`` module that ``start_client_internal``
+sleeps with is replaced, in that module only, by one whose ``sleep`` is capped (every
+other ``time`` function is the real one; connection retries and backoff elsewhere keep
+Flower's own timing), and the SuperExec child inherits
+``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` (unless already set). At 0.2 s an idle device
+sends the SuperLink 5 small pull requests per second.
+
+It also puts a ``flwr-clientapp`` of its own first on the ``PATH`` its SuperExec starts
+ClientApp processes from (in ``$FLWR_HOME/fedq-bin``): the same Flower function, without
+importing the SuperNode's CLI, database and web server in every message's process
+(:mod:`client.clientapp_launcher`).
+
+    fedq-supernode --superlink 127.0.0.1:9092 --insecure --node-config "..."
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+import types
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from fedq.client.clientapp_launcher import write_launcher
+
+POLL_ENV = "FEDQ_SUPERNODE_POLL_S"
+DEFAULT_POLL_S = 0.2
+MAX_POLL_S = 3.0  # Flower's own longest wait: a cap above it changes nothing
+SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"  # Flower's, read by its SuperExec
+
+
+def poll_interval(environ: Mapping[str, str]) -> float:
+    """``FEDQ_SUPERNODE_POLL_S`` in seconds (default 0.2); refuses anything but a number
+    in [0.01, 3], naming the variable."""
+    raw = environ.get(POLL_ENV)
+    if raw is None or raw.strip() == "":
+        return DEFAULT_POLL_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not 0.01 <= value <= MAX_POLL_S:  # also refuses nan
+        raise ValueError(f"{POLL_ENV}={raw!r}: must be a number of seconds in "
+                         f"[0.01, {MAX_POLL_S:g}]")
+    return value
+
+
+class CappedSleepTime(types.ModuleType):
+    """The ``time`` module with ``sleep`` capped at ``cap`` seconds."""
+
+    def __init__(self, cap: float) -> None:
+        super().__init__("time")
+        self.cap = cap
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep ``seconds``, at most ``cap``."""
+        time.sleep(min(seconds, self.cap))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+def cap_polling(cap: float, environ: dict[str, str] | os._Environ[str] = os.environ) -> None:
+    """Cap the SuperNode's waits (and its SuperExec's, through ``environ``) at ``cap`` s."""
+    from flwr.supernode import start_client_internal
+
+    if not isinstance(getattr(start_client_internal, "time", None), types.ModuleType):
+        raise RuntimeError("flwr.supernode.start_client_internal no longer sleeps with the "
+                           "time module; fedq-supernode needs updating for this Flower")
+    start_client_internal.time = CappedSleepTime(cap)  # type: ignore[attr-defined]
+    environ.setdefault(SUPEREXEC_POLL_ENV, f"{cap:g}")
+
+
+def use_clientapp_launcher(environ: dict[str, str] | os._Environ[str] = os.environ) -> Path:
+    """Put the lean ``flwr-clientapp`` (:mod:`client.clientapp_launcher`) first on
+    ``environ``'s ``PATH``; returns its directory."""
+    home = Path(environ.get("FLWR_HOME") or Path.home() / ".flwr")
+    directory = write_launcher(home / "fedq-bin").parent
+    environ["PATH"] = os.pathsep.join([str(directory), environ.get("PATH", "")])
+    return directory
+
+
+def main() -> None:
+    """Start ``flower-supernode`` with this process's arguments, capped polling and the
+    lean ClientApp launcher."""
+    try:
+        cap = poll_interval(os.environ)
+    except ValueError as err:
+        sys.exit(f"fedq-supernode: error: {err}")
+    cap_polling(cap)
+    use_clientapp_launcher()
+    from flwr.supernode.cli.flower_supernode import flower_supernode
+
+    flower_supernode()
+
+
+if __name__ == "__main__":
+    main()
