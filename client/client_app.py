@@ -54,7 +54,7 @@ from flwr.clientapp.typing import Mod
 from flwr.supercore import log
 
 from fedq.client.central_dp import central_dp_clipping_mod
-from fedq.client.device import Device, device_from_context, device_lock
+from fedq.client.device import Device, device_from_context
 from fedq.client.message_audit import message_audit_mod
 from fedq.client.metric_release import release
 from fedq.client.personalize import personalized_returns
@@ -66,7 +66,7 @@ from fedq.common.mlp_params import mlp_layout
 from fedq.common.privacy import PRIVACY_BUDGET_ERROR_CODE, PrivacyBudgetExhausted, PrivacyReport
 from fedq.common.privacy_policy import PRIVACY_POLICY_ERROR_CODE, PolicyRefusal
 from fedq.common.rollouts import play_episodes
-from fedq.common.state_store import DEVICE_STATE_ERROR_CODE, DeviceStateError
+from fedq.common.state_store import DEVICE_STATE_ERROR_CODE, DeviceStateError, state_lock
 from fedq.common.trainer import LocalTrainer, has_privacy_ledger
 from fedq.common.weights import check_arrays
 
@@ -117,7 +117,7 @@ def train(msg: Message, context: Context) -> Message:
         config = device.policy.apply(device.config)
     except PolicyRefusal as refusal:
         return _refused(msg, device, refusal)
-    with device_lock(device.state_dir):
+    with state_lock(device.state_dir):
         return _train(msg, device, config, started)
 
 
