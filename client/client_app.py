@@ -34,6 +34,7 @@ cannot recover: :mod:`common.state_store`) or saved (a full disk) replies with a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -58,6 +59,7 @@ from fedq.client.device import Device, device_from_context
 from fedq.client.message_audit import message_audit_mod
 from fedq.client.metric_release import release
 from fedq.client.personalize import personalized_returns
+from fedq.client.round_watch import ROUND_STOPPED_ERROR_CODE, current_watch, round_watch_mod
 from fedq.common.compression import encode_update
 from fedq.common.config import FEDERATION_STEPS_KEY, FedqConfig
 from fedq.common.envs import env_spec
@@ -131,9 +133,11 @@ def _train(msg: Message, device: Device, config: FedqConfig, started: float) -> 
     round_config = msg.content["config"]
     local_steps = int(round_config.get("local-steps", config.local_steps))
     trainer.learner.set_proximal(float(round_config.get("proximal-mu", 0.0)))
+    watch = current_watch()  # ends work nobody can use (client/round_watch.py)
     try:
         stats = trainer.train(local_steps, exploration_start(config, round_config),
-                              progress=round_progress(device.name, local_steps))
+                              progress=round_progress(device.name, local_steps),
+                              should_stop=watch.should_stop if watch else None)
     except PrivacyBudgetExhausted as declined:
         trainer.close()
         log(logging.WARNING, "[fedq] %s: %s", device.name, declined)
@@ -146,12 +150,19 @@ def _train(msg: Message, device: Device, config: FedqConfig, started: float) -> 
     arrays = _outgoing_update(trainer, global_state,
                               str(round_config.get("update-compression", "none")))
     try:
-        trainer.save(device.state_dir)
+        with watch.saving() if watch else contextlib.nullcontext():
+            trainer.save(device.state_dir)
     except OSError as err:  # e.g. a full disk: the round's work is not kept, say so
         trainer.close()
         return _state_error(msg, device, f"cannot save its state in '{device.state_dir}' "
                                          f"({err.strerror or err}); this round's training "
                                          "is not kept")
+    if watch is not None and watch.should_stop():
+        trainer.close()
+        reason = (f"device {device.name}: stopped after {stats.env_steps} of {local_steps} "
+                  f"env steps ({watch.reason}); that work is saved in its state")
+        log(logging.WARNING, "[fedq] %s", reason)
+        return Message(Error(code=ROUND_STOPPED_ERROR_CODE, reason=reason), reply_to=msg)
     returns = stats.episode_returns
     metrics = MetricRecord(release({
         **device.identity_metrics(),
@@ -301,7 +312,7 @@ def build_client_app(train_mods: Sequence[Mod] = ()) -> ClientApp:
     (they see the reply before it is clipped); the product adds none, a simulation adds
     its own (simulations/attacks.py) without the product knowing of them. The audit mod
     is outermost: it sees each reply as it leaves, after central DP clipping."""
-    client_app = ClientApp(mods=[message_audit_mod])
+    client_app = ClientApp(mods=[message_audit_mod, round_watch_mod])
     client_app.train(mods=[central_dp_clipping_mod, *train_mods])(train)
     client_app.evaluate()(evaluate)
     client_app.query()(identify)
