@@ -158,6 +158,12 @@ class RunDirectory:
                 f"{last_logged} but {self.checkpoints} holds no complete checkpoint of them; "
                 "resuming would repeat and overwrite them (start a new run-dir, or restore "
                 "a checkpoint)")
+        for path, what in ((self.clients_path, "per-device rows"),
+                           (self.config_path, "the saved config, so the run's config cannot "
+                            "be checked against it")):
+            if logged and not path.exists():
+                logger.warning("[fedq] %s: %s is missing (%s); resuming without it",
+                               self.root, path.name, what)
         if skipped or self._pointer_problem(chosen):
             logger.warning("[fedq] %s: resuming after round %d; %s", self.root, chosen,
                            "; ".join([self._pointer_problem(chosen) or "LATEST agrees"]
