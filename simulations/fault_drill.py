@@ -24,7 +24,7 @@ faults the drill sleeps a random 1-4 s, so faults land at random moments of a ro
   (as ``docker kill`` ends its container), restarted on its port with its database, and
   the run resumed / SIGSTOP for 2-10 s
 - ``disk-full``: a real full disk (as root: the run dir and each state dir are loop-mounted
-  ext4 images; the drill fills one with a file for 5-40 s: ENOSPC); not as root, a device's
+  ext4 images; the drill fills one with a file for 15-45 s: ENOSPC); not as root, a device's
   ClientApps get RLIMIT_FSIZE 4 KiB instead (EFBIG)
 - ``device-file``: truncate / garbage / remove one of a device's CURRENT, MANIFEST.json,
   replay_buffer.npz, learner.pt, counters.json (of its current generation)
@@ -350,7 +350,7 @@ class Drill:
             return
         target = "run" if self.rng.random() < 0.3 else name
         fault.target = "server" if target == "run" else name
-        seconds = self.rng.uniform(20, 40) if target == "run" else self.rng.uniform(5, 20)
+        seconds = self.rng.uniform(25, 45) if target == "run" else self.rng.uniform(15, 35)
         fault.needles = list(NO_SPACE)
         if target == "run":
             self._server_logs(fault)
@@ -531,10 +531,10 @@ def judge(fault: Fault, rows: list[dict[str, Any]], final: int, ids: dict[str, l
         if any(n in text for n in fault.needles) or any(
                 "cannot save its state" in f["error"] for f in ours):
             fault.named = "named"
-        elif ours or (fault.target == "server" and status not in (0, None)):
+        elif ours:
             fault.named = "unnamed"
-        else:  # nobody wrote to the full disk while it was full
-            fault.named = "no effect"
+        else:  # nobody wrote to the full disk while it was full (a failed write in Python
+            fault.named = "no effect"  # says "[Errno 28] No space left on device")
     elif fault.kind == "serverapp-kill9":
         fault.named = ("no effect" if "pids []" in fault.detail
                        else "named" if status not in (0, None) else "unnamed")
