@@ -52,7 +52,8 @@ After each fault it checks:
   round watch, client/round_watch.py, should have ended it).
 
 ``--resume`` continues the drill in the same ``--workdir``: the run resumes, the faults of
-``--out`` are kept and new ones are added until ``--faults`` in all.
+``--out`` are kept and new ones are added until ``--faults`` in all. SIGTERM or SIGINT ends
+the injection early; the drill still judges its faults and writes its results.
 
     python -m fedq.simulations.fault_drill --faults 120 --minutes 45 --seed 17 \\
         --workdir /tmp/dur-drill --out simulations/results/fault_drill/drill.json
@@ -263,7 +264,10 @@ class Drill:
         _hold(node_pids(self.topo.nodes[name]), seconds)
 
     def _superexec_kill9(self, fault: Fault, name: str) -> None:
-        pids = node_pids(self.topo.nodes[name], "flower-superexec")
+        pids = self._running(name, "flower-superexec")
+        if not pids:
+            fault.detail = "not injected: no superexec ran within 10s"
+            return
         _signal(pids, signal.SIGKILL)
         seconds = self.rng.uniform(5, 10)
         fault.detail = f"pids {pids}, node restarted after {seconds:.1f}s"
@@ -272,26 +276,30 @@ class Drill:
         self._restart(name)
 
     def _superexec_sigstop(self, fault: Fault, name: str) -> None:
-        pids = node_pids(self.topo.nodes[name], "flower-superexec")
+        pids = self._running(name, "flower-superexec")
+        if not pids:
+            fault.detail = "not injected: no superexec ran within 10s"
+            return
         seconds = self._stop_seconds()
         fault.detail = f"pids {pids} {seconds:.1f}s"
         _hold(pids, seconds)
 
-    def _running_clientapps(self, name: str, wait: float = 10.0) -> list[int]:
+    def _running(self, name: str, program: str, wait: float = 10.0) -> list[int]:
+        """The node's processes running ``program``, waiting up to ``wait`` s for one."""
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
-            if pids := node_pids(self.topo.nodes[name], "flwr-clientapp"):
+            if pids := node_pids(self.topo.nodes[name], program):
                 return pids
             time.sleep(0.05)
         return []
 
     def _clientapp_kill9(self, fault: Fault, name: str) -> None:
-        pids = self._running_clientapps(name)
+        pids = self._running(name, "flwr-clientapp")
         _signal(pids, signal.SIGKILL)
         fault.detail = f"pids {pids}" if pids else "not injected: no clientapp ran within 10s"
 
     def _clientapp_sigstop(self, fault: Fault, name: str) -> None:
-        pids = self._running_clientapps(name)
+        pids = self._running(name, "flwr-clientapp")
         if not pids:
             fault.detail = "not injected: no clientapp ran within 10s"
             return
@@ -752,6 +760,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[drill] workdir {workdir}; session {session}; {len(earlier)} earlier faults; "
           f"full disk: {'loop-mounted ext4' if real_disk else 'RLIMIT_FSIZE stand-in'}",
           flush=True)
+    finish = threading.Event()  # SIGTERM / SIGINT: stop injecting, judge, write results
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: finish.set())
     database = workdir / "link" / "state.db"
     database.parent.mkdir(parents=True, exist_ok=True)
     database.unlink(missing_ok=True)  # a fresh SuperLink per session; the run dir persists
@@ -768,7 +779,7 @@ def main(argv: list[str] | None = None) -> int:
                       resume=args.resume, session=session, orphan_age=args.orphan_age)
         drill.start()
         try:
-            while (len(earlier) + len(drill.faults) < args.faults
+            while (len(earlier) + len(drill.faults) < args.faults and not finish.is_set()
                    and time.monotonic() - started < args.minutes * 60):
                 time.sleep(rng.uniform(1, 4))
                 fault = drill.inject(rng.choices(kinds, weights=[WEIGHTS[k] for k in kinds])[0])
@@ -776,7 +787,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[drill] {len(earlier) + len(drill.faults):3d} {fault.kind:<18} "
                       f"{fault.target:<12} {fault.detail[:60]:<60} round {fault.round_before}"
                       f" -> {drill.last_round()} lost {fault.lost or '-'}", flush=True)
-            drill.wait_for_round(drill.last_round() + 1, args.settle)  # a last round
+            if not finish.is_set():
+                drill.wait_for_round(drill.last_round() + 1, args.settle)  # a last round
             drill.find_orphans()
         finally:
             drill.stop()
