@@ -81,7 +81,14 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from fedq.common.state_store import MANIFEST_FILE, POINTER_FILE, generations
+from fedq.client.round_watch import ROUND_STOPPED_ERROR_CODE
+from fedq.common.state_store import (
+    DEVICE_STATE_ERROR_CODE,
+    MANIFEST_FILE,
+    POINTER_FILE,
+    generations,
+)
+from fedq.server.outcome import NO_REPLY_CODE
 from fedq.simulations.compose_topology import TINY_RUN, Topology, compose_topology
 from fedq.simulations.flower_runtime import (
     kill_serverapp,
@@ -536,10 +543,13 @@ def judge(fault: Fault, rows: list[dict[str, Any]], final: int, ids: dict[str, l
         else:  # superseded by the device's next save before anything read it
             fault.named = "no effect"
     elif fault.kind == "disk-full":
-        if any(n in text for n in fault.needles) or any(
-                "cannot save its state" in f["error"] for f in ours):
+        # its own logs and its own node's failures: the window's other failures (other
+        # devices', other faults') do not name it
+        text = "".join(_read_from(Path(p), off) for p, off in fault.logs)
+        text += json.dumps(ours)
+        if any(n in text for n in fault.needles):
             fault.named = "named"
-        elif ours:
+        elif [f for f in ours if not other_fault(f)]:
             fault.named = "unnamed"
         else:  # nobody wrote to the full disk while it was full (a failed write in Python
             fault.named = "no effect"  # says "[Errno 28] No space left on device")
@@ -552,6 +562,17 @@ def judge(fault: Fault, rows: list[dict[str, Any]], final: int, ids: dict[str, l
         fault.named = "named" if failures else "no effect"
     else:
         fault.named = "named" if ours else "no effect"
+
+
+def other_fault(failure: dict[str, Any]) -> bool:
+    """A device failure that a full disk does not cause: no reply, a node Flower gave up
+    on, a state refused at load, a round the round watch stopped (other faults' effects
+    in the same rounds)."""
+    return (failure.get("code") in (NO_REPLY_CODE, DEVICE_STATE_ERROR_CODE,
+                                    ROUND_STOPPED_ERROR_CODE)
+            and "No space left" not in failure.get("error", "")
+            and "cannot save its state" not in failure.get("error", "")
+            ) or "Node Unavailable" in failure.get("error", "")
 
 
 @contextlib.contextmanager
@@ -793,6 +814,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             drill.stop()
         drill.judge_names()
+        rounds = drill.last_round()  # before the run dir's disk is unmounted
     faults = earlier + drill.faults
     rows = table(faults)
     print_table(rows)
@@ -800,12 +822,12 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python -m fedq.simulations.fault_drill "
                    + " ".join(sys.argv[1:] if argv is None else argv),
         "seconds": round(time.monotonic() - started), "faults": len(drill.faults),
-        "rounds-at-end": drill.last_round(), "submissions": drill.submissions,
+        "rounds-at-end": rounds, "submissions": drill.submissions,
         "full-disk": "loop-mounted ext4" if real_disk else "RLIMIT_FSIZE",
         "orphans": list(drill.orphans.values())}]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
-        "workdir": str(workdir), "sessions": sessions, "rounds": drill.last_round(),
+        "workdir": str(workdir), "sessions": sessions, "rounds": rounds,
         "orphans": sum(len(s["orphans"]) for s in sessions),
         "table": rows,
         "faults": [{k: v for k, v in vars(f).items() if k != "logs"} for f in faults]},

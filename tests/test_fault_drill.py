@@ -89,3 +89,21 @@ def test_damage_changes_the_file_as_named(tmp_path, how):
         assert len(path.read_bytes()) < 18
     else:
         assert path.read_bytes() != b'{"env_steps": 100}' and path.stat().st_size == 18
+
+
+def test_a_full_disk_is_not_blamed_for_other_faults_failures(tmp_path):
+    """A device's failures in the rounds after a full disk that other faults cause (no
+    reply, a node Flower gave up on, a refused state) leave the full disk "no effect";
+    a failure of another kind would make it "unnamed"."""
+    others = [{"node-id": 7, "code": -1, "error": "no reply within round-timeout"},
+              {"node-id": 7, "code": 5, "error": "Error: Node Unavailable — ..."},
+              {"node-id": 7, "code": 1003, "error": "device node-7: cannot load its state"}]
+    drill = _Drill(tmp_path, [0])
+    full = Fault("disk-full", "supernode-1", "", 0.0, 2, needles=list(fault_drill.NO_SPACE))
+    judge(full, [{"round": 3, "device-failures": others}], 4, {"supernode-1": [7]}, drill)
+    assert full.named == "no effect"
+    crashed = Fault("disk-full", "supernode-1", "", 0.0, 2, needles=list(fault_drill.NO_SPACE))
+    judge(crashed, [{"round": 3, "device-failures": [
+        {"node-id": 7, "code": 0, "error": "ClientApp raised an exception"}]}], 4,
+          {"supernode-1": [7]}, drill)
+    assert crashed.named == "unnamed"
