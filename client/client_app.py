@@ -30,6 +30,9 @@ is capped at ``privacy-max-epsilon``; each reply's metrics are reduced to what
 A device whose saved state cannot be loaded (a damaged generation, a privacy ledger it
 cannot recover: :mod:`common.state_store`) or saved (a full disk) replies with an error
 (code ``DEVICE_STATE_ERROR_CODE``) naming itself and the file, instead of training.
+The round watch (:mod:`client.round_watch`) stops a round nobody can use any more (its
+round-timeout passed, its SuperNode gone), keeping and saving the steps done (error code
+``ROUND_STOPPED_ERROR_CODE``).
 """
 
 from __future__ import annotations
