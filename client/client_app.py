@@ -30,10 +30,14 @@ is capped at ``privacy-max-epsilon``; each reply's metrics are reduced to what
 A device whose saved state cannot be loaded (a damaged generation, a privacy ledger it
 cannot recover: :mod:`common.state_store`) or saved (a full disk) replies with an error
 (code ``DEVICE_STATE_ERROR_CODE``) naming itself and the file, instead of training.
+The round watch (:mod:`client.round_watch`) stops a round nobody can use any more (its
+round-timeout passed, its SuperNode gone), keeping and saving the steps done (error code
+``ROUND_STOPPED_ERROR_CODE``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -54,10 +58,11 @@ from flwr.clientapp.typing import Mod
 from flwr.supercore import log
 
 from fedq.client.central_dp import central_dp_clipping_mod
-from fedq.client.device import Device, device_from_context, device_lock
+from fedq.client.device import Device, device_from_context
 from fedq.client.message_audit import message_audit_mod
 from fedq.client.metric_release import release
 from fedq.client.personalize import personalized_returns
+from fedq.client.round_watch import ROUND_STOPPED_ERROR_CODE, current_watch, round_watch_mod
 from fedq.client.secure_aggregation import secure_aggregation_mod
 from fedq.common.compression import encode_update
 from fedq.common.config import (
@@ -71,7 +76,7 @@ from fedq.common.policies import global_policy, network_layout
 from fedq.common.privacy import PRIVACY_BUDGET_ERROR_CODE, PrivacyBudgetExhausted, PrivacyReport
 from fedq.common.privacy_policy import PRIVACY_POLICY_ERROR_CODE, PolicyRefusal
 from fedq.common.rollouts import play_episodes
-from fedq.common.state_store import DEVICE_STATE_ERROR_CODE, DeviceStateError
+from fedq.common.state_store import DEVICE_STATE_ERROR_CODE, DeviceStateError, state_lock
 from fedq.common.trainer import LocalTrainer, has_privacy_ledger
 from fedq.common.weights import check_arrays
 
@@ -126,7 +131,7 @@ def train(msg: Message, context: Context) -> Message:
         return _refused(msg, device, refusal)
     evaluation = _fused_evaluation(msg, device)
     started = time.perf_counter()
-    with device_lock(device.state_dir):
+    with state_lock(device.state_dir):
         reply = _train(msg, device, config, started)
     if evaluation is not None and reply.has_content():  # an error reply carries none:
         reply.content[EVALUATION_RECORD] = evaluation  # the server asks again
@@ -155,9 +160,11 @@ def _train(msg: Message, device: Device, config: FedqConfig, started: float) -> 
     round_config = msg.content["config"]
     local_steps = int(round_config.get("local-steps", config.local_steps))
     trainer.learner.set_proximal(float(round_config.get("proximal-mu", 0.0)))
+    watch = current_watch()  # ends work nobody can use (client/round_watch.py)
     try:
         stats = trainer.train(local_steps, exploration_start(config, round_config),
-                              progress=round_progress(device.name, local_steps))
+                              progress=round_progress(device.name, local_steps),
+                              should_stop=watch.should_stop if watch else None)
     except PrivacyBudgetExhausted as declined:
         trainer.close()
         log(logging.WARNING, "[fedq] %s: %s", device.name, declined)
@@ -170,12 +177,19 @@ def _train(msg: Message, device: Device, config: FedqConfig, started: float) -> 
     arrays = _outgoing_update(trainer, global_state,
                               str(round_config.get("update-compression", "none")))
     try:
-        trainer.save(device.state_dir)
+        with watch.saving() if watch else contextlib.nullcontext():
+            trainer.save(device.state_dir)
     except OSError as err:  # e.g. a full disk: the round's work is not kept, say so
         trainer.close()
         return _state_error(msg, device, f"cannot save its state in '{device.state_dir}' "
                                          f"({err.strerror or err}); this round's training "
                                          "is not kept")
+    if watch is not None and watch.should_stop():
+        trainer.close()
+        reason = (f"device {device.name}: stopped after {stats.env_steps} of {local_steps} "
+                  f"env steps ({watch.reason}); that work is saved in its state")
+        log(logging.WARNING, "[fedq] %s", reason)
+        return Message(Error(code=ROUND_STOPPED_ERROR_CODE, reason=reason), reply_to=msg)
     returns = stats.episode_returns
     metrics = MetricRecord(release({
         **device.identity_metrics(),
@@ -330,8 +344,9 @@ def build_client_app(train_mods: Sequence[Mod] = ()) -> ClientApp:
     (they see the reply before it is clipped); the product adds none, a simulation adds
     its own (simulations/attacks.py) without the product knowing of them. SecAgg+
     (:mod:`client.secure_aggregation`) is outside both: it masks what they return. The
-    audit mod is outermost: it sees each reply as it leaves, after clipping and masking."""
-    client_app = ClientApp(mods=[message_audit_mod])
+    audit mod is outermost: it sees each reply as it leaves, after clipping and masking;
+    the round watch (:mod:`client.round_watch`) ends a message whose round is over."""
+    client_app = ClientApp(mods=[message_audit_mod, round_watch_mod])
     client_app.train(mods=[secure_aggregation_mod, central_dp_clipping_mod, *train_mods])(train)
     client_app.evaluate()(evaluate)
     client_app.query()(identify)

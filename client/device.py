@@ -14,9 +14,6 @@ the run config's ``privacy-*`` keys (and, in simulation, its partition's
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,21 +67,3 @@ def device_from_context(context: Context) -> Device:
         state_dir = Path(config.run_dir) / "devices" / name
     return Device(name=name, config=config, seed=seed, state_dir=state_dir,
                   partition=-1 if partition is None else int(partition), policy=policy)
-
-
-@contextlib.contextmanager
-def device_lock(state_dir: Path) -> Iterator[None]:
-    """Let one training handler at a time load, train and save a device's state.
-
-    A SuperNode can run ClientApps of two runs at once, e.g. when a server crashed after
-    sending a round and the resubmitted run starts before the SuperLink has given up on
-    the old one. Unserialised, both would start from the same saved state and the later
-    save would drop the other's transitions, counters and privacy accounting.
-    """
-    state_dir.mkdir(parents=True, exist_ok=True)
-    with open(state_dir / ".lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -19,13 +19,15 @@ written here with numpy alone because the device may act without torch installed
 test holds the two formats together. Learner counters are left alone: recorded steps
 are not the learner's own env steps and must not advance its exploration schedule.
 
-Do not record while a round is training on the same state directory: that round's save
-would start from the generation it loaded and drop the recorded batch (nothing breaks,
-the batch is just lost).
+Every read and write of the state directory here holds the device's state lock
+(:func:`common.state_store.state_lock`), the one a training round holds from its load to
+its save: a recorder never writes in the middle of a round (which would drop its batch
+or the round's work), it waits for the round, at most ``lock_timeout`` seconds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import zipfile
 from pathlib import Path
@@ -33,7 +35,13 @@ from pathlib import Path
 import numpy as np
 
 from fedq.common.atomic import PRIVATE, atomic_open
-from fedq.common.state_store import MANIFEST_FILE, DeviceStateError, new_generation, resolve
+from fedq.common.state_store import (
+    MANIFEST_FILE,
+    DeviceStateError,
+    new_generation,
+    resolve,
+    state_lock,
+)
 
 # The name LocalTrainer.save uses (common/trainer.py); tests/test_policy_runner.py
 # checks that LocalTrainer.load sees what this module writes.
@@ -45,16 +53,20 @@ class ExperienceRecorder:
     """Collects transitions in memory (a ``play_episodes`` callback) until :meth:`flush`.
 
     Checks the state directory when created, so a wrong path fails before the device
-    spends an episode collecting experience it could not store.
+    spends an episode collecting experience it could not store. ``lock_timeout``: how
+    long to wait for the state lock (a round training on the device), None: for ever.
     """
 
-    def __init__(self, state_dir: Path, obs_dim: int) -> None:
-        stored_dim = _read_buffer(_current_generation(state_dir))["obs"].shape[1:]
+    def __init__(self, state_dir: Path, obs_dim: int, lock_timeout: float | None = None
+                 ) -> None:
+        with _locked(state_dir, lock_timeout):
+            stored_dim = _read_buffer(_current_generation(state_dir))["obs"].shape[1:]
         if stored_dim != (obs_dim,):
             raise DeviceStateError(f"the policy observes {obs_dim} values, but the replay "
                                    f"buffer in '{state_dir}' stores observations of shape "
                                    f"{stored_dim}")
         self.state_dir = state_dir
+        self.lock_timeout = lock_timeout
         self._rows: list[tuple[np.ndarray, int, float, np.ndarray, bool]] = []
 
     def __len__(self) -> int:
@@ -72,7 +84,7 @@ class ExperienceRecorder:
         obs, actions, rewards, next_obs, terminated = zip(*self._rows, strict=True)
         append_transitions(self.state_dir, np.stack(obs), np.asarray(actions, np.int64),
                            np.asarray(rewards, np.float32), np.stack(next_obs),
-                           np.asarray(terminated, np.float32))
+                           np.asarray(terminated, np.float32), self.lock_timeout)
         n = len(self._rows)
         self._rows.clear()
         return n
@@ -80,9 +92,24 @@ class ExperienceRecorder:
 
 def append_transitions(state_dir: Path, obs: np.ndarray, actions: np.ndarray,
                        rewards: np.ndarray, next_obs: np.ndarray,
-                       terminated: np.ndarray) -> int:
+                       terminated: np.ndarray, lock_timeout: float | None = None) -> int:
     """Append transitions to the buffer of ``state_dir``'s current generation as a new
-    generation; returns the buffer's size afterwards."""
+    generation, holding the state lock; returns the buffer's size afterwards."""
+    with _locked(state_dir, lock_timeout):
+        return _append(state_dir, obs, actions, rewards, next_obs, terminated)
+
+
+def _locked(state_dir: Path, lock_timeout: float | None) -> contextlib.AbstractContextManager:
+    """The device's state lock; a directory that does not exist is not created."""
+    if not state_dir.is_dir():
+        raise DeviceStateError(f"device state dir '{state_dir}' does not exist: the device "
+                               "must complete one federated round, which creates its replay "
+                               "buffer, before recorded experience can join it")
+    return state_lock(state_dir, lock_timeout)
+
+
+def _append(state_dir: Path, obs: np.ndarray, actions: np.ndarray, rewards: np.ndarray,
+            next_obs: np.ndarray, terminated: np.ndarray) -> int:
     current = _current_generation(state_dir)
     stored = _read_buffer(current)
     if int(stored["version"]) != _BUFFER_VERSION:

@@ -131,6 +131,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                      help="probability of a random action (exploration while deployed)")
     run.add_argument("--record-to", type=Path, metavar="STATE_DIR",
                      help="append the transitions to this device state dir's replay buffer")
+    run.add_argument("--lock-timeout", type=float, default=600.0, metavar="SECONDS",
+                     help="with --record-to: how long to wait for the device's state lock "
+                          "(held while a federated round trains on it) before giving up")
     args = parser.parse_args(argv)
     try:
         runner = PolicyRunner.load(args.policy)
@@ -159,7 +162,9 @@ def _run(runner: PolicyRunner, args: argparse.Namespace) -> int:
     # loop needs numpy alone
     from fedq.common.rollouts import play_episodes
 
-    recorder = (ExperienceRecorder(args.record_to, runner.policy.obs_dim)
+    if args.lock_timeout < 0:
+        raise ConfigError("--lock-timeout", f"must be >= 0, got {args.lock_timeout}")
+    recorder = (ExperienceRecorder(args.record_to, runner.policy.obs_dim, args.lock_timeout)
                 if args.record_to else None)
     samples: list[int] = []
     returns = play_episodes(timed(runner.act, samples), args.env or runner.policy.env_id,

@@ -27,12 +27,14 @@ torch-free: :mod:`client.experience_log` uses it on devices without torch.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -43,6 +45,7 @@ from fedq.common.atomic import PRIVATE, atomic_write_text
 DEVICE_STATE_ERROR_CODE = 1003
 """Error code of a train reply from a device whose state cannot be loaded or saved."""
 POINTER_FILE = "CURRENT"
+LOCK_FILE = ".lock"
 MANIFEST_FILE = "MANIFEST.json"
 _GENERATION = re.compile(r"gen-(\d{6,9})")
 _MAX_MANIFEST_BYTES = 1 << 20
@@ -176,6 +179,46 @@ def resolve(state_dir: Path, *, keep_history: bool, legacy_files: tuple[str, ...
         logger.warning("device state '%s': loading %s; %s", state_dir, gen.path.name,
                        "; ".join(why))
     return gen.path
+
+
+@contextmanager
+def state_lock(state_dir: Path, timeout: float | None = None) -> Iterator[None]:
+    """Hold the device state's lock (``<state-dir>/.lock``, fcntl) while loading,
+    changing and saving the state: one writer at a time.
+
+    Every writer takes it: the ClientApp's training round, and ``fedq-policy run
+    --record-to``. Unserialised, two writers start from the same generation and the later
+    save drops the other's transitions, counters and privacy accounting (e.g. two runs'
+    ClientApps on one SuperNode, or a recorder during a round). ``timeout`` (seconds;
+    None waits for ever) ends the wait with a :class:`DeviceStateError` naming the
+    directory and the holder's pid. The lock goes with the process that holds it, so a
+    killed writer never leaves it held.
+    """
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = state_dir / LOCK_FILE
+    with open(path, "a+") as handle:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | (0 if deadline is None else fcntl.LOCK_NB))
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:  # type: ignore[operator]
+                    handle.seek(0)
+                    holder = handle.read(32).strip() or "unknown"
+                    raise DeviceStateError(
+                        f"device state dir '{state_dir}' is locked by another writer (pid "
+                        f"{holder} holds {path}: a training round or a recorder) after "
+                        f"waiting {timeout:g}s; try again when it is done") from None
+                time.sleep(0.05)
+        try:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"{os.getpid()}\n")
+            handle.flush()
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @contextmanager

@@ -31,6 +31,7 @@ from fedq.common.rollouts import play_episodes
 from fedq.common.state_store import DeviceStateError, new_generation, resolve
 
 PROGRESS_EVERY = 1000  # env steps between calls of train()'s progress callback
+STOP_CHECK_EVERY = 20  # env steps between polls of train()'s should_stop
 _BUFFER_FILE = "replay_buffer.npz"
 _COUNTERS_FILE = "counters.json"
 _PRIVACY_FILE = "privacy.json"
@@ -97,14 +98,17 @@ class LocalTrainer:
                               c.exploration_steps)
 
     def train(self, n_steps: int, exploration_start: int | None = None,
-              progress: Callable[[int], None] | None = None) -> TrainStats:
+              progress: Callable[[int], None] | None = None,
+              should_stop: Callable[[], bool] | None = None) -> TrainStats:
         """Run ``n_steps`` env steps with epsilon-greedy acting and DQN updates.
 
         The epsilon schedule starts at ``exploration_start`` (``exploration-clock =
         "federation"``: the env steps already in the global model) and advances one per
         env step; by default it counts the device's own lifetime env steps.
         ``progress`` is called with the steps done so far every ``PROGRESS_EVERY`` steps,
-        so a long round can report how it is going.
+        so a long round can report how it is going. ``should_stop`` (polled every
+        ``STOP_CHECK_EVERY`` steps) ends the round early, between two steps, with
+        everything consistent (:mod:`client.round_watch`); the stats count the steps done.
         With DP, raises :class:`common.privacy.PrivacyBudgetExhausted` before any step
         if the round's updates would take the device past ``dp-target-epsilon``.
         """
@@ -158,10 +162,13 @@ class LocalTrainer:
                 learner.sync_target()
             if progress is not None and step % PROGRESS_EVERY == 0:
                 progress(step - counters.env_steps)
+            if should_stop is not None and step % STOP_CHECK_EVERY == 0 and should_stop():
+                break
+        done = step - counters.env_steps
         self._obs, self._episode_return = obs, episode_return
         counters.env_steps = step
         counters.updates += n_updates
-        return TrainStats(env_steps=n_steps, updates=n_updates,
+        return TrainStats(env_steps=done, updates=n_updates,
                           mean_loss=loss_sum / n_updates if n_updates else float("nan"),
                           episode_returns=returns, epsilon=self.epsilon(step + clock_offset),
                           seconds=time.perf_counter() - start_time,

@@ -15,6 +15,7 @@ Layout of ``<run-dir>``::
                            far, and its best.pt.sha256 (server/best_model.py)
     metrics.superseded.jsonl, clients.superseded.jsonl   rows a resume took out of the
                            two logs (rounds it repeats), kept rather than deleted
+    .lock                  held (fcntl) by the ServerApp writing the run: one at a time
     learning_curve.png     written when the run ends
     client_curves.png      per-device learning curves, written when the run ends
     devices/<name>/        simulated devices' state (replay buffer, learner, counters)
@@ -30,6 +31,7 @@ never deleted). docs/durability.md has the rules.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -37,7 +39,7 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
@@ -48,6 +50,7 @@ _KEEP_CHECKPOINTS = 3
 _CHECKPOINT = re.compile(r"round-(\d{4,9})\.pt")
 _DIGEST_SUFFIX = ".sha256"
 _MAX_POINTER_BYTES = 64
+LOCK_FILE = ".lock"
 
 logger = logging.getLogger(__name__)
 
@@ -68,15 +71,19 @@ class RunDirectory:
         self.client_plot_path = root / "client_curves.png"
         self.checkpoints = root / "checkpoints"
         self.plot_path = root / "learning_curve.png"
+        self._lock_file: IO[str] | None = None
 
     def start(self, config: FedqConfig) -> int:
         """Prepare for a run; returns the last completed round (0 for a fresh run).
 
+        Takes the run directory's lock first (:meth:`lock`), held until :meth:`close`.
         A fresh run refuses a directory that already holds metrics, so results are never
-        overwritten by accident; ``resume = true`` continues it instead.
+        overwritten by accident; ``resume = true`` continues it instead. Every check comes
+        before any change: a refused start leaves the directory as it was (only the
+        ``.lock`` file may be new).
         """
         self.root.mkdir(parents=True, exist_ok=True)
-        self.checkpoints.mkdir(exist_ok=True)
+        self.lock()
         if not config.resume:
             if self.metrics_path.exists() or self._checkpoint_files():
                 raise RunDirectoryError(
@@ -87,23 +94,78 @@ class RunDirectory:
             if self.config_path.exists():
                 _check_resumable(_read_config(self.config_path), config)
             last_round = self._resume_round()
+        self.checkpoints.mkdir(exist_ok=True)
         atomic_write_text(self.config_path, json.dumps(config.to_mapping(), indent=2) + "\n")
         self._truncate_metrics(last_round)
         return last_round
 
+    def lock(self) -> None:
+        """Hold ``<run-dir>/.lock`` (an fcntl lock, released when this process ends or at
+        :meth:`close`), so two ServerApps never write one run directory: the second gets
+        a :class:`RunDirectoryError` naming the directory and the holder's pid."""
+        if self._lock_file is not None:
+            return
+        handle = open(self.root / LOCK_FILE, "a+")  # noqa: SIM115 (held until close)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read(32).strip() or "unknown"
+            handle.close()
+            raise RunDirectoryError(
+                f"run-dir '{self.root}' is in use by another ServerApp (pid {holder} holds "
+                f"{self.root / LOCK_FILE}); two runs must not write one run-dir: wait for "
+                "it to end or stop it, or choose another run-dir") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        self._lock_file = handle
+
+    def close(self) -> None:
+        """Release the run directory's lock (a no-op if not held)."""
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+
     def _resume_round(self) -> int:
         """The round to resume after: the newest complete checkpoint at or before the
-        log's last round. Damaged checkpoints past it are renamed aside."""
-        logged = [r["round"] for r in self.read_metrics()]
+        log's last round. Damaged checkpoints past it are renamed aside, but only once
+        the resume is certain (a refusal changes nothing)."""
+        rows, torn = _read_rows(self.metrics_path)
+        logged = [r["round"] for r in rows]
         last_logged = logged[-1] if logged else 0
+        checkpoints = self._checkpoint_files()
+        if not logged and checkpoints:
+            state = ("is missing" if not self.metrics_path.exists() else
+                     "holds no readable row" + (f" ({len(torn)} unreadable line(s))"
+                                                if torn else ""))
+            raise RunDirectoryError(
+                f"cannot resume '{self.root}': {self.metrics_path.name} {state} but "
+                f"{self.checkpoints} holds {checkpoints[0][1].name}: the log of the run's "
+                "rounds is lost, and restarting at round 0 would overwrite the run; restore "
+                f"{self.metrics_path.name} (rows may be in metrics.superseded.jsonl) or "
+                "start a new run-dir")
         chosen, skipped = 0, []
-        for server_round, path in self._checkpoint_files():
+        for server_round, path in checkpoints:
             problem = self._checkpoint_problem(path, server_round)
             if problem is None and server_round <= last_logged:
                 chosen = server_round
                 break
             skipped.append((path, problem or f"after the last round in {self.metrics_path.name}"
                             f" ({last_logged})"))
+        if logged and not chosen:
+            raise RunDirectoryError(
+                f"cannot resume '{self.root}': {self.metrics_path.name} records rounds up to "
+                f"{last_logged} but {self.checkpoints} holds no complete checkpoint of them; "
+                "resuming would repeat and overwrite them (start a new run-dir, or restore "
+                "a checkpoint)")
+        for path, what in ((self.clients_path, "per-device rows"),
+                           (self.config_path, "the saved config, so the run's config cannot "
+                            "be checked against it")):
+            if logged and not path.exists():
+                logger.warning("[fedq] %s: %s is missing (%s); resuming without it",
+                               self.root, path.name, what)
         if skipped or self._pointer_problem(chosen):
             logger.warning("[fedq] %s: resuming after round %d; %s", self.root, chosen,
                            "; ".join([self._pointer_problem(chosen) or "LATEST agrees"]
@@ -114,12 +176,6 @@ class RunDirectory:
             logger.warning("[fedq] %s: resuming from round-%04d.pt, which has no digest "
                            "file (written before digests, or the digest was lost); it loads "
                            "as round %d, so it is used", self.root, chosen, chosen)
-        if logged and not chosen:
-            raise RunDirectoryError(
-                f"cannot resume '{self.root}': {self.metrics_path.name} records rounds up to "
-                f"{last_logged} but {self.checkpoints} holds no complete checkpoint of them; "
-                "resuming would repeat and overwrite them (start a new run-dir, or restore "
-                "a checkpoint)")
         return chosen
 
     # --- metrics ----------------------------------------------------------------------

@@ -333,6 +333,14 @@ def main(grid: Grid, context: Context) -> None:
     config = FedqConfig.from_mapping(context.run_config)
     PrivacyPolicy.from_mapping(context.run_config)  # a run's privacy-* keys, checked early
     run_dir = RunDirectory(Path(config.run_dir))
+    try:
+        run_in(run_dir, grid, config)
+    finally:
+        run_dir.close()  # the run-dir's lock, taken by start()
+
+
+def run_in(run_dir: RunDirectory, grid: Grid, config: FedqConfig) -> None:
+    """The run, in its run directory (locked by ``start`` so no other ServerApp writes it)."""
     last_round = run_dir.start(config)
     checkpoint = run_dir.load_checkpoint(last_round) if last_round else None
     net = initial_model(config, checkpoint)

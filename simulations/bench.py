@@ -98,7 +98,10 @@ SCRIPTS = (
         "defaults,eps0,lr-decay,td-clip+lr-decay --seeds 5 --eval-every 5000 "
         "--results-name stability_sweep_quick5"), 1.5,
            "its own parallel workers and cell cache (runs/sweep_stability/)"),
-    Script("deployment", ("python -m fedq.simulations.bench_deployment --rounds 6",), 0.3,
+    Script("deployment", (
+        "python -m fedq.simulations.bench_deployment --rounds 5 --local-steps 2000 --baseline",
+        "python -m fedq.simulations.bench_deployment --rounds 5 --local-steps 2000 --backends "
+        "numpy --baseline --repeats 2 --results-name deployment_repeats"), 0.6,
            "process-level: real SuperLink and SuperNodes"),
     Script("fault_drill", ("python -m fedq.simulations.fault_drill --faults 120 --minutes 13 "
                            "--seed 17 --out simulations/results/fault_drill/drill-seed17.json",),

@@ -139,13 +139,15 @@ class Topology:
 @contextlib.contextmanager
 def compose_topology(workdir: Path, *, tls: TLSFiles | None = None, auth: bool = False,
                      node_extra: dict | None = None,
-                     supernode_program: str | None = None) -> Iterator[Topology]:
+                     supernode_program: str | None = None,
+                     database: Path | None = None) -> Iterator[Topology]:
     """Start the compose file's SuperLink and SuperNodes locally (TLS and node auth as
     ``server/compose.tls.yml`` turns them on); each node's state-dir moves under
     ``workdir`` and keeps its name. ``node_extra`` adds keys to every node's config
     (e.g. a ``message-audit-dir``, which a device takes only from its own node config).
     Each node runs its service's entrypoint (``fedq-supernode``) unless
-    ``supernode_program`` names another (``flower-supernode``: Flower's 3 s polling)."""
+    ``supernode_program`` names another (``flower-supernode``: Flower's 3 s polling);
+    ``database``: the SuperLink's ``--database`` file, as the compose file gives it one."""
     files = (COMPOSE, TLS_OVERRIDE) if tls else (COMPOSE,)
     compose = load_compose(*files)
     nodes_spec = supernode_services(compose)
@@ -156,7 +158,8 @@ def compose_topology(workdir: Path, *, tls: TLSFiles | None = None, auth: bool =
             key_name = Path(flag_value(argv(service), "--auth-supernode-private-key")).name
             keys[name], pub = make_supernode_auth_keys(workdir / "public-keys", key_name)
             public.append(pub)
-    with deployment_superlink(workdir / "link", tls=tls, auth_public_keys=public) as link:
+    with deployment_superlink(workdir / "link", tls=tls, auth_public_keys=public,
+                              database=database) as link:
         nodes: dict[str, SuperNode] = {}
         state_dirs: dict[str, Path] = {}
         for name, service in nodes_spec.items():

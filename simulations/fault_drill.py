@@ -3,87 +3,119 @@ after each that nothing saved was lost, and print the table (faults by kind, sur
 lost, named).
 
 The topology is the compose file's (``simulations.compose_topology``): a real
-``flower-superlink``, three ``flower-supernode``s with their state dirs and the submit
-service's ``fedq-submit``, as local processes (no Docker). One long run trains tiny rounds;
-the drill resubmits it with ``resume=true`` right after it kills the ServerApp, and a
-watcher resubmits whenever the latest submission ends by itself. Between faults the
-drill sleeps a random 1-4 s, so faults land at random moments of a round (training,
-saving, aggregating, evaluating). Fault kinds:
+``flower-superlink`` with its ``--database``, three ``flower-supernode``s with their state
+dirs and the submit service's ``fedq-submit``, as local processes (no Docker). One long run
+trains tiny rounds; the drill resubmits it with ``resume=true`` right after it crashes the
+ServerApp, and a watcher resubmits whenever the latest submission ends by itself. Between
+faults the drill sleeps a random 1-4 s, so faults land at random moments of a round
+(training, saving, aggregating, evaluating). Fault kinds, one per process kind and file:
 
-- ``node-kill9``: SIGKILL a SuperNode's whole tree, restart it after 0-3 s
-- ``node-sigstop``: SIGSTOP a SuperNode's tree for 2-25 s (sometimes past round-timeout)
-- ``clientapp-kill9``: SIGKILL a node's running ``flwr-clientapp`` (training or saving)
+- ``node-kill9`` / ``node-sigstop``: SIGKILL a SuperNode's whole tree (restart it after
+  0-3 s) / SIGSTOP it for 2-10 s (one in five past round-timeout)
+- ``superexec-kill9`` / ``superexec-sigstop``: the node's ``flower-superexec`` (Flower does
+  not restart a dead one: the drill restarts the node 5-10 s later, as a supervisor would)
+- ``clientapp-kill9`` / ``clientapp-sigstop``: a running ``flwr-clientapp`` (training or
+  saving), stopped for 2-10 s or past round-timeout
 - ``restart-mid-save``: wait for a device's new generation folder to appear, SIGKILL the
   node at once and restart it
-- ``serverapp-kill9``: SIGKILL the ``flwr-serverapp`` (the submitter resumes the run)
-- ``serverapp-sigstop`` / ``superlink-sigstop``: SIGSTOP for 2-10 s
-- ``disk-full``: a device's ClientApps get RLIMIT_FSIZE 4 KiB for 5-20 s, so writes fail
-  as on a full disk (EFBIG; the machine's real disk is shared and is not filled)
+- ``serverapp-kill9`` / ``serverapp-sigstop``: the ``flwr-serverapp`` (killed: the drill
+  resumes the run)
+- ``superlink-kill9`` / ``superlink-sigstop``: the SuperLink with everything it started
+  (as ``docker kill`` ends its container), restarted on its port with its database, and
+  the run resumed / SIGSTOP for 2-10 s
+- ``disk-full``: a real full disk (as root: the run dir and each state dir are loop-mounted
+  ext4 images; the drill fills one with a file for 15-45 s: ENOSPC); not as root, a device's
+  ClientApps get RLIMIT_FSIZE 4 KiB instead (EFBIG)
 - ``device-file``: truncate / garbage / remove one of a device's CURRENT, MANIFEST.json,
   replay_buffer.npz, learner.pt, counters.json (of its current generation)
 - ``server-file``: truncate / garbage / remove checkpoints/LATEST, the newest checkpoint or
-  its digest, or tear metrics.jsonl's last line; then SIGKILL the ServerApp so that the
-  resume has to deal with it
+  its digest, metrics.jsonl (or tear its last line), clients.jsonl or config.json; then
+  SIGKILL the ServerApp so that the resume has to deal with it. Where the resume refuses
+  by rule (metrics.jsonl or config.json unreadable), the drill restores the file once the
+  refusal is logged, as an operator would, so the drill goes on.
 
-Not injected: SIGKILL of the SuperLink (the SuperLink keeps its run state in memory, so it
-ends every run; see docs/durability.md) and anything in Docker containers.
-
-Faults follow each other without waiting for the run, except that after one that crashed
-the ServerApp the drill waits (at most ``--settle`` seconds) for the resumed run to
-complete a round. After each fault it checks:
+After each fault it checks:
 
 - **lost**: ``metrics.jsonl`` holds rounds 1..N exactly once; every row ever seen is still
-  in it or in ``metrics.superseded.jsonl``; each device's newest complete generation has at
-  least the env steps of the newest one the drill did not damage; the newest complete
-  checkpoint is no older than the newest one the drill did not damage; the run completed
-  a round after the fault (judged when the drill ends).
+  in it or in ``metrics.superseded.jsonl`` (rows the drill itself cut off metrics.jsonl do
+  not count); each device's newest complete generation has at least the env steps of the
+  newest one the drill did not damage; the newest complete checkpoint is no older than
+  the newest one the drill did not damage; the run completed a round after the fault
+  (judged when the drill ends).
 - **named**: the fault shows under its name: a device failure with that node's id (or the
   error text "cannot save its state"), the damaged file's name (or its generation's) in the
-  device's or server's log, the killed ServerApp's submission exiting non-zero. A fault
-  with no visible effect (a SIGSTOP that ended before anyone waited, a file superseded
-  by a save before anyone read it) counts as "no effect" rather than unnamed.
+  device's or server's log, "No space left on device" in a log, the killed submission
+  exiting non-zero. A fault with no visible effect (a SIGSTOP that ended before anyone
+  waited, a file superseded by a save before anyone read it, a full disk nobody wrote to)
+  counts as "no effect" rather than unnamed.
+- **orphans**: a ``flwr-clientapp`` process older than ``--orphan-age`` seconds (the
+  round watch, client/round_watch.py, should have ended it).
 
-    python -m fedq.simulations.fault_drill --faults 120 --minutes 13 \\
-        --out simulations/results/fault_drill/drill.json
+``--resume`` continues the drill in the same ``--workdir``: the run resumes, the faults of
+``--out`` are kept and new ones are added until ``--faults`` in all. SIGTERM or SIGINT ends
+the injection early; the drill still judges its faults and writes its results.
+
+    python -m fedq.simulations.fault_drill --faults 120 --minutes 45 --seed 17 \\
+        --workdir /tmp/dur-drill --out simulations/results/fault_drill/drill.json
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import os
 import random
 import re
 import resource
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from fedq.common.state_store import MANIFEST_FILE, POINTER_FILE, generations
+from fedq.client.round_watch import ROUND_STOPPED_ERROR_CODE
+from fedq.common.state_store import (
+    DEVICE_STATE_ERROR_CODE,
+    MANIFEST_FILE,
+    POINTER_FILE,
+    generations,
+)
+from fedq.server.outcome import NO_REPLY_CODE
 from fedq.simulations.compose_topology import TINY_RUN, Topology, compose_topology
-from fedq.simulations.flower_runtime import kill_serverapp, node_pids, signal_serverapp
+from fedq.simulations.flower_runtime import (
+    kill_serverapp,
+    node_pids,
+    restart_superlink,
+    signal_serverapp,
+)
 
 #: Fault kinds and how often each is drawn: the ones that crash the ServerApp cost a
 #: resume (tens of seconds here), so they are drawn less often than device faults.
-WEIGHTS = {"node-kill9": 1.0, "node-sigstop": 1.0, "clientapp-kill9": 1.5,
-           "restart-mid-save": 1.0, "serverapp-kill9": 0.6, "serverapp-sigstop": 0.8,
-           "superlink-sigstop": 0.8, "disk-full": 1.0, "device-file": 2.0,
-           "server-file": 0.8}
+WEIGHTS = {"node-kill9": 0.8, "node-sigstop": 0.8, "superexec-kill9": 0.4,
+           "superexec-sigstop": 0.5, "clientapp-kill9": 1.0, "clientapp-sigstop": 0.8,
+           "restart-mid-save": 0.8, "serverapp-kill9": 0.5, "serverapp-sigstop": 0.6,
+           "superlink-kill9": 0.5, "superlink-sigstop": 0.6, "disk-full": 1.2,
+           "device-file": 1.8, "server-file": 1.2}
 KINDS = tuple(WEIGHTS)
-CRASHES_SERVER = ("serverapp-kill9", "server-file")
+CRASHES_SERVER = ("serverapp-kill9", "server-file", "superlink-kill9")
 DEVICE_FILES = (POINTER_FILE, MANIFEST_FILE, "replay_buffer.npz", "learner.pt",
                 "counters.json")
+SERVER_FILES = ("LATEST", "checkpoint", "digest", "metrics.jsonl", "clients.jsonl",
+                "config.json")
 DAMAGE = ("truncate", "garbage", "remove")
 RUN = {**TINY_RUN, "local-steps": 100, "num-server-rounds": 100_000,
        "min-available-clients": 2, "eval-episodes": 1}
+DISK_MIB = {"run": 64, "device": 32}  # sizes of the loop-mounted images
+NO_SPACE = ("No space left on device", "Errno 28", "cannot save its state")
+FILLER = ".drill-filler"
 
 
 @dataclass
@@ -98,23 +130,37 @@ class Fault:
     logs: list[tuple[str, int]] = field(default_factory=list)  # (log path, offset)
     submission: int | None = None
     lost: list[str] = field(default_factory=list)
-    named: str = "unnamed"  # named | no effect | unnamed
+    named: str = "unnamed"  # named | no effect | unnamed | not injected
     progressed: bool = False
     slow: bool = False  # the resumed run needed longer than --settle for a round
+    session: int = 0  # which drill session (--resume) injected it
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> Fault:
+        """A fault of an earlier session, from the JSON ``--out`` holds."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in record.items() if k in known})
 
 
 class Drill:
     """The topology, the run, what has been seen, and the faults so far."""
 
     def __init__(self, topo: Topology, run_dir: Path, rng: random.Random, settle: float,
-                 round_timeout: int) -> None:
+                 round_timeout: int, *, disks: dict[str, Path] | None = None,
+                 resume: bool = False, session: int = 0, orphan_age: float = 300.0) -> None:
         self.topo, self.run_dir, self.rng, self.settle = topo, run_dir, rng, settle
         self.overrides = {**RUN, "round-timeout": round_timeout}
+        self.disks = disks or {}  # "run" / node name -> loop-mounted directory
+        self.resume, self.session, self.orphan_age = resume, session, orphan_age
         self.faults: list[Fault] = []
-        self.seen_rows: set[tuple[int, float]] = set()
-        self.device_floor = dict.fromkeys(topo.nodes, 0)
-        self.checkpoint_floor = 0
+        rows = self.rows()
+        self.seen_rows: set[tuple[int, float]] = {(r["round"], r.get("round-seconds"))
+                                                  for r in rows}
+        self.device_floor = {name: _newest_steps(state)
+                             for name, state in topo.state_dirs.items()}
+        self.checkpoint_floor = _newest_complete_checkpoint(run_dir) if resume else 0
         self.submissions: list[int | None] = []  # exit status of each submission
+        self.orphans: dict[int, dict[str, Any]] = {}  # pid -> what was seen
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._watcher = threading.Thread(target=self._watch, daemon=True)
@@ -124,20 +170,24 @@ class Drill:
         """Start a submission of the run (resume after the first) in its own thread."""
         index = len(self.submissions)
         self.submissions.append(None)
-        overrides = {**self.overrides, "resume": index > 0}
+        overrides = {**self.overrides, "resume": index > 0 or self.resume}
 
         def run() -> None:
             self.submissions[index] = self.topo.submit(
-                self.run_dir, overrides, log_name=f"submit-{index}.log", timeout=3600)
+                self.run_dir, overrides, log_name=f"submit-s{self.session}-{index}.log",
+                timeout=3600)
 
         thread = threading.Thread(target=run, daemon=True)
         self._threads.append(thread)
         thread.start()
 
+    def _submit_log(self, index: int) -> Path:
+        return self.topo.workdir / f"submit-s{self.session}-{index}.log"
+
     def _watch(self) -> None:
         """Resubmit when the latest submission ended by itself (e.g. its ServerApp was
-        declared dead during a SIGSTOP)."""
-        while not self._stop.wait(1.0):
+        declared dead during a SIGSTOP, or its resume was refused)."""
+        while not self._stop.wait(2.0):
             if not self._threads[-1].is_alive() and not self._stop.is_set():
                 self._submit()
 
@@ -153,8 +203,8 @@ class Drill:
     def start(self) -> None:
         self._submit()
         self._watcher.start()
-        if not self.wait_for_round(1, timeout=600):
-            raise RuntimeError(f"round 1 never finished; see {self.topo.workdir}")
+        if not self.wait_for_round(self.last_round() + 1, timeout=600):
+            raise RuntimeError(f"no round finished; see {self.topo.workdir}")
 
     def stop(self) -> None:
         self._stop.set()
@@ -179,7 +229,7 @@ class Drill:
     def inject(self, kind: str) -> Fault:
         name = self.rng.choice(sorted(self.topo.nodes))
         fault = Fault(kind, name, "", time.time(), self.last_round(),
-                      submission=len(self.submissions) - 1)
+                      submission=len(self.submissions) - 1, session=self.session)
         try:
             getattr(self, "_" + kind.replace("-", "_"))(fault, name)
         except Exception as err:  # a drill bug must not end the drill: it is on record
@@ -204,29 +254,65 @@ class Drill:
         text = _read_from(self.topo.nodes[name].log_path, 0)
         return [int(m) for m in re.findall(r"SuperNode ID: (\d+)", text)]
 
+    def _stop_seconds(self) -> float:
+        """2-10 s, or (one in five) past round-timeout: the reply expires meanwhile."""
+        if self.rng.random() < 0.2:
+            return self.overrides["round-timeout"] + self.rng.uniform(2, 10)
+        return self.rng.uniform(2, 10)
+
     def _node_kill9(self, fault: Fault, name: str) -> None:
         self.topo.nodes[name].stop(kill=True)
         time.sleep(self.rng.uniform(0, 3))
         self._restart(name)
 
     def _node_sigstop(self, fault: Fault, name: str) -> None:
-        # one in five past round-timeout: the node's reply expires while it trains
-        past = self.rng.random() < 0.2
-        seconds = (self.overrides["round-timeout"] + self.rng.uniform(2, 10) if past
-                   else self.rng.uniform(2, 10))
+        seconds = self._stop_seconds()
         fault.detail = f"{seconds:.1f}s"
         _hold(node_pids(self.topo.nodes[name]), seconds)
 
-    def _clientapp_kill9(self, fault: Fault, name: str) -> None:
-        deadline = time.monotonic() + 10
+    def _superexec_kill9(self, fault: Fault, name: str) -> None:
+        pids = self._running(name, "flower-superexec")
+        if not pids:
+            fault.detail = "not injected: no superexec ran within 10s"
+            return
+        _signal(pids, signal.SIGKILL)
+        seconds = self.rng.uniform(5, 10)
+        fault.detail = f"pids {pids}, node restarted after {seconds:.1f}s"
+        time.sleep(seconds)  # Flower does not start a new SuperExec: a supervisor must
+        self.topo.nodes[name].stop(kill=True)
+        self._restart(name)
+
+    def _superexec_sigstop(self, fault: Fault, name: str) -> None:
+        pids = self._running(name, "flower-superexec")
+        if not pids:
+            fault.detail = "not injected: no superexec ran within 10s"
+            return
+        seconds = self._stop_seconds()
+        fault.detail = f"pids {pids} {seconds:.1f}s"
+        _hold(pids, seconds)
+
+    def _running(self, name: str, program: str, wait: float = 10.0) -> list[int]:
+        """The node's processes running ``program``, waiting up to ``wait`` s for one."""
+        deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
-            pids = node_pids(self.topo.nodes[name], "flwr-clientapp")
-            if pids:
-                _signal(pids, signal.SIGKILL)
-                fault.detail = f"pids {pids}"
-                return
+            if pids := node_pids(self.topo.nodes[name], program):
+                return pids
             time.sleep(0.05)
-        fault.detail = "no clientapp ran within 10s"
+        return []
+
+    def _clientapp_kill9(self, fault: Fault, name: str) -> None:
+        pids = self._running(name, "flwr-clientapp")
+        _signal(pids, signal.SIGKILL)
+        fault.detail = f"pids {pids}" if pids else "not injected: no clientapp ran within 10s"
+
+    def _clientapp_sigstop(self, fault: Fault, name: str) -> None:
+        pids = self._running(name, "flwr-clientapp")
+        if not pids:
+            fault.detail = "not injected: no clientapp ran within 10s"
+            return
+        seconds = self._stop_seconds()
+        fault.detail = f"pids {pids} {seconds:.1f}s"
+        _hold(pids, seconds)
 
     def _restart_mid_save(self, fault: Fault, name: str) -> None:
         state = self.topo.state_dirs[name]
@@ -257,6 +343,16 @@ class Drill:
         time.sleep(seconds)
         _signal(pids, signal.SIGCONT)
 
+    def _superlink_kill9(self, fault: Fault, name: str) -> None:
+        """Kill the SuperLink's tree (its ServerApp too, as a container kill would), start
+        it again with its database; the watcher resubmits the run with resume."""
+        fault.target = "superlink"
+        self._server_logs(fault)
+        clientapps = {n: node_pids(node, "flwr-clientapp")
+                      for n, node in self.topo.nodes.items()}
+        restart_superlink(self.topo.link, kill=True)
+        fault.detail = f"restarted; clientapps running at the kill {clientapps}"
+
     def _superlink_sigstop(self, fault: Fault, name: str) -> None:
         fault.target = "superlink"
         seconds = self.rng.uniform(2, 10)
@@ -264,8 +360,25 @@ class Drill:
         _hold([self.topo.link.process.pid], seconds)
 
     def _disk_full(self, fault: Fault, name: str) -> None:
+        if not self.disks:
+            self._disk_full_rlimit(fault, name)
+            return
+        target = "run" if self.rng.random() < 0.3 else name
+        fault.target = "server" if target == "run" else name
+        seconds = self.rng.uniform(25, 45) if target == "run" else self.rng.uniform(15, 35)
+        fault.needles = list(NO_SPACE)
+        if target == "run":
+            self._server_logs(fault)
+        else:
+            self._node_log(fault, name)
+        with fill_disk(self.disks[target]) as filled:
+            fault.detail = f"{self.disks[target].name} full ({filled} bytes filler) {seconds:.1f}s"
+            time.sleep(seconds)
+
+    def _disk_full_rlimit(self, fault: Fault, name: str) -> None:
+        """Not root: a device's ClientApps get RLIMIT_FSIZE 4 KiB (EFBIG) instead."""
         seconds = self.rng.uniform(5, 20)
-        fault.detail = f"{seconds:.1f}s"
+        fault.detail = f"RLIMIT_FSIZE {seconds:.1f}s"
         fault.needles = ["cannot save its state"]
         limited: dict[int, tuple[int, int]] = {}
         deadline = time.monotonic() + seconds
@@ -307,27 +420,53 @@ class Drill:
         self._server_logs(fault)
         checkpoints = self.run_dir / "checkpoints"
         newest = sorted(checkpoints.glob("round-*.pt"))
-        options = ["LATEST", "checkpoint", "digest", "metrics-tail"]
-        which = self.rng.choice(options if newest else ["LATEST", "metrics-tail"])
-        how = self.rng.choice(DAMAGE)
-        if which == "metrics-tail":
-            with open(self.run_dir / "metrics.jsonl", "a") as fh:
-                fh.write('{"round": ')  # a crash in the middle of an append
-            fault.needles = ["metrics.superseded.jsonl", "metrics.jsonl"]
-            fault.detail = "torn last line of metrics.jsonl"
+        which = self.rng.choice([w for w in SERVER_FILES
+                                 if newest or w not in ("checkpoint", "digest")])
+        how = self.rng.choice([*DAMAGE, "tear"] if which == "metrics.jsonl" else DAMAGE)
+        backup: tuple[Path, bytes] | None = None
+        if which in ("metrics.jsonl", "clients.jsonl", "config.json"):
+            path = self.run_dir / which
+            fault.needles = [which, "cannot resume"]
+            if which == "metrics.jsonl":
+                fault.needles.append("metrics.superseded.jsonl")
+            if path.exists():
+                backup = (path, path.read_bytes())
         else:
-            path = {"LATEST": checkpoints / "LATEST",
-                    "checkpoint": newest[-1] if newest else None,
-                    "digest": newest[-1].with_name(newest[-1].name + ".sha256")
-                    if newest else None}[which]
-            assert path is not None
+            path = {"LATEST": checkpoints / "LATEST", "checkpoint": newest[-1],
+                    "digest": newest[-1].with_name(newest[-1].name + ".sha256")}[which]
             if which in ("checkpoint", "digest"):
                 self.checkpoint_floor = max(0, _round_of(newest[-2]) if len(newest) > 1
                                             else 0)
             fault.needles = [path.name.replace(".sha256", ""), "checkpoints/LATEST"]
-            fault.detail = f"{how} {path.name}"
+        fault.detail = f"{how} {path.name}"
+        if how == "tear":
+            with open(path, "a") as fh:
+                fh.write('{"round": ')  # a crash in the middle of an append
+        else:
             _damage(path, how, self.rng)
-        self._crash_server(fault)  # the resume must cope with the damage
+        if which == "metrics.jsonl":  # rows the drill cut off are the drill's loss
+            intact = self.rows()
+            last = intact[-1]["round"] if intact else 0
+            self.seen_rows = {r for r in self.seen_rows if r[0] <= last}
+            self.checkpoint_floor = min(self.checkpoint_floor, last)
+        if self._crash_server(fault) and backup is not None:
+            self._restore_after_refusal(fault, *backup)
+
+    def _restore_after_refusal(self, fault: Fault, path: Path, data: bytes) -> None:
+        """A resume refused by rule stops the run for good: restore the file once the
+        refusal is logged (an operator's part), so the drill goes on."""
+        first = len(self.submissions) - 1
+        deadline = time.monotonic() + self.settle
+        while time.monotonic() < deadline:
+            text = "".join(_read_from(self._submit_log(i), 0)
+                           for i in range(first, len(self.submissions)))
+            if "cannot resume" in text:
+                path.write_bytes(data)
+                fault.detail += f"; refused by name, {path.name} restored"
+                return
+            if self.last_round() > fault.round_before:
+                return  # resumed without refusing
+            time.sleep(1.0)
 
     # --- checks --------------------------------------------------------------------------
     def check(self, fault: Fault, settle: bool) -> None:
@@ -347,8 +486,7 @@ class Drill:
             fault.lost.append(f"metrics rows gone: {sorted(missing)[:5]}")
         self.seen_rows |= {(r["round"], r.get("round-seconds")) for r in rows}
         for name, state in self.topo.state_dirs.items():
-            complete = [g for g in generations(state) if g.problem is None]
-            steps = _env_steps(complete[0].path) if complete else 0
+            steps = _newest_steps(state)
             if steps < self.device_floor[name]:
                 fault.lost.append(f"{name}: newest complete generation has {steps} env "
                                   f"steps, below {self.device_floor[name]}")
@@ -357,51 +495,132 @@ class Drill:
         if ckpt < self.checkpoint_floor:
             fault.lost.append(f"newest complete checkpoint {ckpt} < {self.checkpoint_floor}")
         self.checkpoint_floor = max(self.checkpoint_floor, ckpt)
+        self.find_orphans()
+
+    def find_orphans(self) -> None:
+        """Record every ``flwr-clientapp`` older than ``orphan_age`` seconds."""
+        for name, node in self.topo.nodes.items():
+            for pid in node_pids(node, "flwr-clientapp"):
+                age = _age(pid)
+                if age is not None and age > self.orphan_age:
+                    self.orphans[pid] = {"node": name, "age-s": round(age)}
 
     def judge_names(self) -> None:
-        """After the drill (logs complete): was each fault named? (module docstring)"""
+        """After the drill (logs complete): was each fault of this session named?"""
         rows = self.rows() + _jsonl(self.run_dir / "metrics.superseded.jsonl")
         final = self.last_round()
         ids = {name: self._all_node_ids(name) for name in self.topo.nodes}
         for fault in self.faults:
-            if fault.detail.startswith("not injected"):
-                fault.named = "not injected"
-                continue
-            if fault.target in ids:
-                fault.node_ids = ids[fault.target]
-            fault.progressed = final > fault.round_before
-            if not fault.progressed:
-                fault.lost.append("no round completed after it before the drill ended")
-            if fault.kind == "server-file" and fault.submission is not None:
-                fault.logs += [(str(self.topo.workdir / f"submit-{i}.log"), 0)
-                               for i in range(fault.submission + 1, len(self.submissions))]
-            window = [r for r in rows
-                      if fault.round_before < r.get("round", 0) <= fault.round_before + 8]
-            failures = [f for r in window for f in r.get("device-failures", [])]
-            ours = [f for f in failures if f["node-id"] in fault.node_ids]
-            if fault.kind in ("device-file", "server-file"):
-                text = "".join(_read_from(Path(p), off) for p, off in fault.logs)
-                text += json.dumps(failures)
-                if fault.needles and any(n in text for n in fault.needles):
-                    fault.named = "named"
-                elif fault.kind == "server-file" or ours:
-                    fault.named = "unnamed"
-                else:  # superseded by the device's next save before anything read it
-                    fault.named = "no effect"
-            elif fault.kind == "serverapp-kill9":
-                status = (self.submissions[fault.submission]
-                          if fault.submission is not None
-                          and fault.submission < len(self.submissions) else None)
-                fault.named = ("no effect" if "pids []" in fault.detail
-                               else "named" if status not in (0, None) else "unnamed")
-            elif fault.kind == "disk-full":
-                fault.named = ("named" if any("cannot save its state" in f["error"]
-                                              for f in ours)
-                               else "named" if ours else "no effect")
-            elif fault.target in ("serverapp", "superlink"):
-                fault.named = "named" if failures else "no effect"
-            else:
-                fault.named = "named" if ours else "no effect"
+            judge(fault, rows, final, ids, self)
+
+
+def judge(fault: Fault, rows: list[dict[str, Any]], final: int, ids: dict[str, list[int]],
+          drill: Drill) -> None:
+    """Set ``fault.named`` and its progress (module docstring)."""
+    if fault.detail.startswith("not injected"):
+        fault.named = "not injected"
+        return
+    if fault.target in ids:
+        fault.node_ids = ids[fault.target]
+    fault.progressed = final > fault.round_before
+    if not fault.progressed:
+        fault.lost.append("no round completed after it before the drill ended")
+    if fault.target == "server" and fault.submission is not None:
+        fault.logs += [(str(drill._submit_log(i)), 0)
+                       for i in range(fault.submission + 1, len(drill.submissions))]
+    window = [r for r in rows if fault.round_before < r.get("round", 0) <= fault.round_before + 8]
+    failures = [f for r in window for f in r.get("device-failures", [])]
+    ours = [f for f in failures if f["node-id"] in fault.node_ids]
+    text = "".join(_read_from(Path(p), off) for p, off in fault.logs) + json.dumps(failures)
+    status = (drill.submissions[fault.submission]
+              if fault.submission is not None and fault.submission < len(drill.submissions)
+              else None)
+    if fault.kind in ("device-file", "server-file"):
+        if fault.needles and any(n in text for n in fault.needles):
+            fault.named = "named"
+        elif fault.kind == "server-file" or ours:
+            fault.named = "unnamed"
+        else:  # superseded by the device's next save before anything read it
+            fault.named = "no effect"
+    elif fault.kind == "disk-full":
+        # its own logs and its own node's failures: the window's other failures (other
+        # devices', other faults') do not name it
+        text = "".join(_read_from(Path(p), off) for p, off in fault.logs)
+        text += json.dumps(ours)
+        if any(n in text for n in fault.needles):
+            fault.named = "named"
+        elif [f for f in ours if not other_fault(f)]:
+            fault.named = "unnamed"
+        else:  # nobody wrote to the full disk while it was full (a failed write in Python
+            fault.named = "no effect"  # says "[Errno 28] No space left on device")
+    elif fault.kind == "serverapp-kill9":
+        fault.named = ("no effect" if "pids []" in fault.detail
+                       else "named" if status not in (0, None) else "unnamed")
+    elif fault.kind == "superlink-kill9":
+        fault.named = "named" if status not in (0, None) or failures else "unnamed"
+    elif fault.target in ("serverapp", "superlink"):
+        fault.named = "named" if failures else "no effect"
+    else:
+        fault.named = "named" if ours else "no effect"
+
+
+def other_fault(failure: dict[str, Any]) -> bool:
+    """A device failure that a full disk does not cause: no reply, a node Flower gave up
+    on, a state refused at load, a round the round watch stopped (other faults' effects
+    in the same rounds)."""
+    return (failure.get("code") in (NO_REPLY_CODE, DEVICE_STATE_ERROR_CODE,
+                                    ROUND_STOPPED_ERROR_CODE)
+            and "No space left" not in failure.get("error", "")
+            and "cannot save its state" not in failure.get("error", "")
+            ) or "Node Unavailable" in failure.get("error", "")
+
+
+@contextlib.contextmanager
+def fill_disk(directory: Path) -> Iterator[int]:
+    """Fill the file system of ``directory`` to the last block (a file of zeros written
+    until ENOSPC), yield the bytes written, then remove the file."""
+    path = directory / FILLER
+    written = 0
+    try:
+        with open(path, "wb", buffering=0) as fh:
+            for chunk in (1 << 20, 1 << 16, 1 << 12, 1 << 9, 1):
+                block = bytes(chunk)
+                while True:
+                    try:
+                        written += fh.write(block)
+                    except OSError as err:
+                        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                            raise
+                        break
+        yield written
+    finally:
+        path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def loop_disks(workdir: Path, targets: dict[str, Path]) -> Iterator[dict[str, Path]]:
+    """Mount a small ext4 image (kept in ``workdir/disks``) on each target directory, so
+    that filling it is a real full disk; unmount on exit. Root only."""
+    images = workdir / "disks"
+    images.mkdir(parents=True, exist_ok=True)
+    mounted: list[Path] = []
+    try:
+        for name, target in targets.items():
+            image = images / f"{name}.img"
+            if not image.exists():
+                with open(image, "wb") as fh:
+                    fh.truncate(DISK_MIB["run" if name == "run" else "device"] << 20)
+                subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
+            target.mkdir(parents=True, exist_ok=True)
+            if any(target.iterdir()):
+                raise RuntimeError(f"{target} is not empty: cannot mount a disk over it")
+            subprocess.run(["mount", "-o", "loop", str(image), str(target)], check=True)
+            mounted.append(target)
+            target.chmod(0o700 if name != "run" else 0o755)
+        yield dict(targets)
+    finally:
+        for target in reversed(mounted):
+            subprocess.run(["umount", "-l", str(target)], check=False)
 
 
 def _hold(pids: list[int], seconds: float) -> None:
@@ -435,9 +654,9 @@ def _jsonl(path: Path) -> list[dict[str, Any]]:
     rows = []
     if path.exists():
         for line in path.read_text(errors="replace").splitlines():
-            with contextlib.suppress(ValueError):
+            with contextlib.suppress(ValueError, RecursionError):
                 row = json.loads(line)
-                if isinstance(row, dict):
+                if isinstance(row, dict) and isinstance(row.get("round"), int):
                     rows.append(row)
     return rows
 
@@ -446,6 +665,11 @@ def _env_steps(generation: Path) -> int:
     with contextlib.suppress(OSError, ValueError, TypeError):
         return int(json.loads((generation / "counters.json").read_text())["env_steps"])
     return 0
+
+
+def _newest_steps(state: Path) -> int:
+    complete = [g for g in generations(state) if g.problem is None]
+    return _env_steps(complete[0].path) if complete else 0
 
 
 def _number(path: Path) -> int:
@@ -462,6 +686,17 @@ def _newest_complete_checkpoint(run_dir: Path) -> int:
     from fedq.server.run_directory import RunDirectory  # torch: only the drill's checks need it
 
     return RunDirectory(run_dir).latest_round()
+
+
+def _age(pid: int) -> float | None:
+    """Seconds since ``pid`` started, or None if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except OSError:
+        return None
+    start_ticks = int(stat[stat.rindex(")") + 2:].split()[19])
+    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _read_from(path: Path, offset: int) -> str:
@@ -495,53 +730,119 @@ def print_table(rows: list[dict[str, Any]], echo: Callable[[str], None] = print)
                        for i, k in enumerate(keys)))
 
 
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(str(row[k]) for k in keys) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def load_previous(out: Path) -> dict[str, Any]:
+    """What an earlier session wrote to ``out`` (``--resume``)."""
+    if not out.exists():
+        raise SystemExit(f"--resume: {out} does not exist; nothing to continue")
+    return json.loads(out.read_text())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fault_drill", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--faults", type=int, default=120)
-    parser.add_argument("--minutes", type=float, default=13.0,
-                        help="stop injecting after this long (wall time)")
+    parser.add_argument("--faults", type=int, default=120, help="faults in all (with --resume: "
+                        "including the earlier sessions')")
+    parser.add_argument("--minutes", type=float, default=45.0,
+                        help="stop injecting after this long (wall time of this session)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--settle", type=float, default=150.0,
-                        help="seconds to wait for a round after each fault")
+    parser.add_argument("--settle", type=float, default=90.0,
+                        help="seconds to wait for a round after a fault that crashed the server")
     parser.add_argument("--round-timeout", type=int, default=40)
+    parser.add_argument("--orphan-age", type=float, default=300.0,
+                        help="a flwr-clientapp older than this many seconds is an orphan")
     parser.add_argument("--workdir", type=Path, help="default: a new temp dir (kept)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the drill of --workdir and --out")
+    parser.add_argument("--no-real-disk", action="store_true",
+                        help="the RLIMIT_FSIZE stand-in even as root")
+    parser.add_argument("--kinds", default=",".join(KINDS),
+                        help="comma-separated fault kinds to draw from (default: all)")
     parser.add_argument("--out", type=Path,
                         default=Path("simulations/results/fault_drill/drill.json"))
     args = parser.parse_args(argv)
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="fedq-drill-"))
-    rng = random.Random(args.seed)
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    if unknown := sorted(set(kinds) - set(KINDS)):
+        parser.error(f"--kinds: unknown {unknown}; known: {', '.join(KINDS)}")
+    if args.resume and args.workdir is None:
+        parser.error("--resume needs the --workdir of the drill it continues")
+    previous = load_previous(args.out) if args.resume else {}
+    earlier = [Fault.from_record(f) for f in previous.get("faults", [])]
+    session = len(previous.get("sessions", []))
+    workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="fedq-drill-"))).resolve()
+    rng = random.Random(args.seed + 1000 * session)
     started = time.monotonic()
-    print(f"[drill] workdir {workdir}", flush=True)
-    with compose_topology(workdir) as topo:
-        drill = Drill(topo, workdir / "run", rng, args.settle, args.round_timeout)
+    real_disk = os.geteuid() == 0 and not args.no_real_disk
+    print(f"[drill] workdir {workdir}; session {session}; {len(earlier)} earlier faults; "
+          f"full disk: {'loop-mounted ext4' if real_disk else 'RLIMIT_FSIZE stand-in'}",
+          flush=True)
+    finish = threading.Event()  # SIGTERM / SIGINT: stop injecting, judge, write results
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: finish.set())
+    database = workdir / "link" / "state.db"
+    database.parent.mkdir(parents=True, exist_ok=True)
+    database.unlink(missing_ok=True)  # a fresh SuperLink per session; the run dir persists
+    run_dir = workdir / "run"
+    with contextlib.ExitStack() as stack:
+        disks: dict[str, Path] = {}
+        if real_disk:
+            disks = stack.enter_context(loop_disks(workdir, {
+                "run": run_dir, **compose_state_dirs(workdir)}))
+        topo = stack.enter_context(compose_topology(workdir, database=database))
+        if disks and {n: disks[n] for n in topo.state_dirs} != topo.state_dirs:
+            raise RuntimeError("the topology's state dirs are not the mounted ones")
+        drill = Drill(topo, run_dir, rng, args.settle, args.round_timeout, disks=disks,
+                      resume=args.resume, session=session, orphan_age=args.orphan_age)
         drill.start()
         try:
-            while (len(drill.faults) < args.faults
+            while (len(earlier) + len(drill.faults) < args.faults and not finish.is_set()
                    and time.monotonic() - started < args.minutes * 60):
                 time.sleep(rng.uniform(1, 4))
-                fault = drill.inject(rng.choices(KINDS, weights=list(WEIGHTS.values()))[0])
+                fault = drill.inject(rng.choices(kinds, weights=[WEIGHTS[k] for k in kinds])[0])
                 drill.check(fault, settle=fault.kind in CRASHES_SERVER)
-                print(f"[drill] {len(drill.faults):3d} {fault.kind:<18} {fault.target:<12} "
-                      f"{fault.detail:<40} round {fault.round_before} -> "
-                      f"{drill.last_round()} lost {fault.lost or '-'}", flush=True)
-            drill.wait_for_round(drill.last_round() + 1, args.settle)  # a last round
+                print(f"[drill] {len(earlier) + len(drill.faults):3d} {fault.kind:<18} "
+                      f"{fault.target:<12} {fault.detail[:60]:<60} round {fault.round_before}"
+                      f" -> {drill.last_round()} lost {fault.lost or '-'}", flush=True)
+            if not finish.is_set():
+                drill.wait_for_round(drill.last_round() + 1, args.settle)  # a last round
+            drill.find_orphans()
         finally:
             drill.stop()
         drill.judge_names()
-    rows = table(drill.faults)
+        rounds = drill.last_round()  # before the run dir's disk is unmounted
+    faults = earlier + drill.faults
+    rows = table(faults)
     print_table(rows)
+    sessions = [*previous.get("sessions", []), {
+        "command": "python -m fedq.simulations.fault_drill "
+                   + " ".join(sys.argv[1:] if argv is None else argv),
+        "seconds": round(time.monotonic() - started), "faults": len(drill.faults),
+        "rounds-at-end": rounds, "submissions": drill.submissions,
+        "full-disk": "loop-mounted ext4" if real_disk else "RLIMIT_FSIZE",
+        "orphans": list(drill.orphans.values())}]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
-        "command": "python -m fedq.simulations.fault_drill " + " ".join(sys.argv[1:] if argv is None
-                                                                   else argv),
-        "seconds": round(time.monotonic() - started),
-        "rounds": drill.last_round(),
-        "submissions": drill.submissions,
+        "workdir": str(workdir), "sessions": sessions, "rounds": rounds,
+        "orphans": sum(len(s["orphans"]) for s in sessions),
         "table": rows,
-        "faults": [{k: v for k, v in vars(f).items() if k not in ("logs",)}
-                   for f in drill.faults]}, indent=1) + "\n")
-    print(f"[drill] results in {args.out}", flush=True)
-    return 0 if all(not f.lost for f in drill.faults) else 1
+        "faults": [{k: v for k, v in vars(f).items() if k != "logs"} for f in faults]},
+        indent=1) + "\n")
+    args.out.with_suffix(".md").write_text(markdown_table(rows))
+    print(f"[drill] results in {args.out}; orphans {list(drill.orphans.values())}", flush=True)
+    return 0 if all(not f.lost for f in faults) else 1
+
+
+def compose_state_dirs(workdir: Path) -> dict[str, Path]:
+    """Each SuperNode service's state dir, where :func:`compose_topology` puts it."""
+    from fedq.simulations.compose_topology import load_compose, node_config, supernode_services
+
+    return {name: workdir / "devices" / Path(node_config(service)["state-dir"]).name
+            for name, service in supernode_services(load_compose()).items()}
 
 
 if __name__ == "__main__":

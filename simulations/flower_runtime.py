@@ -170,6 +170,7 @@ class SuperLinkHandle:
     _group: _ProcessGroup = field(repr=False)
     _env: dict[str, str] = field(repr=False)
     _supernodes: list[SuperNode] = field(default_factory=list, repr=False)
+    _flags: list[str] = field(default_factory=list, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _counter: int = field(default=0, repr=False)
 
@@ -280,15 +281,18 @@ def simulation_superlink(workdir: Path, *,
 @contextlib.contextmanager
 def deployment_superlink(workdir: Path, *, tls: TLSFiles | None = None,
                          auth_public_keys: Sequence[Path] = (),
-                         startup_timeout: float = 120.0) -> Iterator[SuperLinkHandle]:
+                         startup_timeout: float = 120.0,
+                         database: Path | None = None) -> Iterator[SuperLinkHandle]:
     """Run a SuperLink for real SuperNodes; stop it and every node started on exit.
 
     With ``tls`` every API is served over TLS. ``auth_public_keys`` (OpenSSH ECDSA public
     key files, see :func:`make_supernode_auth_keys`) turns on SuperNode authentication
     and registers each key with ``flwr supernode register``; Flower requires TLS for it.
+    ``database``: the SuperLink keeps its state (runs, nodes) in this SQLite file instead
+    of in memory, so :func:`restart_superlink` can bring it back after a crash.
     """
     with _superlink(workdir, simulation=False, tls=tls, auth_public_keys=auth_public_keys,
-                    startup_timeout=startup_timeout) as handle:
+                    startup_timeout=startup_timeout, database=database) as handle:
         yield handle
 
 
@@ -350,6 +354,30 @@ def run_tagged(handle: SuperLinkHandle, command: Sequence[str], *,
     finally:
         group.stop(kill=False)
     return subprocess.CompletedProcess(list(command), group.root.returncode, out, None)
+
+
+def restart_superlink(handle: SuperLinkHandle, *, kill: bool = True,
+                      startup_timeout: float = 120.0) -> None:
+    """Stop the SuperLink with everything it started (its SuperExec, ServerApps), with
+    SIGKILL if ``kill`` (a crash, as ``docker kill`` ends its container), and start it
+    again on the same port with the same flags (its ``--database``, if it has one)."""
+    handle._group.stop(kill=kill)
+    port = int(handle.address.rsplit(":", 1)[1])
+    command = [_executable("flower-superlink"), *handle._flags, "--host", _HOST,
+               "--port", str(port)]
+    deadline = time.monotonic() + startup_timeout
+    while True:  # the port may stay taken for a moment after the kill
+        group = _ProcessGroup.spawn(command, {**handle._env,
+                                              _TAG_VAR: f"{handle._env[_TAG_VAR]}/superlink"},
+                                    handle.log_path)
+        if _wait_healthy(group.root, port, handle.tls, startup_timeout):
+            handle._group = group
+            return
+        group.stop(kill=True)
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"flower-superlink did not restart; see {handle.log_path}:\n"
+                               + _tail(handle.log_path))
+        time.sleep(1.0)
 
 
 def kill_serverapp(handle: SuperLinkHandle) -> list[int]:
@@ -463,7 +491,8 @@ def submit_run(handle: SuperLinkHandle, app_dir: Path | str, *,
 @contextlib.contextmanager
 def _superlink(workdir: Path, *, simulation: bool, tls: TLSFiles | None,
                auth_public_keys: Sequence[Path],
-               startup_timeout: float) -> Iterator[SuperLinkHandle]:
+               startup_timeout: float,
+               database: Path | None = None) -> Iterator[SuperLinkHandle]:
     """Start, health-check and finally tear down one SuperLink (both runtimes)."""
     if auth_public_keys and tls is None:
         raise ValueError("Flower only allows SuperNode authentication over TLS")
@@ -481,6 +510,7 @@ def _superlink(workdir: Path, *, simulation: bool, tls: TLSFiles | None,
     flags = ["--isolation", "subprocess", "--disable-runtime-dependency-installation"]
     flags += ["--simulation"] if simulation else []
     flags += ["--enable-supernode-auth"] if auth_public_keys else []
+    flags += ["--database", str(database)] if database is not None else []
     if tls is None:
         flags += ["--insecure"]
     else:
@@ -497,7 +527,7 @@ def _superlink(workdir: Path, *, simulation: bool, tls: TLSFiles | None,
         handle = SuperLinkHandle(address=f"{_HOST}:{port}", workdir=workdir,
                                  flwr_home=flwr_home, log_path=log_path,
                                  simulation=simulation, tls=tls, connection=_CONNECTION,
-                                 _group=group, _env=env)
+                                 _group=group, _env=env, _flags=flags)
         try:
             connection: dict[str, str | bool] = {"address": handle.address}
             if tls is None:

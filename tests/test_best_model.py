@@ -48,7 +48,10 @@ def _run(tmp_path, returns, rounds, resume=False):
     """Run (or resume) rounds up to ``rounds``; returns the run directory."""
     config = FedqConfig.from_mapping({"num-server-rounds": rounds, "hidden-sizes": "8",
                                       "env-id": "CartPole-v1", "run-dir": str(tmp_path),
-                                      "resume": resume})
+                                      "resume": resume,
+                                      # this fake federation answers evaluate messages;
+                                      # fused rounds keep best.pt in tests/test_simulation.py
+                                      "round-protocol": "train-then-evaluate"})
     run_dir = RunDirectory(tmp_path)
     last = run_dir.start(config)
     checkpoint = run_dir.load_checkpoint(last) if last else None

@@ -18,6 +18,7 @@ from fedq.common.config import FedqConfig
 from fedq.common.export.checkpoint import numpy_layers
 from fedq.common.export.policy_file import write_policy
 from fedq.common.rollouts import play_episodes
+from fedq.common.state_store import state_lock
 from fedq.common.trainer import LocalTrainer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -138,3 +139,21 @@ def test_recording_needs_a_device_that_saved_its_state(tmp_path, device):
 
 def test_writer_follows_the_trainer_state_layout():
     assert experience_log.BUFFER_FILE == trainer_module._BUFFER_FILE
+
+
+def test_record_to_waits_for_the_state_lock_a_training_round_holds(device):
+    """``fedq-policy run --record-to`` takes the device's state lock, the one a training
+    round holds from load to save: while it is held the recorder gives up after
+    ``--lock-timeout`` with an error naming the state dir, and writes nothing."""
+    state_dir, policy = device
+    command = [sys.executable, "-m", "fedq.client.policy_runner", "run", str(policy),
+               "--episodes", "1", "--record-to", str(state_dir), "--lock-timeout", "1"]
+    with state_lock(state_dir):  # as the ClientApp's train handler holds it
+        before = sorted(p.name for p in state_dir.iterdir())
+        held = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert held.returncode == 2
+    assert f"device state dir '{state_dir}' is locked by another writer" in held.stderr
+    assert sorted(p.name for p in state_dir.iterdir()) == before
+    free = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert free.returncode == 0, free.stderr
+    assert "recorded" in free.stdout

@@ -4,6 +4,9 @@ checkpoint rotation never deletes the checkpoint it just wrote."""
 
 import json
 import logging
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -113,3 +116,70 @@ def test_a_checkpoint_whose_digest_was_lost_is_used_with_a_warning(tmp_path, cap
     with caplog.at_level(logging.WARNING):
         assert run_dir.start(_config(tmp_path, resume=True)) == 3
     assert "round-0003.pt, which has no digest file" in caplog.text
+
+
+def _snapshot(root):
+    """Every file under ``root`` (but the lock) with its bytes and mtime: what a refused
+    start must leave exactly as it was."""
+    return {str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+@pytest.mark.parametrize("damage", ["config-changed", "no-complete-checkpoint",
+                                    "metrics-missing", "metrics-emptied"])
+def test_a_refused_resume_changes_nothing_in_the_run_directory(tmp_path, damage):
+    run_dir = _run(tmp_path, 4)
+    run_dir.close()
+    newest = run_dir.checkpoints / "round-0004.pt"
+    newest.write_bytes(newest.read_bytes()[:50])  # damaged: a resume would set it aside
+    config = _config(tmp_path, resume=True)
+    if damage == "config-changed":
+        config = FedqConfig.from_mapping({"run-dir": str(tmp_path), "resume": True,
+                                          "learning-rate": 0.5})
+    elif damage == "no-complete-checkpoint":
+        for path in run_dir.checkpoints.glob("round-*.pt"):
+            path.write_bytes(b"garbage")
+    elif damage == "metrics-missing":
+        run_dir.metrics_path.unlink()
+    else:
+        run_dir.metrics_path.write_text("")
+    before = _snapshot(tmp_path)
+    with pytest.raises(RunDirectoryError, match="cannot resume"):
+        RunDirectory(tmp_path).start(config)
+    assert _snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("how", ["missing", "emptied"])
+def test_lost_metrics_with_checkpoints_refuse_instead_of_restarting_at_round_0(tmp_path,
+                                                                             how):
+    run_dir = _run(tmp_path, 5)
+    run_dir.close()
+    if how == "missing":
+        run_dir.metrics_path.unlink()
+    else:
+        run_dir.metrics_path.write_text("")
+    with pytest.raises(RunDirectoryError, match=r"metrics\.jsonl (is missing|holds no "
+                                                r"readable row) but .* holds round-0005\.pt"):
+        RunDirectory(tmp_path).start(_config(tmp_path, resume=True))
+    assert sorted(p.name for p in run_dir.checkpoints.glob("round-*.pt")) == [
+        "round-0003.pt", "round-0004.pt", "round-0005.pt"]
+
+
+def test_a_second_server_app_cannot_write_a_run_directory_in_use(tmp_path):
+    """The lock is held across processes: a second ServerApp process on the same run-dir
+    is refused, naming the directory and the holder, and writes nothing."""
+    run_dir = _run(tmp_path, 2)
+    before = _snapshot(tmp_path)
+    second = subprocess.run(
+        [sys.executable, "-c", "import sys; from pathlib import Path; "
+         "from fedq.common.config import FedqConfig; "
+         "from fedq.server.run_directory import RunDirectory; "
+         "RunDirectory(Path(sys.argv[1])).start(FedqConfig.from_mapping("
+         "{'run-dir': sys.argv[1], 'resume': True}))", str(tmp_path)],
+        capture_output=True, text=True, timeout=120)
+    assert second.returncode != 0
+    assert (f"run-dir '{tmp_path}' is in use by another ServerApp (pid {os.getpid()}"
+            in second.stderr)
+    assert _snapshot(tmp_path) == before
+    run_dir.close()  # released: the next ServerApp may resume it
+    assert RunDirectory(tmp_path).start(_config(tmp_path, resume=True)) == 2

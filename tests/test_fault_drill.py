@@ -1,0 +1,109 @@
+"""The fault drill's own parts (simulations/fault_drill.py), fast: a real full disk, the
+verdicts it gives, and what --resume carries over. The drill itself runs for tens of
+minutes (docs/durability.md has its command and results)."""
+
+import errno
+import json
+import os
+import random
+import shutil
+
+import pytest
+
+from fedq.simulations import fault_drill
+from fedq.simulations.fault_drill import Fault, fill_disk, judge, loop_disks, table
+
+
+def _can_mount():
+    return os.geteuid() == 0 and shutil.which("mkfs.ext4") and shutil.which("mount")
+
+
+@pytest.mark.skipif(not _can_mount(), reason="loop mounts need root and mkfs.ext4")
+def test_a_full_loop_disk_fails_writes_with_enospc_and_is_freed_after(tmp_path):
+    target = tmp_path / "state"
+    with loop_disks(tmp_path, {"supernode-1": target}) as disks:
+        with fill_disk(disks["supernode-1"]) as filled:
+            assert filled > 20 << 20  # most of the 32 MiB image
+            with pytest.raises(OSError) as err, open(target / "x", "wb") as fh:
+                fh.write(os.urandom(1 << 16))
+                fh.flush()
+                os.fsync(fh.fileno())
+            assert err.value.errno == errno.ENOSPC
+        (target / "x").write_bytes(os.urandom(1 << 16))  # space again
+    assert not any(target.iterdir())  # unmounted: the data lives in the image
+
+
+class _Drill:
+    """What :func:`judge` reads of a drill."""
+
+    def __init__(self, tmp_path, submissions):
+        self.submissions = submissions
+        self._tmp = tmp_path
+
+    def _submit_log(self, index):
+        return self._tmp / f"submit-{index}.log"
+
+
+def test_a_fault_is_named_only_by_its_own_node_or_file(tmp_path):
+    rows = [{"round": 3, "device-failures": [
+        {"node-id": 7, "error": "device node-7: cannot save its state in '/s' (No space "
+                                "left on device); this round's training is not kept"}]}]
+    drill = _Drill(tmp_path, [1])
+    stopped = Fault("clientapp-sigstop", "supernode-1", "pids [5] 50.0s", 0.0, 2)
+    judge(stopped, rows, 4, {"supernode-1": [7], "supernode-2": [8]}, drill)
+    assert stopped.named == "named" and stopped.progressed and not stopped.lost
+    other = Fault("node-kill9", "supernode-2", "", 0.0, 2)
+    judge(other, rows, 4, {"supernode-1": [7], "supernode-2": [8]}, drill)
+    assert other.named == "no effect"
+    full = Fault("disk-full", "supernode-1", "", 0.0, 2, needles=list(fault_drill.NO_SPACE))
+    judge(full, rows, 4, {"supernode-1": [7]}, drill)
+    assert full.named == "named"
+    stalled = Fault("superlink-kill9", "superlink", "restarted", 0.0, 4, submission=0)
+    judge(stalled, rows, 4, {}, drill)
+    assert stalled.named == "named"  # its submission exited 1
+    assert stalled.lost == ["no round completed after it before the drill ended"]
+
+
+def test_resume_keeps_the_earlier_faults_and_counts_them(tmp_path):
+    earlier = [Fault("node-kill9", "supernode-1", "", 1.0, 2, named="named"),
+               Fault("device-file", "supernode-2", "not injected: no complete generation",
+                     2.0, 3, named="not injected")]
+    record = {"faults": [{k: v for k, v in vars(f).items() if k != "logs"} | {"extra": 1}
+                         for f in earlier]}
+    out = tmp_path / "drill.json"
+    out.write_text(json.dumps(record))
+    loaded = [Fault.from_record(f) for f in fault_drill.load_previous(out)["faults"]]
+    assert [(f.kind, f.named) for f in loaded] == [(f.kind, f.named) for f in earlier]
+    total = table(loaded)[-1]
+    assert total["injected"] == 1 and total["named"] == 1 and total["lost"] == 0
+
+
+@pytest.mark.parametrize("how", fault_drill.DAMAGE)
+def test_damage_changes_the_file_as_named(tmp_path, how):
+    path = tmp_path / "counters.json"
+    path.write_text('{"env_steps": 100}')
+    fault_drill._damage(path, how, random.Random(0))
+    if how == "remove":
+        assert not path.exists()
+    elif how == "truncate":
+        assert len(path.read_bytes()) < 18
+    else:
+        assert path.read_bytes() != b'{"env_steps": 100}' and path.stat().st_size == 18
+
+
+def test_a_full_disk_is_not_blamed_for_other_faults_failures(tmp_path):
+    """A device's failures in the rounds after a full disk that other faults cause (no
+    reply, a node Flower gave up on, a refused state) leave the full disk "no effect";
+    a failure of another kind would make it "unnamed"."""
+    others = [{"node-id": 7, "code": -1, "error": "no reply within round-timeout"},
+              {"node-id": 7, "code": 5, "error": "Error: Node Unavailable — ..."},
+              {"node-id": 7, "code": 1003, "error": "device node-7: cannot load its state"}]
+    drill = _Drill(tmp_path, [0])
+    full = Fault("disk-full", "supernode-1", "", 0.0, 2, needles=list(fault_drill.NO_SPACE))
+    judge(full, [{"round": 3, "device-failures": others}], 4, {"supernode-1": [7]}, drill)
+    assert full.named == "no effect"
+    crashed = Fault("disk-full", "supernode-1", "", 0.0, 2, needles=list(fault_drill.NO_SPACE))
+    judge(crashed, [{"round": 3, "device-failures": [
+        {"node-id": 7, "code": 0, "error": "ClientApp raised an exception"}]}], 4,
+          {"supernode-1": [7]}, drill)
+    assert crashed.named == "unnamed"
