@@ -15,6 +15,9 @@ from pathlib import Path
 
 import pytest
 
+# more rounds than the test waits for: a fused round of this size takes ~0.5 s, so 50 of
+# them could end before the SIGINT lands
+ROUNDS = 1000
 TINY = ["--set", "local-steps=300", "--set", "learning-starts=100", "--set", "eval-episodes=2",
         "--set", "hidden-sizes=16,16", "--set", "buffer-size=2000"]
 
@@ -41,8 +44,8 @@ def test_ctrl_c_stops_every_process_keeps_the_rounds_and_prints_the_resume_comma
     scratch = Path(tempfile.mkdtemp(prefix="fq-int-", dir="/tmp"))
     run_dir = tmp_path / "run"
     env = {**os.environ, "TMPDIR": str(scratch)}
-    command = [sys.executable, "-m", "fedq.simulations.run", "--clients", "2", "--rounds", "50",
-               "--run-dir", str(run_dir), *TINY]
+    command = [sys.executable, "-m", "fedq.simulations.run", "--clients", "2",
+               "--rounds", str(ROUNDS), "--run-dir", str(run_dir), *TINY]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines: list[str] = []
@@ -54,9 +57,9 @@ def test_ctrl_c_stops_every_process_keeps_the_rounds_and_prints_the_resume_comma
             if not line:
                 break
             lines.append(line)
-            if line.startswith("[fedq] round 1/50"):
+            if line.startswith(f"[fedq] round 1/{ROUNDS}"):
                 break
-        assert any(line.startswith("[fedq] round 1/50") for line in lines), "".join(lines)
+        assert any(line.startswith(f"[fedq] round 1/{ROUNDS}") for line in lines), "".join(lines)
         os.killpg(process.pid, signal.SIGINT)
         rest, _ = process.communicate(timeout=120)
     finally:

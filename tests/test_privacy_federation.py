@@ -78,8 +78,9 @@ def _audited(audit_dir: Path) -> list[dict]:
 
 def _assert_only_weights_and_scalars(messages: list[dict]) -> None:
     """Every train reply: the Q-network's arrays (names and shapes of its state dict) and
-    one MetricRecord; every evaluate reply: one MetricRecord; metrics are scalars or
-    short lists of scalars; an error carries only its code and reason."""
+    one MetricRecord (two in a fused round); every evaluate reply: one MetricRecord;
+    metrics are scalars or short lists of scalars; an error carries only its code and
+    reason."""
     expected = {k: list(v.shape) for k, v in QNetwork(4, 2, (16, 16)).state_dict().items()}
     for message in messages:
         if message["error"] is not None:
@@ -87,15 +88,19 @@ def _assert_only_weights_and_scalars(messages: list[dict]) -> None:
             continue
         records = message["records"]
         kinds = {name: r["kind"] for name, r in records.items()}
-        if message["message-type"] == "train":
-            assert kinds == {"arrays": "arrays", "metrics": "metrics"}
+        if message["message-type"] == "train":  # a fused reply also carries its
+            # evaluation of the model it received (server/round_protocol.py)
+            assert kinds in ({"arrays": "arrays", "metrics": "metrics"},
+                             {"arrays": "arrays", "metrics": "metrics", "evaluation": "metrics"})
             arrays = records["arrays"]["arrays"]
             assert {k: a["shape"] for k, a in arrays.items()} == expected
             assert {a["dtype"] for a in arrays.values()} == {"float32"}
         else:
             assert message["message-type"] == "evaluate"
             assert kinds == {"metrics": "metrics"}
-        for key, value in records["metrics"]["metrics"].items():
+        scalars = [(k, v) for name in ("metrics", "evaluation") if name in records
+                   for k, v in records[name]["metrics"].items()]
+        for key, value in scalars:
             if isinstance(value, list):
                 assert len(value) <= MAX_METRIC_LIST, key
                 assert all(isinstance(v, int | float) for v in value), key
@@ -146,7 +151,11 @@ def test_devices_out_of_budget_decline_and_the_run_carries_on(tmp_path):
             assert row["dp-steps-total"] == sum(k for _, _, k in history)
 
     messages = _audited(audit_dir)
-    assert len(messages) == 2 * 3 * 2  # every train and evaluate reply of both devices
+    # fused rounds (server/round_protocol.py): per device 3 train replies (rounds 2 and 3
+    # also carry the previous model's evaluation) and the last model's evaluate reply; a
+    # declining device's error reply carries no evaluation, so each of the 3 declines is
+    # followed by the evaluate message it would have had
+    assert len(messages) == 2 * (3 + 1) + 3
     errors = [m for m in messages if m["error"] is not None]
     assert len(errors) == 3 and {m["error"]["code"] for m in errors} == {
         PRIVACY_BUDGET_ERROR_CODE}
