@@ -84,6 +84,11 @@ class PrivacyLog:
         and unreadable lines move to ``privacy.superseded.jsonl`` (kept, not deleted)."""
         self.path = run_root / FILE_NAME
         if not self.path.exists():
+            if first_round > 1 and _had_private_devices(run_root / "clients.jsonl"):
+                log(logging.WARNING, "[fedq] %s is missing, though clients.jsonl shows DP "
+                    "devices before round %d: the server's record of their epsilon is lost "
+                    "(each device's own privacy.json still holds it); resuming without it",
+                    self.path, first_round)
             return
         kept, later, torn = [], [], []
         for line in self.path.read_text(errors="replace").splitlines():
@@ -143,6 +148,14 @@ def _plain(value: Any) -> Any:
     if isinstance(value, list):
         return list(value)
     return None if isinstance(value, float) and value == float("inf") else value
+
+
+def _had_private_devices(clients_log: Path) -> bool:
+    """Whether any reply in ``clients.jsonl`` came from a device with DP on."""
+    if not clients_log.exists():
+        return False
+    return any('"dp-enabled": 1' in line or '"dp-enabled": true' in line
+               for line in clients_log.read_text(errors="replace").splitlines())
 
 
 def _round_of(line: str) -> int | None:

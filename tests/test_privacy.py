@@ -399,3 +399,20 @@ def test_a_resume_keeps_a_damaged_privacy_log_aside_instead_of_dropping_it(tmp_p
     assert [a.get("torn-line") for a in aside if "torn-line" in a] == [garbage]
     assert [a["round"] for a in aside if "round" in a] == [2]
     assert FILE_NAME in caplog.text and SUPERSEDED_FILE_NAME in caplog.text
+
+
+def test_a_resume_names_a_missing_privacy_log_of_a_run_with_dp_devices(tmp_path, caplog):
+    """A removed ``privacy.jsonl`` loses the server's record of every DP device's epsilon:
+    the resume says so (clients.jsonl shows DP devices replied) rather than starting an
+    empty log silently; a run without DP devices gets no warning."""
+    from fedq.server.privacy_log import PrivacyLog
+
+    clients = tmp_path / "clients.jsonl"
+    clients.write_text(json.dumps({"round": 1, "node-id": 7, "dp-enabled": 0}) + "\n")
+    with caplog.at_level(logging.WARNING):
+        PrivacyLog(tmp_path, first_round=2)
+    assert "privacy.jsonl is missing" not in caplog.text
+    clients.write_text(json.dumps({"round": 1, "node-id": 7, "dp-enabled": 1}) + "\n")
+    with caplog.at_level(logging.WARNING):
+        PrivacyLog(tmp_path, first_round=2)
+    assert "privacy.jsonl is missing" in caplog.text
