@@ -229,11 +229,13 @@ class LocalTrainer:
         """Restore the state :meth:`save` last completed; False if there is none yet.
 
         Which generation: :func:`common.state_store.resolve` (the pointer's if intact,
-        else the newest complete one). A device with DP refuses a fallback that would
-        forget privacy budget it spent. Every unreadable file raises
-        :class:`common.state_store.DeviceStateError` naming it.
+        else the newest complete one). A device with DP, or with a ledger from training
+        with DP before, refuses a fallback that would forget privacy budget it spent.
+        Every unreadable file raises :class:`common.state_store.DeviceStateError` naming it.
         """
-        source = resolve(directory, keep_history=self.privacy is not None,
+        # DP now, or DP before (a ledger it keeps): a fallback would lose budget spent
+        source = resolve(directory, keep_history=(self.privacy is not None
+                                                  or has_privacy_ledger(directory)),
                          legacy_files=(STATE_FILES[self.config.backend], _BUFFER_FILE,
                                        _COUNTERS_FILE))
         if source is None:

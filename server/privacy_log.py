@@ -23,7 +23,9 @@ row with status ``refused``, its phase and its reason, logged at WARNING.
 
 Devices without DP (``dp-enabled`` 0) have nothing to account and get no row. Like
 ``clients.jsonl``, rows are written before the round's ``metrics.jsonl`` row, and a resumed
-server drops the rows of the rounds it is about to repeat.
+server moves the rows of the rounds it is about to repeat, and any line it cannot read (a
+torn append, a damaged file), to ``privacy.superseded.jsonl`` with a warning: a device's
+recorded epsilon is never dropped silently (issue 16).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -43,6 +46,7 @@ from fedq.common.privacy import PRIVACY_BUDGET_ERROR_CODE
 from fedq.common.privacy_policy import PRIVACY_POLICY_ERROR_CODE
 
 FILE_NAME = "privacy.jsonl"
+SUPERSEDED_FILE_NAME = "privacy.superseded.jsonl"
 _KEYS = ("partition-id", "dp-epsilon", "dp-delta", "dp-noise-multiplier", "dp-sample-rate",
          "dp-steps-total", "dp-round-noise-multipliers", "dp-round-sample-rates",
          "dp-round-steps")
@@ -76,12 +80,35 @@ class PrivacyLog:
     """Appends each round's privacy rows to ``privacy.jsonl`` and logs declined devices."""
 
     def __init__(self, run_root: Path, first_round: int) -> None:
-        """Open the log of a run that continues at ``first_round`` (drops later rows)."""
+        """Open the log of a run that continues at ``first_round``: rows of later rounds
+        and unreadable lines move to ``privacy.superseded.jsonl`` (kept, not deleted)."""
         self.path = run_root / FILE_NAME
-        if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if (done := _round_of(line)) is not None and done < first_round]
-            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+        if not self.path.exists():
+            if first_round > 1 and _had_private_devices(run_root / "clients.jsonl"):
+                log(logging.WARNING, "[fedq] %s is missing, though clients.jsonl shows DP "
+                    "devices before round %d: the server's record of their epsilon is lost "
+                    "(each device's own privacy.json still holds it); resuming without it",
+                    self.path, first_round)
+            return
+        kept, later, torn = [], [], []
+        for line in self.path.read_text(errors="replace").splitlines():
+            done = _round_of(line)
+            (torn if done is None else kept if done < first_round else later).append(line)
+        torn = [line for line in torn if line.strip()]
+        if not later and not torn:
+            return
+        now = time.time()
+        moved = [json.dumps({**json.loads(line), "superseded-at": now}) for line in later]
+        moved += [json.dumps({"torn-line": line, "superseded-at": now}) for line in torn]
+        with open(run_root / SUPERSEDED_FILE_NAME, "a") as fh:
+            fh.write("".join(line + "\n" for line in moved))
+            fh.flush()
+            os.fsync(fh.fileno())
+        if torn:
+            log(logging.WARNING, "[fedq] %s: %d unreadable line(s) (torn or damaged) moved to "
+                "%s; the devices' epsilon rows there are not lost", self.path, len(torn),
+                SUPERSEDED_FILE_NAME)
+        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def record(self, server_round: int, replies: list[Message],
                phase: str = "train") -> dict[str, Any]:
@@ -123,8 +150,17 @@ def _plain(value: Any) -> Any:
     return None if isinstance(value, float) and value == float("inf") else value
 
 
+def _had_private_devices(clients_log: Path) -> bool:
+    """Whether any reply in ``clients.jsonl`` came from a device with DP on."""
+    if not clients_log.exists():
+        return False
+    return any('"dp-enabled": 1' in line or '"dp-enabled": true' in line
+               for line in clients_log.read_text(errors="replace").splitlines())
+
+
 def _round_of(line: str) -> int | None:
     try:
-        return int(json.loads(line)["round"])
-    except (ValueError, KeyError, TypeError):  # a line torn by a crash mid-write
+        row = json.loads(line)
+        return int(row["round"]) if isinstance(row, dict) else None
+    except (ValueError, KeyError, TypeError, RecursionError):  # torn by a crash, or damaged
         return None

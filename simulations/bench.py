@@ -104,7 +104,18 @@ SCRIPTS = (
         "numpy --baseline --repeats 2 --results-name deployment_repeats"), 0.6,
            "process-level: real SuperLink and SuperNodes"),
     Script("fault_drill", ("python -m fedq.simulations.fault_drill --faults 120 --minutes 13 "
-                           "--seed 17 --out simulations/results/fault_drill/drill-seed17.json",),
+                           "--seed 17 --out simulations/results/fault_drill/drill-seed17.json",
+                           # the new kinds (docs/durability.md); the --resume session
+                           # adds status-file faults, which the first drew none of
+                           "python -m fedq.simulations.fault_drill --faults 30 --minutes 24 "
+                           "--seed 31 --no-real-disk --kinds ledger-file,residual-file,"
+                           "privacy-log,status-file,checkpoint-mid-save --workdir "
+                           "/tmp/drill2-run --out "
+                           "simulations/results/fault_drill/drill-58538c1-seed31.json",
+                           "python -m fedq.simulations.fault_drill --resume --faults 40 "
+                           "--minutes 6 --seed 31 --no-real-disk --kinds status-file,"
+                           "residual-file --workdir /tmp/drill2-run --out "
+                           "simulations/results/fault_drill/drill-58538c1-seed31.json"),
            0.3, "process-level: kills real Flower processes"),
     Script("compose", (
         "python -m fedq.simulations.compose_check --out "

@@ -139,12 +139,14 @@ class Topology:
 @contextlib.contextmanager
 def compose_topology(workdir: Path, *, tls: TLSFiles | None = None, auth: bool = False,
                      node_extra: dict | None = None,
+                     node_extras: dict[str, dict] | None = None,
                      supernode_program: str | None = None,
                      database: Path | None = None) -> Iterator[Topology]:
     """Start the compose file's SuperLink and SuperNodes locally (TLS and node auth as
     ``server/compose.tls.yml`` turns them on); each node's state-dir moves under
     ``workdir`` and keeps its name. ``node_extra`` adds keys to every node's config
-    (e.g. a ``message-audit-dir``, which a device takes only from its own node config).
+    (e.g. a ``message-audit-dir``, which a device takes only from its own node config);
+    ``node_extras`` adds keys to the named nodes' only (e.g. DP on one device).
     Each node runs its service's entrypoint (``fedq-supernode``) unless
     ``supernode_program`` names another (``flower-supernode``: Flower's 3 s polling);
     ``database``: the SuperLink's ``--database`` file, as the compose file gives it one."""
@@ -167,6 +169,7 @@ def compose_topology(workdir: Path, *, tls: TLSFiles | None = None, auth: bool =
             state_dirs[name] = workdir / "devices" / Path(config["state-dir"]).name
             config["state-dir"] = str(state_dirs[name])
             config.update(node_extra or {})
+            config.update((node_extras or {}).get(name, {}))
             nodes[name] = start_supernode(link, workdir / name, config, name=name,
                                           auth_private_key=keys.get(name),
                                           program=supernode_program or argv(service)[0])

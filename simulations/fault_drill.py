@@ -33,6 +33,19 @@ faults the drill sleeps a random 1-4 s, so faults land at random moments of a ro
   SIGKILL the ServerApp so that the resume has to deal with it. Where the resume refuses
   by rule (metrics.jsonl or config.json unreadable), the drill restores the file once the
   refusal is logged, as an operator would, so the drill goes on.
+- ``ledger-file``: truncate / garbage / remove the DP device's (``supernode-1``) privacy
+  ledger ``privacy.json`` in its current generation; the device must refuse to train
+  rather than fall back and forget budget; once the refusal is logged the drill restores
+  the file (an operator restoring a backup), so the drill goes on
+- ``residual-file``: truncate / garbage / remove ``update_residual.npz`` (int8 update
+  compression's error-feedback residual) in a non-DP device's current generation
+- ``privacy-log`` / ``status-file``: truncate / garbage / remove (or tear the last line
+  of) the server's ``privacy.jsonl`` / damage ``status.json`` (written when a run ends:
+  absent, it is created as garbage), then SIGKILL the ServerApp
+- ``checkpoint-mid-save``: wait for a checkpoint temp file (``checkpoints/*.tmp``) to
+  appear, SIGKILL the ServerApp at once; the drill resumes the run
+  The first three need DP on one device and ``update-compression = int8``: a drill whose
+  ``--kinds`` include one of them runs so (``PRIVATE_KINDS``).
 
 After each fault it checks:
 
@@ -41,7 +54,9 @@ After each fault it checks:
   not count); each device's newest complete generation has at least the env steps of the
   newest one the drill did not damage; the newest complete checkpoint is no older than
   the newest one the drill did not damage; the run completed a round after the fault
-  (judged when the drill ends).
+  (judged when the drill ends); the DP device's epsilon never falls from one
+  ``privacy.jsonl`` row to the next; every ``privacy.jsonl`` row seen is still in it or in
+  ``privacy.superseded.jsonl`` (rows the drill itself destroyed do not count).
 - **named**: the fault shows under its name: a device failure with that node's id (or the
   error text "cannot save its state"), the damaged file's name (or its generation's) in the
   device's or server's log, "No space left on device" in a log, the killed submission
@@ -64,6 +79,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import itertools
 import json
 import os
 import random
@@ -88,7 +104,7 @@ from fedq.common.state_store import (
     POINTER_FILE,
     generations,
 )
-from fedq.server.outcome import NO_REPLY_CODE
+from fedq.server.outcome import NO_REPLY_CODE, STATUS_FILE
 from fedq.simulations.compose_topology import TINY_RUN, Topology, compose_topology
 from fedq.simulations.flower_runtime import (
     kill_serverapp,
@@ -103,9 +119,17 @@ WEIGHTS = {"node-kill9": 0.8, "node-sigstop": 0.8, "superexec-kill9": 0.4,
            "superexec-sigstop": 0.5, "clientapp-kill9": 1.0, "clientapp-sigstop": 0.8,
            "restart-mid-save": 0.8, "serverapp-kill9": 0.5, "serverapp-sigstop": 0.6,
            "superlink-kill9": 0.5, "superlink-sigstop": 0.6, "disk-full": 1.2,
-           "device-file": 1.8, "server-file": 1.2}
+           "device-file": 1.8, "server-file": 1.2, "ledger-file": 1.0,
+           "residual-file": 1.0, "privacy-log": 0.8, "status-file": 0.4,
+           "checkpoint-mid-save": 0.8}
 KINDS = tuple(WEIGHTS)
-CRASHES_SERVER = ("serverapp-kill9", "server-file", "superlink-kill9")
+CRASHES_SERVER = ("serverapp-kill9", "server-file", "superlink-kill9", "privacy-log",
+                  "status-file", "checkpoint-mid-save")
+#: Kinds that need a DP device and int8 compression (their files exist only then).
+PRIVATE_KINDS = ("ledger-file", "residual-file", "privacy-log")
+PRIVATE_NODE = "supernode-1"  # the device that trains with DP in such a drill
+LEDGER_FILE, RESIDUAL_FILE = "privacy.json", "update_residual.npz"
+PRIVACY_LOG, PRIVACY_SUPERSEDED = "privacy.jsonl", "privacy.superseded.jsonl"
 DEVICE_FILES = (POINTER_FILE, MANIFEST_FILE, "replay_buffer.npz", "learner.pt",
                 "counters.json")
 SERVER_FILES = ("LATEST", "checkpoint", "digest", "metrics.jsonl", "clients.jsonl",
@@ -147,9 +171,14 @@ class Drill:
 
     def __init__(self, topo: Topology, run_dir: Path, rng: random.Random, settle: float,
                  round_timeout: int, *, disks: dict[str, Path] | None = None,
-                 resume: bool = False, session: int = 0, orphan_age: float = 300.0) -> None:
+                 resume: bool = False, session: int = 0, orphan_age: float = 300.0,
+                 private: bool = False) -> None:
         self.topo, self.run_dir, self.rng, self.settle = topo, run_dir, rng, settle
         self.overrides = {**RUN, "round-timeout": round_timeout}
+        self.private = private  # DP on PRIVATE_NODE (its node config), int8 updates
+        if private:
+            self.overrides["update-compression"] = "int8"
+        self.privacy_seen = {_privacy_key(r) for r in _privacy_rows(run_dir / PRIVACY_LOG)}
         self.disks = disks or {}  # "run" / node name -> loop-mounted directory
         self.resume, self.session, self.orphan_age = resume, session, orphan_age
         self.faults: list[Fault] = []
@@ -452,6 +481,113 @@ class Drill:
         if self._crash_server(fault) and backup is not None:
             self._restore_after_refusal(fault, *backup)
 
+    def _ledger_file(self, fault: Fault, name: str) -> None:
+        if not self.private:
+            fault.detail = "not injected: no DP device in this drill"
+            return
+        backup = self._damage_generation_file(fault, PRIVATE_NODE, LEDGER_FILE)
+        if backup is not None:
+            self._restore_after_device_refusal(fault, *backup)
+
+    def _residual_file(self, fault: Fault, name: str) -> None:
+        plain = sorted(n for n in self.topo.nodes if n != PRIVATE_NODE or not self.private)
+        self._damage_generation_file(fault, self.rng.choice(plain), RESIDUAL_FILE)
+
+    def _damage_generation_file(self, fault: Fault, name: str, which: str
+                                ) -> tuple[Path, bytes] | None:
+        """Damage ``which`` in the device's current complete generation; return its old
+        bytes (None if not injected). The generation no longer counts for the floor."""
+        fault.target = name
+        state = self.topo.state_dirs[name]
+        self._node_log(fault, name)
+        complete = [g for g in generations(state) if g.problem is None]
+        if not complete or not (complete[0].path / which).exists():
+            fault.detail = f"not injected: no complete generation holding {which}"
+            return None
+        path = complete[0].path / which
+        spare = complete[1] if len(complete) > 1 else None
+        self.device_floor[name] = _env_steps(spare.path) if spare else 0
+        how = self.rng.choice(DAMAGE)
+        backup = (path, path.read_bytes())
+        fault.needles = [path.name, path.parent.name]
+        fault.detail = f"{how} {path.relative_to(state)}"
+        _damage(path, how, self.rng)
+        return backup
+
+    def _restore_after_device_refusal(self, fault: Fault, path: Path, data: bytes) -> None:
+        """A DP device refuses a damaged ledger for good: restore it once the refusal is
+        logged (or the device saved past it), as its operator would from a backup."""
+        log, offset = fault.logs[-1]
+        deadline = time.monotonic() + self.settle
+        while time.monotonic() < deadline:
+            failures = json.dumps([f for r in self.rows()[-8:]
+                                   for f in r.get("device-failures", [])])
+            if "refuses to train" in _read_from(Path(log), offset) + failures:
+                path.write_bytes(data)
+                fault.detail += f"; refused by name, {path.name} restored"
+                return
+            newest = generations(path.parent.parent)
+            if newest and newest[0].number > _number(path.parent) and newest[0].problem is None:
+                path.write_bytes(data)
+                fault.detail += f"; superseded by {newest[0].path.name}, restored"
+                return
+            time.sleep(0.5)
+        path.write_bytes(data)
+        fault.detail += f"; no refusal within {self.settle:.0f}s, restored"
+
+    def _privacy_log(self, fault: Fault, name: str) -> None:
+        fault.target = "server"
+        self._server_logs(fault)
+        path = self.run_dir / PRIVACY_LOG
+        if not path.exists():
+            fault.detail = f"not injected: no {PRIVACY_LOG} yet"
+            return
+        how = self.rng.choice([*DAMAGE, "tear"])
+        fault.needles = [PRIVACY_LOG, PRIVACY_SUPERSEDED]
+        fault.detail = f"{how} {PRIVACY_LOG}"
+        if how == "tear":
+            with open(path, "a") as fh:
+                fh.write('{"round": ')  # a crash in the middle of an append
+        else:
+            _damage(path, how, self.rng)
+            # rows the drill destroyed are the drill's loss, not the product's
+            self.privacy_seen = {_privacy_key(r) for r in _privacy_rows(path)} | {
+                _privacy_key(r) for r in _privacy_rows(self.run_dir / PRIVACY_SUPERSEDED)}
+        self._crash_server(fault)
+
+    def _status_file(self, fault: Fault, name: str) -> None:
+        fault.target = "server"
+        self._server_logs(fault)
+        path = self.run_dir / STATUS_FILE
+        fault.needles = [STATUS_FILE]
+        if path.exists():
+            how = self.rng.choice(DAMAGE)
+            _damage(path, how, self.rng)
+        else:  # written when a run ends; a stale garbage file in its place
+            how = "garbage (was absent)"
+            path.write_bytes(self.rng.randbytes(64))
+        fault.detail = f"{how} {STATUS_FILE}"
+        self._crash_server(fault)
+
+    def _checkpoint_mid_save(self, fault: Fault, name: str) -> None:
+        """SIGKILL the ServerApp while a checkpoint (or its digest, or LATEST) is being
+        written: the moment its temp file exists."""
+        fault.target = "serverapp"
+        checkpoints = self.run_dir / "checkpoints"
+        before = {p.name for p in checkpoints.glob("*.tmp")}  # stale ones of earlier kills
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                fresh = [e.name for e in os.scandir(checkpoints)
+                         if e.name.endswith(".tmp") and e.name not in before]
+                if fresh:
+                    fault.detail = f"killed while {fresh[0]} was being written"
+                    break
+            time.sleep(0.001)
+        else:
+            fault.detail = "no checkpoint save seen within 60s; killed anyway"
+        self._crash_server(fault)
+
     def _restore_after_refusal(self, fault: Fault, path: Path, data: bytes) -> None:
         """A resume refused by rule stops the run for good: restore the file once the
         refusal is logged (an operator's part), so the drill goes on."""
@@ -495,7 +631,26 @@ class Drill:
         if ckpt < self.checkpoint_floor:
             fault.lost.append(f"newest complete checkpoint {ckpt} < {self.checkpoint_floor}")
         self.checkpoint_floor = max(self.checkpoint_floor, ckpt)
+        fault.lost += self._privacy_lost()
         self.find_orphans()
+
+    def _privacy_lost(self) -> list[str]:
+        """The DP device's epsilon never goes back; no privacy.jsonl row disappears."""
+        lost = []
+        rows = _privacy_rows(self.run_dir / PRIVACY_LOG)
+        kept = {_privacy_key(r) for r in rows + _privacy_rows(self.run_dir / PRIVACY_SUPERSEDED)}
+        if missing := self.privacy_seen - kept:
+            lost.append(f"privacy.jsonl rows gone: {sorted(missing)[:3]}")
+        self.privacy_seen |= {_privacy_key(r) for r in rows}
+        if self.private:
+            ids = set(self._all_node_ids(PRIVATE_NODE))
+            eps = [float(r["dp-epsilon"]) for r in rows if r.get("node-id") in ids
+                   and r.get("status") == "trained" and r.get("dp-epsilon") is not None]
+            # in round order (a resume moves the rows of rounds it repeats aside)
+            if falls := [(a, b) for a, b in itertools.pairwise(eps) if b < a - 1e-9]:
+                lost.append(f"{PRIVATE_NODE}: epsilon fell from {falls[0][0]} to "
+                            f"{falls[0][1]} in {PRIVACY_LOG}")
+        return lost
 
     def find_orphans(self) -> None:
         """Record every ``flwr-clientapp`` older than ``orphan_age`` seconds."""
@@ -535,10 +690,13 @@ def judge(fault: Fault, rows: list[dict[str, Any]], final: int, ids: dict[str, l
     status = (drill.submissions[fault.submission]
               if fault.submission is not None and fault.submission < len(drill.submissions)
               else None)
-    if fault.kind in ("device-file", "server-file"):
+    if fault.kind in ("device-file", "server-file", "ledger-file", "residual-file",
+                      "privacy-log", "status-file"):
         if fault.needles and any(n in text for n in fault.needles):
             fault.named = "named"
-        elif fault.kind == "server-file" or ours:
+        elif fault.kind == "status-file":  # derived, read by nobody while a run goes on
+            fault.named = "no effect"
+        elif fault.kind in ("server-file", "privacy-log") or ours:
             fault.named = "unnamed"
         else:  # superseded by the device's next save before anything read it
             fault.named = "no effect"
@@ -553,7 +711,7 @@ def judge(fault: Fault, rows: list[dict[str, Any]], final: int, ids: dict[str, l
             fault.named = "unnamed"
         else:  # nobody wrote to the full disk while it was full (a failed write in Python
             fault.named = "no effect"  # says "[Errno 28] No space left on device")
-    elif fault.kind == "serverapp-kill9":
+    elif fault.kind in ("serverapp-kill9", "checkpoint-mid-save"):
         fault.named = ("no effect" if "pids []" in fault.detail
                        else "named" if status not in (0, None) else "unnamed")
     elif fault.kind == "superlink-kill9":
@@ -659,6 +817,16 @@ def _jsonl(path: Path) -> list[dict[str, Any]]:
                 if isinstance(row, dict) and isinstance(row.get("round"), int):
                     rows.append(row)
     return rows
+
+
+def _privacy_rows(path: Path) -> list[dict[str, Any]]:
+    return [r for r in _jsonl(path) if "node-id" in r]
+
+
+def _privacy_key(row: dict[str, Any]) -> tuple[Any, ...]:
+    """A privacy.jsonl row's identity (a superseded copy adds only its time)."""
+    return (row["round"], row.get("node-id"), row.get("status"), row.get("dp-epsilon"),
+            row.get("dp-steps-total"))
 
 
 def _env_steps(generation: Path) -> int:
@@ -793,11 +961,15 @@ def main(argv: list[str] | None = None) -> int:
         if real_disk:
             disks = stack.enter_context(loop_disks(workdir, {
                 "run": run_dir, **compose_state_dirs(workdir)}))
-        topo = stack.enter_context(compose_topology(workdir, database=database))
+        private = bool(set(kinds) & set(PRIVATE_KINDS))
+        topo = stack.enter_context(compose_topology(
+            workdir, database=database,
+            node_extras={PRIVATE_NODE: {"dp-enabled": True}} if private else None))
         if disks and {n: disks[n] for n in topo.state_dirs} != topo.state_dirs:
             raise RuntimeError("the topology's state dirs are not the mounted ones")
         drill = Drill(topo, run_dir, rng, args.settle, args.round_timeout, disks=disks,
-                      resume=args.resume, session=session, orphan_age=args.orphan_age)
+                      resume=args.resume, session=session, orphan_age=args.orphan_age,
+                      private=private)
         drill.start()
         try:
             while (len(earlier) + len(drill.faults) < args.faults and not finish.is_set()
@@ -824,6 +996,8 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": round(time.monotonic() - started), "faults": len(drill.faults),
         "rounds-at-end": rounds, "submissions": drill.submissions,
         "full-disk": "loop-mounted ext4" if real_disk else "RLIMIT_FSIZE",
+        "private": f"dp-enabled on {PRIVATE_NODE}, update-compression int8" if private
+                   else "no DP, no compression",
         "orphans": list(drill.orphans.values())}]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({

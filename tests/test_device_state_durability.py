@@ -143,3 +143,15 @@ def test_a_save_that_died_before_its_manifest_is_skipped_and_cleaned_up(tmp_path
     assert trainer.counters.env_steps == steps[0]
     trainer.save(tmp_path)  # gen-000003; the unfinished gen-000002 held nothing complete
     assert sorted(p.name for p in tmp_path.glob("gen-*")) == ["gen-000001", "gen-000003"]
+
+
+def test_a_device_with_a_ledger_refuses_a_fallback_even_when_dp_is_off_now(tmp_path):
+    """Issue 16: a device's privacy ledger never silently goes back. A device that trained
+    with DP and is now loaded without it (it keeps its ledger, ``_kept_ledger``) must not
+    fall back past a damaged newest generation either: the spare's ledger is older, and
+    its next save would write that older epsilon as the device's lifetime spend."""
+    _saved(tmp_path, 2, **DP)
+    ledger = tmp_path / "gen-000002" / "privacy.json"
+    ledger.write_bytes(b"\x00garbage")
+    with pytest.raises(DeviceStateError, match=r"gen-000002 is damaged.*refuses to train"):
+        _trainer().load(tmp_path)

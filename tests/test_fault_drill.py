@@ -107,3 +107,90 @@ def test_a_full_disk_is_not_blamed_for_other_faults_failures(tmp_path):
         {"node-id": 7, "code": 0, "error": "ClientApp raised an exception"}]}], 4,
           {"supernode-1": [7]}, drill)
     assert crashed.named == "unnamed"
+
+
+def _state_with_generations(state, steps, files):
+    """A device state dir with one complete generation per entry of ``steps``."""
+    from fedq.common.state_store import new_generation
+
+    for n in steps:
+        with new_generation(state) as gen:
+            (gen / "counters.json").write_text(json.dumps({"env_steps": n}))
+            for name in files:
+                (gen / name).write_bytes(os.urandom(64))
+
+
+@pytest.mark.parametrize("which", [fault_drill.LEDGER_FILE, fault_drill.RESIDUAL_FILE])
+def test_damaging_a_generation_file_breaks_that_generation_and_lowers_the_floor(tmp_path,
+                                                                                which):
+    """ledger-file / residual-file damage the current generation's file so that it no
+    longer verifies (the device must notice), keep its bytes for the restore, and count
+    only the spare's steps as saved from then on."""
+    from fedq.common.state_store import generations
+
+    state = tmp_path / "node-1"
+    _state_with_generations(state, [100, 200], [which])
+    drill = fault_drill.Drill.__new__(fault_drill.Drill)
+    drill.topo = type("T", (), {"state_dirs": {"supernode-1": state},
+                                "nodes": {"supernode-1": type("N", (), {
+                                    "log_path": tmp_path / "node.log"})()}})()
+    drill.rng, drill.device_floor = random.Random(1), {"supernode-1": 200}
+    fault = Fault("ledger-file", "supernode-1", "", 0.0, 3)
+    path, data = drill._damage_generation_file(fault, "supernode-1", which)
+    found = generations(state)
+    assert path == found[0].path / which and found[0].problem is not None
+    assert found[1].problem is None and drill.device_floor["supernode-1"] == 100
+    assert which in fault.needles and found[0].path.name in fault.needles
+    path.write_bytes(data)  # the drill's restore makes it complete again
+    assert generations(state)[0].problem is None
+    missing = Fault("residual-file", "supernode-1", "", 0.0, 3)
+    empty = tmp_path / "node-2"
+    _state_with_generations(empty, [50], [])
+    drill.topo.state_dirs["supernode-1"] = empty
+    assert drill._damage_generation_file(missing, "supernode-1", which) is None
+    assert missing.detail.startswith("not injected")
+
+
+def test_privacy_rows_moved_aside_are_kept_and_a_falling_epsilon_is_lost(tmp_path):
+    """The drill's privacy checks: a privacy.jsonl row is lost only if it is in neither
+    privacy.jsonl nor privacy.superseded.jsonl; the DP device's epsilon may not fall from
+    one row to the next (issue 16: a ledger never silently goes back to zero)."""
+    drill = fault_drill.Drill.__new__(fault_drill.Drill)
+    drill.run_dir, drill.private = tmp_path, True
+    drill._all_node_ids = lambda name: [7]
+    rows = [{"round": r, "node-id": 7, "status": "trained", "dp-epsilon": e}
+            for r, e in ((1, 0.5), (2, 0.9))]
+    log, aside = tmp_path / "privacy.jsonl", tmp_path / "privacy.superseded.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    drill.privacy_seen = set()
+    assert drill._privacy_lost() == []
+    log.write_text(json.dumps(rows[0]) + "\n")
+    aside.write_text(json.dumps({**rows[1], "superseded-at": 1.0}) + "\n")
+    assert drill._privacy_lost() == []  # moved aside, not lost
+    aside.unlink()
+    assert drill._privacy_lost()[0].startswith("privacy.jsonl rows gone")
+    log.write_text("".join(json.dumps(r) + "\n" for r in
+                           [*rows, {**rows[0], "round": 3, "dp-epsilon": 0.0}]))
+    drill.privacy_seen = set()
+    assert drill._privacy_lost() == [
+        "supernode-1: epsilon fell from 0.9 to 0.0 in privacy.jsonl"]
+
+
+def test_new_server_file_kinds_are_judged_by_their_file(tmp_path):
+    """privacy-log is named by privacy.jsonl in the resumed server's log; a damaged
+    status.json (read by nobody while the run goes on) is at most 'no effect'."""
+    (tmp_path / "submit-1.log").write_text("... privacy.jsonl: 1 unreadable line(s) ...")
+    drill = _Drill(tmp_path, [-9, None])
+    ids = {"supernode-1": [7]}
+    named = Fault("privacy-log", "server", "garbage privacy.jsonl", 0.0, 2, submission=0,
+                  needles=[fault_drill.PRIVACY_LOG])
+    judge(named, [], 4, ids, drill)
+    assert named.named == "named"
+    status = Fault("status-file", "server", "garbage status.json", 0.0, 2, submission=1,
+                   needles=["status.json"])
+    judge(status, [], 4, ids, drill)
+    assert status.named == "no effect"
+    mid = Fault("checkpoint-mid-save", "serverapp", "killed while round-0003.pt.tmp was "
+                "being written serverapp pids [9]", 0.0, 2, submission=0)
+    judge(mid, [], 4, ids, drill)
+    assert mid.named == "named"  # its submission exited non-zero

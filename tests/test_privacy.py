@@ -4,6 +4,7 @@ replies with Opacus's accountant, epsilon survives restarts, and the budget is e
 
 import copy
 import json
+import logging
 import math
 
 import numpy as np
@@ -376,3 +377,42 @@ def test_central_epsilon_composes_the_released_rounds_with_opacus():
     assert report["released-rounds"] == 10 and report["delta"] == config.dp_delta
     assert central_dp_report(config, 0)["epsilon"] == 0.0
     assert central_dp_report(config, 20)["epsilon"] > report["epsilon"]
+
+
+def test_a_resume_keeps_a_damaged_privacy_log_aside_instead_of_dropping_it(tmp_path, caplog):
+    """Issue 16: a garbled ``privacy.jsonl`` (a torn append, a damaged disk block) must not
+    vanish on resume: its unreadable lines and the rows of rounds the resume repeats move
+    to ``privacy.superseded.jsonl`` with a warning naming the file, as metrics.jsonl's do;
+    before, a resume rewrote the file without them and the devices' recorded epsilon went."""
+    from fedq.server.privacy_log import FILE_NAME, SUPERSEDED_FILE_NAME, PrivacyLog
+
+    path = tmp_path / FILE_NAME
+    rows = [{"round": 1, "node-id": 7, "status": "trained", "dp-epsilon": 0.5},
+            {"round": 2, "node-id": 7, "status": "trained", "dp-epsilon": 0.9}]
+    garbage = "\x00\x17garbage{"
+    path.write_text(json.dumps(rows[0]) + "\n" + garbage + "\n" + json.dumps(rows[1]) + "\n")
+    with caplog.at_level(logging.WARNING):
+        PrivacyLog(tmp_path, first_round=2)
+    assert [json.loads(line) for line in path.read_text().splitlines()] == rows[:1]
+    aside = [json.loads(line) for line in
+             (tmp_path / SUPERSEDED_FILE_NAME).read_text().splitlines()]
+    assert [a.get("torn-line") for a in aside if "torn-line" in a] == [garbage]
+    assert [a["round"] for a in aside if "round" in a] == [2]
+    assert FILE_NAME in caplog.text and SUPERSEDED_FILE_NAME in caplog.text
+
+
+def test_a_resume_names_a_missing_privacy_log_of_a_run_with_dp_devices(tmp_path, caplog):
+    """A removed ``privacy.jsonl`` loses the server's record of every DP device's epsilon:
+    the resume says so (clients.jsonl shows DP devices replied) rather than starting an
+    empty log silently; a run without DP devices gets no warning."""
+    from fedq.server.privacy_log import PrivacyLog
+
+    clients = tmp_path / "clients.jsonl"
+    clients.write_text(json.dumps({"round": 1, "node-id": 7, "dp-enabled": 0}) + "\n")
+    with caplog.at_level(logging.WARNING):
+        PrivacyLog(tmp_path, first_round=2)
+    assert "privacy.jsonl is missing" not in caplog.text
+    clients.write_text(json.dumps({"round": 1, "node-id": 7, "dp-enabled": 1}) + "\n")
+    with caplog.at_level(logging.WARNING):
+        PrivacyLog(tmp_path, first_round=2)
+    assert "privacy.jsonl is missing" in caplog.text
