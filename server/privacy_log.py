@@ -106,7 +106,8 @@ class PrivacyLog:
             os.fsync(fh.fileno())
         if torn:
             log(logging.WARNING, "[fedq] %s: %d unreadable line(s) (torn or damaged) moved to "
-                "%s; the devices' epsilon rows there are not lost", self.path, len(torn),
+                "%s as they were (what was readable of them is kept; each device's own ledger "
+                "still holds its epsilon)", self.path, len(torn),
                 SUPERSEDED_FILE_NAME)
         atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
