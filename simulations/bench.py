@@ -29,7 +29,7 @@ from fedq.simulations.harness import BENCHMARKS, HarnessError, run_benchmark
 
 PORTED = ("bench_dp_cost", "bench_speed", "bench_backend", "bench_export",
           "bench_robustness", "bench_communication", "privacy_sweep", "bench_scale",
-          "privacy_gain")
+          "privacy_gain", "bench_learning")
 """Modules whose import registers their harness benchmarks."""
 
 
@@ -47,8 +47,6 @@ class Script:
 _LEVERS = "python -m fedq.simulations.bench_federation_levers"
 _FEDERATION = "python -m fedq.simulations.bench_federation"
 SCRIPTS = (
-    Script("learning", ("python -m fedq.simulations.bench_learning --seeds 5 --envs "
-                        "CartPole-v1",), 1.0, "being changed on another branch"),
     Script("federation", (
         f"{_FEDERATION} --clients 1,2,4,8 --seeds 3",
         f"{_FEDERATION} --clients 1,2,4,8 --seeds 5 --set strategy=sequential "
@@ -98,7 +96,10 @@ SCRIPTS = (
         "defaults,eps0,lr-decay,td-clip+lr-decay --seeds 5 --eval-every 5000 "
         "--results-name stability_sweep_quick5"), 1.5,
            "its own parallel workers and cell cache (runs/sweep_stability/)"),
-    Script("deployment", ("python -m fedq.simulations.bench_deployment --rounds 6",), 0.3,
+    Script("deployment", ("python -m fedq.simulations.bench_deployment --rounds 6",
+                          "python -m fedq.simulations.bench_deployment --rounds 5 --local-steps "
+                          "2000 --backends numpy --baseline --repeats 2 --results-name "
+                          "deployment_repeats"), 0.5,
            "process-level: real SuperLink and SuperNodes"),
     Script("fault_drill", ("python -m fedq.simulations.fault_drill --faults 120 --minutes 13 "
                            "--seed 17 --out simulations/results/fault_drill/drill-seed17.json",),
