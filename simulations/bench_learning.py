@@ -9,10 +9,11 @@ best return, so a policy that touches the goal once and collapses shows as such.
 
     python -m fedq.simulations.bench learning --workers 2
 
-Cells (:mod:`simulations.harness`): one per (env, seed), cached and resumed by the
-harness. Envs, goals, budgets and settings are :data:`simulations.learning_tasks.TASKS`:
-CartPole-v1 runs fedq's defaults, the others RL-Zoo-like settings (the whole difference
-between the runs: same code, same learner).
+Cells (:mod:`simulations.harness`): one per (env, seed)
+(:mod:`simulations.learning_cell`), cached and resumed by the harness. Envs, goals,
+budgets and settings are :data:`simulations.learning_tasks.TASKS`: CartPole-v1 runs
+fedq's defaults, the others RL-Zoo-like settings (the whole difference between the runs:
+same code, same learner).
 """
 
 from __future__ import annotations
@@ -22,45 +23,19 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from fedq.common.config import FedqConfig
 from fedq.simulations.harness import (
     Benchmark,
     Cell,
-    CellKind,
     Done,
     HarnessError,
     Summary,
     register_benchmark,
 )
+from fedq.simulations.learning_cell import LEARNING_RUN
 from fedq.simulations.learning_tasks import TASKS
-from fedq.simulations.results_io import curve_summary, markdown_table, spread
+from fedq.simulations.results_io import markdown_table, spread
 
 MIN_EVAL_EPISODES = 10  # fewer make a greedy return too noisy to call a task solved
-
-
-def run_seed(params: Mapping[str, Any], workdir: Path) -> dict[str, Any]:
-    """Train one seed for the whole step budget, evaluating greedily as it goes."""
-    import torch
-
-    torch.set_num_threads(1)  # cells may run side by side, one core each
-    from fedq.common.trainer import LocalTrainer
-
-    config = FedqConfig.from_mapping({"env-id": params["env"], **params["settings"]})
-    trainer = LocalTrainer(config, seed=params["seed"])
-    curve: list[tuple[int, float]] = []
-    try:
-        while trainer.counters.env_steps < params["max-steps"]:
-            trainer.train(params["eval-every"])
-            returns = trainer.evaluate(params["eval-episodes"],
-                                       seed=10**6 + trainer.counters.env_steps)
-            curve.append((trainer.counters.env_steps, statistics.fmean(returns)))
-    finally:
-        trainer.close()
-    return {**curve_summary(curve, params["goal"]), "backend": config.backend,
-            "curve": curve}
-
-
-LEARNING_RUN = CellKind("learning-run", run_seed)
 
 
 def _envs(params: Mapping[str, Any]) -> list[str]:
