@@ -111,8 +111,9 @@ def summarise(params: Mapping[str, Any], done: Done) -> Summary:
     text = (f"Per seed:\n\n{markdown_table(per_seed, seed_columns)}\n\nOne device "
             f"(`LocalTrainer`, backend {', '.join(backends)}: fedq's default) per (env, seed). "
             f"Solved = the third greedy evaluation in a row (mean of {params['eval-episodes']} "
-            "episodes on fresh seeds, every `eval-every` env steps: "
-            f"{sorted({c.params['eval-every'] for c, _ in done})}) at or above the goal; final "
+            "episodes on fresh seeds, every "
+            f"{' / '.join(f'{e:,}' for e in sorted({c.params['eval-every'] for c, _ in done}))} "
+            "env steps) at or above the goal; final "
             "= the last evaluation of the budget; median [min, max] over seeds. Settings per "
             "env (overrides of fedq's defaults; CartPole-v1: none) are each cell's `settings` "
             "in `simulations/learning_tasks.py`; learning curves in the plot.")
