@@ -100,7 +100,7 @@ def summarise(params: Mapping[str, Any], done: Done) -> Summary:
         rows.append({
             "env": env, "goal": TASKS[env].goal, "seeds": len(runs),
             "solved (3 in a row)": f"{len(solved)}/{len(runs)}",
-            "median steps to solved": statistics.median(solved) if solved else None,
+            "median steps to solved": float(statistics.median(solved)) if solved else None,
             "final return": spread([r["final-return"] for _, r in runs]),
             "best return": spread([r["best-return"] for _, r in runs]),
             "budget": runs[0][0].params["max-steps"]})
