@@ -29,7 +29,7 @@ from fedq.simulations.harness import BENCHMARKS, HarnessError, run_benchmark
 
 PORTED = ("bench_dp_cost", "bench_speed", "bench_backend", "bench_export",
           "bench_robustness", "bench_communication", "privacy_sweep", "bench_scale",
-          "privacy_gain")
+          "privacy_gain", "bench_learning")
 """Modules whose import registers their harness benchmarks."""
 
 
@@ -47,8 +47,6 @@ class Script:
 _LEVERS = "python -m fedq.simulations.bench_federation_levers"
 _FEDERATION = "python -m fedq.simulations.bench_federation"
 SCRIPTS = (
-    Script("learning", ("python -m fedq.simulations.bench_learning --seeds 5 --envs "
-                        "CartPole-v1",), 1.0, "being changed on another branch"),
     Script("federation", (
         f"{_FEDERATION} --clients 1,2,4,8 --seeds 3",
         f"{_FEDERATION} --clients 1,2,4,8 --seeds 5 --set strategy=sequential "

@@ -1,119 +1,134 @@
 """Does the local learner learn, and keep what it learns? Greedy return over a budget.
 
-One device (the same ``LocalTrainer`` a Flower client runs) trains on each env for the
-whole budget and is evaluated greedily every ``--eval-every`` env steps
-(``--eval-episodes`` >= 10 episodes on fresh seeds). A seed counts as solved at the
-third evaluation in a row whose mean return reaches the env's goal
+One device (the same ``LocalTrainer`` a Flower client runs, fedq's default torch backend)
+trains on each env for the whole budget and is evaluated greedily every ``eval-every``
+env steps (``eval-episodes`` >= 10 episodes on fresh seeds). A seed counts as solved at
+the third evaluation in a row whose mean return reaches the env's goal
 (:func:`simulations.results_io.solved_at`); every seed also reports its final and its
-best return, so a policy that touches the goal once and collapses shows as such. Each
-(env, seed) result is cached under ``runs/bench_learning/`` as it finishes, so an
-interrupted benchmark re-run continues instead of starting over.
+best return, so a policy that touches the goal once and collapses shows as such.
 
-    python -m fedq.simulations.bench_learning --seeds 5
+    python -m fedq.simulations.bench learning --workers 2
 
-Goals: CartPole-v1 >= 475 (CleanRL's dqn.py needs ~220k-290k steps for a rolling 475),
-Acrobot-v1 >= -100, MountainCar-v0 >= -110. The hyperparameters below are fedq's
-defaults for CartPole and RL-Zoo-like settings for the other two; they are the whole
-difference between the runs (same code, same learner).
+Cells (:mod:`simulations.harness`): one per (env, seed)
+(:mod:`simulations.learning_cell`), cached and resumed by the harness. Envs, goals,
+budgets and settings are :data:`simulations.learning_tasks.TASKS`: CartPole-v1 runs
+fedq's defaults, the others RL-Zoo-like settings (the whole difference between the runs:
+same code, same learner).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
-import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
+from fedq.simulations.harness import (
+    Benchmark,
+    Cell,
+    Done,
+    HarnessError,
+    Summary,
+    register_benchmark,
+)
+from fedq.simulations.learning_cell import LEARNING_RUN
+from fedq.simulations.learning_tasks import TASKS
+from fedq.simulations.results_io import markdown_table, spread
 
-from fedq.common.atomic import atomic_write_text
-from fedq.common.config import FedqConfig
-from fedq.common.trainer import LocalTrainer
-from fedq.simulations.learning_tasks import TASKS, Task
-from fedq.simulations.results_io import curve_summary, markdown_table, spread, write_results
-
-CACHE = Path("runs/bench_learning")
-
-
-def run_seed(task: Task, seed: int, eval_every: int, eval_episodes: int) -> dict[str, Any]:
-    """Train one seed for the whole step budget, evaluating greedily as it goes."""
-    config = FedqConfig.from_mapping({"env-id": task.env_id, **task.overrides})
-    trainer = LocalTrainer(config, seed=seed)
-    curve: list[tuple[int, float]] = []
-    started = time.perf_counter()
-    while trainer.counters.env_steps < task.max_steps:
-        trainer.train(eval_every)
-        returns = trainer.evaluate(eval_episodes, seed=10**6 + trainer.counters.env_steps)
-        curve.append((trainer.counters.env_steps, statistics.fmean(returns)))
-    trainer.close()
-    return {"env": task.env_id, "seed": seed, **curve_summary(curve, task.goal),
-            "seconds": time.perf_counter() - started, "curve": curve}
+MIN_EVAL_EPISODES = 10  # fewer make a greedy return too noisy to call a task solved
 
 
-def cached_run(task: Task, seed: int, eval_every: int, eval_episodes: int) -> dict[str, Any]:
-    path = CACHE / (f"{task.env_id}-seed{seed}-every{eval_every}-ep{eval_episodes}"
-                    f"-to{task.max_steps}.json")
-    if path.exists():
-        return json.loads(path.read_text())
-    result = run_seed(task, seed, eval_every, eval_episodes)
+def _envs(params: Mapping[str, Any]) -> list[str]:
+    envs = [e.strip() for e in str(params["envs"]).split(",") if e.strip()]
+    unknown = [e for e in envs if e not in TASKS]
+    if unknown:
+        raise HarnessError(f"envs: no learning task {', '.join(unknown)} (known: "
+                           f"{', '.join(TASKS)})")
+    return envs
+
+
+def cells(params: Mapping[str, Any]) -> list[Cell]:
+    """One cell per (env, seed), envs in the order given (CartPole's seeds first)."""
+    if params["eval-episodes"] < MIN_EVAL_EPISODES:
+        raise HarnessError(f"eval-episodes must be >= {MIN_EVAL_EPISODES}: fewer make a "
+                           "greedy return too noisy to call a task solved")
+    out = []
+    for env in _envs(params):
+        task = TASKS[env]
+        for seed in range(params["seeds"]):
+            out.append(Cell(LEARNING_RUN, {
+                "env": env, "seed": seed, "goal": task.goal, "settings": dict(task.overrides),
+                "max-steps": params["max-steps"] or task.max_steps,
+                "eval-every": params["eval-every"] or task.eval_every,
+                "eval-episodes": params["eval-episodes"]}))
+    return out
+
+
+def plot(done: Done, path: Path) -> None:
+    """Greedy return per evaluation, one panel per env, one line per seed, goal dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    envs = list(dict.fromkeys(c.params["env"] for c, _ in done))
+    fig, axes = plt.subplots(1, len(envs), figsize=(5.2 * len(envs), 3.8), squeeze=False)
+    for ax, env in zip(axes[0], envs, strict=True):
+        for cell, result in done:
+            if cell.params["env"] == env and result["curve"]:
+                steps, values = zip(*result["curve"], strict=True)
+                ax.plot(steps, values, lw=1, label=f"seed {cell.params['seed']}")
+        goal = next(c.params["goal"] for c, _ in done if c.params["env"] == env)
+        ax.axhline(goal, color="k", ls="--", lw=1, label="goal")
+        ax.set_title(env, fontsize=9)
+        ax.set_xlabel("env steps")
+        ax.set_ylabel("greedy return")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(result))
-    return result
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
-def summarise(task: Task, runs: list[dict[str, Any]]) -> dict[str, Any]:
-    solved = [r["solved-at"] for r in runs if r["solved-at"] is not None]
-    return {"env": task.env_id, "goal": task.goal, "seeds": len(runs),
+def summarise(params: Mapping[str, Any], done: Done) -> Summary:
+    rows = []
+    for env in _envs(params):
+        runs = [(c, r) for c, r in done if c.params["env"] == env]
+        if not runs:
+            continue
+        solved = [r["solved-at"] for _, r in runs if r["solved-at"] is not None]
+        rows.append({
+            "env": env, "goal": TASKS[env].goal, "seeds": len(runs),
             "solved (3 in a row)": f"{len(solved)}/{len(runs)}",
-            "median steps to solved": statistics.median(solved) if solved else None,
-            "final return": spread([r["final-return"] for r in runs]),
-            "best return": spread([r["best-return"] for r in runs]),
-            "budget": task.max_steps}
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--envs", default="CartPole-v1,Acrobot-v1,MountainCar-v0")
-    parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--eval-every", type=int, default=2500)
-    parser.add_argument("--eval-episodes", type=int, default=10)
-    args = parser.parse_args()
-    if args.eval_episodes < 10:
-        parser.error("--eval-episodes must be >= 10: fewer make a greedy return too noisy "
-                     "to call a task solved")
-    torch.set_num_threads(1)
-    summaries, all_runs = [], []
-    for env_id in args.envs.split(","):
-        task = TASKS[env_id]
-        runs = []
-        for seed in range(args.seeds):
-            run = cached_run(task, seed, args.eval_every, args.eval_episodes)
-            print(f"{env_id} seed {seed}: solved (3 in a row) at {run['solved-at']} steps, "
-                  f"final {run['final-return']:.1f}, best {run['best-return']:.1f} "
-                  f"({run['seconds']:.0f}s)", flush=True)
-            runs.append(run)
-        summaries.append(summarise(task, runs))
-        all_runs += runs
+            "median steps to solved": float(statistics.median(solved)) if solved else None,
+            "final return": spread([r["final-return"] for _, r in runs]),
+            "best return": spread([r["best-return"] for _, r in runs]),
+            "budget": runs[0][0].params["max-steps"]})
+    per_seed = [{"env": c.params["env"], "seed": c.params["seed"], **{
+        k: r[k] for k in ("solved-at", "final-return", "best-return")}} for c, r in done]
+    seed_columns = ["env", "seed", "solved-at", "final-return", "best-return"]
+    backends = sorted({r["backend"] for _, r in done})
+    text = (f"Per seed:\n\n{markdown_table(per_seed, seed_columns)}\n\nOne device "
+            f"(`LocalTrainer`, backend {', '.join(backends)}: fedq's default) per (env, seed). "
+            f"Solved = the third greedy evaluation in a row (mean of {params['eval-episodes']} "
+            "episodes on fresh seeds, every "
+            f"{' / '.join(f'{e:,}' for e in sorted({c.params['eval-every'] for c, _ in done}))} "
+            "env steps) at or above the goal; final "
+            "= the last evaluation of the budget; median [min, max] over seeds. Settings per "
+            "env (overrides of fedq's defaults; CartPole-v1: none) are each cell's `settings` "
+            "in `simulations/learning_tasks.py`; learning curves in the plot.")
     columns = ["env", "goal", "seeds", "solved (3 in a row)", "median steps to solved",
                "final return", "best return", "budget"]
-    table = markdown_table(summaries, columns)
-    settings = {env_id: {**FedqConfig().to_mapping(), "env-id": env_id, **TASKS[env_id].overrides}
-                for env_id in args.envs.split(",")}
-    seed_columns = ["env", "seed", "solved-at", "final-return", "best-return"]
-    per_seed = markdown_table([{k: r[k] for k in seed_columns} for r in all_runs],
-                              seed_columns)
-    print(table)
-    write_results("learning", {"summary": summaries, "runs": all_runs, "settings": settings,
-                               "eval-every": args.eval_every,
-                               "eval-episodes": args.eval_episodes},
-                  f"{table}\n\nPer seed:\n\n{per_seed}\n\nSolved = the third greedy "
-                  f"evaluation in a row (mean of {args.eval_episodes} episodes, every "
-                  f"{args.eval_every} env steps) at or above the goal; final = the last "
-                  "evaluation of the budget; median [min, max] over seeds. Settings per env "
-                  "are in results.json.\n")
+    runs = [{"env": c.params["env"], "seed": c.params["seed"], "settings": c.params["settings"],
+             **r} for c, r in done]
+    return Summary(rows, columns, text, payload={"runs": runs},
+                   plot=lambda path: plot(done, path))
 
 
-if __name__ == "__main__":
-    main()
+# eval-every / max-steps 0: each task's own (learning_tasks.TASKS)
+BENCHMARK = register_benchmark(Benchmark(
+    "learning", "one device, greedy return over a budget: solved (3 in a row), final, best",
+    defaults={"envs": "CartPole-v1,Acrobot-v1", "seeds": 5, "eval-episodes": 10,
+              "eval-every": 0, "max-steps": 0},
+    quick={"envs": "CartPole-v1", "seeds": 1, "eval-every": 500, "max-steps": 1500},
+    cells=cells, summarise=summarise, plot_name="curves.png"))
