@@ -28,11 +28,9 @@ import numpy as np
 from fedq.common.atomic import PRIVATE, atomic_open
 from fedq.common.config import ConfigError, FedqConfig
 from fedq.common.network_registry import IMAGE
-from fedq.common.replay_buffer import ReplayBuffer
+from fedq.common.replay_buffer import BatchArrays, ReplayBuffer
 
 if TYPE_CHECKING:
-    import torch
-
     from fedq.common.envs import EnvSpec
 
 _FORMAT_VERSION = 1
@@ -44,7 +42,7 @@ def frame_slots(capacity: int, frame_stack: int) -> int:
     return capacity + int(capacity * FRAME_HEADROOM) + 2 * frame_stack
 
 
-class FrameReplayBuffer:
+class FrameReplayBuffer(BatchArrays):
     """Fixed-capacity FIFO of transitions over stacked frames, each frame stored once."""
 
     def __init__(self, capacity: int, obs_shape: tuple[int, ...], batch_size: int,
@@ -71,12 +69,7 @@ class FrameReplayBuffer:
         self.rng = np.random.default_rng(seed)
         self._last_next: np.ndarray | None = None
         self._last_next_ids = np.zeros(self.stack, dtype=np.int64)
-        self._idx = np.empty(batch_size, dtype=np.int64)
-        self._b_obs = np.empty((batch_size, *self.obs_shape), dtype=self.obs_dtype)
-        self._b_next_obs = np.empty((batch_size, *self.obs_shape), dtype=self.obs_dtype)
-        self._b_actions = np.empty((batch_size, 1), dtype=np.int64)
-        self._b_rewards = np.empty((batch_size, 1), dtype=np.float32)
-        self._b_terminated = np.empty((batch_size, 1), dtype=np.float32)
+        self._allocate_batch(batch_size)
 
     @property
     def nbytes(self) -> int:
@@ -147,20 +140,6 @@ class FrameReplayBuffer:
         return (self.frames[self.obs_ids[slots] % f], self.actions[slots, None],
                 self.rewards[slots, None], self.frames[self.next_ids[slots] % f],
                 self.terminated[slots, None])
-
-    def gather(self, indices: np.ndarray) -> tuple[torch.Tensor, ...]:
-        import torch
-
-        return tuple(torch.from_numpy(a) for a in self.gather_arrays(indices))
-
-    def batch_arrays(self) -> tuple[np.ndarray, ...]:
-        return (self._b_obs, self._b_actions, self._b_rewards, self._b_next_obs,
-                self._b_terminated)
-
-    def batch_tensors(self) -> tuple[torch.Tensor, ...]:
-        import torch
-
-        return tuple(torch.from_numpy(a) for a in self.batch_arrays())
 
     def save(self, path: Path) -> None:
         """Write atomically the frames the stored transitions use (each once) and their

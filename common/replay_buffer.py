@@ -26,7 +26,47 @@ if TYPE_CHECKING:
 _FORMAT_VERSION = 1
 
 
-class ReplayBuffer:
+class BatchArrays:
+    """What every replay buffer shares: the batch arrays its ``sample`` refills in place
+    (allocated once, so sampling allocates nothing per step) and their torch views. A
+    subclass sets ``obs_shape`` and ``obs_dtype``, calls :meth:`_allocate_batch` and
+    defines ``sample`` and ``gather_arrays``."""
+
+    obs_shape: tuple[int, ...]
+    obs_dtype: np.dtype
+
+    def _allocate_batch(self, batch_size: int) -> None:
+        self._idx = np.empty(batch_size, dtype=np.int64)
+        self._b_obs = np.empty((batch_size, *self.obs_shape), dtype=self.obs_dtype)
+        self._b_next_obs = np.empty((batch_size, *self.obs_shape), dtype=self.obs_dtype)
+        self._b_actions = np.empty((batch_size, 1), dtype=np.int64)
+        self._b_rewards = np.empty((batch_size, 1), dtype=np.float32)
+        self._b_terminated = np.empty((batch_size, 1), dtype=np.float32)
+
+    def gather_arrays(self, indices: np.ndarray) -> tuple[np.ndarray, ...]:
+        raise NotImplementedError
+
+    def gather(self, indices: np.ndarray) -> tuple[torch.Tensor, ...]:
+        """:meth:`gather_arrays` as tensors."""
+        import torch
+
+        return tuple(torch.from_numpy(a) for a in self.gather_arrays(indices))
+
+    def batch_arrays(self) -> tuple[np.ndarray, ...]:
+        """The preallocated batch arrays every :meth:`sample` refills: obs ``(B, *obs_shape)``,
+        actions ``(B, 1)`` int64, rewards, next_obs, terminated (``(B, 1)`` float32)."""
+        return (self._b_obs, self._b_actions, self._b_rewards, self._b_next_obs,
+                self._b_terminated)
+
+    def batch_tensors(self) -> tuple[torch.Tensor, ...]:
+        """Torch views (shared memory) of :meth:`batch_arrays`. Call once; every
+        :meth:`sample` refreshes their contents in place."""
+        import torch
+
+        return tuple(torch.from_numpy(a) for a in self.batch_arrays())
+
+
+class ReplayBuffer(BatchArrays):
     """Fixed-capacity FIFO store of (obs, action, reward, next_obs, terminated).
 
     ``terminated`` is stored, not ``done``: a transition cut off by a time limit
@@ -51,12 +91,7 @@ class ReplayBuffer:
         self.pos = 0
         self.size = 0
         self.rng = np.random.default_rng(seed)
-        self._idx = np.empty(batch_size, dtype=np.int64)
-        self._b_obs = np.empty((batch_size, *self.obs_shape), dtype=self.obs_dtype)
-        self._b_next_obs = np.empty((batch_size, *self.obs_shape), dtype=self.obs_dtype)
-        self._b_actions = np.empty((batch_size, 1), dtype=np.int64)
-        self._b_rewards = np.empty((batch_size, 1), dtype=np.float32)
-        self._b_terminated = np.empty((batch_size, 1), dtype=np.float32)
+        self._allocate_batch(batch_size)
 
     def _allocate_observations(self) -> None:
         shape = (self.capacity, *self.obs_shape)
@@ -102,25 +137,6 @@ class ReplayBuffer:
         shapes, for batches whose size varies (DP-SGD's Poisson sampling)."""
         return (self.obs[indices], self.actions[indices, None], self.rewards[indices, None],
                 self.next_obs[indices], self.terminated[indices, None])
-
-    def gather(self, indices: np.ndarray) -> tuple[torch.Tensor, ...]:
-        """:meth:`gather_arrays` as tensors."""
-        import torch
-
-        return tuple(torch.from_numpy(a) for a in self.gather_arrays(indices))
-
-    def batch_arrays(self) -> tuple[np.ndarray, ...]:
-        """The preallocated batch arrays every :meth:`sample` refills: obs ``(B, *obs_shape)``,
-        actions ``(B, 1)`` int64, rewards, next_obs, terminated (``(B, 1)`` float32)."""
-        return (self._b_obs, self._b_actions, self._b_rewards, self._b_next_obs,
-                self._b_terminated)
-
-    def batch_tensors(self) -> tuple[torch.Tensor, ...]:
-        """Torch views (shared memory) of :meth:`batch_arrays`. Call once; every
-        :meth:`sample` refreshes their contents in place."""
-        import torch
-
-        return tuple(torch.from_numpy(a) for a in self.batch_arrays())
 
     def save(self, path: Path) -> None:
         """Write atomically (temp file + rename) so a crash never leaves a torn buffer."""

@@ -312,9 +312,13 @@ class Drill:
         self._restart(name)
 
     def _superexec_sigstop(self, fault: Fault, name: str) -> None:
-        pids = self._running(name, "flower-superexec")
+        self._hold_program(fault, name, "flower-superexec", "superexec")
+
+    def _hold_program(self, fault: Fault, name: str, program: str, label: str) -> None:
+        """SIGSTOP the node's ``program`` processes for a while, then SIGCONT them."""
+        pids = self._running(name, program)
         if not pids:
-            fault.detail = "not injected: no superexec ran within 10s"
+            fault.detail = f"not injected: no {label} ran within 10s"
             return
         seconds = self._stop_seconds()
         fault.detail = f"pids {pids} {seconds:.1f}s"
@@ -335,13 +339,7 @@ class Drill:
         fault.detail = f"pids {pids}" if pids else "not injected: no clientapp ran within 10s"
 
     def _clientapp_sigstop(self, fault: Fault, name: str) -> None:
-        pids = self._running(name, "flwr-clientapp")
-        if not pids:
-            fault.detail = "not injected: no clientapp ran within 10s"
-            return
-        seconds = self._stop_seconds()
-        fault.detail = f"pids {pids} {seconds:.1f}s"
-        _hold(pids, seconds)
+        self._hold_program(fault, name, "flwr-clientapp", "clientapp")
 
     def _restart_mid_save(self, fault: Fault, name: str) -> None:
         state = self.topo.state_dirs[name]
