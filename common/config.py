@@ -151,10 +151,14 @@ class FedqConfig:
     )
     tau: float = _opt(1.0, "target sync weight (1 = hard copy, <1 = Polyak)", _open_unit)
     double_dqn: bool = _opt(True, "use the Double DQN target")
-    td_target_clip: bool = _opt(
-        False, "clip TD targets to the env's discounted-return bounds, [min(r_min, "
+    td_target_clip: bool | str = _opt(
+        "auto", "clip TD targets to the env's discounted-return bounds, [min(r_min, "
         "r_min/(1-gamma)), max(r_max, r_max/(1-gamma))] from its per-step reward range "
-        "(common/return_bounds.py; envs with a known range only)")
+        "(common/return_bounds.py): true (envs with a known range only), false, or auto "
+        "(clip where the range is known, else not; the default because unclipped targets "
+        "let CartPole's Q-values run past their bound and the learned policy collapse, "
+        "simulations/results/stability_sweep_cartpole5)",
+        _check(lambda v: v is True or v is False or v == "auto", 'true, false or "auto"'))
     loss: str = _opt(
         "huber", "TD loss: huber or mse", _check(lambda v: v in _LOSSES, f"one of {_LOSSES}")
     )
@@ -365,10 +369,11 @@ class FedqConfig:
             raise ConfigError(
                 "learning-rate-final", f"{self.learning_rate_final} exceeds learning-rate "
                 f"{self.learning_rate} (the schedule decays)")
-        if self.td_target_clip and reward_range(self.env_id, self.env_kwargs) is None:
+        if self.td_target_clip is True and reward_range(self.env_id, self.env_kwargs) is None:
             raise ConfigError(
                 "td-target-clip", f"no known reward range for {self.env_id!r} (known: "
-                f"{', '.join(REWARD_RANGES)}; common/return_bounds.py); set it to false")
+                f"{', '.join(REWARD_RANGES)}; common/return_bounds.py); set it to false "
+                "or auto")
         self._check_strategy_switches()
         if self.backend not in network_spec(self.network).backends:
             raise ConfigError(
@@ -490,6 +495,10 @@ def coerce(key: str, annotation: str, raw: Any) -> Any:
         if isinstance(raw, bool):
             return raw
         raise ConfigError(key, f"expected true or false, got {raw!r}")
+    if kind == "bool|str":  # a switch with a string mode beside on/off (e.g. "auto")
+        if isinstance(raw, bool | str):
+            return raw
+        raise ConfigError(key, f"expected true, false or a string, got {raw!r}")
     if isinstance(raw, bool):  # bool is an int subclass: never let True mean 1
         raise ConfigError(key, f"expected a number, got {raw!r}")
     if kind == "tuple[int,...]" and isinstance(raw, int):  # TOML reads "3" as an integer

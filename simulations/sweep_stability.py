@@ -79,6 +79,11 @@ VARIANTS: dict[str, VariantFn] = {
     "defaults": lambda task, base: {},
     # TD targets clamped to the env's return bounds (CartPole: [1, 100])
     "td-clip": lambda task, base: {"td-target-clip": True},
+    # TD targets never clamped (the default before issue 20's remedies; "auto" clips
+    # wherever the env's reward range is known)
+    "no-td-clip": lambda task, base: {"td-target-clip": False},
+    # the learning rate held constant (the default before issue 20's remedies)
+    "lr-const": lambda task, base: {"learning-rate-decay-steps": 0},
     # greedy acting once epsilon has decayed
     "eps0": lambda task, base: {"exploration-final-eps": 0.0},
     # Polyak-averaged target network every env step (SB3/CleanRL-style soft update)
@@ -86,6 +91,11 @@ VARIANTS: dict[str, VariantFn] = {
     # learning rate linearly to 0 over the whole budget
     "lr-decay": lambda task, base: {"learning-rate-final": 0.0,
                                     "learning-rate-decay-steps": task.max_steps},
+    # learning rate linearly to a tenth over half the budget, then held: the unstable
+    # stretch after the first solve (40k-100k on CartPole) already runs at a lower rate
+    "lr-decay-fast": lambda task, base: {
+        "learning-rate-final": float(base.get("learning-rate", 5e-4)) / 10,
+        "learning-rate-decay-steps": task.max_steps // 2},
     # half the task's learning rate
     "lr-half": lambda task, base: {"learning-rate": float(base.get("learning-rate", 5e-4))
                                    / 2},

@@ -1,7 +1,7 @@
 """The learner's stability switches (issue 20): a linear learning-rate decay in env steps
-and TD targets clipped to the env's return bounds. Off by default, and then the learner
-takes exactly the steps it always took; on, each does what its key says on both backends
-(tests/test_numpy_backend.py holds the two backends' updates together)."""
+and TD targets clipped to the env's return bounds. Each does what its key says on both
+backends (tests/test_numpy_backend.py holds the two backends' updates together); clipping
+is on by default wherever the env's reward range is known (``td-target-clip = "auto"``)."""
 
 import numpy as np
 import pytest
@@ -73,7 +73,27 @@ def test_default_learner_never_touches_the_learning_rate():
     trainer.close()
 
 
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_auto_clips_exactly_where_the_reward_range_is_known(backend):
+    """The default clips CartPole's targets to [1, 100] and leaves an env with no known
+    range (LunarLander) unclipped instead of refusing it: users of either get a run."""
+    cartpole = LocalTrainer(FedqConfig.from_mapping({**QUICK, "backend": backend}), seed=0)
+    assert FedqConfig().td_target_clip == "auto"
+    assert cartpole.learner.target_bounds == pytest.approx((1.0, 100.0))
+    cartpole.close()
+    unclipped = LocalTrainer(FedqConfig.from_mapping(
+        {**QUICK, "backend": backend, "td-target-clip": False}), seed=0)
+    assert unclipped.learner.target_bounds is None
+    unclipped.close()
+    lunar = FedqConfig.from_mapping({"env-id": "LunarLander-v3"})
+    assert return_bounds(lunar.env_id, lunar.env_kwargs, lunar.gamma) is None
+
+
 def test_bad_settings_are_refused_naming_the_field():
+    with pytest.raises(ConfigError, match=r"'td-target-clip'.*auto"):
+        FedqConfig.from_mapping({"td-target-clip": "sometimes"})
+    with pytest.raises(ConfigError, match="'td-target-clip'"):
+        FedqConfig.from_mapping({"td-target-clip": 1})
     with pytest.raises(ConfigError, match=r"'td-target-clip'.*LunarLander-v3"):
         FedqConfig.from_mapping({"td-target-clip": True, "env-id": "LunarLander-v3"})
     with pytest.raises(ConfigError, match="'learning-rate-final'"):
