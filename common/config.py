@@ -134,9 +134,12 @@ class FedqConfig:
         0.0, "Adam learning rate at the end of the linear decay from learning-rate (used "
         "with learning-rate-decay-steps > 0)", _non_negative)
     learning_rate_decay_steps: int = _opt(
-        0, "env steps of the linear learning-rate decay from learning-rate to "
-        "learning-rate-final, counted by exploration-clock (0: constant learning-rate)",
-        _non_negative)
+        150_000, "env steps of the linear learning-rate decay from learning-rate to "
+        "learning-rate-final, counted by exploration-clock (0: constant learning-rate); "
+        "the default is CartPole's 150k budget, where a learner still taking full steps "
+        "loses what it learnt (simulations/results/stability_sweep_cartpole5): with the "
+        "default final rate of 0 a device stops learning after 150k steps, so a longer "
+        "run sets its own per-device budget here", _non_negative)
     gamma: float = _opt(0.99, "discount factor", _open_unit)
     buffer_size: int = _opt(50_000, "replay buffer capacity (transitions)", _at_least_one)
     buffer_memory_mb: float = _opt(

@@ -89,12 +89,20 @@ SCRIPTS = (
     Script("secagg", ("python -m fedq.simulations.bench_secagg",), 0.2,
            "rounds in Flower's simulation engine with and without SecAgg+"),
     Script("stability", (
+        # the first two ran when old-defaults were fedq's defaults (labelled "defaults",
+        # "eps0", ... in their committed results)
         "python -m fedq.simulations.sweep_stability --envs CartPole-v1 --variants "
-        "defaults,td-clip,eps0,td-clip+eps0,lr-decay,td-clip+lr-decay --seeds 3 --eval-every 5000 "
+        "old-defaults,old-defaults+td-clip,old-defaults+eps0,old-defaults+td-clip+eps0,"
+        "old-defaults+lr-decay,old-defaults+td-clip+lr-decay --seeds 3 --eval-every 5000 "
         "--results-name stability_sweep_quick",
         "python -m fedq.simulations.sweep_stability --envs CartPole-v1 --variants "
-        "defaults,eps0,lr-decay,td-clip+lr-decay --seeds 5 --eval-every 5000 "
-        "--results-name stability_sweep_quick5"), 1.5,
+        "old-defaults,old-defaults+eps0,old-defaults+lr-decay,old-defaults+td-clip+lr-decay "
+        "--seeds 5 --eval-every 5000 --results-name stability_sweep_quick5",
+        "python -m fedq.simulations.sweep_stability --envs CartPole-v1 --variants "
+        "td-clip+lr-decay,td-clip+lr-decay-fast,td-clip+polyak --seeds 5 --workers 2 "
+        "--results-name stability_sweep_cartpole5",
+        "python -m fedq.simulations.sweep_stability --envs Acrobot-v1 --variants "
+        "td-clip+lr-decay --seeds 5 --workers 2 --results-name stability_sweep_acrobot5"), 2.5,
            "its own parallel workers and cell cache (runs/sweep_stability/)"),
     Script("deployment", (
         "python -m fedq.simulations.bench_deployment --rounds 5 --local-steps 2000 --baseline",

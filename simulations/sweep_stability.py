@@ -77,6 +77,10 @@ Settings = dict[str, ConfigScalar]
 VariantFn = Callable[[Task, Settings], Settings]
 VARIANTS: dict[str, VariantFn] = {
     "defaults": lambda task, base: {},
+    # fedq's learner defaults before issue 20's remedies (3a539bd): the committed quick
+    # sweeps ran these as "defaults"; later variants in "old-defaults+x" override them
+    "old-defaults": lambda task, base: {"td-target-clip": False, "learning-rate-final": 0.0,
+                                        "learning-rate-decay-steps": 0},
     # TD targets clamped to the env's return bounds (CartPole: [1, 100])
     "td-clip": lambda task, base: {"td-target-clip": True},
     # TD targets never clamped (the default before issue 20's remedies; "auto" clips

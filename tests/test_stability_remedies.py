@@ -65,8 +65,11 @@ def test_learning_rate_decays_linearly_in_env_steps(backend):
     trainer.close()
 
 
-def test_default_learner_never_touches_the_learning_rate():
-    trainer = LocalTrainer(FedqConfig.from_mapping({**QUICK, "backend": "numpy"}), seed=0)
+def test_a_constant_learning_rate_is_never_touched():
+    """learning-rate-decay-steps = 0 takes exactly the steps the learner took before the
+    schedule existed (the trainer never calls set_learning_rate)."""
+    trainer = LocalTrainer(FedqConfig.from_mapping(
+        {**QUICK, "backend": "numpy", "learning-rate-decay-steps": 0}), seed=0)
     trainer.learner.set_learning_rate = None  # would raise if the trainer called it
     trainer.train(300)
     assert trainer.learner.learning_rate == 5e-4
