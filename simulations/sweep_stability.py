@@ -259,6 +259,9 @@ def main() -> None:
     parser.add_argument("--eval-episodes", type=int, default=10)
     parser.add_argument("--cache", type=Path, default=Path("runs/sweep_stability"))
     parser.add_argument("--results-name", type=results_name, default="stability_sweep")
+    parser.add_argument("--report", action="store_true",
+                        help="run nothing: write the results of the cells already cached "
+                             "and list the others as not run (an interrupted sweep)")
     args = parser.parse_args()
     if args.eval_episodes < 10:
         parser.error("--eval-episodes must be >= 10: fewer make a greedy return too noisy "
@@ -280,7 +283,8 @@ def main() -> None:
     for note in skipped:
         print(f"left out: {note}", flush=True)
     results, failed = list(cached.values()), []
-    if pending:
+    not_run = [f"{c.env_id} / {c.variant} seed {c.seed}" for c in pending] if args.report else []
+    if pending and not args.report:
         with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
             jobs = [(c, str(args.cache)) for c in pending]
             for result in pool.imap_unordered(run_and_cache, jobs):
@@ -310,10 +314,11 @@ def main() -> None:
     per_seed = markdown_table([{k: r[k] for k in per_seed_columns}
                                for runs in groups.values() for r in runs], per_seed_columns)
     notes = "".join(f"\nLeft out: {n}" for n in skipped) + "".join(
-        f"\nFailed: {n}" for n in failed)
+        f"\nFailed: {n}" for n in failed) + "".join(f"\nNot run (--report): {n}"
+                                                   for n in not_run)
     write_results(args.results_name, {
         "summary": summaries, "budgets": budgets, "eval-episodes": args.eval_episodes,
-        "skipped": skipped, "failed": failed,
+        "skipped": skipped, "failed": failed, "not-run": not_run,
         "runs": [r for runs in groups.values() for r in runs]},
         f"{table}\n\nPer seed:\n\n{per_seed}\n\nSolved = the third greedy evaluation in a "
         f"row (mean of {args.eval_episodes} episodes) at or above the goal; final = the "

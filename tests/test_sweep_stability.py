@@ -52,3 +52,27 @@ def test_a_cell_runs_and_caches_without_torch_or_flwr(tmp_path):
     assert report["peak-max-q"] > 0
     cached = json.loads(Path(report["path"]).read_text())
     assert cached["final-return"] == report["final-return"]
+
+
+def test_report_writes_the_cached_cells_and_names_the_rest_without_running_them(
+        tmp_path, monkeypatch):
+    """An interrupted sweep on a loaded machine still yields honest results: the finished
+    seeds, and which cells were never run."""
+    from fedq.simulations import results_io
+    from fedq.simulations.sweep_stability import main, run_and_cache
+
+    cache = tmp_path / "cache"
+    (seed0, seed1), _ = plan(["CartPole-v1"], ["td-clip"], 2, 0.004, 300, 10)
+    run_and_cache((seed0, str(cache)))
+    monkeypatch.setattr(results_io, "RESULTS_ROOT", tmp_path / "results")
+    monkeypatch.setattr(sys, "argv", [
+        "sweep_stability", "--envs", "CartPole-v1", "--variants", "td-clip", "--seeds", "2",
+        "--budget-scale", "0.004", "--eval-every", "300", "--cache", str(cache),
+        "--results-name", "probe", "--report"])
+    main()
+    payload = json.loads((tmp_path / "results" / "probe" / "results.json").read_text())
+    assert [r["seed"] for r in payload["runs"]] == [0]
+    assert payload["not-run"] == ["CartPole-v1 / td-clip seed 1"]
+    assert not seed1.path(cache).exists()
+    assert "Not run (--report): CartPole-v1 / td-clip seed 1" in (
+        tmp_path / "results" / "probe" / "results.md").read_text()
