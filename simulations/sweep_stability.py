@@ -18,8 +18,9 @@ as JSON under ``--cache`` (named by a digest of its settings), so an interrupted
 continues and a changed variant never reuses stale cells. Only numpy and gymnasium
 (+ box2d for LunarLander) are needed at run time; torch and flwr are never imported.
 The full sweep on a 16-core machine (installed with ``pip install -e ".[box2d]"``: no torch
-extra needed; 10 variants x 5 seeds x 3 envs, the td-clip variants left out for
-LunarLander, 135 cells):
+extra needed; 10 variants x 5 seeds x 3 envs, 150 cells; "defaults" are fedq's current
+ones, td-target-clip "auto" and the learning rate decaying to 0 over 150k env steps,
+"old-defaults" those before issue 20's remedies):
 
     python -m fedq.simulations.sweep_stability --workers 16
 
@@ -108,8 +109,8 @@ VARIANTS: dict[str, VariantFn] = {
     # a buffer that never forgets the early failures
     "buffer-all": lambda task, base: {"buffer-size": task.max_steps},
 }
-DEFAULT_VARIANTS = ("defaults", "td-clip", "eps0", "td-clip+eps0", "polyak", "lr-decay",
-                    "td-clip+lr-decay", "lr-half", "batch-2x", "buffer-all")
+DEFAULT_VARIANTS = ("defaults", "old-defaults", "no-td-clip", "lr-const", "lr-decay-fast",
+                    "eps0", "polyak", "lr-half", "batch-2x", "buffer-all")
 
 
 @dataclass(frozen=True)
