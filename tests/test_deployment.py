@@ -149,17 +149,6 @@ def secured(tmp_path_factory):
         yield topology
 
 
-def test_tls_and_node_auth_federation_trains(secured):
-    run_dir = secured.workdir / "run"
-    code = secured.submit(run_dir, {**RUN, "num-server-rounds": 2, "round-timeout": 120},
-                          log_name="submit.log")
-    assert code == 0, "see submit.log"
-    rows = _rows(run_dir / "metrics.jsonl")
-    assert [r["round"] for r in rows] == [1, 2]
-    assert all(r["train"]["clients"] == 3 for r in rows)
-    assert "insecure" not in secured.link.log_path.read_text().lower()
-
-
 def test_node_without_registered_key_is_refused(secured):
     rogue_key, _ = make_supernode_auth_keys(secured.workdir / "rogue", "rogue")
     rogue = start_supernode(secured.link, secured.workdir / "rogue",
@@ -173,8 +162,10 @@ def test_node_without_registered_key_is_refused(secured):
     assert "Failed to activate SuperNode" in log and "SuperNode ID" not in log
 
 
-def test_sequential_strategy_chains_real_supernodes_in_node_order(secured):
-    """Real devices have no partition id: the server queries them, then visits them in
+def test_tls_and_node_auth_federation_chains_real_supernodes_in_node_order(secured):
+    """Registered nodes train over TLS with node authentication, here with the sequential
+    strategy (one run for both: FedAvg's deployed rounds are the plain topology's tests).
+    Real devices have no partition id: the server queries them, then visits them in
     node-id order, each starting from the model the previous one trained (with the
     federation clock, its epsilon starts at the env steps already in that model)."""
     run_dir = secured.workdir / "run-sequential"
@@ -185,6 +176,9 @@ def test_sequential_strategy_chains_real_supernodes_in_node_order(secured):
                                     "exploration-steps": 4000}, log_name="submit-seq.log")
     assert code == 0, "see submit-seq.log"
     rows = _rows(run_dir / "metrics.jsonl")
+    assert [r["round"] for r in rows] == [1, 2]
+    assert all(r["train"]["clients"] == 3 for r in rows)
+    assert "insecure" not in secured.link.log_path.read_text().lower()
     assert [r["env-steps-federation-total"] for r in rows] == [3 * steps, 6 * steps]
     trained = sorted((r["round"], r["node-id"], r["epsilon"])
                      for r in _rows(run_dir / "clients.jsonl") if r["phase"] == "train")
