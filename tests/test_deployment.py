@@ -25,6 +25,13 @@ from fedq.simulations.flower_runtime import kill_serverapp, start_supernode
 
 pytestmark = pytest.mark.slow
 
+# The numpy learner: what is protected here (rounds, resume, power loss, TLS, auth,
+# node order) is the deployment's, not the learner's, and a torch device pays ~8 s of
+# torch imports per ClientApp process (docs/benchmarks.md, cost of a deployed round).
+# torch devices behind real SuperNodes: tests/test_edge_recipe.py and
+# test_curious_server_deployed.py.
+RUN = {**TINY_RUN, "backend": "numpy"}
+
 
 def _rows(path):
     if not path.exists():
@@ -53,7 +60,7 @@ def plain(tmp_path_factory):
 def plain_run(plain):
     """A 3-round run whose ServerApp is SIGKILLed after round 1, then resubmitted."""
     run_dir = plain.workdir / "run"
-    overrides = {**TINY_RUN, "num-server-rounds": 3, "round-timeout": 120}
+    overrides = {**RUN, "num-server-rounds": 3, "round-timeout": 120}
     outcome = {}
     first = threading.Thread(target=lambda: outcome.setdefault(
         "first", plain.submit(run_dir, overrides, log_name="submit-1.log")))
@@ -103,7 +110,7 @@ def test_server_crash_then_resume_continues_at_the_next_round(plain_run):
 def test_device_killed_mid_round_does_not_stall_and_rejoins_with_its_state(plain, plain_run):
     run_dir = plain_run[0]
     victim = plain.nodes["supernode-2"]
-    overrides = {**TINY_RUN, "num-server-rounds": 5, "round-timeout": 120, "resume": True}
+    overrides = {**RUN, "num-server-rounds": 5, "round-timeout": 120, "resume": True}
     offset = victim.log_path.stat().st_size
     outcome = {}
     run = threading.Thread(target=lambda: outcome.setdefault(
@@ -129,7 +136,7 @@ def test_device_killed_mid_round_does_not_stall_and_rejoins_with_its_state(plain
                if r["node-id"] == new_id and r["phase"] == "train"]
     assert [r["round"] for r in replies] == [5]
     # the restarted device loaded its replay buffer and counters from its state dir
-    assert replies[0]["env-steps-total"] == on_disk["env_steps"] + TINY_RUN["local-steps"]
+    assert replies[0]["env-steps-total"] == on_disk["env_steps"] + RUN["local-steps"]
     assert replies[0]["rounds-total"] == on_disk["rounds"] + 1
 
 
@@ -140,17 +147,6 @@ def secured(tmp_path_factory):
     tls = make_tls_files(workdir / "certs", sans=("superlink", "127.0.0.1"))
     with compose_topology(workdir, tls=tls, auth=True) as topology:
         yield topology
-
-
-def test_tls_and_node_auth_federation_trains(secured):
-    run_dir = secured.workdir / "run"
-    code = secured.submit(run_dir, {**TINY_RUN, "num-server-rounds": 2, "round-timeout": 120},
-                          log_name="submit.log")
-    assert code == 0, "see submit.log"
-    rows = _rows(run_dir / "metrics.jsonl")
-    assert [r["round"] for r in rows] == [1, 2]
-    assert all(r["train"]["clients"] == 3 for r in rows)
-    assert "insecure" not in secured.link.log_path.read_text().lower()
 
 
 def test_node_without_registered_key_is_refused(secured):
@@ -166,18 +162,23 @@ def test_node_without_registered_key_is_refused(secured):
     assert "Failed to activate SuperNode" in log and "SuperNode ID" not in log
 
 
-def test_sequential_strategy_chains_real_supernodes_in_node_order(secured):
-    """Real devices have no partition id: the server queries them, then visits them in
+def test_tls_and_node_auth_federation_chains_real_supernodes_in_node_order(secured):
+    """Registered nodes train over TLS with node authentication, here with the sequential
+    strategy (one run for both: FedAvg's deployed rounds are the plain topology's tests).
+    Real devices have no partition id: the server queries them, then visits them in
     node-id order, each starting from the model the previous one trained (with the
     federation clock, its epsilon starts at the env steps already in that model)."""
     run_dir = secured.workdir / "run-sequential"
-    steps = TINY_RUN["local-steps"]
-    code = secured.submit(run_dir, {**TINY_RUN, "num-server-rounds": 2, "round-timeout": 120,
+    steps = RUN["local-steps"]
+    code = secured.submit(run_dir, {**RUN, "num-server-rounds": 2, "round-timeout": 120,
                                     "strategy": "sequential",
                                     "exploration-clock": "federation",
                                     "exploration-steps": 4000}, log_name="submit-seq.log")
     assert code == 0, "see submit-seq.log"
     rows = _rows(run_dir / "metrics.jsonl")
+    assert [r["round"] for r in rows] == [1, 2]
+    assert all(r["train"]["clients"] == 3 for r in rows)
+    assert "insecure" not in secured.link.log_path.read_text().lower()
     assert [r["env-steps-federation-total"] for r in rows] == [3 * steps, 6 * steps]
     trained = sorted((r["round"], r["node-id"], r["epsilon"])
                      for r in _rows(run_dir / "clients.jsonl") if r["phase"] == "train")

@@ -6,7 +6,9 @@ chain. With ``fraction-train`` < 1 rounds take turns over the devices.
 
 The federation is an in-process stand-in for the SuperLink, as in
 tests/test_round_participation.py; the strategy code, screening, run directory and
-checkpoints are the real ones (tests/test_simulation.py runs it in Flower's engine)."""
+checkpoints are the real ones (tests/test_deployment.py runs it end to end with real
+SuperNodes; tests/test_exploration_clock.py has the ClientApp's query answer and its
+epsilon from the federation's step count)."""
 
 import numpy as np
 import pytest

@@ -11,7 +11,7 @@ import pytest
 
 from fedq.common.config import FedqConfig
 from fedq.common.trainer import LocalTrainer
-from fedq.simulations.run import main, ray_start_failed, resolve_run_config, simulate
+from fedq.simulations.run import main, ray_start_failed, resolve_run_config
 
 TINY = {"local-steps": 400, "learning-starts": 100, "batch-size": 32, "buffer-size": 2000,
         "hidden-sizes": "16,16", "eval-episodes": 2, "exploration-steps": 800}
@@ -147,27 +147,6 @@ def test_existing_run_is_not_overwritten_without_resume(tmp_path, capsys):
     assert main(["--run-dir", str(run_dir)]) == 2
     assert "config field 'run-dir'" in capsys.readouterr().err
     assert (run_dir / "metrics.jsonl").read_text() == '{"round": 1}\n'
-
-
-@pytest.mark.slow
-def test_sequential_strategy_chains_devices_in_partition_order_in_the_engine(tmp_path):
-    """Three devices, one round: partition p starts from a model that already learnt from
-    p x 400 env steps, so with the federation clock its epsilon schedule starts there."""
-    run_dir = tmp_path / "run"
-    _, run_config = resolve_run_config(
-        {**TINY, "num-server-rounds": 1, "run-dir": str(run_dir), "strategy": "sequential",
-         "exploration-clock": "federation", "exploration-steps": 2000}, clients=3)
-    result = simulate(run_config, clients=3, stream=False, timeout=300)
-    assert result.ok, result.output[-3000:]
-    (row,) = _rows(run_dir)
-    assert row["train"]["clients"] == 3 and row["env-steps-federation-total"] == 1200
-    assert row["env-steps-per-client-total"] == 400
-    trained = {r["partition-id"]: r for r in map(json.loads, (run_dir / "clients.jsonl").open())
-               if r["phase"] == "train"}
-    for partition, reply in trained.items():
-        start = 400 * partition  # the env steps of the devices visited before it
-        assert reply["epsilon"] == pytest.approx(1.0 - 0.98 * (start + 400) / 2000)
-        assert _device_steps(run_dir, partition) == (400, 400)  # its own steps: 400 each
 
 
 def test_ray_start_timeout_is_recognised_in_rays_own_words():
