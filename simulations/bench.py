@@ -131,9 +131,12 @@ def load_benchmarks() -> None:
 
 
 def _command(name: str, args: argparse.Namespace) -> str:
-    """The command that regenerates one benchmark's results exactly as this run did."""
-    flags = [name] + (["--quick"] if args.quick else []) + \
-        [f"--set={item}" for item in args.overrides]
+    """The command this run amounts to for one benchmark, every flag that was in effect
+    spelt out (``--workers`` too, even at its default), so a result file says exactly how
+    it was made; under ``all`` it is that benchmark's share of the run."""
+    flags = [name] + [flag for flag, on in (("--quick", args.quick), ("--fresh", args.fresh),
+                                            ("--report", args.report)) if on] + \
+        ["--workers", str(args.workers)] + [f"--set={item}" for item in args.overrides]
     return "python -m fedq.simulations.bench " + shlex.join(flags)
 
 
