@@ -55,7 +55,7 @@ from fedq.client.device import SEED_STRIDE
 from fedq.common.config import FedqConfig
 from fedq.common.envs import make_env
 from fedq.common.trainer import LocalTrainer
-from fedq.simulations.federated_cells import curve
+from fedq.simulations.federated_cell import curve
 from fedq.simulations.results_io import (
     RESULTS_ROOT,
     curve_summary,

@@ -247,8 +247,7 @@ def test_every_committed_result_folder_is_regenerated_by_bench_all():
     script_names = {s.name for s in bench.SCRIPTS}
     for folder in sorted(p.name for p in results.iterdir() if p.is_dir()):
         covered = (folder in BENCHMARKS or folder in script_names
-                   or f"--results-name {folder}" in commands
-                   or folder.startswith("federation-"))  # bench_federation's --set names
+                   or f"--results-name {folder}" in commands)
         assert covered, folder
 
 
