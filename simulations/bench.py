@@ -30,7 +30,7 @@ from fedq.simulations.harness import BENCHMARKS, HarnessError, run_benchmark
 PORTED = ("bench_dp_cost", "bench_speed", "bench_backend", "bench_export",
           "bench_robustness", "bench_communication", "privacy_sweep", "bench_scale",
           "privacy_gain", "bench_learning", "bench_federation",
-          "bench_federation_levers")
+          "bench_federation_levers", "bench_federation_pays")
 """Modules whose import registers their harness benchmarks."""
 
 
@@ -46,8 +46,6 @@ class Script:
 
 
 SCRIPTS = (
-    Script("federation_pays", ("python -m fedq.simulations.bench_federation_pays --seeds 3 "
-                               "--clients 4,8",), 3.0, "being changed on another branch"),
     Script("cnn", ("python -m fedq.simulations.bench_cnn",), 0.1,
            "needs the [pixels] extra; times torch CNN updates and the CarRacing loop"),
     Script("secagg", ("python -m fedq.simulations.bench_secagg",), 0.2,

@@ -62,7 +62,7 @@ def test_federated_runs_count_as_solved_at_the_third_round_in_a_row_at_the_goal(
     final and best return say what happened (issue 20's honest criterion)."""
     import json
 
-    from fedq.simulations.bench_federation_pays import federated_curve
+    from fedq.simulations.pays_cells import federated_curve
 
     returns = [100.0, 480.0, 120.0, 476.0, 500.0, None, 490.0, 300.0]
     rows = [{"round": i + 1, "env-steps-per-client-total": 2500.0 * (i + 1),
@@ -73,3 +73,41 @@ def test_federated_runs_count_as_solved_at_the_third_round_in_a_row_at_the_goal(
     # rounds 4, 5 and 7 in a row among the evaluated ones (round 6 had no evaluation)
     assert summary == {"goal": 475.0, "solved-at": 17500.0, "final-return": 300.0,
                        "best-return": 500.0}
+
+
+def test_federation_pays_runs_the_independent_agents_once_at_the_largest_n():
+    """Clients 0..3 of N = 8 are the N = 4 clients, so one independent cell per scenario and
+    seed serves both sizes (N = 4 reads its first 4 clients); federated and centralised
+    run per N."""
+    from fedq.simulations import bench_federation_pays as pays
+    from fedq.simulations.harness import resolve_params
+
+    params = resolve_params(pays.BENCHMARK, {"scenarios": "hetero_cartpole", "seeds": 1},
+                            quick=False)
+    cells = pays.cells(params)
+    assert sorted((c.params["method"], c.params["clients"]) for c in cells) == [
+        ("centralised", 4), ("centralised", 8), ("federated", 4), ("federated", 8),
+        ("independent", 8)]
+    assert all(len(c.params["scenario-sha"]) == 12 for c in cells)
+    fake = {"federated": {"federated": [1.0] * 4, "personalised": [2.0] * 4,
+                          "curve": {"solved-at": None, "final-return": 3.0,
+                                    "best-return": 4.0}},
+            "centralised": {"centralised": [5.0] * 4},
+            "independent": {"independent": [float(k) for k in range(8)],
+                            "independent-longer": [10.0 + k for k in range(8)]}}
+    results = pays.collect(params, [(c, fake[c.params["method"]]) for c in cells])
+    assert results[("hetero_cartpole", 4, 0)]["independent"] == [0.0, 1.0, 2.0, 3.0]
+    assert results[("hetero_cartpole", 8, 0)]["independent-longer"][-1] == 17.0
+    worst = {r["method"]: r["worst-client return"]
+             for r in pays.method_table(results, params) if r["N"] == 4}
+    assert worst == {"federated": 1.0, "personalised": 2.0, "independent": 0.0,
+                     "independent-longer": 10.0, "centralised": 5.0}
+
+
+def test_federation_pays_refuses_an_unknown_scenario_naming_it():
+    from fedq.simulations import bench_federation_pays as pays
+    from fedq.simulations.harness import HarnessError, resolve_params
+
+    params = resolve_params(pays.BENCHMARK, {"scenarios": "hetero_cartpol"}, quick=False)
+    with pytest.raises(HarnessError, match=r"scenarios: no scenario.*hetero_cartpol"):
+        pays.cells(params)
