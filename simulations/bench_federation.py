@@ -35,7 +35,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from fedq.common.config import ConfigScalar
+from fedq.common.config import ConfigScalar, FedqConfig
 from fedq.simulations.federated_cell import curve, federated_cell
 from fedq.simulations.harness import (
     Benchmark,
@@ -49,7 +49,7 @@ from fedq.simulations.harness import (
 )
 from fedq.simulations.privacy_sweep import learner_overrides
 from fedq.simulations.results_io import curve_summary, spread
-from fedq.simulations.run import resolve_run_config
+from fedq.simulations.run import app_defaults
 
 GOAL = 475.0
 
@@ -85,7 +85,9 @@ def _plan(params: Mapping[str, Any]) -> list[tuple[str, int, int, Cell]]:
     out = []
     for strategy in _strategies(params):
         settings = {**learner, **strategy_settings(strategy)}
-        resolve_run_config(settings, 1)
+        # validated as config alone (resolve_run_config would also refuse a default
+        # run-dir that already holds a run in the working directory)
+        FedqConfig.from_mapping({**app_defaults(), **settings})
         for n in clients:
             for seed in range(params["first-seed"], params["first-seed"] + params["seeds"]):
                 out.append((strategy, n, seed, federated_cell({
