@@ -29,7 +29,8 @@ from fedq.simulations.harness import BENCHMARKS, HarnessError, run_benchmark
 
 PORTED = ("bench_dp_cost", "bench_speed", "bench_backend", "bench_export",
           "bench_robustness", "bench_communication", "privacy_sweep", "bench_scale",
-          "privacy_gain", "bench_learning")
+          "privacy_gain", "bench_learning", "bench_federation",
+          "bench_federation_levers", "bench_federation_pays")
 """Modules whose import registers their harness benchmarks."""
 
 
@@ -44,46 +45,7 @@ class Script:
     why: str
 
 
-_LEVERS = "python -m fedq.simulations.bench_federation_levers"
-_FEDERATION = "python -m fedq.simulations.bench_federation"
 SCRIPTS = (
-    Script("federation", (
-        f"{_FEDERATION} --clients 1,2,4,8 --seeds 3",
-        f"{_FEDERATION} --clients 1,2,4,8 --seeds 5 --set strategy=sequential "
-        "--set exploration-clock=federation",
-        f"{_FEDERATION} --clients 1,2,4,8 --seeds 5 --set strategy=sequential "
-        "--set exploration-clock=federation --set learning-rate=0.002",
-        f"{_FEDERATION} --clients 1,4 --seeds 3 --local-steps 500 --max-rounds 120 "
-        "--set strategy=fedavgm --set server-momentum=0.5"), 4.5,
-        "being changed on another branch"),
-    Script("federation_levers", (
-        f"{_LEVERS} --seeds 3",
-        f"{_LEVERS} --levers fedavgm-0.8-500 --first-seed 3 --seeds 7 --workers 1 "
-        "--results-name federation_levers_fedavgm08_seeds3-9",
-        f"{_LEVERS} --levers fedavgm-0.9-500 --seeds 3 --workers 1 "
-        "--results-name federation_levers_fedavgm09",
-        f"{_LEVERS} --levers gs4-fedavg-250 --seeds 3 --results-name federation_levers_gs4",
-        f"{_LEVERS} --levers fedavg-250,lr1e-3-fedavg-250,lr2e-3-fedavg-250,server-lr-N-250 "
-        "--seeds 5 --results-name federation_levers_lr",
-        f"{_LEVERS} --levers lr1e-3-fedavg-250 --seeds 10 --results-name "
-        "federation_levers_lr1e-3",
-        f"{_LEVERS} --levers lr1e-3-fedavg-250 --clients 4 --seeds 10 --max-steps 12000 "
-        "--keep-training --results-name federation_levers_lr1e-3_past_goal",
-        f"{_LEVERS} --levers server-lr-sqrtN-sync10,server-lr-N-sync10,lr1e-3-fedavg-2500,"
-        "lr1e-3-slow-eps-fedavg-250 --seeds 5 --results-name federation_levers_more",
-        f"{_LEVERS} --levers fedavgm-0.8-500,server-lr-2-2500 --seeds 3 --results-name "
-        "federation_levers_oneoffs",
-        f"{_LEVERS} --levers sequential-2500,lr2e-3-sequential-2500 --clients 1,4 --seeds 10 "
-        "--workers 1 --results-name federation_levers_sequential",
-        f"{_LEVERS} --levers sequential-500,lr2e-3-sequential-500 --clients 1,4 --seeds 10 "
-        "--workers 1 --results-name federation_levers_sequential_500",
-        f"{_LEVERS} --levers lr2e-3-sequential-500-fresh-adam --clients 1,4 --seeds 10 "
-        "--workers 2 --results-name federation_levers_sequential_500_fresh_adam",
-        f"{_LEVERS} --levers device-clock-sequential-2500 --clients 4 --seeds 3 "
-        "--max-steps 25000 --workers 2 --results-name "
-        "federation_levers_sequential_device_clock"), 4.5, "being changed on another branch"),
-    Script("federation_pays", ("python -m fedq.simulations.bench_federation_pays --seeds 3 "
-                               "--clients 4,8",), 3.0, "being changed on another branch"),
     Script("cnn", ("python -m fedq.simulations.bench_cnn",), 0.1,
            "needs the [pixels] extra; times torch CNN updates and the CarRacing loop"),
     Script("secagg", ("python -m fedq.simulations.bench_secagg",), 0.2,
@@ -137,9 +99,12 @@ def load_benchmarks() -> None:
 
 
 def _command(name: str, args: argparse.Namespace) -> str:
-    """The command that regenerates one benchmark's results exactly as this run did."""
-    flags = [name] + (["--quick"] if args.quick else []) + \
-        [f"--set={item}" for item in args.overrides]
+    """The command this run amounts to for one benchmark, every flag that was in effect
+    spelt out (``--workers`` too, even at its default), so a result file says exactly how
+    it was made; under ``all`` it is that benchmark's share of the run."""
+    flags = [name] + [flag for flag, on in (("--quick", args.quick), ("--fresh", args.fresh),
+                                            ("--report", args.report)) if on] + \
+        ["--workers", str(args.workers)] + [f"--set={item}" for item in args.overrides]
     return "python -m fedq.simulations.bench " + shlex.join(flags)
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from fedq.simulations.bench_robustness import CLIENTS, cell_config
-from fedq.simulations.federated_cells import curve, federated_cell, mean_over_rounds
+from fedq.simulations.federated_cell import curve, federated_cell, mean_over_rounds
 from fedq.simulations.harness import (
     Benchmark,
     Cell,

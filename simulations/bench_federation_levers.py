@@ -1,243 +1,82 @@
 """Which aggregation settings could make N devices need fewer env steps each? A fast probe.
 
-``bench_federation`` answers "does federation pay" with real runs in Flower's simulation
-engine, at minutes per cell; trying a lever there costs an hour. This probe replays the same
-round loop in one process, on the same :class:`common.trainer.LocalTrainer` the devices
-run, so a lever can be tried over several seeds in minutes:
+Each cell is one (lever, N, seed) run of the in-process round loop of
+:mod:`simulations.levers_cell` (the devices' own ``LocalTrainer``, FedAvg or a variant,
+no Flower): per-device env steps until the global model's greedy return is at 475 on three
+evaluations in a row, beside its final and best return. A lever's N = 1 row is its own
+baseline (its settings change every device alike).
 
-- every round, each of the N devices (seeds ``seed + 1000 i``, as in the simulation engine)
-  loads the global weights into its online network (and into its target network, as the
-  ClientApp does, unless the variant says otherwise), trains ``local_steps`` env steps and
-  returns its weights; its replay buffer, optimiser and epsilon carry over, as on a device;
-- the server moves the global weights by ``server_lr`` times the mean update
-  ``mean_i(w_i) - w_global`` (FedAvg is ``server_lr = 1``; devices have equal weight, as
-  homogeneous devices with equal env steps have in FedAvg), or, with a server momentum
-  ``beta``, by ``server_lr`` times ``v = beta v + (mean - w_global)`` as the ``fedavgm``
-  strategy does;
-- or, with the ``sequential`` strategy, each device trains the previous device's result
-  (server/sequential.py) and the last one's weights are the global model;
-- every 500 env steps per device the global model plays 24 greedy episodes; a cell's result
-  is the per-device env steps at the third evaluation in a row whose mean return reaches
-  475 (:func:`simulations.results_io.solved_at`), beside its final and its best return
-  (``first_at_goal`` keeps the first evaluation at the goal, the old result).
+    python -m fedq.simulations.bench federation_levers --workers 2
+    python -m fedq.simulations.bench federation_levers --set levers=lr1e-3-fedavg-250 \
+        --set seeds=10 --set clients=4 --set max-steps=12000 --set keep-training=true
 
-What it leaves out on purpose: messages, serialisation, device-state files (none of them
-change what is learnt). It is a probe for levers, not a replacement for the benchmark's
-numbers, which come from Flower.
-
-    python -m fedq.simulations.bench_federation_levers --seeds 3
+``levers``: comma-separated names from :data:`simulations.levers_cell.LEVERS`, or ``all``.
+``keep-training``: train every cell to ``max-steps`` even once solved (the result is still
+when it was solved; the final return and the curve show whether it stays solved).
 """
 
 from __future__ import annotations
 
-import argparse
 import statistics
-from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
-from fedq.common.config import FedqConfig
-from fedq.common.network_registry import build_network
-from fedq.common.networks import NumpyPolicy
-from fedq.common.rollouts import play_episodes
-from fedq.common.trainer import LocalTrainer
-from fedq.simulations.results_io import (
-    curve_summary,
-    markdown_table,
-    results_name,
-    spread,
-    write_results,
+from fedq.simulations.harness import (
+    Benchmark,
+    Cell,
+    Done,
+    HarnessError,
+    Summary,
+    register_benchmark,
 )
-
-GOAL = 475.0
-EVAL_EVERY = 500
-EVAL_EPISODES = 24
-
-
-@dataclass(frozen=True)
-class Lever:
-    """One way of running the round loop; ``server_lr`` maps N to the server's step and
-    ``overrides`` (kebab-case config keys) change every device's learner alike, N = 1
-    included, so each lever's N = 1 row is its own baseline."""
-
-    local_steps: int
-    server_lr: Callable[[int], float]
-    target_from_global: bool = True
-    meaning: str = ""
-    overrides: dict[str, Any] = field(default_factory=dict)
-    server_momentum: float = 0.0
-    sequential: bool = False  # the sequential strategy: devices train one after another
-    fresh_optimizer: bool = False  # each device's Adam state starts afresh every round
+from fedq.simulations.levers_cell import (
+    EVAL_EPISODES,
+    EVAL_EVERY,
+    GOAL,
+    LEVERS,
+    LEVERS_RUN,
+)
+from fedq.simulations.results_io import spread
 
 
-def server_step(global_weights: dict[str, torch.Tensor], updates: list[dict[str, torch.Tensor]],
-                server_lr: float, momentum: float, velocity: dict[str, torch.Tensor]) -> None:
-    """Move ``global_weights`` in place by ``server_lr`` times the mean update, or times
-    the momentum ``velocity`` (updated in place, zeros before the first round) that the
-    mean update feeds, as Flower's FedAvgM does."""
-    for key, value in global_weights.items():
-        mean = sum(u[key] for u in updates) / len(updates)
-        if server_lr == 1 and momentum == 0:
-            global_weights[key] = mean  # FedAvg: the mean itself, not value + (mean - value)
-            continue
-        step = mean - value
-        if momentum:
-            velocity[key] = momentum * velocity[key] + step
-            step = velocity[key]
-        global_weights[key] = value + server_lr * step
+def _levers(params: Mapping[str, Any]) -> list[str]:
+    text = str(params["levers"])
+    names = list(LEVERS) if text == "all" else [n.strip() for n in text.split(",")
+                                                 if n.strip()]
+    unknown = [n for n in names if n not in LEVERS]
+    if unknown or not names:
+        raise HarnessError(f"levers: unknown {unknown or text!r}; 'all' or from "
+                           f"{', '.join(LEVERS)}")
+    return names
 
 
-def _one(_: int) -> float:
-    return 1.0
+def _clients(params: Mapping[str, Any]) -> list[int]:
+    try:
+        clients = [int(n) for n in str(params["clients"]).split(",")]
+    except ValueError:
+        raise HarnessError(f"clients: expected comma-separated integers, got "
+                           f"{params['clients']!r}") from None
+    if min(clients) < 1:
+        raise HarnessError(f"clients: every N must be >= 1, got {params['clients']!r}")
+    return clients
 
 
-def _sqrt(n: int) -> float:
-    return n ** 0.5
+def cells(params: Mapping[str, Any]) -> list[Cell]:
+    """One cell per (lever, N, seed), lever-major; bad parameters fail here, naming them."""
+    if params["max-steps"] < EVAL_EVERY:
+        raise HarnessError(f"max-steps: must be >= {EVAL_EVERY} (one evaluation), got "
+                           f"{params['max-steps']}")
+    if params["seeds"] < 1 or params["first-seed"] < 0:
+        raise HarnessError("seeds must be >= 1 and first-seed >= 0")
+    seeds = range(params["first-seed"], params["first-seed"] + params["seeds"])
+    return [Cell(LEVERS_RUN, {"lever": lever, "clients": n, "seed": seed,
+                              "max-steps": params["max-steps"],
+                              "stop-at-goal": not params["keep-training"]})
+            for lever in _levers(params) for n in _clients(params) for seed in seeds]
 
 
-def _n(n: int) -> float:
-    return float(n)
-
-
-def _two(_: int) -> float:
-    return 2.0
-
-
-LEVERS: dict[str, Lever] = {
-    "fedavg-500": Lever(500, _one, meaning="FedAvg every 500 env steps"),
-    "fedavg-250": Lever(250, _one, meaning="FedAvg every 250 env steps (= target interval)"),
-    "fedavg-10-sync": Lever(
-        10, _one, target_from_global=False,
-        meaning="FedAvg every 10 env steps, targets on the devices' own 250-step schedule: "
-                "close to synchronous data-parallel training with an N-times larger batch"),
-    "server-lr-sqrtN-250": Lever(
-        250, _sqrt, meaning="every 250 steps, server step sqrt(N) times the mean update "
-                            "(the noise of N averaged updates shrinks by sqrt(N))"),
-    "server-lr-N-250": Lever(
-        250, _n, meaning="every 250 steps, the server adds the devices' updates up (step N "
-                         "times the mean), as one learner taking all N devices' updates would"),
-    "server-lr-sqrtN-sync10": Lever(
-        10, _sqrt, target_from_global=False,
-        meaning="every 10 env steps, server step sqrt(N) times the mean update, targets on "
-                "the devices' own 250-step schedule"),
-    "server-lr-N-sync10": Lever(
-        10, _n, target_from_global=False,
-        meaning="every 10 env steps, the sum of the devices' updates, targets on the "
-                "devices' own 250-step schedule"),
-    "lr1e-3-fedavg-2500": Lever(
-        2500, _one, overrides={"learning-rate": 1e-3},
-        meaning="FedAvg every 2,500 env steps (bench_federation's round), device learning "
-                "rate 1e-3"),
-    "lr1e-3-slow-eps-fedavg-250": Lever(
-        250, _one, overrides={"learning-rate": 1e-3, "exploration-steps": 30_000},
-        meaning="FedAvg every 250 env steps, device learning rate 1e-3, epsilon decayed over "
-                "30,000 env steps (default 10,000)"),
-    "fedavgm-0.8-500": Lever(
-        500, _one, server_momentum=0.8,
-        meaning="every 500 env steps, server momentum 0.8 on the mean update (FedAvgM)"),
-    "fedavgm-0.9-500": Lever(
-        500, _one, server_momentum=0.9,
-        meaning="every 500 env steps, server momentum 0.9 on the mean update (FedAvgM)"),
-    "server-lr-2-2500": Lever(
-        2500, _two, meaning="every 2,500 env steps (bench_federation's round), server step "
-                            "twice the mean update, for every N"),
-    "gs4-fedavg-250": Lever(
-        250, _one, overrides={"gradient-steps": 4},
-        meaning="FedAvg every 250 env steps, 4 gradient steps per env step (default 1)"),
-    "lr1e-3-fedavg-250": Lever(
-        250, _one, overrides={"learning-rate": 1e-3},
-        meaning="FedAvg every 250 env steps, device learning rate 1e-3 (default 5e-4)"),
-    "lr2e-3-fedavg-250": Lever(
-        250, _one, overrides={"learning-rate": 2e-3},
-        meaning="FedAvg every 250 env steps, device learning rate 2e-3 (default 5e-4)"),
-    "sequential-2500": Lever(
-        2500, _one, sequential=True, overrides={"exploration-clock": "federation"},
-        meaning="strategy sequential (each device trains the previous device's result, "
-                "2,500 env steps each per round), epsilon on the federation clock"),
-    "device-clock-sequential-2500": Lever(
-        2500, _one, sequential=True,
-        meaning="strategy sequential, 2,500 env steps per device and round, epsilon on each "
-                "device's own clock (the default exploration-clock)"),
-    "sequential-500": Lever(
-        500, _one, sequential=True, overrides={"exploration-clock": "federation"},
-        meaning="strategy sequential, 500 env steps per device and round, epsilon on the "
-                "federation clock"),
-    "lr2e-3-sequential-500": Lever(
-        500, _one, sequential=True,
-        overrides={"exploration-clock": "federation", "learning-rate": 2e-3},
-        meaning="strategy sequential, 500 env steps per device and round, device learning "
-                "rate 2e-3"),
-    "lr2e-3-sequential-500-fresh-adam": Lever(
-        500, _one, sequential=True, fresh_optimizer=True,
-        overrides={"exploration-clock": "federation", "learning-rate": 2e-3},
-        meaning="as lr2e-3-sequential-500, each device's Adam moments reset at every visit"),
-    "lr2e-3-sequential-2500": Lever(
-        2500, _one, sequential=True,
-        overrides={"exploration-clock": "federation", "learning-rate": 2e-3},
-        meaning="strategy sequential as above, device learning rate 2e-3 (the best lone-"
-                "device rate this probe found)"),
-}
-
-
-def run_cell(lever_name: str, clients: int, seed: int, max_steps: int,
-             stop_at_goal: bool = True) -> dict[str, Any]:
-    """Per-device env steps until the global model's greedy return is at the goal three
-    evaluations in a row (``solved_at``); with ``stop_at_goal`` off, training goes on to
-    ``max_steps`` so the curve and the final return show whether it stays solved."""
-    torch.set_num_threads(1)
-    lever = LEVERS[lever_name]
-    config = FedqConfig().with_overrides(lever.overrides)
-    devices = [LocalTrainer(config, seed=seed + 1000 * i) for i in range(clients)]
-    global_weights = {k: v.clone() for k, v in devices[0].learner.online.state_dict().items()}
-    online = devices[0].learner.online
-    # the global model is evaluated as the ClientApp does: a network and its numpy policy
-    # (which reads the network's parameters in place), no trainer or replay buffer
-    global_net = build_network(config, online.obs_dim, online.n_actions, "torch")
-    greedy = NumpyPolicy(global_net).act
-    server_lr = lever.server_lr(clients)
-    velocity = {k: torch.zeros_like(v) for k, v in global_weights.items()}
-    federation_clock = config.exploration_clock == "federation"
-    steps, federation_steps, solved, curve, points = 0, 0, None, [], []
-    while steps < max_steps and (solved is None or not stop_at_goal):
-        updates = []
-        round_start = federation_steps
-        for device in devices:
-            device.learner.load_online(global_weights, sync_target=lever.target_from_global)
-            if lever.fresh_optimizer:
-                device.learner.optimizer.state.clear()
-            device.train(lever.local_steps, exploration_start=(
-                (federation_steps if lever.sequential else round_start)
-                if federation_clock else None))
-            federation_steps += lever.local_steps
-            if lever.sequential:  # the next device starts from this one's result
-                global_weights = {k: v.clone() for k, v in
-                                  device.learner.online.state_dict().items()}
-            else:
-                updates.append(device.learner.online.state_dict())
-        steps += lever.local_steps
-        if updates:
-            server_step(global_weights, updates, server_lr, lever.server_momentum, velocity)
-        if steps % EVAL_EVERY == 0:
-            global_net.load_state_dict(global_weights)
-            score = float(np.mean(play_episodes(greedy, config.env_id, EVAL_EPISODES,
-                                                seed=10**6 + seed + steps)))
-            curve.append(round(score, 1))
-            points.append((steps, score))
-            solved = curve_summary(points, GOAL)["solved-at"]
-    for device in devices:
-        device.close()
-    summary = curve_summary(points, GOAL)
-    return {"lever": lever_name, "clients": clients, "seed": seed, "solved_at": solved,
-            "first_at_goal": next((s for s, r in points if r >= GOAL), None),
-            "final_return": summary["final-return"], "best_return": summary["best-return"],
-            "steps": steps, "curve": curve}
-
-
-def summarise(cells: list[dict[str, Any]], max_steps: int) -> list[dict[str, Any]]:
+def table(cells: list[dict[str, Any]], max_steps: int) -> list[dict[str, Any]]:
     """One row per lever and N: per-seed results, median (unsolved counted as the cap)
     and the ratio to N = 1 under the same lever."""
     rows = []
@@ -263,69 +102,52 @@ def summarise(cells: list[dict[str, Any]], max_steps: int) -> list[dict[str, Any
     return rows
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--first-seed", type=int, default=0)
-    parser.add_argument("--clients", default="1,4", help="comma-separated N values")
-    parser.add_argument("--levers", default=",".join(LEVERS),
-                        help=f"comma-separated, from {', '.join(LEVERS)}")
-    parser.add_argument("--max-steps", type=int, default=50_000,
-                        help="per-device env steps after which a cell counts as unsolved")
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--keep-training", action="store_true",
-                        help="train every cell to --max-steps even after it is solved "
-                             "(the result is still when it was solved; the final return "
-                             "and the curve show whether the model stays solved)")
-    parser.add_argument("--results-name", default="federation_levers", type=results_name,
-                        help="folder under simulations/results/ for this run's files")
-    args = parser.parse_args(argv)
-    levers = args.levers.split(",")
-    unknown = sorted(set(levers) - set(LEVERS))
-    if unknown:
-        parser.error(f"--levers: unknown {unknown}; choose from {', '.join(LEVERS)}")
-    try:
-        clients = [int(n) for n in args.clients.split(",")]
-    except ValueError:
-        parser.error(f"--clients: expected comma-separated integers, got {args.clients!r}")
-    if min(clients) < 1:
-        parser.error(f"--clients: every N must be >= 1, got {args.clients!r}")
-    if args.seeds < 1 or args.workers < 1:
-        parser.error("--seeds and --workers must be >= 1")
-    if args.first_seed < 0:
-        parser.error(f"--first-seed: must be >= 0, got {args.first_seed}")
-    if args.max_steps < EVAL_EVERY:
-        parser.error(f"--max-steps: must be >= {EVAL_EVERY} (one evaluation), "
-                     f"got {args.max_steps}")
-    jobs = [(lever, n, seed, args.max_steps, not args.keep_training)
-            for lever in levers for n in clients
-            for seed in range(args.first_seed, args.first_seed + args.seeds)]
-    with ProcessPoolExecutor(args.workers) as pool:
-        futures = [pool.submit(run_cell, *job) for job in jobs]
-        cells = []
-        for future in futures:
-            cells.append(future.result())
-            c = cells[-1]
-            print(f"{c['lever']} N={c['clients']} seed {c['seed']}: solved at "
-                  f"{c['solved_at']} (last returns {c['curve'][-5:]})", flush=True)
-    rows = summarise(cells, args.max_steps)
-    columns = ["lever", "N", "per seed", "solved", "median", "vs N=1", "final", "best"]
-    table = markdown_table(rows, columns)
-    print(table)
-    legend = "\n".join(f"- `{name}`: {LEVERS[name].meaning}" for name in levers)
-    write_results(args.results_name, {"goal": GOAL, "eval_every": EVAL_EVERY,
-                                        "eval_episodes": EVAL_EPISODES,
-                                        "max_steps": args.max_steps,
-                                        "keep_training": args.keep_training, "rows": rows,
-                                        "cells": cells},
-                  table + "\n\nPer-device env steps until the global model's mean greedy "
-                  f"return over {EVAL_EPISODES} episodes reaches {GOAL:g} on three "
-                  f"evaluations in a row (evaluated every {EVAL_EVERY} steps); unsolved "
-                  "cells count as the cap in the median. Final and best: the last and the "
-                  "best evaluation of the cell, median [min, max] over seeds (the final "
-                  "return is the solved one unless --keep-training).\n\n"
-                  + legend)
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Median per-device env steps to solved per lever, one bar per N."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    levers = list(dict.fromkeys(r["lever"] for r in rows))
+    sizes = sorted({r["N"] for r in rows})
+    width = 0.8 / len(sizes)
+    fig, ax = plt.subplots(figsize=(8, 0.4 * len(levers) + 1.5))
+    for k, n in enumerate(sizes):
+        mine = {r["lever"]: r["median"] for r in rows if r["N"] == n}
+        ys = [i + (k - (len(sizes) - 1) / 2) * width for i in range(len(levers))]
+        ax.barh(ys, [mine.get(lever, 0) for lever in levers], width, label=f"N={n}")
+    ax.set_yticks(range(len(levers)), levers, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("median env steps per device to solved (unsolved: the cap)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
-if __name__ == "__main__":
-    main()
+def summarise(params: Mapping[str, Any], done: Done) -> Summary:
+    runs = [result for _, result in done]
+    rows = table(runs, params["max-steps"])
+    legend = "\n".join(f"- `{name}`: {LEVERS[name].meaning}" for name in _levers(params))
+    text = (f"Per-device env steps until the global model's mean greedy return over "
+            f"{EVAL_EPISODES} episodes reaches {GOAL:g} on three evaluations in a row "
+            f"(evaluated every {EVAL_EVERY} steps); unsolved cells count as the cap "
+            f"({params['max-steps']:,}) in the median. Final and best: the last and the "
+            "best evaluation of the cell, median [min, max] over seeds (the final return is "
+            "the solved one unless keep-training).\n\n" + legend)
+    return Summary(rows, ["lever", "N", "per seed", "solved", "median", "vs N=1", "final",
+                          "best"], text, payload={"goal": GOAL, "eval-every": EVAL_EVERY,
+                                                  "eval-episodes": EVAL_EPISODES,
+                                                  "runs": runs},
+                   plot=lambda path: plot(rows, path))
+
+
+BENCHMARK = register_benchmark(Benchmark(
+    "federation_levers", "in-process probe of aggregation levers: per-device env steps to "
+    "solved (3 in a row), N=1 vs N=4",
+    defaults={"levers": "all", "clients": "1,4", "seeds": 3, "first-seed": 0,
+              "max-steps": 50_000, "keep-training": False},
+    quick={"levers": "fedavg-500", "clients": "1", "seeds": 1, "max-steps": 500},
+    cells=cells, summarise=summarise, plot_name="levers.png"))

@@ -12,7 +12,7 @@ mod only simulations add; the product has no attack setting). Each attack runs t
 FedAvg with ``validate-updates = false`` (the contrast: what happens without the
 defences) and ``validate-updates = true`` with a robust strategy (parameter
 ``strategy``, default FedTrimmedAvg). The score is the mean greedy return of the global
-model's last 3 checkpoints, 10 episodes each (:mod:`simulations.federated_cells`); target:
+model's last 3 checkpoints, 10 episodes each (:mod:`simulations.federated_cell`); target:
 defended runs within 5% of the clean run.
 
     python -m fedq.simulations.bench robustness             # the committed results
@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from fedq.simulations.attacks import Attack
-from fedq.simulations.federated_cells import curve, federated_cell, mean_over_rounds
+from fedq.simulations.federated_cell import curve, federated_cell, mean_over_rounds
 from fedq.simulations.harness import (
     Benchmark,
     Cell,

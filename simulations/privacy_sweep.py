@@ -33,7 +33,7 @@ from typing import Any
 
 from fedq.common.config import ConfigScalar, parse_assignment
 from fedq.common.privacy import epsilon_of
-from fedq.simulations.federated_cells import federated_cell
+from fedq.simulations.federated_cell import federated_cell
 from fedq.simulations.harness import (
     Benchmark,
     Cell,

@@ -170,7 +170,7 @@ def test_no_product_module_imports_the_simulation_layer():
 def test_benchmark_cells_cached_with_the_old_attack_keys_still_score(tmp_path):
     """Cells cached before attacks left the product config keep ``attack`` keys in their
     config.json; the benchmarks reuse them rather than failing on an unknown key."""
-    from fedq.simulations.federated_cells import checkpoint_score
+    from fedq.simulations.federated_cell import checkpoint_score
 
     config = {**FedqConfig().to_mapping(), "hidden-sizes": "8", "attack": "nan",
               "attack-partitions": "4", "attack-scale": 10.0}

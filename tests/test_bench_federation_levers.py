@@ -1,8 +1,6 @@
 """The federation-levers probe replays fedq's round loop faithfully enough to compare
 levers: one device that gets its own weights back every round is plain local training,
-and bad arguments fail before any cell runs."""
-
-import sys
+and bad parameters fail naming the parameter before any cell runs."""
 
 import numpy as np
 import pytest
@@ -11,7 +9,10 @@ import torch
 from fedq.common.config import FedqConfig
 from fedq.common.rollouts import play_episodes
 from fedq.common.trainer import LocalTrainer
-from fedq.simulations import bench_federation_levers as levers
+from fedq.simulations import bench_federation_levers as bench_levers
+from fedq.simulations import levers_cell as levers
+from fedq.simulations.harness import HarnessError, resolve_params
+from fedq.simulations.results_io import markdown_table
 
 
 def test_one_device_that_keeps_its_target_is_plain_local_training():
@@ -42,22 +43,26 @@ def test_keep_training_goes_on_past_the_goal_and_still_reports_when_it_was_solve
     assert len(cell["curve"]) == steps // levers.EVAL_EVERY
 
 
-@pytest.mark.parametrize(("argv", "flag"), [
-    (["--levers", "fedavg-500,fedsgd"], "--levers"),
-    (["--clients", "1,four"], "--clients"),
-    (["--clients", "0,4"], "--clients"),
-    (["--max-steps", "100"], "--max-steps"),
-    (["--seeds", "0"], "--seeds"),
-    (["--workers", "0"], "--workers"),
-    (["--first-seed", "-1"], "--first-seed"),
-    (["--results-name", "../elsewhere"], "--results-name"),
+@pytest.mark.parametrize(("overrides", "name"), [
+    ({"levers": "fedavg-500,fedsgd"}, "levers"),
+    ({"clients": "1,four"}, "clients"),
+    ({"clients": "0,4"}, "clients"),
+    ({"max-steps": 100}, "max-steps"),
+    ({"seeds": 0}, "seeds"),
+    ({"first-seed": -1}, "first-seed"),
 ])
-def test_bad_arguments_fail_naming_the_flag_before_any_cell(argv, flag, monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["bench_federation_levers", *argv])
-    monkeypatch.setattr(levers, "run_cell", pytest.fail)  # no cell may start
-    with pytest.raises(SystemExit):
-        levers.main()
-    assert flag in capsys.readouterr().err
+def test_bad_parameters_fail_naming_the_parameter_before_any_cell(overrides, name):
+    params = resolve_params(bench_levers.BENCHMARK, overrides, quick=False)
+    with pytest.raises(HarnessError, match=name):
+        bench_levers.cells(params)
+
+
+def test_all_levers_expand_to_every_lever_for_every_n_and_seed():
+    params = resolve_params(bench_levers.BENCHMARK, {}, quick=False)
+    cells = bench_levers.cells(params)
+    assert len(cells) == len(levers.LEVERS) * 2 * 3  # N = 1, 4; 3 seeds
+    assert {c.params["lever"] for c in cells} == set(levers.LEVERS)
+    assert all(c.params["stop-at-goal"] for c in cells)
 
 
 @pytest.mark.parametrize("name", sorted(levers.LEVERS))
@@ -86,6 +91,6 @@ def test_server_step_with_momentum_is_fedavgm_and_without_is_the_exact_mean():
 
 def test_a_run_without_one_device_has_no_ratio_rather_than_nan():
     cells = [{"lever": "fedavg-500", "clients": 4, "seed": 0, "solved_at": 500}]
-    (row,) = levers.summarise(cells, max_steps=1000)
+    (row,) = bench_levers.table(cells, max_steps=1000)
     assert row["vs N=1"] is None
-    assert "| - |" in levers.markdown_table([row], ["median", "vs N=1"])
+    assert "| - |" in markdown_table([row], ["median", "vs N=1"])

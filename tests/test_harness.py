@@ -199,13 +199,35 @@ def test_bench_quick_runs_the_dp_cost_benchmark_end_to_end(tmp_path, monkeypatch
     assert bench.main(["dp_cost", "--quick"]) == 0
     folder = tmp_path / "runs" / "harness" / "quick" / "dp_cost"
     record = json.loads((folder / "results.json").read_text())
-    assert record["command"] == "python -m fedq.simulations.bench dp_cost --quick"
+    assert record["command"] == "python -m fedq.simulations.bench dp_cost --quick --workers 1"
     updates = {row["update"]: row for row in record["summary"]}
     assert updates["non-private (DQNLearner)"]["x non-private"] == 1.0
     assert updates["fedq closed-form per-sample norms"]["updates timed"] == 20
     assert (folder / "plot.png").stat().st_size > 1000
     assert bench.main(["dp_cost", "--quick"]) == 0  # the second time from the cache
     assert "1 cells, 1 cached, 0 to run" in capsys.readouterr().out
+
+
+def test_results_stamp_every_flag_the_command_ran_with(probe, tmp_path, monkeypatch):
+    """The stamped command is the run's own: --quick, --fresh, --report, --workers and
+    each --set, so pasting it reproduces the result (a stamp without --workers 2 or a
+    --set would claim defaults the numbers did not come from)."""
+    module, _, overrides = probe
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(BENCHMARKS, "probe", module.BENCHMARK)
+    log = 'log="' + overrides["log"] + '"'
+    assert bench.main(["probe", "--quick", "--fresh", "--workers", "2", "--set", "scale=5",
+                       "--set", log]) == 0
+    folder = tmp_path / "runs" / "harness" / "quick" / "probe"
+    stamped = json.loads((folder / "results.json").read_text())["command"]
+    assert stamped == ("python -m fedq.simulations.bench probe --quick --fresh --workers 2 "
+                       f"--set=scale=5 '--set={log}'")
+    assert f"Command: `{stamped}`" in (folder / "results.md").read_text()
+    assert bench.main(["probe", "--quick", "--report", "--set", "scale=5", "--set", log]) == 0
+    stamped = json.loads((folder / "results.json").read_text())["command"]
+    assert stamped == ("python -m fedq.simulations.bench probe --quick --report --workers 1 "
+                       f"--set=scale=5 '--set={log}'")
+    assert _runs(tmp_path) == ["0"]  # the report ran nothing; the stamp still says --report
 
 
 def test_bench_refuses_unknown_names_and_parameters(capsys):
@@ -225,8 +247,7 @@ def test_every_committed_result_folder_is_regenerated_by_bench_all():
     script_names = {s.name for s in bench.SCRIPTS}
     for folder in sorted(p.name for p in results.iterdir() if p.is_dir()):
         covered = (folder in BENCHMARKS or folder in script_names
-                   or f"--results-name {folder}" in commands
-                   or folder.startswith("federation-"))  # bench_federation's --set names
+                   or f"--results-name {folder}" in commands)
         assert covered, folder
 
 

@@ -1,11 +1,15 @@
-"""Federated runs as benchmark cells, and a greedy score of their final models.
+"""The one cell kind of every benchmark that runs a federation: a complete run in Flower's
+simulation engine, and a greedy score of its final models.
 
 A ``federated-run`` cell (:data:`FEDERATED_RUN`, run and cached by
-:mod:`simulations.harness`) is one complete ``fedq-simulate`` run (Flower's simulation
-engine, real SuperLink) with some config overrides and, optionally, simulated attackers.
-Its result keeps what the benchmarks read: the run's ending, its ``metrics.jsonl`` rows,
-the score of its final models and each device's privacy ledger, so a table or plot can
-be redrawn from the cache alone.
+:mod:`simulations.harness`) is one complete ``fedq-simulate`` run (real SuperLink) with
+some config overrides and, optionally, simulated attackers. Its result keeps what the
+benchmarks read: the run's ending, its ``metrics.jsonl`` rows, the score of its final
+models, each device's privacy ledger and the cores it had, so a table or plot can be
+redrawn from the cache alone. ``robustness``, ``communication``, the privacy sweeps and
+``federation`` all build their runs here, so two of them asking for the same run share
+one cache entry. Its own module (as :mod:`simulations.learning_cell`) so that a cell's
+fingerprint hashes this loop, not any benchmark's tables.
 
 The score of a run is the greedy return of the *global model itself*, read back from
 the last checkpoints and played on fresh CartPole episodes here, rather than the
@@ -16,6 +20,7 @@ willing to evaluate it, yet the model still has a (poor) return to report.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 from collections.abc import Mapping
 from pathlib import Path
@@ -56,11 +61,14 @@ def run_federated(params: Mapping[str, Any], workdir: Path) -> dict[str, Any]:
                                                                else ""),
             "rows": rows, "score": checkpoint_score(workdir),
             "seconds": sum(r["round-seconds"] for r in rows),
-            "ledgers": device_ledgers(workdir)}
+            "ledgers": device_ledgers(workdir),
+            # what "local training's wall time" means depends on how many cores the
+            # clients shared (bench_federation's overhead shares)
+            "cores": len(os.sched_getaffinity(0))}
 
 
 FEDERATED_RUN = CellKind("federated-run", run_federated, (
-    *PRODUCT_CODE, "fedq.simulations.federated_cells", "fedq.simulations.run",
+    *PRODUCT_CODE, "fedq.simulations.federated_cell", "fedq.simulations.run",
     "fedq.simulations.attacks", "fedq.simulations.flower_runtime",
     "fedq.simulations.scenario"))
 
