@@ -17,7 +17,7 @@ def test_bench_learning_quick_trains_and_evaluates_one_real_cartpole_seed(
     assert bench.main(["learning", "--quick"]) == 0
     folder = tmp_path / "runs" / "harness" / "quick" / "learning"
     record = json.loads((folder / "results.json").read_text())
-    assert record["command"] == "python -m fedq.simulations.bench learning --quick"
+    assert record["command"] == "python -m fedq.simulations.bench learning --quick --workers 1"
     assert {"python", "torch", "flwr", "cpu"} <= set(record["environment"])
     (run,) = record["runs"]
     assert run["backend"] == "torch"  # fedq's default learner: the results describe it
