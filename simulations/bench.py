@@ -61,8 +61,11 @@ SCRIPTS = (
         "old-defaults,old-defaults+eps0,old-defaults+lr-decay,old-defaults+td-clip+lr-decay "
         "--seeds 5 --eval-every 5000 --results-name stability_sweep_quick5",
         "python -m fedq.simulations.sweep_stability --envs CartPole-v1 --variants "
-        "td-clip+lr-decay,td-clip+lr-decay-fast,td-clip+polyak --seeds 5 --workers 2 "
-        "--results-name stability_sweep_cartpole5"), 2.0,
+        "td-clip+lr-decay,td-clip+lr-decay-fast,td-clip+polyak+lr-const --seeds 5 --workers 2 "
+        "--results-name stability_sweep_cartpole5",
+        "python -m fedq.simulations.sweep_stability --envs Acrobot-v1 --variants "
+        "defaults,old-defaults --seeds 3 --budget-scale 0.3 --workers 3 "
+        "--results-name stability_sweep_acrobot_quick"), 2.5,
            "its own parallel workers and cell cache (runs/sweep_stability/)"),
     Script("deployment", (
         "python -m fedq.simulations.bench_deployment --rounds 5 --local-steps 2000 --baseline",
