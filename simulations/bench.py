@@ -29,7 +29,7 @@ from fedq.simulations.harness import BENCHMARKS, HarnessError, run_benchmark
 
 PORTED = ("bench_dp_cost", "bench_speed", "bench_backend", "bench_export",
           "bench_robustness", "bench_communication", "privacy_sweep", "bench_scale",
-          "privacy_gain", "bench_learning")
+          "privacy_gain", "bench_learning", "bench_carracing_speed")
 """Modules whose import registers their harness benchmarks."""
 
 
@@ -86,6 +86,9 @@ SCRIPTS = (
                                "--clients 4,8",), 3.0, "being changed on another branch"),
     Script("cnn", ("python -m fedq.simulations.bench_cnn",), 0.1,
            "needs the [pixels] extra; times torch CNN updates and the CarRacing loop"),
+    Script("carracing", ("python -m fedq.simulations.carracing_learning --decisions 100000 "
+                         "--eval-every 4000",), 2.0,
+           "one long checkpointed run: run it again to resume; needs the [pixels] extra"),
     Script("secagg", ("python -m fedq.simulations.bench_secagg",), 0.2,
            "rounds in Flower's simulation engine with and without SecAgg+"),
     Script("stability", (
