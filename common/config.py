@@ -115,9 +115,9 @@ class FedqConfig:
         1, "image observations: FrameStackObservation of N frames (1: none); the replay "
         "buffer stores each frame once", _at_least_one)
     action_repeat: int = _opt(
-        1, "env steps per agent decision: gymnasium's RepeatAction plays each action N times "
-        "and sums the rewards (frame-skip); step counts (local-steps, learning-starts, "
-        "exploration-steps, ...) count decisions", _at_least_one)
+        1, "env steps per agent decision: each action is played N times and the rewards "
+        "summed (frame-skip, common/action_repeat.py); step counts (local-steps, "
+        "learning-starts, exploration-steps, ...) count decisions", _at_least_one)
     # --- Q-network and DQN learner -------------------------------------------------
     hidden_sizes: tuple[int, ...] = _opt(
         (64, 64),

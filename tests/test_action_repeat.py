@@ -5,8 +5,10 @@ preprocessed); bad values are refused naming the field."""
 import importlib.util
 
 import gymnasium as gym
+import numpy as np
 import pytest
 
+from fedq.common.action_repeat import DrawLastRepeat
 from fedq.common.config import ConfigError, FedqConfig
 from fedq.common.envs import ImageObs, make_env
 from fedq.common.rollouts import play_episodes
@@ -57,4 +59,31 @@ def test_image_wrappers_see_only_the_frame_each_decision_ends_on():
         chain.append(type(env).__name__)
         env = env.env
     assert chain[:4] == ["FrameStackObservation", "ResizeObservation",
-                         "GrayscaleObservation", "RepeatAction"]
+                         "GrayscaleObservation", "DrawLastRepeat"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("Box2D") is None,
+                    reason="needs fedq[pixels] (box2d)")
+def test_car_racing_skips_drawing_repeated_frames_yet_sees_what_repeat_action_sees():
+    """DrawLastRepeat's frames, rewards and endings equal gymnasium's RepeatAction's,
+    also where the time limit (151 frames) ends an episode inside a decision."""
+    def rollout(env):
+        seen = []
+        for episode in range(2):
+            obs, _ = env.reset(seed=episode)
+            rng, done = np.random.default_rng(episode), False
+            while not done:
+                action = 3 if episode == 0 else int(rng.integers(5))  # gas; random
+                obs, reward, terminated, truncated, _ = env.step(action)
+                seen.append((obs.copy(), reward, terminated, truncated))
+                done = terminated or truncated
+        return seen
+
+    fast = make_env("CarRacing-v3", {"continuous": False, "max_episode_steps": 151},
+                    action_repeat=3)
+    plain = gym.wrappers.RepeatAction(
+        gym.make("CarRacing-v3", continuous=False, max_episode_steps=151), 3)
+    assert isinstance(fast, DrawLastRepeat)
+    for a, b in zip(rollout(fast), rollout(plain), strict=True):
+        np.testing.assert_array_equal(a[0], b[0])
+        assert a[1:] == b[1:]
