@@ -29,7 +29,11 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import gymnasium as gym
+import numpy as np
+
 from fedq.common.config import FedqConfig
+from fedq.common.envs import ImageObs, make_env, wrap_image
 from fedq.common.trainer import LocalTrainer
 from fedq.simulations.harness import (
     PRODUCT_CODE,
@@ -85,16 +89,43 @@ def _device(setting: str, learning_starts: int, seed: int) -> tuple[LocalTrainer
     return device, clock
 
 
+def _env_alone(draw_last: bool) -> gym.Env:
+    """The learning run's env (64 x 64, 4 stacked, action-repeat 4), its repeated frames
+    drawn (gymnasium's RepeatAction) or not (fedq's DrawLastRepeat)."""
+    image = ImageObs(True, 64, 4)
+    if draw_last:
+        return make_env("CarRacing-v3", {"continuous": False}, None, image, action_repeat=4)
+    return wrap_image(gym.wrappers.RepeatAction(gym.make("CarRacing-v3", continuous=False), 4),
+                      image)
+
+
+def _env_frames_per_s(env: gym.Env, rng: np.random.Generator, decisions: int) -> float:
+    started = time.perf_counter()
+    for _ in range(decisions):
+        _, _, terminated, truncated, _ = env.step(int(rng.integers(5)))
+        if terminated or truncated:
+            env.reset()
+    return decisions * 4 / (time.perf_counter() - started)
+
+
 def run_cell(params: Mapping[str, Any], workdir: Path) -> dict[str, Any]:
     """Every setting: ``learning-starts`` decisions of warm-up, then ``blocks`` timed
-    blocks of ``decisions`` each, the settings alternating."""
+    blocks of ``decisions`` each, the settings alternating; in each block also the env
+    alone with random actions, drawing every repeated frame or only the last."""
     settings = list(SETTINGS)
     blocks: dict[str, list[dict[str, float]]] = {s: [] for s in settings}
+    env_alone: dict[str, list[float]] = {"RepeatAction": [], "DrawLastRepeat": []}
+    rng = np.random.default_rng(params["seed"])
     with one_core():
+        envs = {"RepeatAction": _env_alone(False), "DrawLastRepeat": _env_alone(True)}
+        for env in envs.values():
+            env.reset(seed=params["seed"])
         devices = {s: _device(s, params["learning-starts"], params["seed"]) for s in settings}
         for device, _ in devices.values():
             device.train(params["learning-starts"])
         for _ in range(params["blocks"]):
+            for name, env in envs.items():
+                env_alone[name].append(_env_frames_per_s(env, rng, params["decisions"]))
             for setting, (device, clock) in devices.items():
                 before = dict(clock.seconds)
                 stats = device.train(params["decisions"])
@@ -108,7 +139,9 @@ def run_cell(params: Mapping[str, Any], workdir: Path) -> dict[str, Any]:
                     "other_ms": stats.seconds * 1e3 / stats.env_steps - sum(parts.values())})
         for device, _ in devices.values():
             device.close()
-    return {"blocks": blocks}
+        for env in envs.values():
+            env.close()
+    return {"blocks": blocks, "env_alone": env_alone}
 
 
 CARRACING_SPEED = CellKind("carracing-speed", run_cell,
@@ -122,7 +155,8 @@ def cells(params: Mapping[str, Any]) -> list[Cell]:
 
 
 def summarise(params: Mapping[str, Any], done: Done) -> Summary:
-    blocks = done[0][1]["blocks"]
+    blocks, env_alone = done[0][1]["blocks"], done[0][1]["env_alone"]
+    drawn = {name: statistics.median(v) for name, v in env_alone.items()}
     medians = {s: {k: statistics.median(b[k] for b in rows) for k in rows[0]}
                for s, rows in blocks.items()}
     base = medians["scenario"]["env_frames_per_s"]
@@ -138,12 +172,18 @@ def summarise(params: Mapping[str, Any], done: Done) -> Summary:
                    "Per-decision milliseconds by part (env: one decision's env steps, "
                    "rendering and image wrappers included; update: amortised over "
                    "train-frequency). One core, one torch thread; medians over "
-                   f"{params['blocks']} alternating blocks of {params['decisions']} decisions.",
-                   payload={"base": BASE, "settings": SETTINGS, "blocks": blocks})
+                   f"{params['blocks']} alternating blocks of {params['decisions']} decisions."
+                   "\n\nThe learning run's env alone (random actions, 64 x 64, 4 stacked, "
+                   "action-repeat 4), env frames/s: gymnasium's RepeatAction (every repeated "
+                   f"frame drawn) {drawn['RepeatAction']:.1f}, DrawLastRepeat (only the last) "
+                   f"{drawn['DrawLastRepeat']:.1f}, "
+                   f"{drawn['DrawLastRepeat'] / drawn['RepeatAction']:.2f}x.",
+                   payload={"base": BASE, "settings": SETTINGS, "blocks": blocks,
+                            "env_alone_frames_per_s": env_alone})
 
 
 register_benchmark(Benchmark(
     "carracing_speed", "where the CarRacing-v3 training loop's time goes, per setting",
-    defaults={"decisions": 400, "blocks": 5, "learning-starts": 200, "seed": 0},
+    defaults={"decisions": 200, "blocks": 5, "learning-starts": 200, "seed": 0},
     quick={"decisions": 40, "blocks": 2, "learning-starts": 20},
     cells=cells, summarise=summarise, parallel=False))
