@@ -93,8 +93,9 @@ def plot_curve(points: list[dict[str, Any]], random_mean: float, path: Path) -> 
     plt.close(fig)
 
 
-def summarise(state: dict[str, Any]) -> tuple[dict[str, Any], str]:
-    """The results payload and markdown of the curve so far."""
+def summarise(state: dict[str, Any], asked: int) -> tuple[dict[str, Any], str]:
+    """The results payload and markdown of the curve so far (``asked``: the decisions
+    the command asks for; fewer mean the run was stopped or is still going)."""
     points, random = state["points"], state["random_returns"]
     random_mean = statistics.fmean(random)
     greedy = [p["greedy_mean"] for p in points]
@@ -104,7 +105,8 @@ def summarise(state: dict[str, Any]) -> tuple[dict[str, Any], str]:
         "random_mean": random_mean, "random_returns": random,
         "best_greedy_mean": max(greedy) if greedy else None,
         "final_greedy_mean": greedy[-1] if greedy else None,
-        "decisions": decisions, "env_frames": decisions * state["action_repeat"],
+        "decisions": decisions, "decisions_asked": asked,
+        "env_frames": decisions * state["action_repeat"],
         "train_seconds": train_seconds,
         "decisions_per_s": decisions / train_seconds if train_seconds else None,
         "env_frames_per_s": (decisions * state["action_repeat"] / train_seconds
@@ -121,8 +123,9 @@ def summarise(state: dict[str, Any]) -> tuple[dict[str, Any], str]:
     text = (f"Random policy on the same {len(random)} evaluation tracks: "
             f"{random_mean:.1f} (episodes {', '.join(f'{r:.1f}' for r in random)}).\n\n"
             + markdown_table(rows, list(rows[0]) if rows else ["decisions"])
-            + f"\n\nBest greedy mean {summary['best_greedy_mean']}, final "
-            f"{summary['final_greedy_mean']}, after {decisions} decisions = "
+            + f"\n\nBest greedy mean {max(greedy, default=float('nan')):.1f}, final "
+            f"{greedy[-1] if greedy else float('nan'):.1f} (target {TARGET:.0f}), after "
+            f"{decisions} of the {asked} decisions asked = "
             f"{summary['env_frames']} env frames in {train_seconds / 60:.1f} min of training "
             f"({summary['env_frames_per_s'] or 0:.1f} env frames/s, evaluation excluded).")
     return {"summary": summary, **state}, text
@@ -182,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
                 "load_average": os.getloadavg()[0], "time": time.strftime("%H:%M:%S")})
             device.save(args.run_dir / "device")
             atomic_write_text(state_file, json.dumps(state, indent=1))
-            payload, text = summarise(state)
+            payload, text = summarise(state, args.decisions)
             folder = write_results(args.results_name, payload, text)
             plot_curve(state["points"], payload["summary"]["random_mean"], folder / "curve.png")
             p = state["points"][-1]
