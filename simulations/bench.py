@@ -89,6 +89,12 @@ SCRIPTS = (
     Script("carracing", ("python -m fedq.simulations.carracing_learning --decisions 100000 "
                          "--eval-every 4000",), 2.0,
            "one long checkpointed run: run it again to resume; needs the [pixels] extra"),
+    Script("carracing_federated", (
+        "python -m fedq.simulations.run --scenario simulations/scenarios/car_racing_learning.toml "
+        "--run-dir runs/carracing_fed",
+        "python -m fedq.simulations.carracing_federated --run-dir runs/carracing_fed "
+        "--results-name carracing_federated"), 1.5,
+        "a federated run in the simulation engine (add --resume to continue it), then its report"),
     Script("secagg", ("python -m fedq.simulations.bench_secagg",), 0.2,
            "rounds in Flower's simulation engine with and without SecAgg+"),
     Script("stability", (
