@@ -324,7 +324,8 @@ def _evaluation(device: Device, arrays: ArrayRecord, server_round: int,
     eval_seed = device.seed + 10**6 + 1000 * server_round
     returns = play_episodes(policy.act, config.env_id, config.eval_episodes,
                             seed=eval_seed, env_kwargs=config.env_kwargs,
-                            env_physics=config.env_physics, image=ImageObs.of(config))
+                            env_physics=config.env_physics, image=ImageObs.of(config),
+                            action_repeat=config.action_repeat)
     metrics: dict[str, float | int] = {
         **device.identity_metrics(),
         "num-examples": len(returns),

@@ -114,6 +114,10 @@ class FedqConfig:
     obs_frame_stack: int = _opt(
         1, "image observations: FrameStackObservation of N frames (1: none); the replay "
         "buffer stores each frame once", _at_least_one)
+    action_repeat: int = _opt(
+        1, "env steps per agent decision: each action is played N times and the rewards "
+        "summed (frame-skip, common/action_repeat.py); step counts (local-steps, "
+        "learning-starts, exploration-steps, ...) count decisions", _at_least_one)
     # --- Q-network and DQN learner -------------------------------------------------
     hidden_sizes: tuple[int, ...] = _opt(
         (64, 64),

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import gymnasium as gym
 import numpy as np
 
+from fedq.common.action_repeat import repeat_actions
 from fedq.common.config import ConfigError
 from fedq.common.frame_buffer import check_buffer_memory
 from fedq.common.network_registry import (
@@ -64,9 +65,12 @@ class EnvSpec:
 
 
 def make_env(env_id: str, env_kwargs: dict[str, Any] | None = None,
-             physics: dict[str, Any] | None = None, image: ImageObs | None = None) -> gym.Env:
-    """Create the env with its physics overrides (:mod:`common.physics`) and image
-    preprocessing, turning gymnasium's errors into errors that name the config key."""
+             physics: dict[str, Any] | None = None, image: ImageObs | None = None,
+             action_repeat: int = 1) -> gym.Env:
+    """Create the env with its physics overrides (:mod:`common.physics`), action repeat
+    and image preprocessing, turning gymnasium's errors into errors that name the config
+    key. ``action_repeat`` > 1 repeats each action (:mod:`common.action_repeat`) inside
+    the image wrappers, so the skipped frames are never grayscaled, resized or stacked."""
     physics = physics or {}
     kwargs = {**(env_kwargs or {}), **physics_make_kwargs(env_id, physics, env_kwargs or {})}
     try:
@@ -79,6 +83,7 @@ def make_env(env_id: str, env_kwargs: dict[str, Any] | None = None,
         raise ConfigError("env-kwargs", f"{env_id!r} rejected {env_kwargs}: {err}") from None
     apply_physics(env_id, env, physics)
     check_spaces(env_id, env)
+    env = repeat_actions(env, action_repeat)
     space = env.observation_space
     if observation_kind(space.shape, space.dtype) == IMAGE:
         return wrap_image(env, image or ImageObs())

@@ -25,12 +25,12 @@ def play_episodes(act: Act, env_id: str, episodes: int, *, seed: int = 0,
                   env_kwargs: dict[str, Any] | None = None,
                   env_physics: dict[str, float] | None = None, epsilon: float = 0.0,
                   on_transition: OnTransition | None = None,
-                  image: ImageObs | None = None) -> list[float]:
+                  image: ImageObs | None = None, action_repeat: int = 1) -> list[float]:
     """Returns of ``episodes`` episodes on a fresh env (``env_physics``: a device's
     physics overrides; ``image``: the run's image preprocessing); with ``epsilon`` > 0 a
     uniformly random action replaces the policy's with that probability (exploration
-    while deployed)."""
-    env = make_env(env_id, env_kwargs, env_physics, image)
+    while deployed); ``action_repeat``: the run's, so a policy plays as it trained)."""
+    env = make_env(env_id, env_kwargs, env_physics, image, action_repeat)
     rng = np.random.default_rng(seed)
     n_actions = int(env.action_space.n)
     returns = []

@@ -71,7 +71,7 @@ class LocalTrainer:
         self.config = config
         self.seed = seed
         self.env = make_env(config.env_id, config.env_kwargs, config.env_physics,
-                            ImageObs.of(config))
+                            ImageObs.of(config), config.action_repeat)
         spec = check_spaces(config.env_id, self.env)
         self.privacy = (DevicePrivacy(config, min_noise_multiplier) if config.dp_enabled
                         else None)
@@ -200,7 +200,7 @@ class LocalTrainer:
         return play_episodes(self.learner.policy.act, c.env_id, n_episodes,
                              seed=(self.seed + 10**6) if seed is None else seed,
                              env_kwargs=c.env_kwargs, env_physics=c.env_physics,
-                             image=ImageObs.of(c))
+                             image=ImageObs.of(c), action_repeat=c.action_repeat)
 
     # --- persistence -------------------------------------------------------------------
     def save(self, directory: Path) -> None:

@@ -30,7 +30,7 @@ from fedq.simulations.harness import BENCHMARKS, HarnessError, run_benchmark
 PORTED = ("bench_dp_cost", "bench_speed", "bench_backend", "bench_export",
           "bench_robustness", "bench_communication", "privacy_sweep", "bench_scale",
           "privacy_gain", "bench_learning", "bench_federation",
-          "bench_federation_levers", "bench_federation_pays")
+          "bench_federation_levers", "bench_federation_pays", "bench_carracing_speed")
 """Modules whose import registers their harness benchmarks."""
 
 
@@ -48,6 +48,15 @@ class Script:
 SCRIPTS = (
     Script("cnn", ("python -m fedq.simulations.bench_cnn",), 0.1,
            "needs the [pixels] extra; times torch CNN updates and the CarRacing loop"),
+    Script("carracing", ("python -m fedq.simulations.carracing_learning --decisions 100000 "
+                         "--eval-every 4000",), 2.0,
+           "one long checkpointed run: run it again to resume; needs the [pixels] extra"),
+    Script("carracing_federated", (
+        "python -m fedq.simulations.run --scenario simulations/scenarios/car_racing_learning.toml "
+        "--run-dir runs/carracing_fed",
+        "python -m fedq.simulations.carracing_federated --run-dir runs/carracing_fed "
+        "--results-name carracing_federated"), 1.5,
+        "a federated run in the simulation engine (add --resume to continue it), then its report"),
     Script("secagg", ("python -m fedq.simulations.bench_secagg",), 0.2,
            "rounds in Flower's simulation engine with and without SecAgg+"),
     Script("stability", (
