@@ -23,7 +23,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fedq.simulations.federated_cells import curve
+from fedq.simulations.federated_cell import curve
 from fedq.simulations.results_io import RESULTS_ROOT, markdown_table, results_name, write_results
 
 SINGLE = RESULTS_ROOT / "carracing" / "results.json"
