@@ -176,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                              f"and distil on (default 20000); for a CNN, the frames its "
                              f"formats are compared on (default {CNN_STATES})")
     parser.add_argument("--sparsity", type=float, default=0.75,
-                        help="fraction of each weight matrix pruned")
+                        help="fraction of all weights pruned, largest matrices first")
     parser.add_argument("--finetune-steps", type=int, default=2000,
                         help="Adam steps of fine-tuning after pruning")
     parser.add_argument("--student-hidden",
