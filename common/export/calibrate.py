@@ -24,6 +24,14 @@ correction) and rounded as the encoding stores them. The output layer is calibra
 its centred, stored form, so its deviation rows, which carry the gaps, are fitted to the
 gaps themselves. The result is packed by :func:`common.export.encodings.pack`: same file
 format, same decoder; only which stored values were chosen differs.
+
+No single ``damping`` suits every teacher: on two CartPole teachers trained by the same
+code with different learning defaults, int8 agreement on held-out states ran 0.912 /
+0.941 / 0.971 / 0.959 (damping 0.1 / 0.01 / 0.001 / 0.0001) for one and 0.997 / 0.998 /
+0.997 / 0.999 for the other; the first teacher's greedy action rests on gaps below 0.002
+(2e-5 of its Q-values) in 10% of its states. :func:`encode_calibrated` therefore rounds
+with each of ``DAMPINGS`` and keeps the result that acts like the float network on most
+calibration states (about a second per try for a 64-64 network).
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ import numpy as np
 from fedq.common.export.encodings import (
     LOSSY,
     Layer,
+    decode,
     encode,
     int8_row_scales,
     pack,
@@ -42,12 +51,16 @@ from fedq.common.export.encodings import (
     to_grid,
 )
 
+DAMPINGS = (0.01, 0.1, 0.001, 0.0001)  # tried in this order; the first wins ties
+
 
 def encode_calibrated(layers: Sequence[Layer], encoding: str, states: np.ndarray, *,
-                      damping: float = 0.01) -> dict[str, np.ndarray]:
+                      dampings: Sequence[float] = DAMPINGS) -> dict[str, np.ndarray]:
     """The flat arrays storing ``layers`` in ``encoding`` with weights and biases chosen to
-    reproduce the float network's outputs on ``states`` (n, obs_dim). Lossless encodings
-    store the weights as they are, so for them this is :func:`encode`."""
+    reproduce the float network's outputs on ``states`` (n, obs_dim): of the roundings
+    with each of ``dampings``, the one whose greedy actions match the float network's on
+    most of ``states``. Lossless encodings store the weights as they are, so for them this
+    is :func:`encode`."""
     if encoding not in LOSSY:
         return encode(layers, encoding)
     states = np.asarray(states, dtype=np.float64)
@@ -55,7 +68,34 @@ def encode_calibrated(layers: Sequence[Layer], encoding: str, states: np.ndarray
     if states.ndim == 0 or len(states) == 0 or states[0].size != n_inputs:
         raise ValueError(f"calibration states have shape {states.shape}, expected "
                          f"(n >= 1, {n_inputs})")
+    if not dampings:
+        raise ValueError("dampings is empty; give at least one")
     states = states.reshape(len(states), -1)
+    layer_sizes = [n_inputs] + [np.shape(w)[0] for w, _ in layers]
+    reference = _greedy(layers, states)
+    best, best_agreement = None, -1.0
+    for damping in dampings:
+        arrays = _encode_with_damping(layers, encoding, states, damping)
+        agreement = float(np.mean(_greedy(decode(arrays, layer_sizes, encoding), states)
+                                  == reference))
+        if agreement > best_agreement:
+            best, best_agreement = arrays, agreement
+    return best
+
+
+def _greedy(layers: Sequence[Layer], states: np.ndarray) -> np.ndarray:
+    """The greedy action of the MLP ``layers`` in each of ``states``."""
+    h = states
+    for i, (w, b) in enumerate(layers):
+        h = h @ np.asarray(w, dtype=np.float64).T + b
+        if i < len(layers) - 1:
+            h = np.maximum(h, 0.0)
+    return h.argmax(axis=1)
+
+
+def _encode_with_damping(layers: Sequence[Layer], encoding: str, states: np.ndarray,
+                         damping: float) -> dict[str, np.ndarray]:
+    """Calibrated rounding with one GPTQ ``damping`` (states already checked, 2-D)."""
     stored = stored_layers(layers, encoding)
     h = h_q = states  # the float network's and the rounded network's inputs to each layer
     rounded: list[Layer] = []

@@ -14,8 +14,10 @@ the fp32 teacher on held-out teacher states:
   small action gaps need;
 - ``policy-int8-ptq.fqp``: int8 with every weight rounded to its nearest level, the
   baseline calibrated rounding is measured against;
-- ``policy-pruned.fqp``: magnitude-pruned to ``--sparsity`` and fine-tuned back to the
-  teacher's Q-values with fixed masks (:mod:`common.export.prune`), stored sparse;
+- ``policy-pruned.fqp``: magnitude-pruned to ``--sparsity`` (largest matrices first) and
+  fine-tuned back to the teacher's greedy choices with fixed masks
+  (:mod:`common.export.prune`), stored sparse; not written (an error) if it still acts
+  unlike the teacher in over 10% of the fine-tuning states;
 - ``policy-student.fqp``: a ``--student-hidden`` student distilled from the teacher
   (:mod:`common.export.distill`);
 - ``policy.onnx``: the fp32 teacher for onnxruntime (needs the ``[export]`` extra).
@@ -174,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                              f"and distil on (default 20000); for a CNN, the frames its "
                              f"formats are compared on (default {CNN_STATES})")
     parser.add_argument("--sparsity", type=float, default=0.75,
-                        help="fraction of each weight matrix pruned")
+                        help="fraction of all weights pruned, largest matrices first")
     parser.add_argument("--finetune-steps", type=int, default=2000,
                         help="Adam steps of fine-tuning after pruning")
     parser.add_argument("--student-hidden",
