@@ -19,8 +19,9 @@ import neither, so the two show what a device's imports cost per round. Each run
 compose file deploys it (``round-protocol = "fused"``: one message per device and round;
 ``fedq-supernode``: 0.2 s polling and the warm executor, one fork server per device
 whose forked child runs each message with the imports already done); ``--baseline``
-also runs each backend the way a round was deployed before (``train-then-evaluate``: a train and an evaluate message per
-device and round, Flower's ``flower-supernode``: 3 s polling), in the same script run.
+also runs each backend the way a round was deployed before (``train-then-evaluate``: a
+train and an evaluate message per device and round, Flower's ``flower-supernode``: 3 s
+polling), in the same script run.
 
 Where the rest of a round goes, from per-phase timestamps: the sampler also records when
 each device's ``flwr-clientapp`` processes (one per message) start and end (50 ms
