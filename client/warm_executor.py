@@ -32,18 +32,22 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
-import logging
 import os
 import select
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
+from logging import DEBUG, ERROR, INFO, WARNING
+from pathlib import Path
 from typing import Any
 
 # process names (/proc/PID/comm, what ps and the deployment benchmark show)
 FORK_SERVER_NAME, TASK_LOOP_NAME, TASK_NAME = "fedq-forkserver", "fedq-taskloop", "fedq-clientapp"
 CLIENTAPP_DIED_ERROR_CODE = 20  # a ClientApp process that died before it replied
+CHILD_FAILED_EXIT_CODE = 70  # a forked child whose Python code raised outside Flower's exits
 DIED_REASON_PREFIX = "fedq warm executor: ClientApp process"
 _REAP_PERIOD_S = 0.1
 
@@ -132,7 +136,7 @@ class _ForkServer:
 
     def __init__(self, supernode: int) -> None:
         self.supernode = supernode
-        self.log = logging.getLogger("fedq.warm_executor")
+        self.notes = Path(tempfile.mkdtemp(prefix="fedq-warm-"))  # see _run_task
         self.tasks: dict[int, Launch] = {}
         self.reporters: set[int] = set()
         self.stopping = False
@@ -146,7 +150,7 @@ class _ForkServer:
         pending = b""
         while not self.stopping:
             if os.getppid() != self.supernode:
-                self.log.info("fedq warm executor: SuperNode gone, stopping")
+                _log(INFO, "fedq warm executor: SuperNode gone, stopping")
                 break
             ready, _, _ = select.select([read_fd], [], [], _REAP_PERIOD_S)
             if ready:
@@ -157,13 +161,18 @@ class _ForkServer:
                 *lines, pending = pending.split(b"\n")
                 for line in lines:
                     launch = Launch(**json.loads(line))
-                    pid = _fork_child(lambda launch=launch: _run_task(launch),
+                    pid = _fork_child(lambda launch=launch: _run_task(launch, self._note()),
                                       close=(read_fd,))
                     self.tasks[pid] = launch
             if self._reap(loop_pid):
                 break
         self._end_children(loop_pid)
+        shutil.rmtree(self.notes, ignore_errors=True)
         return 0
+
+    def _note(self, pid: int | None = None) -> Path:
+        """Where task child ``pid`` (default: this process) notes the message it pulled."""
+        return self.notes / f"{pid or os.getpid()}.msg"
 
     def _stop(self, *_: Any) -> None:
         self.stopping = True
@@ -179,7 +188,7 @@ class _ForkServer:
             if pid == 0:
                 return loop_ended
             if pid == loop_pid:
-                self.log.warning("fedq warm executor: task loop ended (%s)", _how(status))
+                _log(WARNING, "fedq warm executor: task loop ended (%s)", _how(status))
                 loop_ended = True
             elif pid in self.reporters:
                 self.reporters.discard(pid)
@@ -191,11 +200,13 @@ class _ForkServer:
         if os.WIFEXITED(status) and os.WEXITSTATUS(status) in (0, 1):
             # run_clientapp's own exits: it replied (or its error reply) and pushed the
             # task output before exiting
-            self.log.debug("fedq warm executor: task %d (pid %d) %s", launch.task_id, pid, how)
+            _log(DEBUG, "fedq warm executor: task %d (pid %d) %s", launch.task_id, pid, how)
+            self._note(pid).unlink(missing_ok=True)
             return
         reason = f"{DIED_REASON_PREFIX} {pid} for task {launch.task_id} {how} before replying"
-        self.log.error(reason)
-        self.reporters.add(_fork_child(lambda: _report_death(launch, reason), close=()))
+        _log(ERROR, reason)
+        note = self._note(pid)
+        self.reporters.add(_fork_child(lambda: _report_death(launch, note, reason), close=()))
 
     def _end_children(self, loop_pid: int) -> None:
         for pid in (loop_pid, *self.tasks, *self.reporters):
@@ -212,6 +223,13 @@ class _ForkServer:
         for pid in (loop_pid, *self.tasks, *self.reporters):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def _log(level: int, msg: str, *args: Any, **kwargs: Any) -> None:
+    """Log through Flower's logger, as the processes it replaces do."""
+    from flwr.supercore import log
+
+    log(level, msg, *args, **kwargs)
 
 
 def _name(name: str) -> None:
@@ -243,7 +261,8 @@ def _fork_child(body: Any, close: tuple[int, ...]) -> int:
     except SystemExit as done:  # flwr_exit ends with sys.exit
         code = done.code if isinstance(done.code, int) else 1
     except BaseException:  # a child must never return into the fork server's loop
-        logging.getLogger("fedq.warm_executor").exception("fedq warm executor child failed")
+        code = CHILD_FAILED_EXIT_CODE
+        _log(ERROR, "fedq warm executor: child %d failed", os.getpid(), exc_info=True)
     finally:
         with contextlib.suppress(Exception):
             sys.stdout.flush()
@@ -268,33 +287,42 @@ def _run_task_loop(request_fd: int, supernode: int, runtime_api_address: str,
                          runtime_dependency_install=runtime_dependency_install)
 
 
-def _run_task(launch: Launch) -> None:
-    """Flower's ``run_clientapp`` for one token, as ``flwr-clientapp`` would run it."""
+def _run_task(launch: Launch, note: Path) -> None:
+    """Flower's ``run_clientapp`` for one token, as ``flwr-clientapp`` would run it.
+
+    The message it pulls is also written (without its content) to ``note``: the SuperNode
+    hands a message out once, so if this process dies the reporter needs it to reply."""
+    from flwr.app.message import remove_content_from_message
+    from flwr.common.serde import message_to_proto
     from flwr.supercore.tls import validate_and_resolve_root_certificates
-    from flwr.supernode.runtime.run_clientapp import run_clientapp
+    from flwr.supernode.runtime import run_clientapp as runtime
 
     _name(TASK_NAME)
+    pull = runtime.pull_task_input
+
+    def pull_and_note(client: Any) -> Any:
+        message, context, run, fab = pull(client)
+        proto = message_to_proto(remove_content_from_message(message))
+        note.write_bytes(proto.SerializeToString())
+        return message, context, run, fab
+
+    runtime.pull_task_input = pull_and_note  # type: ignore[assignment]
     sys.argv[0] = "flwr-clientapp"  # Flower's exit handling recognises its ClientApp by it
-    run_clientapp(runtime_api_address=launch.runtime_api_address, token=launch.token,
-                  insecure=launch.insecure,
-                  certificates=validate_and_resolve_root_certificates(
-                      launch.root_certificates_path, launch.insecure),
-                  parent_pid=launch.parent_pid,
-                  runtime_dependency_install=launch.runtime_dependency_install)
+    runtime.run_clientapp(runtime_api_address=launch.runtime_api_address,
+                          token=launch.token, insecure=launch.insecure,
+                          certificates=validate_and_resolve_root_certificates(
+                              launch.root_certificates_path, launch.insecure),
+                          parent_pid=launch.parent_pid,
+                          runtime_dependency_install=launch.runtime_dependency_install)
 
 
-def _report_death(launch: Launch, reason: str) -> None:
-    """Reply to the dead task's message with an error naming what happened, and mark
-    the task failed, with the task's own token."""
+def _report_death(launch: Launch, note: Path, reason: str) -> None:
+    """Reply to the dead task's message (from its ``note``) with an error naming what
+    happened, and mark the task failed, with the task's own token."""
     from flwr.app import Error, Message
     from flwr.common.constant import SubStatus
-    from flwr.proto.node_pb2 import Node  # pylint: disable=E0611
-    from flwr.proto.runtime_pb2 import PullAppMessagesRequest  # pylint: disable=E0611
-    from flwr.supercore.inflatable.inflatable_protobuf_utils import (
-        make_confirm_message_received_fn_protobuf,
-        make_pull_object_fn_protobuf,
-    )
-    from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
+    from flwr.common.serde import message_from_proto
+    from flwr.proto.message_pb2 import Message as ProtoMessage  # pylint: disable=E0611
     from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor
     from flwr.supercore.retry import make_simple_http_retry_invoker
     from flwr.supercore.runtime import RuntimeHttpClient
@@ -309,24 +337,18 @@ def _report_death(launch: Launch, reason: str) -> None:
             launch.root_certificates_path, launch.insecure),
         interceptors=[RuntimeTokenHttpInterceptor(launch.token)], retry_invoker=retry)
     try:
-        pulled = client.PullMessages(PullAppMessagesRequest())
-        if pulled.messages_list:
-            tree = pulled.message_object_trees[0]
-            run_id, node = pulled.messages_list[0].metadata.run_id, Node(
-                node_id=pulled.messages_list[0].metadata.dst_node_id)
-            message = pull_and_inflate_object_from_tree(
-                tree, make_pull_object_fn_protobuf(client.PullObject, node, run_id),
-                make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived,
-                                                          node, run_id),
-                return_type=Message)
-            message.metadata.__dict__["_message_id"] = tree.object_id
+        if note.exists():  # it died after pulling its message: reply to that message
+            proto = ProtoMessage.FromString(note.read_bytes())
+            message = message_from_proto(proto)
+            message.metadata.__dict__["_message_id"] = proto.metadata.message_id
             reply = Message(Error(code=CLIENTAPP_DIED_ERROR_CODE, reason=reason),
                             reply_to=message)
-            context = _Ids(node_id=node.node_id, run_id=run_id)
-            push_message(client, reply, context)  # type: ignore[arg-type]
+            push_message(client, reply, _Ids(node_id=message.metadata.dst_node_id,
+                                             run_id=message.metadata.run_id))
         push_task_output(client, None, SubStatus.FAILED, reason)
     finally:
         client.close()
+        note.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)
