@@ -46,6 +46,7 @@ from typing import Any
 
 # process names (/proc/PID/comm, what ps and the deployment benchmark show)
 FORK_SERVER_NAME, TASK_LOOP_NAME, TASK_NAME = "fedq-forkserver", "fedq-taskloop", "fedq-clientapp"
+REPORTER_NAME = "fedq-reporter"
 CLIENTAPP_DIED_ERROR_CODE = 20  # a ClientApp process that died before it replied
 CHILD_FAILED_EXIT_CODE = 70  # a forked child whose Python code raised outside Flower's exits
 DIED_REASON_PREFIX = "fedq warm executor: ClientApp process"
@@ -329,6 +330,7 @@ def _report_death(launch: Launch, note: Path, reason: str) -> None:
     from flwr.supercore.tls import validate_and_resolve_root_certificates
     from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
+    _name(REPORTER_NAME)
     retry = make_simple_http_retry_invoker()
     retry.max_tries = 3
     client = RuntimeHttpClient.from_server_address(
