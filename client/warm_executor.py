@@ -30,6 +30,7 @@ task failed. When the SuperNode goes, the fork server ends its children and itse
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib
 import json
 import os
@@ -117,6 +118,7 @@ def start(runtime_api_address: str, insecure: bool, root_certificates_path: str 
     a ClientApp needs (:func:`preload`); returns its pid. Call it before anything starts
     a thread or a connection. The SuperNode's own imports stay shared with it."""
     supernode = os.getpid()
+    _freeze()
     pid = os.fork()
     if pid:
         return pid
@@ -226,6 +228,14 @@ class _ForkServer:
                 os.kill(pid, signal.SIGKILL)
 
 
+def _freeze() -> None:
+    """Keep the garbage collector off the objects that exist now, before a fork: a
+    collection writes to every object it visits, which would copy each page a forked
+    child shares with its parent (measured: ~50 MiB private per child without it)."""
+    gc.collect()
+    gc.freeze()
+
+
 def _log(level: int, msg: str, *args: Any, **kwargs: Any) -> None:
     """Log through Flower's logger, as the processes it replaces do."""
     from flwr.supercore import log
@@ -249,6 +259,7 @@ def _how(status: int) -> str:
 def _fork_child(body: Any, close: tuple[int, ...]) -> int:
     """Fork a child that runs ``body()`` and exits with its code (never returns to the
     fork server's loop, never runs the fork server's exit handlers)."""
+    _freeze()
     pid = os.fork()
     if pid:
         return pid
