@@ -30,6 +30,7 @@ task failed. When the SuperNode goes, the fork server ends its children and itse
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import gc
 import importlib
 import json
@@ -310,6 +311,7 @@ def _run_task(launch: Launch, note: Path) -> None:
     from flwr.supernode.runtime import run_clientapp as runtime
 
     _name(TASK_NAME)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1`: its stacks
     pull = runtime.pull_task_input
 
     def pull_and_note(client: Any) -> Any:
