@@ -44,7 +44,9 @@ from flwr.supercore import log
 ROUND_STOPPED_ERROR_CODE = 1004
 """Error code of a train reply whose work the round watch stopped (the work is saved)."""
 EXIT_CODE = 75  # EX_TEMPFAIL: the process was ended on purpose, its state is consistent
-_FLOWER_PARENTS = ("flower-supernode", "flower-superexec")
+# fedq-supernode is Flower's SuperNode; its warm executor's fork server (the parent of
+# each ClientApp child, client/warm_executor.py) runs under the same command line
+_FLOWER_PARENTS = ("flower-supernode", "flower-superexec", "fedq-supernode")
 _current: contextvars.ContextVar[RoundWatch | None] = contextvars.ContextVar(
     "fedq_round_watch", default=None)
 

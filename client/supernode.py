@@ -23,6 +23,10 @@ ClientApp processes from (in ``$FLWR_HOME/fedq-bin``): the same Flower function,
 importing the SuperNode's CLI, database and web server in every message's process
 (:mod:`client.clientapp_launcher`).
 
+Unless ``FEDQ_WARM_EXECUTOR=0``, it runs the SuperNode with ``--isolation process`` and
+fedq's warm executor (:mod:`client.warm_executor`) in place of Flower's SuperExec: one
+fork server per device, imports paid once, a forked child per message.
+
     fedq-supernode --superlink 127.0.0.1:9092 --insecure --node-config "..."
 """
 
@@ -37,6 +41,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from fedq.client import warm_executor
 from fedq.client.clientapp_launcher import write_launcher
 
 POLL_ENV = "FEDQ_SUPERNODE_POLL_S"
@@ -97,14 +102,19 @@ def use_clientapp_launcher(environ: dict[str, str] | os._Environ[str] = os.envir
 
 
 def main() -> None:
-    """Start ``flower-supernode`` with this process's arguments, capped polling and the
-    lean ClientApp launcher."""
+    """Start ``flower-supernode`` with this process's arguments, capped polling and
+    fedq's warm ClientApp executor (or, with ``FEDQ_WARM_EXECUTOR=0``, Flower's SuperExec
+    with the lean ClientApp launcher)."""
     try:
         cap = poll_interval(os.environ)
+        warm = warm_executor.enabled(os.environ)
     except ValueError as err:
         sys.exit(f"fedq-supernode: error: {err}")
     cap_polling(cap)
-    use_clientapp_launcher()
+    if warm:
+        warm_executor.start_for_supernode()
+    else:
+        use_clientapp_launcher()
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
     flower_supernode()

@@ -17,9 +17,11 @@ It runs one federation per learner backend (``--backends torch,numpy``): the tor
 backend's ClientApp processes import torch (and opacus with DP), the numpy backend's
 import neither, so the two show what a device's imports cost per round. Each runs as the
 compose file deploys it (``round-protocol = "fused"``: one message per device and round;
-``fedq-supernode``: 0.2 s polling); ``--baseline`` also runs each backend the way a
-round was deployed before (``train-then-evaluate``: a train and an evaluate message per
-device and round, Flower's ``flower-supernode``: 3 s polling), in the same script run.
+``fedq-supernode``: 0.2 s polling and the warm executor, one fork server per device
+whose forked child runs each message with the imports already done); ``--baseline``
+also runs each backend the way a round was deployed before (``train-then-evaluate``: a
+train and an evaluate message per device and round, Flower's ``flower-supernode``: 3 s
+polling), in the same script run.
 
 Where the rest of a round goes, from per-phase timestamps: the sampler also records when
 each device's ``flwr-clientapp`` processes (one per message) start and end (50 ms
@@ -35,8 +37,15 @@ message); train-then-evaluate, its train and its evaluate message.
 Bytes sent per device and round: the serialized train reply (weights + metrics, every
 object of Flower's message tree) measured by the ClientApp's message-audit mod as the
 message leaves, next to the raw fp32 weight bytes the server counted.
-Memory: peak resident set of each device's process tree (``flower-supernode``, its
-SuperExec and the ``flwr-clientapp`` process of the moment), sampled every 50 ms.
+Memory: each device's process tree (the SuperNode; with Flower's SuperExec, it and the
+``flwr-clientapp`` process of the moment; with ``fedq-supernode``'s warm executor
+(client/warm_executor.py), its fork server, task loop and the forked ``fedq-clientapp``
+child of the moment), sampled every 50 ms: the peak RSS of each kind of process, the
+peak of the tree's summed RSS, and (every 0.2 s) the peak of the tree's summed PSS
+(``/proc/PID/smaps_rollup``). Forked processes share their parent's pages copy-on-write
+and RSS counts a shared page in every process that maps it, so the summed RSS
+overcounts a forked tree; PSS splits each shared page among its sharers and sums to the
+memory the device really uses.
 
     python -m fedq.simulations.bench_deployment --rounds 5 --local-steps 2000 --baseline
 """
@@ -54,6 +63,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from fedq.client.warm_executor import FORK_SERVER_NAME, TASK_LOOP_NAME, TASK_NAME
 from fedq.simulations.compose_topology import (
     COMPOSE,
     compose_topology,
@@ -72,6 +82,10 @@ class MemorySampler:
         self.roots = roots
         self.period = period
         self.peak_total: dict[str, int] = defaultdict(int)
+        # proportional set size of the whole tree: pages shared by forked processes (the
+        # warm executor's children) count once, split among them
+        self.peak_pss_total: dict[str, int] = defaultdict(int)
+        self._samples = 0
         self.peak_by_kind: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         # per device: each flwr-clientapp process's (first seen, last seen), monotonic s
         self.clientapps: dict[str, dict[int, list[float]]] = defaultdict(dict)
@@ -89,17 +103,22 @@ class MemorySampler:
     def _run(self) -> None:
         while not self._stop.is_set():
             children = _children()
+            with_pss = self._samples % PSS_EVERY == 0  # smaps_rollup walks page tables
+            self._samples += 1
             for name, root in self.roots.items():
-                total = 0
+                total = pss = 0
                 for pid in _tree(root, children):
                     rss, kind = _rss_kb(pid), _kind(pid)
                     total += rss
-                    if kind == "flwr-clientapp":
+                    if with_pss:
+                        pss += _pss_kb(pid)
+                    if kind in CLIENTAPP_KINDS:
                         now = time.monotonic()
                         self.clientapps[name].setdefault(pid, [now, now])[1] = now
                     by_kind = self.peak_by_kind[name]
                     by_kind[kind] = max(by_kind[kind], rss)
                 self.peak_total[name] = max(self.peak_total[name], total)
+                self.peak_pss_total[name] = max(self.peak_pss_total[name], pss)
             time.sleep(self.period)
 
 
@@ -134,7 +153,23 @@ def _rss_kb(pid: int) -> int:
     return 0
 
 
+def _pss_kb(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def _kind(pid: int) -> str:
+    try:  # the warm executor's forks share the SuperNode's command line; their comm differs
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return "gone"
+    if comm in WARM_KINDS:
+        return comm
     try:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
@@ -216,6 +251,10 @@ def main() -> None:
 
 
 BACKENDS = ("torch", "numpy")
+WARM_KINDS = (FORK_SERVER_NAME, TASK_LOOP_NAME, TASK_NAME)
+CLIENTAPP_KINDS = ("flwr-clientapp", TASK_NAME)  # one process per message, either way
+PROCESS_KINDS = ("flower-supernode", "flower-superexec", "flwr-clientapp", *WARM_KINDS)
+PSS_EVERY = 4  # PSS sampled every 4th period (0.2 s)
 # How a round is deployed: round protocol and the SuperNode program
 SETUPS = {"fused": {"protocol": "fused", "supernode": "fedq-supernode"},
           "baseline": {"protocol": "train-then-evaluate", "supernode": "flower-supernode"}}
@@ -239,7 +278,10 @@ def measure(workdir: Path, backend: str, rounds: int, local_steps: int | None, *
     if local_steps:
         overrides["local-steps"] = local_steps
     # the audit directory is each device's own setting: a run config cannot choose it
-    with compose_topology(workdir, node_extra={"message-audit-dir": str(audit_dir)},
+    # the backend also in each node's config: a device names its own backend, and the
+    # warm executor preloads torch only for a node whose config says torch
+    with compose_topology(workdir, node_extra={"message-audit-dir": str(audit_dir),
+                                               "backend": backend},
                           supernode_program=supernode) as topology:
         roots = {name: node.process.pid for name, node in topology.nodes.items()}
         ids = {node.wait_registered(): name for name, node in topology.nodes.items()}
@@ -289,9 +331,10 @@ def measure(workdir: Path, backend: str, rounds: int, local_steps: int | None, *
                 "reply bytes (median)": statistics.median(reply_bytes[name]),
                 "fp32 weight bytes": weight_bytes,
                 "ClientApp processes": len(memory.clientapps[name]),
-                "peak RSS tree MiB": memory.peak_total[name] / 1024,
+                "peak RSS tree MiB (summed)": memory.peak_total[name] / 1024,
+                "peak PSS tree MiB": memory.peak_pss_total[name] / 1024,
                 **{f"peak {k} MiB": memory.peak_by_kind[name].get(k, 0) / 1024
-                   for k in ("flower-supernode", "flower-superexec", "flwr-clientapp")}}
+                   for k in PROCESS_KINDS}}
                for name in topology.nodes]
     return {"protocol": protocol, "supernode": supernode,
             # real devices have no partition id: replies are summed in node-id order

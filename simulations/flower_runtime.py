@@ -397,7 +397,9 @@ def signal_serverapp(handle: SuperLinkHandle, sig: signal.Signals) -> list[int]:
 
 def node_pids(node: SuperNode, program: str | None = None) -> list[int]:
     """The live processes of a SuperNode (itself, its SuperExec, its ClientApps), or only
-    those running ``program`` (e.g. ``flwr-clientapp``)."""
+    those running ``program`` (e.g. ``flwr-clientapp``; with fedq-supernode's warm
+    executor, ``flwr-clientapp`` also finds its forked ClientApp children and
+    ``flower-superexec`` its task loop: :data:`WARM_EQUIVALENT`)."""
     if node._group is None:
         return []
     tag = node._group.tag
@@ -405,11 +407,19 @@ def node_pids(node: SuperNode, program: str | None = None) -> list[int]:
     return sorted(pid for pid in procs if program is None or _runs(pid, program))
 
 
+# fedq-supernode's warm executor (client/warm_executor.py) does the job of Flower's
+# SuperExec and its per-message ClientApp process in forks named by their comm
+WARM_EQUIVALENT = {"flower-superexec": "fedq-taskloop", "flwr-clientapp": "fedq-clientapp"}
+
+
 def _runs(pid: int, program: str) -> bool:
     try:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
     except OSError:
         return False
+    if comm in (program, WARM_EQUIVALENT.get(program)):
+        return True
     return any(Path(arg.decode(errors="replace")).name == program for arg in argv[:2])
 
 

@@ -25,6 +25,7 @@ from fedq.client.supernode import (
     poll_interval,
     use_clientapp_launcher,
 )
+from fedq.client.warm_executor import WARM_ENV
 from fedq.simulations.flower_runtime import deployment_superlink, node_pids, start_supernode
 
 
@@ -37,6 +38,7 @@ def test_a_real_fedq_supernode_polls_the_superlink_every_fifth_of_a_second(
     monkeypatch.setenv("FLWR_LOG_LEVEL", "DEBUG")  # the SuperLink logs every pull
     monkeypatch.delenv(POLL_ENV, raising=False)
     monkeypatch.delenv(SUPEREXEC_POLL_ENV, raising=False)
+    monkeypatch.setenv(WARM_ENV, "0")  # Flower's SuperExec, whose environment is checked
     with deployment_superlink(tmp_path / "link") as link:
         node = start_supernode(link, tmp_path / "node", {"seed": 1}, program="fedq-supernode")
         node.wait_registered(timeout=120)
