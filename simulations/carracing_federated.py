@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
                "single_best": best_single, "single_best_at": best_single_at,
                "federated_best_within_half": max(within_half, default=None),
                "target_met": met, "random_mean": random_mean}
-    text = (f"{len(rows)} of 8 rounds finished, {summary['decisions_per_device']} decisions per "
+    planned = json.loads((args.run_dir / "config.json").read_text())["num-server-rounds"]
+    text = (f"{len(rows)} of {planned} rounds finished, {summary['decisions_per_device']} decisions per "
             "device.\n\n" + markdown_table(table, list(table[0]) if table else ["round"])
             + f"\n\nOne device: best {best_single:.1f} at {best_single_at} decisions; the "
             f"target asks the federation for >= {best_single:.1f} within {half} decisions "
