@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
                "target_met": met, "random_mean": random_mean}
     planned = json.loads((args.run_dir / "config.json").read_text())["num-server-rounds"]
     text = (f"{len(rows)} of {planned} rounds finished, "
-            f"{summary['decisions_per_device']} decisions per device.\n\n" + markdown_table(table, list(table[0]) if table else ["round"])
+            f"{summary['decisions_per_device']} decisions per device.\n\n"
+            + markdown_table(table, list(table[0]) if table else ["round"])
             + f"\n\nOne device: best {best_single:.1f} at {best_single_at} decisions; the "
             f"target asks the federation for >= {best_single:.1f} within {half} decisions "
             f"per device: best there {max(within_half, default=float('nan')):.1f}, "
