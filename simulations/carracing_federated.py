@@ -84,10 +84,13 @@ def main(argv: list[str] | None = None) -> int:
                "single_best": best_single, "single_best_at": best_single_at,
                "federated_best_within_half": max(within_half, default=None),
                "target_met": met, "random_mean": random_mean}
-    text = (markdown_table(table, list(table[0]) if table else ["round"])
+    planned = json.loads((args.run_dir / "config.json").read_text())["num-server-rounds"]
+    text = (f"{len(rows)} of {planned} rounds finished, "
+            f"{summary['decisions_per_device']} decisions per device.\n\n"
+            + markdown_table(table, list(table[0]) if table else ["round"])
             + f"\n\nOne device: best {best_single:.1f} at {best_single_at} decisions; the "
             f"target asks the federation for >= {best_single:.1f} within {half} decisions "
-            f"per device: best there {summary['federated_best_within_half']}, "
+            f"per device: best there {max(within_half, default=float('nan')):.1f}, "
             f"**{'met' if met else 'not met'}**. Random policy {random_mean:.1f}. "
             "Federated returns: 3 greedy episodes on each device's own tracks, fresh every "
             "round; one device: 3 episodes on 3 fixed tracks.")

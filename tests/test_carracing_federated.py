@@ -17,6 +17,7 @@ def _report(tmp_path, monkeypatch, federated):
         json.dumps({"round": i + 1, "env-steps-per-client-total": s,
                     "eval": {} if r is None else {"eval-return-mean": r}}) + "\n"
         for i, (s, r) in enumerate(federated)))
+    (run / "config.json").write_text(json.dumps({"num-server-rounds": len(federated)}))
     single = tmp_path / "single.json"
     single.write_text(json.dumps(SINGLE))
     monkeypatch.setattr(carracing_federated, "SINGLE", single)
