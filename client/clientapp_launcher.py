@@ -35,7 +35,7 @@ def main() -> None:
     from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
     from flwr.supernode.runtime import run_clientapp as runtime
 
-    from fedq.client import prompt_pulls
+    from fedq.common import prompt_pulls
 
     prompt_pulls.apply(runtime)
 

@@ -46,7 +46,7 @@ from logging import DEBUG, ERROR, INFO, WARNING
 from pathlib import Path
 from typing import Any
 
-from fedq.client import prompt_pulls
+from fedq.common import prompt_pulls
 
 # process names (/proc/PID/comm, what ps and the deployment benchmark show)
 FORK_SERVER_NAME, TASK_LOOP_NAME, TASK_NAME = "fedq-forkserver", "fedq-taskloop", "fedq-clientapp"

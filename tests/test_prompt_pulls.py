@@ -1,5 +1,6 @@
-"""A ClientApp's pull of an object its SuperNode has not stored yet retries within
-milliseconds, not after Flower's 1 s first backoff (client/prompt_pulls.py)."""
+"""An object pull that finds the object not stored yet retries within milliseconds, not
+after Flower's 1 s first backoff, wherever a deployed round pulls objects: the ClientApp,
+the ServerApp's grid, the SuperNode (common/prompt_pulls.py)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ import threading
 import time
 
 import numpy as np
+import pytest
 from flwr.app import ArrayRecord
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, get_object_tree
 from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError
 
-from fedq.client import prompt_pulls
+from fedq.common import prompt_pulls
 
 
 def _late_store(record: ArrayRecord, delay_s: float):
@@ -48,3 +50,23 @@ def test_object_that_arrives_late_is_pulled_without_a_one_second_wait() -> None:
     np.testing.assert_array_equal(pulled.to_numpy_ndarrays()[0], np.arange(1000))
     # Flower's default first retry alone waits 0.8-1.2 s
     assert waited < 0.5, waited
+
+
+def test_servers_and_supernodes_pulls_retry_promptly_and_other_modules_are_refused() -> None:
+    grid = importlib.import_module("flwr.superlink.grid.http_grid")
+    supernode = importlib.import_module("flwr.supernode.start_client_internal")
+    originals = {module: module.pull_objects for module in (grid, supernode)}
+    record = ArrayRecord([np.arange(10, dtype=np.float32)])
+    ids = list(get_all_nested_objects(record))
+    try:
+        for module in originals:
+            prompt_pulls.apply(module)
+            started = time.monotonic()
+            pulled = module.pull_objects(ids, _late_store(record, 0.05))
+            assert time.monotonic() - started < 0.5
+            assert set(pulled) == set(ids)
+    finally:
+        for module, pull in originals.items():
+            module.pull_objects = pull
+    with pytest.raises(RuntimeError, match="no longer pulls objects"):
+        prompt_pulls.apply(importlib.import_module("json"))
