@@ -33,6 +33,11 @@ def main() -> None:
     cli.__path__ = [str(Path(flwr.supernode.__file__).parent / "cli")]
     sys.modules.setdefault(CLI_PACKAGE, cli)
     from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
+    from flwr.supernode.runtime import run_clientapp as runtime
+
+    from fedq.common import prompt_pulls
+
+    prompt_pulls.apply(runtime)
 
     sys.argv[0] = COMMAND  # Flower's exit handling recognises its ClientApp by this name
     flwr_clientapp()

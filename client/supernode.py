@@ -43,6 +43,7 @@ from typing import Any
 
 from fedq.client import warm_executor
 from fedq.client.clientapp_launcher import write_launcher
+from fedq.common import prompt_pulls
 
 POLL_ENV = "FEDQ_SUPERNODE_POLL_S"
 DEFAULT_POLL_S = 0.2
@@ -89,6 +90,7 @@ def cap_polling(cap: float, environ: dict[str, str] | os._Environ[str] = os.envi
         raise RuntimeError("flwr.supernode.start_client_internal no longer sleeps with the "
                            "time module; fedq-supernode needs updating for this Flower")
     start_client_internal.time = CappedSleepTime(cap)  # type: ignore[attr-defined]
+    prompt_pulls.apply(start_client_internal)  # the weights it pulls from the SuperLink
     environ.setdefault(SUPEREXEC_POLL_ENV, f"{cap:g}")
 
 

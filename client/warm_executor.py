@@ -46,6 +46,8 @@ from logging import DEBUG, ERROR, INFO, WARNING
 from pathlib import Path
 from typing import Any
 
+from fedq.common import prompt_pulls
+
 # process names (/proc/PID/comm, what ps and the deployment benchmark show)
 FORK_SERVER_NAME, TASK_LOOP_NAME, TASK_NAME = "fedq-forkserver", "fedq-taskloop", "fedq-clientapp"
 REPORTER_NAME = "fedq-reporter"
@@ -321,6 +323,7 @@ def _run_task(launch: Launch, note: Path) -> None:
         return message, context, run, fab
 
     runtime.pull_task_input = pull_and_note  # type: ignore[assignment]
+    prompt_pulls.apply(runtime)
     sys.argv[0] = "flwr-clientapp"  # Flower's exit handling recognises its ClientApp by it
     runtime.run_clientapp(runtime_api_address=launch.runtime_api_address,
                           token=launch.token, insecure=launch.insecure,

@@ -10,7 +10,7 @@ buffer yet, reported apart; the median over the others):
   updates), since the round waits for it;
 * **everything else**: the round's wall time minus that: starting a ClientApp process
   per message (Python + torch imports), loading/saving the device state, moving the
-  weights through the SuperLink, collecting the replies (50-500 ms polling:
+  weights through the SuperLink, collecting the replies (50-100 ms polling:
   server/prompt_grid.py), aggregation, federated evaluation, metrics and checkpoint.
 
 It runs one federation per learner backend (``--backends torch,numpy``): the torch
