@@ -51,7 +51,8 @@ def _levers(params: Mapping[str, Any]) -> list[str]:
     return names
 
 
-def _clients(params: Mapping[str, Any]) -> list[int]:
+def clients_param(params: Mapping[str, Any]) -> list[int]:
+    """The ``clients`` parameter (comma-separated N >= 1); bench_federation_pays reads it too."""
     try:
         clients = [int(n) for n in str(params["clients"]).split(",")]
     except ValueError:
@@ -73,7 +74,7 @@ def cells(params: Mapping[str, Any]) -> list[Cell]:
     return [Cell(LEVERS_RUN, {"lever": lever, "clients": n, "seed": seed,
                               "max-steps": params["max-steps"],
                               "stop-at-goal": not params["keep-training"]})
-            for lever in _levers(params) for n in _clients(params) for seed in seeds]
+            for lever in _levers(params) for n in clients_param(params) for seed in seeds]
 
 
 def table(cells: list[dict[str, Any]], max_steps: int) -> list[dict[str, Any]]:

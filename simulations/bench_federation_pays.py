@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from fedq.simulations.bench_federation_levers import clients_param
 from fedq.simulations.harness import (
     Benchmark,
     Cell,
@@ -70,17 +71,6 @@ def _scenarios(params: Mapping[str, Any]) -> list[str]:
     return names
 
 
-def _clients(params: Mapping[str, Any]) -> list[int]:
-    try:
-        clients = [int(n) for n in str(params["clients"]).split(",")]
-    except ValueError:
-        raise HarnessError(f"clients: expected comma-separated integers, got "
-                           f"{params['clients']!r}") from None
-    if min(clients) < 1:
-        raise HarnessError(f"clients: every N must be >= 1, got {params['clients']!r}")
-    return clients
-
-
 def _seeds(params: Mapping[str, Any]) -> list[int]:
     return list(range(params["seeds"]))
 
@@ -90,10 +80,10 @@ def _plan(params: Mapping[str, Any]) -> list[tuple[str, str, int, int, Cell]]:
     independent cell per scenario and seed at the largest N (the smaller N read its first
     clients)."""
     out = []
-    largest = max(_clients(params))
+    largest = max(clients_param(params))
     for name in _scenarios(params):
         for seed in _seeds(params):
-            for n in _clients(params):
+            for n in clients_param(params):
                 out += [(m, name, n, seed, pays_cell(m, name, n, seed, params))
                         for m in ("federated", "centralised")]
             out.append(("independent", name, largest, seed,
@@ -120,7 +110,7 @@ def collect(params: Mapping[str, Any], done: Done) -> dict[tuple[str, int, int],
         elif method == "centralised":
             results.setdefault((name, n, seed), {})["centralised"] = out["centralised"]
         else:  # the largest N's independent agents serve every N: its first clients
-            for size in _clients(params):
+            for size in clients_param(params):
                 results.setdefault((name, size, seed), {}).update(
                     {k: out[k][:size] for k in ("independent", "independent-longer")})
     return results
@@ -131,7 +121,7 @@ def method_table(results: dict[tuple[str, int, int], dict[str, Any]],
     """Per scenario, N and method: mean and worst-client return, averaged over seeds."""
     table = []
     for name in _scenarios(params):
-        for n in _clients(params):
+        for n in clients_param(params):
             for method in METHODS:
                 per_seed = [results[(name, n, s)][method] for s in _seeds(params)
                             if method in results.get((name, n, s), {})]
@@ -153,7 +143,7 @@ def curve_table(results: dict[tuple[str, int, int], dict[str, Any]],
     federated return over seeds."""
     rows = []
     for name in _scenarios(params):
-        for n in _clients(params):
+        for n in clients_param(params):
             runs = [results[(name, n, s)]["federated-curve"] for s in _seeds(params)
                     if "federated-curve" in results.get((name, n, s), {})]
             if not runs:
@@ -195,7 +185,7 @@ def plot(table: list[dict[str, Any]], params: Mapping[str, Any], path: Path) -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    scenarios, sizes = _scenarios(params), _clients(params)
+    scenarios, sizes = _scenarios(params), clients_param(params)
     fig, axes = plt.subplots(1, len(scenarios), figsize=(5 * len(scenarios), 4),
                              squeeze=False)
     width = 0.8 / len(METHODS)
