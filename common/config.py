@@ -139,7 +139,9 @@ class FedqConfig:
         "with learning-rate-decay-steps > 0)", _non_negative)
     learning_rate_decay_steps: int = _opt(
         150_000, "env steps of the linear learning-rate decay from learning-rate to "
-        "learning-rate-final, counted by exploration-clock (0: constant learning-rate); "
+        "learning-rate-final, counted on the device's own steps whatever exploration-clock "
+        "says (a per-device budget the same in FedAvg and sequential rounds; the federation "
+        "clock would spend it N times faster) (0: constant learning-rate); "
         "the default is CartPole's 150k budget, where a learner still taking full steps "
         "loses what it learnt (simulations/results/stability_sweep_cartpole5): with the "
         "default final rate of 0 a device stops learning after 150k steps, so a longer "

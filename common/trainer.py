@@ -104,7 +104,10 @@ class LocalTrainer:
 
         The epsilon schedule starts at ``exploration_start`` (``exploration-clock =
         "federation"``: the env steps already in the global model) and advances one per
-        env step; by default it counts the device's own lifetime env steps.
+        env step; by default it counts the device's own lifetime env steps. The
+        learning-rate decay always counts the device's own steps: its horizon is a budget
+        per device, which the federation clock would use up N times faster on N devices
+        (docs/running.md#how-a-round-works, "Exploration clock").
         ``progress`` is called with the steps done so far every ``PROGRESS_EVERY`` steps,
         so a long round can report how it is going. ``should_stop`` (polled every
         ``STOP_CHECK_EVERY`` steps) ends the round early, between two steps, with
@@ -151,9 +154,9 @@ class LocalTrainer:
             else:
                 obs = next_obs
             if step > c.learning_starts and step % c.train_frequency == 0:
-                if lr_decay:  # the same linear schedule and clock as epsilon
+                if lr_decay:  # a per-device budget: the device's own steps, any clock
                     learner.set_learning_rate(linear_epsilon(
-                        step + clock_offset, c.learning_rate, c.learning_rate_final,
+                        step, c.learning_rate, c.learning_rate_final,
                         c.learning_rate_decay_steps))
                 for _ in range(c.gradient_steps):
                     loss_sum += learner.update()

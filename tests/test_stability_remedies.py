@@ -3,6 +3,8 @@ and TD targets clipped to the env's return bounds. Each does what its key says o
 backends (tests/test_numpy_backend.py holds the two backends' updates together); clipping
 is on by default wherever the env's reward range is known (``td-target-clip = "auto"``)."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -63,6 +65,38 @@ def test_learning_rate_decays_linearly_in_env_steps(backend):
     trainer.train(1000)
     assert lr() == pytest.approx(1e-4)
     trainer.close()
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_the_learning_rate_follows_the_devices_own_steps_on_the_federation_clock(backend):
+    """Issue 20, federated N=4: the last of 4 sequential devices starts each round's epsilon
+    schedule at the federation's count (4 x its own steps), but its learning rate must sit
+    where a FedAvg device's (or a lone device's) does after as many own steps. On the
+    federation clock the 2,000-step decay would already have reached its final rate after
+    500 own steps (learning stopped at 37.5k of 150k steps per device before the fix)."""
+    config = FedqConfig.from_mapping({
+        **QUICK, "backend": backend, "learning-rate": 1e-3, "learning-rate-final": 0.0,
+        "learning-rate-decay-steps": 2000, "exploration-steps": 4000,
+        "exploration-final-eps": 0.0, "exploration-clock": "federation"})
+    visit, devices, local = 3, 4, 250  # 0-based visit of the last device in the chain
+    trainer = LocalTrainer(config, seed=0)
+    fedavg = LocalTrainer(dataclasses.replace(config, exploration_clock="device"), seed=0)
+
+    def lr(t: LocalTrainer) -> float:
+        if backend == "numpy":
+            return t.learner.learning_rate
+        return t.learner.optimizer.param_groups[0]["lr"]
+
+    for round_index, own_steps in enumerate((250, 500, 750, 1000)):
+        start = (devices * round_index + visit) * local  # federation-env-steps it is sent
+        stats = trainer.train(local, exploration_start=start)
+        fedavg.train(local)
+        assert lr(trainer) == pytest.approx(1e-3 * (1 - own_steps / 2000))
+        assert lr(trainer) == pytest.approx(lr(fedavg))
+        # epsilon stays on the federation's clock: the chain's model has seen 4x the steps
+        assert stats.epsilon == pytest.approx(1 - (start + local) / 4000)
+    trainer.close()
+    fedavg.close()
 
 
 def test_a_constant_learning_rate_is_never_touched():

@@ -1,0 +1,30 @@
+"""Issue 20's federated target on the new defaults: four CartPole-v1 devices, FedAvg and
+sequential rounds, 5 seeds, 150k env steps per device.
+
+The target: the global model solved (federated greedy return at 475 on 3 rounds in a row)
+at a median of <= 60k env steps per device, and a final return >= 475 at 150k per device on
+every seed. The cells are the ``federation`` benchmark's (:mod:`simulations.bench_federation`:
+the same runs, tables and curves), restricted to N=4 and run for 60 rounds of 2,500 local
+steps, with a federated greedy evaluation (24 episodes, 6 per device) after every round.
+Every other setting is fedq's default (TD targets clipped, learning rate decaying to 0 over
+150k of each device's own steps) except the ``numpy`` learner backend: the same DQN update
+as torch's (tests/test_numpy_backend.py), about 5x faster per round here, which is what
+lets 10 runs of 600k env steps each finish in an afternoon on 2 shared cores.
+
+    python -m fedq.simulations.bench federation_n4 --workers 2
+"""
+
+from __future__ import annotations
+
+from fedq.simulations.bench_federation import cells, summarise
+from fedq.simulations.harness import Benchmark, register_benchmark
+
+BENCHMARK = register_benchmark(Benchmark(
+    "federation_n4", "issue 20's federated target: N=4 CartPole devices, FedAvg and "
+    "sequential, 5 seeds, 150k env steps per device, solved (3 rounds in a row), final, best",
+    defaults={"strategies": "fedavg,sequential", "clients": "4", "seeds": 5,
+              "first-seed": 0, "local-steps": 2500, "max-rounds": 60,
+              "eval-episodes-total": 24, "learner": "backend=numpy"},
+    quick={"clients": "2", "seeds": 1, "local-steps": 50, "max-rounds": 2,
+           "eval-episodes-total": 2},
+    cells=cells, summarise=summarise, plot_name="curves.png"))
