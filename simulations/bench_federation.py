@@ -133,6 +133,8 @@ def run_summary(strategy: str, clients: int, seed: int, result: dict[str, Any]
     return {"strategy": strategy, "clients": clients, "seed": seed, "ok": result["ok"],
             "status": result["status"], "rounds": len(rows), "steps-per-client": solved,
             "final-return": summary["final-return"], "best-return": summary["best-return"],
+            # best.pt replayed on fresh episodes (absent from runs cached before it existed)
+            "best-model-return": result.get("best-score"),
             "overhead-share-train-phase": train_share, "overhead-share-round": round_share,
             "seconds-to-solved": sum(r["round-seconds"] for r in rows[:solved_round])
             if solved is not None else None,
@@ -160,6 +162,10 @@ def table_row(strategy: str, clients: int, runs: list[dict[str, Any]]) -> dict[s
                                 if r["final-return"] is not None]),
         "best return": spread([r["best-return"] for r in runs
                                if r["best-return"] is not None]),
+        "best model, fresh episodes": spread([
+            r["best-model-return"] for r in runs
+            if r.get("best-model-return") is not None and r["best-model-return"] == r[
+                "best-model-return"]]),  # None: cached before it existed; NaN: no best.pt
         "overhead share, train phase": _median([r["overhead-share-train-phase"]
                                                 for r in runs]),
         "overhead share, whole round": _median([r["overhead-share-round"] for r in runs]),
@@ -218,6 +224,7 @@ def summarise(params: Mapping[str, Any], done: Done) -> Summary:
             table.append(row)
     columns = ["strategy", "clients", "solved", "median steps/client to solved", "vs N=1",
                "per seed", "total env steps (median)", "final return", "best return",
+               "best model, fresh episodes",
                "overhead share, train phase", "overhead share, whole round",
                "median round s", "median wall s to solved", "run status"]
     learner = learner_overrides(params)
@@ -226,7 +233,9 @@ def summarise(params: Mapping[str, Any], done: Done) -> Summary:
             f"over the clients) reaches {GOAL:g}; '-' in per seed: not solved within "
             f"{params['max-rounds']} rounds of {params['local-steps']:,} local env steps. "
             "Final = the last round's return, best = the best round's, median [min, max] "
-            "over seeds. Sequential runs use exploration-clock = federation"
+            "over seeds; best model, fresh episodes = the run's checkpoints/best.pt (the "
+            "best round by federated return, what fedq-export exports) replayed on 30 "
+            "fresh greedy episodes. Sequential runs use exploration-clock = federation"
             f"{'; settings ' + str(learner) + ' for every run' if learner else ''}. "
             "Overhead shares are medians over rounds >= 2 (cores per run: "
             f"{', '.join(str(c) for c in sorted({r['cores'] for r in results.values()}))}). "

@@ -60,6 +60,7 @@ def run_federated(params: Mapping[str, Any], workdir: Path) -> dict[str, Any]:
     return {"ok": outcome.ok, "status": str(outcome.status) + (f" ({details})" if details
                                                                else ""),
             "rows": rows, "score": checkpoint_score(workdir),
+            "best-score": best_model_score(workdir),
             "seconds": sum(r["round-seconds"] for r in rows),
             "ledgers": device_ledgers(workdir),
             # what "local training's wall time" means depends on how many cores the
@@ -101,7 +102,19 @@ def device_ledgers(run_dir: Path) -> list[list[list[float]]]:
 def checkpoint_score(run_dir: Path, episodes: int = 10) -> float:
     """Mean greedy return of the run's retained checkpoints (the last 3 rounds), each
     played for ``episodes`` episodes; NaN if the run left no checkpoint."""
-    paths = sorted((run_dir / "checkpoints").glob("round-*.pt"))
+    return _play(run_dir, sorted((run_dir / "checkpoints").glob("round-*.pt")), episodes)
+
+
+def best_model_score(run_dir: Path, episodes: int = 30) -> float:
+    """Mean greedy return of the best model by federated evaluation (``best.pt``, what
+    ``fedq-export`` exports) on ``episodes`` fresh episodes: its federated return picked
+    it, so only episodes it was not picked on say what it is worth. NaN without one."""
+    best = run_dir / "checkpoints" / "best.pt"
+    return _play(run_dir, [best] if best.is_file() else [], episodes)
+
+
+def _play(run_dir: Path, paths: list[Path], episodes: int) -> float:
+    """Mean greedy return of the checkpoints ``paths``, ``episodes`` each (NaN: none)."""
     if not paths:
         return float("nan")
     import torch

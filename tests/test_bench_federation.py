@@ -111,3 +111,42 @@ def test_federation_pays_refuses_an_unknown_scenario_naming_it():
     params = resolve_params(pays.BENCHMARK, {"scenarios": "hetero_cartpol"}, quick=False)
     with pytest.raises(HarnessError, match=r"scenarios: no scenario.*hetero_cartpol"):
         pays.cells(params)
+
+
+def test_the_best_model_is_replayed_from_best_pt_not_from_the_latest_round(tmp_path):
+    """Issue 20: the model a run hands over is checkpoints/best.pt (fedq-export's default),
+    so the federation benchmarks score it on fresh episodes: a hand-made balancing policy
+    in best.pt scores far above the push-left policy of the latest round, and a run
+    without best.pt has no score."""
+    import json
+    import statistics
+
+    import torch
+
+    from fedq.common.config import FedqConfig
+    from fedq.common.trainer import LocalTrainer
+    from fedq.simulations.federated_cell import SCORE_SEED, best_model_score
+
+    config = FedqConfig.from_mapping({"hidden-sizes": "2"})
+    (tmp_path / "config.json").write_text(json.dumps(config.to_mapping()))
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir()
+    assert best_model_score(tmp_path) != best_model_score(tmp_path)  # NaN: no best.pt
+    # Q(push right) - Q(push left) = angle + angular velocity: push towards the fall
+    lean = torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.0, 0.0, -1.0, -1.0]])
+    balancing = {"0.weight": lean, "0.bias": torch.zeros(2),
+                 "2.weight": torch.tensor([[0.0, 1.0], [1.0, 0.0]]), "2.bias": torch.zeros(2)}
+    pushing_left = {**balancing, "2.weight": torch.zeros(2, 2),
+                    "2.bias": torch.tensor([1.0, 0.0])}
+    torch.save({"round": 7, "state_dict": balancing}, checkpoints / "best.pt")
+    torch.save({"round": 9, "state_dict": pushing_left}, checkpoints / "round-0009.pt")
+
+    def played(state: dict) -> float:
+        trainer = LocalTrainer(config, seed=SCORE_SEED)
+        trainer.learner.load_online(state)
+        returns = trainer.evaluate(30, seed=SCORE_SEED)
+        trainer.close()
+        return statistics.fmean(returns)
+
+    assert best_model_score(tmp_path) == played(balancing)
+    assert best_model_score(tmp_path) > 5 * played(pushing_left)
