@@ -1,7 +1,8 @@
 """docs/edge-recipe.md works copied line by line: the block it shows (a SuperLink, two
 ``fedq-client`` devices on one host, ``fedq-submit``, watch, resume, stop) runs as one bash
 script from the repository root against real Flower processes on 127.0.0.1, and leaves
-a complete, resumed run and both devices' state behind."""
+a complete, resumed run and both devices' state behind. The recipe's fixed ports
+(9093-9095) are swapped for free ones, so parallel test runs do not collide."""
 
 import contextlib
 import json
@@ -14,6 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from fedq.simulations.flower_runtime import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "docs" / "edge-recipe.md"
@@ -28,13 +31,22 @@ def recipe_block() -> str:
     return match.group(1)
 
 
+def with_free_ports(block: str) -> str:
+    """The recipe with each of its ports (9093 SuperLink, 9094/9095 devices) replaced by a
+    port that is free now, everything else as written."""
+    ports = {port: str(free_port()) for port in ("9093", "9094", "9095")}
+    assert all(port in block for port in ports), "the recipe's ports changed; update the test"
+    return re.sub(r"\b(9093|9094|9095)\b", lambda m: ports[m.group(1)], block)
+
+
 @pytest.mark.slow
 def test_the_edge_recipe_runs_as_written(tmp_path):
     shutil.rmtree(DEMO, ignore_errors=True)
     env = {**os.environ, "HOME": str(tmp_path),  # fedq-submit's ~/.flwr: not the user's
            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])}
     env.pop("FLWR_HOME", None)
-    process = subprocess.Popen(["bash", "-euo", "pipefail", "-c", recipe_block()], cwd=ROOT,
+    script = with_free_ports(recipe_block())
+    process = subprocess.Popen(["bash", "-euo", "pipefail", "-c", script], cwd=ROOT,
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, start_new_session=True)
     try:

@@ -1,7 +1,14 @@
 """Ctrl-C in ``fedq-simulate`` stops the run cleanly: every Flower and Ray process it
 started ends, the rounds already done stay saved, and it prints the command that resumes
 the run (not a KeyboardInterrupt traceback). Runs the real command in its own process
-group and sends SIGINT to the group, as a terminal does."""
+group and sends SIGINT to the group, as a terminal does.
+
+A terminal's shell starts a foreground job with SIGINT at its default action; the test does
+the same, whatever the test runner's own disposition. Without that, the command inherits
+it, and a runner started as a background job of a non-interactive shell (``cmd &`` in a
+script, ``nohup``) ignores SIGINT: the kernel drops the signal, the run goes on past round
+12 and ``communicate`` times out, the signature of the one CI failure (reproduced with
+SIGINT in the command's ``SigIgn`` in ``/proc/<pid>/status``)."""
 
 import os
 import re
@@ -20,6 +27,12 @@ import pytest
 ROUNDS = 1000
 TINY = ["--set", "local-steps=300", "--set", "learning-starts=100", "--set", "eval-episodes=2",
         "--set", "hidden-sizes=16,16", "--set", "buffer-size=2000"]
+
+
+def _sigint_as_in_a_foreground_job() -> None:
+    """In the child before exec: SIGINT back to its default action, as a shell sets it for
+    a foreground job (an ignored SIGINT would survive exec)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _processes_mentioning(text: str) -> list[int]:
@@ -47,7 +60,8 @@ def test_ctrl_c_stops_every_process_keeps_the_rounds_and_prints_the_resume_comma
     command = [sys.executable, "-m", "fedq.simulations.run", "--clients", "2",
                "--rounds", str(ROUNDS), "--run-dir", str(run_dir), *TINY]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                               preexec_fn=_sigint_as_in_a_foreground_job)
     lines: list[str] = []
     try:
         assert process.stdout is not None
