@@ -1,7 +1,7 @@
 """The learning benchmark on the harness (simulations/bench_learning.py): a tiny real
 CartPole cell runs end to end through ``bench learning --quick``; "solved" is 3 greedy
 evaluations in a row at the goal, never one lucky one; too few evaluation episodes and
-unknown envs are refused."""
+unknown envs are refused; every cell records max |Q| and leaves its curve so far."""
 
 import json
 
@@ -24,6 +24,11 @@ def test_bench_learning_quick_trains_and_evaluates_one_real_cartpole_seed(
     assert [steps for steps, _ in run["curve"]] == [500, 1000, 1500]
     assert run["final-return"] == run["curve"][-1][1]
     assert run["best-return"] == max(value for _, value in run["curve"])
+    # max |Q| per evaluation, and the curve so far left in the cell's scratch folder
+    assert [steps for steps, _ in run["max-q"]] == [500, 1000, 1500]
+    assert all(0 < q < 1e4 for _, q in run["max-q"])
+    (progress,) = (tmp_path / "runs").rglob("learning-run/*.work/progress.json")
+    assert json.loads(progress.read_text())["curve"] == run["curve"]
     (row,) = record["summary"]
     assert (row["env"], row["seeds"], row["budget"]) == ("CartPole-v1", 1, 1500)
     markdown = (folder / "results.md").read_text()
