@@ -1,6 +1,6 @@
 """Does the local learner learn, and keep what it learns? Greedy return over a budget.
 
-One device (the same ``LocalTrainer`` a Flower client runs, fedq's default torch backend)
+One device (the same ``LocalTrainer`` a Flower client runs; torch unless the task sets a backend)
 trains on each env for the whole budget and is evaluated greedily every ``eval-every``
 env steps (``eval-episodes`` >= 10 episodes on fresh seeds). A seed counts as solved at
 the third evaluation in a row whose mean return reaches the env's goal
@@ -107,9 +107,10 @@ def summarise(params: Mapping[str, Any], done: Done) -> Summary:
     per_seed = [{"env": c.params["env"], "seed": c.params["seed"], **{
         k: r[k] for k in ("solved-at", "final-return", "best-return")}} for c, r in done]
     seed_columns = ["env", "seed", "solved-at", "final-return", "best-return"]
-    backends = sorted({r["backend"] for _, r in done})
+    backends = {c.params["env"]: r["backend"] for c, r in done}
     text = (f"Per seed:\n\n{markdown_table(per_seed, seed_columns)}\n\nOne device "
-            f"(`LocalTrainer`, backend {', '.join(backends)}: fedq's default) per (env, seed). "
+            f"(`LocalTrainer`, backend {', '.join(f'{e} {b}' for e, b in backends.items())}; "
+            "torch is fedq's default) per (env, seed). "
             f"Solved = the third greedy evaluation in a row (mean of {params['eval-episodes']} "
             "episodes on fresh seeds, every "
             f"{' / '.join(f'{e:,}' for e in sorted({c.params['eval-every'] for c, _ in done}))} "

@@ -35,13 +35,18 @@ TASKS = {
         "hidden-sizes": "256,256", "learning-rate": 4e-3, "batch-size": 128,
         "buffer-size": 10_000, "learning-starts": 1000, "gamma": 0.98, "train-frequency": 16,
         "gradient-steps": 8, "target-update-interval": 600,
-        "exploration-steps": 24_000, "exploration-final-eps": 0.07}),
+        "exploration-steps": 24_000, "exploration-final-eps": 0.07,
+        "learning-rate-decay-steps": 200_000}),  # the lr decays over its whole budget
     # RL Zoo's DQN LunarLander (256-256, lr 6.3e-4, batch 128, train every 4 steps with 4
     # gradient steps, target every 250, 12% of 100k steps of epsilon decay to 0.1); needs
-    # the box2d extra
+    # the box2d extra. The lr decays over the whole 500k budget, not the default 150k
+    # (which leaves it 0 for the last 350k steps). td-target-clip auto does not clip here:
+    # LunarLander's per-step reward has no range in common/return_bounds.py. The numpy
+    # backend: 1.13x torch's env steps per CPU-second on this network (docs/benchmarks.md).
     "LunarLander-v3": Task("LunarLander-v3", 200.0, 500_000, {
         "hidden-sizes": "256,256", "learning-rate": 6.3e-4, "batch-size": 128,
         "buffer-size": 50_000, "learning-starts": 1000, "train-frequency": 4,
         "gradient-steps": 4, "target-update-interval": 250,
-        "exploration-steps": 12_000, "exploration-final-eps": 0.1}, eval_every=10_000),
+        "exploration-steps": 12_000, "exploration-final-eps": 0.1,
+        "learning-rate-decay-steps": 500_000, "backend": "numpy"}, eval_every=10_000),
 }
