@@ -116,6 +116,8 @@ def test_device_key_is_the_node_configs_not_the_node_ids():
     config = NODE_CONFIGS[1]
     reordered = dict(reversed(list(config.items())))
     assert device_key(config) == device_key(reordered)
+    moved = {**config, "state-dir": "/srv/fedq/node-2", "message-audit-dir": "/tmp/audit"}
+    assert device_key(moved) == device_key(config)  # where it keeps state, not who it is
     assert len({device_key(c) for c in NODE_CONFIGS}) == len(NODE_CONFIGS)
     assert 0 <= device_key(config) < 2**62
 
