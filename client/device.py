@@ -20,6 +20,7 @@ from pathlib import Path
 from flwr.app import Context
 
 from fedq.common.config import FedqConfig
+from fedq.common.device_key import DEVICE_KEY, device_key
 from fedq.common.privacy_policy import PrivacyPolicy
 
 _FLOWER_NODE_KEYS = ("partition-id", "num-partitions")
@@ -36,11 +37,12 @@ class Device:
     state_dir: Path
     partition: int = -1  # simulation partition id; -1 on a real device
     policy: PrivacyPolicy = field(default_factory=PrivacyPolicy)  # effective (tightest)
+    key: int = 0  # hash of the node config: orders deployed devices (common/device_key.py)
 
     def identity_metrics(self) -> dict[str, int]:
-        """Lets the server tell replies apart per partition (node ids change between
-        simulations; partition ids do not)."""
-        return {"partition-id": self.partition}
+        """Lets the server tell replies apart and order them the same way every run
+        (node ids change between runs; partition ids and node configs do not)."""
+        return {"partition-id": self.partition, DEVICE_KEY: self.key}
 
 
 def device_from_context(context: Context) -> Device:
@@ -66,4 +68,5 @@ def device_from_context(context: Context) -> Device:
     else:
         state_dir = Path(config.run_dir) / "devices" / name
     return Device(name=name, config=config, seed=seed, state_dir=state_dir,
-                  partition=-1 if partition is None else int(partition), policy=policy)
+                  partition=-1 if partition is None else int(partition), policy=policy,
+                  key=device_key(node))

@@ -5,7 +5,7 @@ They fall into three kinds:
 
 - **accounting**: functions of the run's schedule and the device's ledger only (env steps,
   update and round counters, the exploration epsilon, the ``dp-*`` ledger entries, the
-  partition id). They read no transition and are always released.
+  partition id and device key). They read no transition and are always released.
 - **training data**: computed from the transitions collected this round (``mean-loss``,
   ``episodes``, ``mean-episode-return``) or timed while reading them (``train-seconds``,
   ``handler-seconds``: the time of a round depends on its episodes). No DP noise covers

@@ -18,10 +18,11 @@ Pair it with ``exploration-clock = "federation"``: each visit is told (round con
 from, so epsilon decays with the model's experience rather than restarting the schedule
 on every device.
 
-The visiting order is fixed: simulation partition id, then node id (a real device has
-partition -1 and sorts by node id). The server learns each node's partition from its
-replies and, for nodes it has not heard from yet, asks them with a ``query`` message
-before the round, so the same seed gives the same run. With ``fraction-train`` < 1 a
+The visiting order is fixed: simulation partition id, then the device's key (a hash of
+its node config, :mod:`common.device_key`: a real device has partition -1 and sorts by
+it), then node id. The server learns each node's partition and key from its replies
+and, for nodes it has not heard from yet, asks them with a ``query`` message before the
+round, so the same seed gives the same run. With ``fraction-train`` < 1 a
 round visits the next ``fraction x N`` devices of that order, continuing where the
 previous round stopped.
 
@@ -42,6 +43,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 
 from fedq.common.config import FEDERATION_STEPS_KEY, FedqConfig
+from fedq.common.device_key import DEVICE_KEY, NO_KEY
 from fedq.server.metrics import aggregate_train_metrics
 from fedq.server.outcome import sent_to
 from fedq.server.update_validation import WEIGHT_KEY, Screening, screen_replies
@@ -57,17 +59,27 @@ def reply_partition(msg: Message) -> int:
     return NO_PARTITION if metrics is None else int(metrics.get("partition-id", NO_PARTITION))
 
 
+def reply_device_key(msg: Message) -> int:
+    """The device key a reply carries (:mod:`common.device_key`; 0: none given)."""
+    if msg.has_error() or not msg.has_content():
+        return NO_KEY
+    metrics = next(iter(msg.content.metric_records.values()), None)
+    return NO_KEY if metrics is None else int(metrics.get(DEVICE_KEY, NO_KEY))
+
+
 @dataclass
 class DeviceOrder:
     """The order in which devices are visited, from the partition ids replies carry."""
 
     partitions: dict[int, int] = field(default_factory=dict)  # node id -> partition id
+    keys: dict[int, int] = field(default_factory=dict)  # node id -> device key
 
     def learn(self, replies: Iterable[Message]) -> None:
-        """Remember the partition of every node that answered."""
+        """Remember the partition and device key of every node that answered."""
         for msg in replies:
             if not msg.has_error() and msg.has_content():
                 self.partitions[msg.metadata.src_node_id] = reply_partition(msg)
+                self.keys[msg.metadata.src_node_id] = reply_device_key(msg)
 
     def identify(self, grid: Grid, nodes: Iterable[int], timeout: float) -> None:
         """Ask the nodes not heard from yet who they are (a ``query`` message)."""
@@ -77,10 +89,11 @@ class DeviceOrder:
                 [Message(RecordDict(), message_type=MessageType.QUERY, dst_node_id=n)
                  for n in unknown], timeout=timeout))
 
-    def key(self, node: int) -> tuple[bool, int, int]:
-        """Sort key: nodes with a partition id first, by it, then the rest by node id."""
+    def key(self, node: int) -> tuple[bool, int, int, int]:
+        """Sort key: nodes with a partition id first, by it, then the rest by device
+        key; node id only breaks ties."""
         partition = self.partitions.get(node, NO_PARTITION)
-        return (partition == NO_PARTITION, partition, node)
+        return (partition == NO_PARTITION, partition, self.keys.get(node, NO_KEY), node)
 
     def visits(self, grid: Grid, config: FedqConfig, server_round: int) -> list[int]:
         """This round's devices, in visiting order (waits for min-available-clients)."""

@@ -53,7 +53,13 @@ from fedq.server.prompt_grid import PromptGrid
 from fedq.server.round_protocol import NextTrainPhase, RoundProtocol
 from fedq.server.run_directory import RunDirectory
 from fedq.server.secure_aggregation import train_securely
-from fedq.server.sequential import DeviceOrder, TrainPhase, reply_partition, train_in_sequence
+from fedq.server.sequential import (
+    DeviceOrder,
+    TrainPhase,
+    reply_device_key,
+    reply_partition,
+    train_in_sequence,
+)
 from fedq.server.strategies import (
     OptimizerState,
     choose_strategy,
@@ -275,14 +281,17 @@ def central_dp_count_ok(config: FedqConfig, screening: Screening, server_round: 
 
 
 def in_device_order(replies: Iterable[Message]) -> list[Message]:
-    """The replies sorted by the device that sent them (partition id, then node id;
-    failed replies last), not in the order they arrived. Aggregation sums float32 arrays
-    reply by reply, and float addition is not associative: arrival order would change the
-    global model's last bits from run to run, and DQN amplifies such differences into
-    different learning curves, so the same seed would not give the same run."""
-    def device(msg: Message) -> tuple[int, int, int]:
+    """The replies sorted by the device that sent them (partition id, then device key,
+    then node id; failed replies last), not in the order they arrived. Aggregation sums
+    float32 arrays reply by reply, and float addition is not associative: arrival order
+    would change the global model's last bits from run to run, and DQN amplifies such
+    differences into different learning curves, so the same seed would not give the same
+    run. Deployed devices have no partition id and the SuperLink draws node ids at
+    random, so their key (a hash of the node config, common/device_key.py) orders them."""
+    def device(msg: Message) -> tuple[int, int, int, int]:
         failed = msg.has_error() or not msg.has_content()
-        return (int(failed), reply_partition(msg), msg.metadata.src_node_id)
+        return (int(failed), reply_partition(msg), reply_device_key(msg),
+                msg.metadata.src_node_id)
 
     return sorted(replies, key=device)
 

@@ -102,6 +102,9 @@ SCRIPTS = (
         "python -m fedq.simulations.compose_check --skip-faults --pi-memory 1g --out "
         "simulations/results/compose/compose_check_pi1g.json"), 0.2,
         "process-level: needs a Docker engine"),
+    Script("pi", ("python -m fedq.simulations.pi_emulation --backends numpy,torch --rounds 5 "
+                  "--local-steps 2000",), 0.4,
+           "one SuperNode under Docker's --cpus 1 --memory 512m; needs a Docker engine"),
 )
 
 

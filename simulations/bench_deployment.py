@@ -337,8 +337,10 @@ def measure(workdir: Path, backend: str, rounds: int, local_steps: int | None, *
                    for k in PROCESS_KINDS}}
                for name in topology.nodes]
     return {"protocol": protocol, "supernode": supernode,
-            # real devices have no partition id: replies are summed in node-id order
-            "aggregation-order": [ids[node_id] for node_id in sorted(ids)],
+            # real devices have no partition id: replies are summed in device-key order
+            # (common/device_key.py), node id only breaking ties
+            "aggregation-order": [ids[node] for _, node in sorted(
+                {(c.get("device-key", 0), c["node-id"]) for c in clients if c["node-id"] in ids})],
             "round-1": per_round[0],
             "median-rounds-2-on": summary, "per-round": per_round, "devices": devices}
 
