@@ -25,7 +25,9 @@ importing the SuperNode's CLI, database and web server in every message's proces
 
 Unless ``FEDQ_WARM_EXECUTOR=0``, it runs the SuperNode with ``--isolation process`` and
 fedq's warm executor (:mod:`client.warm_executor`) in place of Flower's SuperExec: one
-fork server per device, imports paid once, a forked child per message.
+fork server per device, imports paid once, a forked child per message; the hand-offs
+between the SuperNode, the task loop and that child are then rung, not polled
+(:mod:`client.handoff`).
 
     fedq-supernode --superlink 127.0.0.1:9092 --insecure --node-config "..."
 """
@@ -35,15 +37,12 @@ from __future__ import annotations
 import math
 import os
 import sys
-import time
-import types
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
-from fedq.client import warm_executor
+from fedq.client import handoff, warm_executor
 from fedq.client.clientapp_launcher import write_launcher
-from fedq.common import prompt_pulls
+from fedq.common import hop_trace, prompt_pulls
 
 POLL_ENV = "FEDQ_SUPERNODE_POLL_S"
 DEFAULT_POLL_S = 0.2
@@ -67,29 +66,16 @@ def poll_interval(environ: Mapping[str, str]) -> float:
     return value
 
 
-class CappedSleepTime(types.ModuleType):
-    """The ``time`` module with ``sleep`` capped at ``cap`` seconds."""
-
-    def __init__(self, cap: float) -> None:
-        super().__init__("time")
-        self.cap = cap
-
-    def sleep(self, seconds: float) -> None:
-        """Sleep ``seconds``, at most ``cap``."""
-        time.sleep(min(seconds, self.cap))
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(time, name)
-
-
-def cap_polling(cap: float, environ: dict[str, str] | os._Environ[str] = os.environ) -> None:
-    """Cap the SuperNode's waits (and its SuperExec's, through ``environ``) at ``cap`` s."""
+def cap_polling(cap: float, environ: dict[str, str] | os._Environ[str] = os.environ,
+                bells: handoff.Bells | None = None) -> None:
+    """Cap the SuperNode's waits (and its SuperExec's, through ``environ``) at ``cap`` s;
+    with the warm executor's ``bells``, its wait for a reply ends when the ClientApp child
+    rings, and it rings the task loop when it has stored a message
+    (:mod:`client.handoff`)."""
     from flwr.supernode import start_client_internal
 
-    if not isinstance(getattr(start_client_internal, "time", None), types.ModuleType):
-        raise RuntimeError("flwr.supernode.start_client_internal no longer sleeps with the "
-                           "time module; fedq-supernode needs updating for this Flower")
-    start_client_internal.time = CappedSleepTime(cap)  # type: ignore[attr-defined]
+    handoff.sleep_until_rung(start_client_internal, bells.reply if bells else None, cap)
+    handoff.ring_after_store(start_client_internal, bells.task if bells else None)
     prompt_pulls.apply(start_client_internal)  # the weights it pulls from the SuperLink
     environ.setdefault(SUPEREXEC_POLL_ENV, f"{cap:g}")
 
@@ -112,10 +98,14 @@ def main() -> None:
         warm = warm_executor.enabled(os.environ)
     except ValueError as err:
         sys.exit(f"fedq-supernode: error: {err}")
-    cap_polling(cap)
+    if hop_trace.enabled():  # this device's processes say whose they are
+        os.environ[hop_trace.NODE_ENV] = str(os.getpid())
     if warm:
-        warm_executor.start_for_supernode()
+        bells = handoff.Bells.make()
+        cap_polling(cap, bells=bells)  # first: the fork server inherits its environment
+        warm_executor.start_for_supernode(bells)
     else:
+        cap_polling(cap)
         use_clientapp_launcher()
     from flwr.supernode.cli.flower_supernode import flower_supernode
 

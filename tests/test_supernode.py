@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 
 from fedq.client.clientapp_launcher import write_launcher
+from fedq.client.handoff import BellSleepTime
 from fedq.client.supernode import (
     POLL_ENV,
     SUPEREXEC_POLL_ENV,
-    CappedSleepTime,
     poll_interval,
     use_clientapp_launcher,
 )
@@ -54,7 +54,7 @@ def test_a_real_fedq_supernode_polls_the_superlink_every_fifth_of_a_second(
 
 
 def test_capped_sleep_caps_only_sleep():
-    capped = CappedSleepTime(0.01)
+    capped = BellSleepTime(0.01)
     started = time.monotonic()
     capped.sleep(3)
     assert time.monotonic() - started < 1.0
