@@ -23,13 +23,16 @@ one poll, as before; a ring nobody waits for only shortens the next sleep, after
 the loop checks its state as it always does.
 
 The SuperNode's pull of the SuperLink, and the ServerApp's pull of the replies, cross
-machines and stay polls (:mod:`client.supernode`, :mod:`server.prompt_grid`).
+machines and stay polls (:mod:`client.supernode`, :mod:`server.prompt_grid`); the
+SuperNode's polls fast for a short window after each reply it sent (:class:`Burst`),
+when the round's next message is due.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 import select
 import time
@@ -80,18 +83,47 @@ class Bells:
         return cls(task=Doorbell(), reply=Doorbell())
 
 
-class BellSleepTime(types.ModuleType):
-    """The ``time`` module with ``sleep`` capped at ``cap`` seconds and ended early by
-    ``bell``; every other function is the real one."""
+class Burst:
+    """Poll the SuperLink every ``fast_s`` seconds for ``window_s`` seconds after the
+    device sent a reply, at the normal interval otherwise.
 
-    def __init__(self, cap: float, bell: Doorbell | None = None) -> None:
+    The SuperNode's pull of the SuperLink is the one hop a device cannot be rung for
+    (Flower 1.42 has no push to devices). Its next message comes right after the
+    round's last reply: the ServerApp's poll, aggregation and push, a few tenths of a
+    second. The device whose reply was last, the one the round waited for, then finds
+    it within ``fast_s`` instead of half a normal interval on average; a device that
+    replied earlier polls fast only for the window, not while the others still train."""
+
+    def __init__(self, fast_s: float, window_s: float) -> None:
+        self.fast_s = fast_s
+        self.window_s = window_s
+        self.started = -math.inf
+
+    def start(self) -> None:
+        """The device has just sent a reply."""
+        self.started = time.monotonic()
+
+    def cap(self, normal: float) -> float:
+        """The longest poll sleep now: ``fast_s`` inside the window, else ``normal``."""
+        fast = time.monotonic() - self.started < self.window_s
+        return min(normal, self.fast_s) if fast else normal
+
+
+class BellSleepTime(types.ModuleType):
+    """The ``time`` module with ``sleep`` capped at ``cap`` seconds (``burst``'s shorter
+    cap inside its window) and ended early by ``bell``; every other function is the real
+    one."""
+
+    def __init__(self, cap: float, bell: Doorbell | None = None,
+                 burst: Burst | None = None) -> None:
         super().__init__("time")
         self.cap = cap
         self.bell = bell
+        self.burst = burst
 
     def sleep(self, seconds: float) -> None:
         """Sleep ``seconds``, at most ``cap``, less if the bell rings."""
-        seconds = min(seconds, self.cap)
+        seconds = min(seconds, self.burst.cap(self.cap) if self.burst else self.cap)
         if self.bell is None:
             time.sleep(seconds)
         else:
@@ -101,26 +133,29 @@ class BellSleepTime(types.ModuleType):
         return getattr(time, name)
 
 
-def sleep_until_rung(module: types.ModuleType, bell: Doorbell | None, cap: float) -> None:
+def sleep_until_rung(module: types.ModuleType, bell: Doorbell | None, cap: float,
+                     burst: Burst | None = None) -> None:
     """Make ``module``'s ``time.sleep`` (a Flower module that polls) last at most ``cap``
-    seconds and end when ``bell`` (if any) rings; refuses a module that no longer sleeps
-    with the ``time`` module."""
+    seconds (``burst``'s cap inside its window) and end when ``bell`` (if any) rings;
+    refuses a module that no longer sleeps with the ``time`` module."""
     if not isinstance(getattr(module, "time", None), types.ModuleType):
         raise RuntimeError(f"{module.__name__} no longer sleeps with the time module; "
                            "fedq's hand-offs need updating for this Flower")
-    module.time = BellSleepTime(cap, bell)  # type: ignore[attr-defined]
+    module.time = BellSleepTime(cap, bell, burst)  # type: ignore[attr-defined]
 
 
-def ring_after_store(start_client_internal: types.ModuleType, bell: Doorbell | None) -> None:
+def ring_after_store(start_client_internal: types.ModuleType, bell: Doorbell | None,
+                     burst: Burst | None = None) -> None:
     """Ring ``bell`` (the task bell) each time the SuperNode has stored a message pulled
-    from the SuperLink (Flower's ``_pull_and_store_message`` returned its run id), and
-    trace the SuperNode's hops (:mod:`common.hop_trace`); idempotent."""
+    from the SuperLink (Flower's ``_pull_and_store_message`` returned its run id), start
+    ``burst`` each time it has sent a reply, and trace the SuperNode's hops
+    (:mod:`common.hop_trace`); idempotent."""
     store = start_client_internal._pull_and_store_message
     push = start_client_internal._push_messages
     if not getattr(store, "fedq_handoff", False):
         start_client_internal._pull_and_store_message = _after_store(store, bell)
     if not getattr(push, "fedq_handoff", False):
-        start_client_internal._push_messages = _traced_push(push)
+        start_client_internal._push_messages = _after_push(push, burst)
 
 
 def _after_store(store: Callable[..., int | None], bell: Doorbell | None
@@ -149,7 +184,7 @@ def _traced_receive(receive: Callable[[], Any]) -> Callable[[], Any]:
     return traced
 
 
-def _traced_push(push: Callable[..., None]) -> Callable[..., None]:
+def _after_push(push: Callable[..., None], burst: Burst | None) -> Callable[..., None]:
     @functools.wraps(push)
     def push_messages(*args: Any, **kwargs: Any) -> None:
         if hop_trace.enabled() and "send" in kwargs:
@@ -162,6 +197,8 @@ def _traced_push(push: Callable[..., None]) -> Callable[..., None]:
             kwargs["send"] = traced_send
         push(*args, **kwargs)
         hop_trace.mark("supernode-reply-sent")
+        if burst is not None:
+            burst.start()
 
     push_messages.fedq_handoff = True  # type: ignore[attr-defined]
     return push_messages

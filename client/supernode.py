@@ -16,7 +16,9 @@ sleeps with is replaced, in that module only, by one whose ``sleep`` is capped (
 other ``time`` function is the real one; connection retries and backoff elsewhere keep
 Flower's own timing), and the SuperExec child inherits
 ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` (unless already set). At 0.2 s an idle device
-sends the SuperLink 5 small pull requests per second.
+sends the SuperLink 5 small pull requests per second. For a window after each reply it
+sent (``FEDQ_SUPERNODE_FAST_POLL_WINDOW_S``, default 1 s), when the round's next message
+is due, it pulls every ``FEDQ_SUPERNODE_FAST_POLL_S`` (default 0.02 s) instead.
 
 It also puts a ``flwr-clientapp`` of its own first on the ``PATH`` its SuperExec starts
 ClientApp processes from (in ``$FLWR_HOME/fedq-bin``): the same Flower function, without
@@ -50,32 +52,56 @@ MAX_POLL_S = 3.0  # Flower's own longest wait: a cap above it changes nothing
 SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"  # Flower's, read by its SuperExec
 
 
+FAST_POLL_ENV = "FEDQ_SUPERNODE_FAST_POLL_S"  # the SuperLink poll right after a reply
+DEFAULT_FAST_POLL_S = 0.02
+FAST_WINDOW_ENV = "FEDQ_SUPERNODE_FAST_POLL_WINDOW_S"  # for how long after it (0: never)
+DEFAULT_FAST_WINDOW_S = 1.0
+MAX_FAST_WINDOW_S = 60.0
+
+
 def poll_interval(environ: Mapping[str, str]) -> float:
     """``FEDQ_SUPERNODE_POLL_S`` in seconds (default 0.2); refuses anything but a number
     in [0.01, 3], naming the variable."""
-    raw = environ.get(POLL_ENV)
+    return _seconds(environ, POLL_ENV, DEFAULT_POLL_S, 0.01, MAX_POLL_S)
+
+
+def burst(environ: Mapping[str, str]) -> handoff.Burst | None:
+    """The SuperLink polling burst after each reply (:class:`client.handoff.Burst`):
+    every ``FEDQ_SUPERNODE_FAST_POLL_S`` (default 0.02, in [0.01, 3]) for
+    ``FEDQ_SUPERNODE_FAST_POLL_WINDOW_S`` (default 1, in [0, 60]; 0 turns it off);
+    refuses other values, naming the variable."""
+    window = _seconds(environ, FAST_WINDOW_ENV, DEFAULT_FAST_WINDOW_S, 0.0, MAX_FAST_WINDOW_S)
+    fast = _seconds(environ, FAST_POLL_ENV, DEFAULT_FAST_POLL_S, 0.01, MAX_POLL_S)
+    return handoff.Burst(fast, window) if window > 0 else None
+
+
+def _seconds(environ: Mapping[str, str], name: str, default: float, low: float,
+             high: float) -> float:
+    raw = environ.get(name)
     if raw is None or raw.strip() == "":
-        return DEFAULT_POLL_S
+        return default
     try:
         value = float(raw)
     except ValueError:
         value = math.nan
-    if not 0.01 <= value <= MAX_POLL_S:  # also refuses nan
-        raise ValueError(f"{POLL_ENV}={raw!r}: must be a number of seconds in "
-                         f"[0.01, {MAX_POLL_S:g}]")
+    if not low <= value <= high:  # also refuses nan
+        raise ValueError(f"{name}={raw!r}: must be a number of seconds in "
+                         f"[{low:g}, {high:g}]")
     return value
 
 
 def cap_polling(cap: float, environ: dict[str, str] | os._Environ[str] = os.environ,
-                bells: handoff.Bells | None = None) -> None:
-    """Cap the SuperNode's waits (and its SuperExec's, through ``environ``) at ``cap`` s;
-    with the warm executor's ``bells``, its wait for a reply ends when the ClientApp child
-    rings, and it rings the task loop when it has stored a message
-    (:mod:`client.handoff`)."""
+                bells: handoff.Bells | None = None, fast: handoff.Burst | None = None
+                ) -> None:
+    """Cap the SuperNode's waits (and its SuperExec's, through ``environ``) at ``cap`` s,
+    and at ``fast``'s interval for its window after each reply it sent; with the warm
+    executor's ``bells``, its wait for a reply ends when the ClientApp child rings, and
+    it rings the task loop when it has stored a message (:mod:`client.handoff`)."""
     from flwr.supernode import start_client_internal
 
-    handoff.sleep_until_rung(start_client_internal, bells.reply if bells else None, cap)
-    handoff.ring_after_store(start_client_internal, bells.task if bells else None)
+    handoff.sleep_until_rung(start_client_internal, bells.reply if bells else None, cap,
+                             fast)
+    handoff.ring_after_store(start_client_internal, bells.task if bells else None, fast)
     prompt_pulls.apply(start_client_internal)  # the weights it pulls from the SuperLink
     environ.setdefault(SUPEREXEC_POLL_ENV, f"{cap:g}")
 
@@ -95,6 +121,7 @@ def main() -> None:
     with the lean ClientApp launcher)."""
     try:
         cap = poll_interval(os.environ)
+        fast = burst(os.environ)
         warm = warm_executor.enabled(os.environ)
     except ValueError as err:
         sys.exit(f"fedq-supernode: error: {err}")
@@ -102,10 +129,10 @@ def main() -> None:
         os.environ[hop_trace.NODE_ENV] = str(os.getpid())
     if warm:
         bells = handoff.Bells.make()
-        cap_polling(cap, bells=bells)  # first: the fork server inherits its environment
+        cap_polling(cap, bells=bells, fast=fast)  # first: the fork server inherits its env
         warm_executor.start_for_supernode(bells)
     else:
-        cap_polling(cap)
+        cap_polling(cap, fast=fast)
         use_clientapp_launcher()
     from flwr.supernode.cli.flower_supernode import flower_supernode
 

@@ -12,7 +12,7 @@ import types
 
 import pytest
 
-from fedq.client.handoff import BellSleepTime, Doorbell, ring_after, sleep_until_rung
+from fedq.client.handoff import BellSleepTime, Burst, Doorbell, ring_after, sleep_until_rung
 
 
 def test_a_ring_from_a_forked_child_ends_the_wait_at_once():
@@ -78,3 +78,22 @@ def test_ring_after_rings_once_the_call_returned():
 
     assert ring_after(push, bell, "pushed")(21) == 42
     assert calls == [False] and bell.wait(0)
+
+
+def test_a_burst_shortens_the_poll_only_inside_its_window():
+    burst = Burst(fast_s=0.02, window_s=0.2)
+    assert burst.cap(0.2) == 0.2  # no reply sent yet
+    burst.start()
+    assert burst.cap(0.2) == 0.02
+    assert burst.cap(0.01) == 0.01  # never longer than the normal interval
+    time.sleep(0.25)
+    assert burst.cap(0.2) == 0.2
+
+
+def test_the_supernode_sleeps_at_the_burst_interval_after_a_reply():
+    burst = Burst(fast_s=0.01, window_s=5.0)
+    capped = BellSleepTime(0.5, Doorbell(), burst)
+    burst.start()
+    started = time.monotonic()
+    capped.sleep(3)
+    assert time.monotonic() - started < 0.3
