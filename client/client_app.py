@@ -64,6 +64,7 @@ from fedq.client.metric_release import release
 from fedq.client.personalize import personalized_returns
 from fedq.client.round_watch import ROUND_STOPPED_ERROR_CODE, current_watch, round_watch_mod
 from fedq.client.secure_aggregation import secure_aggregation_mod
+from fedq.common import hop_trace
 from fedq.common.compression import encode_update
 from fedq.common.config import (
     EVALUATE_ROUND_KEY,
@@ -129,12 +130,15 @@ def train(msg: Message, context: Context) -> Message:
         config = device.policy.apply(device.config)
     except PolicyRefusal as refusal:
         return _refused(msg, device, refusal)
+    hop_trace.mark("handler-start")
     evaluation = _fused_evaluation(msg, device)
+    hop_trace.mark("handler-evaluated")
     started = time.perf_counter()
     with state_lock(device.state_dir):
         reply = _train(msg, device, config, started)
     if evaluation is not None and reply.has_content():  # an error reply carries none:
         reply.content[EVALUATION_RECORD] = evaluation  # the server asks again
+    hop_trace.mark("handler-end")
     return reply
 
 
@@ -157,6 +161,7 @@ def _train(msg: Message, device: Device, config: FedqConfig, started: float) -> 
         return _state_error(msg, device, f"cannot load its state: {err}")
     global_state = _global_weights(msg, trainer)
     trainer.learner.load_online(global_state, sync_target=True)
+    hop_trace.mark("handler-state-loaded")
     round_config = msg.content["config"]
     local_steps = int(round_config.get("local-steps", config.local_steps))
     trainer.learner.set_proximal(float(round_config.get("proximal-mu", 0.0)))
@@ -173,6 +178,7 @@ def _train(msg: Message, device: Device, config: FedqConfig, started: float) -> 
     except PolicyRefusal as refusal:  # a derived noise multiplier below the policy's
         trainer.close()
         return _refused(msg, device, refusal)
+    hop_trace.mark("handler-trained")
     trainer.counters.rounds += 1
     arrays = _outgoing_update(trainer, global_state,
                               str(round_config.get("update-compression", "none")))

@@ -16,7 +16,9 @@ sleeps with is replaced, in that module only, by one whose ``sleep`` is capped (
 other ``time`` function is the real one; connection retries and backoff elsewhere keep
 Flower's own timing), and the SuperExec child inherits
 ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` (unless already set). At 0.2 s an idle device
-sends the SuperLink 5 small pull requests per second.
+sends the SuperLink 5 small pull requests per second. For a window after each reply it
+sent (``FEDQ_SUPERNODE_FAST_POLL_WINDOW_S``, default 1 s), when the round's next message
+is due, it pulls every ``FEDQ_SUPERNODE_FAST_POLL_S`` (default 0.02 s) instead.
 
 It also puts a ``flwr-clientapp`` of its own first on the ``PATH`` its SuperExec starts
 ClientApp processes from (in ``$FLWR_HOME/fedq-bin``): the same Flower function, without
@@ -25,7 +27,9 @@ importing the SuperNode's CLI, database and web server in every message's proces
 
 Unless ``FEDQ_WARM_EXECUTOR=0``, it runs the SuperNode with ``--isolation process`` and
 fedq's warm executor (:mod:`client.warm_executor`) in place of Flower's SuperExec: one
-fork server per device, imports paid once, a forked child per message.
+fork server per device, imports paid once, a forked child per message; the hand-offs
+between the SuperNode, the task loop and that child are then rung, not polled
+(:mod:`client.handoff`).
 
     fedq-supernode --superlink 127.0.0.1:9092 --insecure --node-config "..."
 """
@@ -35,15 +39,12 @@ from __future__ import annotations
 import math
 import os
 import sys
-import time
-import types
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
-from fedq.client import warm_executor
+from fedq.client import handoff, warm_executor
 from fedq.client.clientapp_launcher import write_launcher
-from fedq.common import prompt_pulls
+from fedq.common import hop_trace, prompt_pulls
 
 POLL_ENV = "FEDQ_SUPERNODE_POLL_S"
 DEFAULT_POLL_S = 0.2
@@ -51,45 +52,56 @@ MAX_POLL_S = 3.0  # Flower's own longest wait: a cap above it changes nothing
 SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"  # Flower's, read by its SuperExec
 
 
+FAST_POLL_ENV = "FEDQ_SUPERNODE_FAST_POLL_S"  # the SuperLink poll right after a reply
+DEFAULT_FAST_POLL_S = 0.02
+FAST_WINDOW_ENV = "FEDQ_SUPERNODE_FAST_POLL_WINDOW_S"  # for how long after it (0: never)
+DEFAULT_FAST_WINDOW_S = 1.0
+MAX_FAST_WINDOW_S = 60.0
+
+
 def poll_interval(environ: Mapping[str, str]) -> float:
     """``FEDQ_SUPERNODE_POLL_S`` in seconds (default 0.2); refuses anything but a number
     in [0.01, 3], naming the variable."""
-    raw = environ.get(POLL_ENV)
+    return _seconds(environ, POLL_ENV, DEFAULT_POLL_S, 0.01, MAX_POLL_S)
+
+
+def burst(environ: Mapping[str, str]) -> handoff.Burst | None:
+    """The SuperLink polling burst after each reply (:class:`client.handoff.Burst`):
+    every ``FEDQ_SUPERNODE_FAST_POLL_S`` (default 0.02, in [0.01, 3]) for
+    ``FEDQ_SUPERNODE_FAST_POLL_WINDOW_S`` (default 1, in [0, 60]; 0 turns it off);
+    refuses other values, naming the variable."""
+    window = _seconds(environ, FAST_WINDOW_ENV, DEFAULT_FAST_WINDOW_S, 0.0, MAX_FAST_WINDOW_S)
+    fast = _seconds(environ, FAST_POLL_ENV, DEFAULT_FAST_POLL_S, 0.01, MAX_POLL_S)
+    return handoff.Burst(fast, window) if window > 0 else None
+
+
+def _seconds(environ: Mapping[str, str], name: str, default: float, low: float,
+             high: float) -> float:
+    raw = environ.get(name)
     if raw is None or raw.strip() == "":
-        return DEFAULT_POLL_S
+        return default
     try:
         value = float(raw)
     except ValueError:
         value = math.nan
-    if not 0.01 <= value <= MAX_POLL_S:  # also refuses nan
-        raise ValueError(f"{POLL_ENV}={raw!r}: must be a number of seconds in "
-                         f"[0.01, {MAX_POLL_S:g}]")
+    if not low <= value <= high:  # also refuses nan
+        raise ValueError(f"{name}={raw!r}: must be a number of seconds in "
+                         f"[{low:g}, {high:g}]")
     return value
 
 
-class CappedSleepTime(types.ModuleType):
-    """The ``time`` module with ``sleep`` capped at ``cap`` seconds."""
-
-    def __init__(self, cap: float) -> None:
-        super().__init__("time")
-        self.cap = cap
-
-    def sleep(self, seconds: float) -> None:
-        """Sleep ``seconds``, at most ``cap``."""
-        time.sleep(min(seconds, self.cap))
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(time, name)
-
-
-def cap_polling(cap: float, environ: dict[str, str] | os._Environ[str] = os.environ) -> None:
-    """Cap the SuperNode's waits (and its SuperExec's, through ``environ``) at ``cap`` s."""
+def cap_polling(cap: float, environ: dict[str, str] | os._Environ[str] = os.environ,
+                bells: handoff.Bells | None = None, fast: handoff.Burst | None = None
+                ) -> None:
+    """Cap the SuperNode's waits (and its SuperExec's, through ``environ``) at ``cap`` s,
+    and at ``fast``'s interval for its window after each reply it sent; with the warm
+    executor's ``bells``, its wait for a reply ends when the ClientApp child rings, and
+    it rings the task loop when it has stored a message (:mod:`client.handoff`)."""
     from flwr.supernode import start_client_internal
 
-    if not isinstance(getattr(start_client_internal, "time", None), types.ModuleType):
-        raise RuntimeError("flwr.supernode.start_client_internal no longer sleeps with the "
-                           "time module; fedq-supernode needs updating for this Flower")
-    start_client_internal.time = CappedSleepTime(cap)  # type: ignore[attr-defined]
+    handoff.sleep_until_rung(start_client_internal, bells.reply if bells else None, cap,
+                             fast)
+    handoff.ring_after_store(start_client_internal, bells.task if bells else None, fast)
     prompt_pulls.apply(start_client_internal)  # the weights it pulls from the SuperLink
     environ.setdefault(SUPEREXEC_POLL_ENV, f"{cap:g}")
 
@@ -109,13 +121,18 @@ def main() -> None:
     with the lean ClientApp launcher)."""
     try:
         cap = poll_interval(os.environ)
+        fast = burst(os.environ)
         warm = warm_executor.enabled(os.environ)
     except ValueError as err:
         sys.exit(f"fedq-supernode: error: {err}")
-    cap_polling(cap)
+    if hop_trace.enabled():  # this device's processes say whose they are
+        os.environ[hop_trace.NODE_ENV] = str(os.getpid())
     if warm:
-        warm_executor.start_for_supernode()
+        bells = handoff.Bells.make()
+        cap_polling(cap, bells=bells, fast=fast)  # first: the fork server inherits its env
+        warm_executor.start_for_supernode(bells)
     else:
+        cap_polling(cap, fast=fast)
         use_clientapp_launcher()
     from flwr.supernode.cli.flower_supernode import flower_supernode
 

@@ -34,6 +34,7 @@ import faulthandler
 import gc
 import importlib
 import json
+import math
 import os
 import select
 import shutil
@@ -46,7 +47,8 @@ from logging import DEBUG, ERROR, INFO, WARNING
 from pathlib import Path
 from typing import Any
 
-from fedq.common import prompt_pulls
+from fedq.client import handoff
+from fedq.common import hop_trace, prompt_pulls
 
 # process names (/proc/PID/comm, what ps and the deployment benchmark show)
 FORK_SERVER_NAME, TASK_LOOP_NAME, TASK_NAME = "fedq-forkserver", "fedq-taskloop", "fedq-clientapp"
@@ -99,6 +101,7 @@ class ForkServerExecutor:
         launch = Launch(spec.token, spec.task_id, spec.runtime_api_address, spec.insecure,
                         spec.root_certificates_path, spec.runtime_dependency_install,
                         spec.parent_pid)
+        hop_trace.mark("taskloop-launch")
         try:
             os.write(self.request_fd, launch.encode())
         except OSError as err:
@@ -116,10 +119,12 @@ class ForkServerExecutor:
 
 def start(runtime_api_address: str, insecure: bool, root_certificates_path: str | None,
           superexec_auth_secret: bytes | None, runtime_dependency_install: bool,
-          backend: object = None) -> int:
+          backend: object = None, bells: handoff.Bells | None = None) -> int:
     """Fork the fork server from this single-threaded process, which then imports what
     a ClientApp needs (:func:`preload`); returns its pid. Call it before anything starts
-    a thread or a connection. The SuperNode's own imports stay shared with it."""
+    a thread or a connection. The SuperNode's own imports stay shared with it. With
+    ``bells`` (:mod:`client.handoff`), the task loop wakes when the SuperNode rings and
+    each task child rings the SuperNode when it has pushed its reply."""
     supernode = os.getpid()
     _freeze()
     pid = os.fork()
@@ -129,10 +134,11 @@ def start(runtime_api_address: str, insecure: bool, root_certificates_path: str 
     try:
         _name(FORK_SERVER_NAME)
         preload(backend)
-        code = _ForkServer(supernode).serve(
+        code = _ForkServer(supernode, bells).serve(
             lambda request_fd: _run_task_loop(
                 request_fd, supernode, runtime_api_address, insecure,
-                root_certificates_path, superexec_auth_secret, runtime_dependency_install))
+                root_certificates_path, superexec_auth_secret, runtime_dependency_install,
+                bells))
     finally:
         os._exit(code)
 
@@ -140,8 +146,9 @@ def start(runtime_api_address: str, insecure: bool, root_certificates_path: str 
 class _ForkServer:
     """The single-threaded loop that forks the task loop and the task children."""
 
-    def __init__(self, supernode: int) -> None:
+    def __init__(self, supernode: int, bells: handoff.Bells | None = None) -> None:
         self.supernode = supernode
+        self.bells = bells
         self.notes = Path(tempfile.mkdtemp(prefix="fedq-warm-"))  # see _run_task
         self.tasks: dict[int, Launch] = {}
         self.reporters: set[int] = set()
@@ -167,7 +174,9 @@ class _ForkServer:
                 *lines, pending = pending.split(b"\n")
                 for line in lines:
                     launch = Launch(**json.loads(line))
-                    pid = _fork_child(lambda launch=launch: _run_task(launch, self._note()),
+                    hop_trace.mark("forkserver-fork")
+                    pid = _fork_child(lambda launch=launch: _run_task(launch, self._note(),
+                                                                      self.bells),
                                       close=(read_fd,))
                     self.tasks[pid] = launch
             if self._reap(loop_pid):
@@ -212,7 +221,8 @@ class _ForkServer:
         reason = f"{DIED_REASON_PREFIX} {pid} for task {launch.task_id} {how} before replying"
         _log(ERROR, reason)
         note = self._note(pid)
-        self.reporters.add(_fork_child(lambda: _report_death(launch, note, reason), close=()))
+        self.reporters.add(_fork_child(lambda: _report_death(launch, note, reason, self.bells),
+                                       close=()))
 
     def _end_children(self, loop_pid: int) -> None:
         for pid in (loop_pid, *self.tasks, *self.reporters):
@@ -288,12 +298,15 @@ def _fork_child(body: Any, close: tuple[int, ...]) -> int:
 def _run_task_loop(request_fd: int, supernode: int, runtime_api_address: str,
                    insecure: bool, root_certificates_path: str | None,
                    superexec_auth_secret: bytes | None,
-                   runtime_dependency_install: bool) -> None:
-    """Flower's ``run_superexec`` with the fork server as its executor."""
+                   runtime_dependency_install: bool, bells: handoff.Bells | None) -> None:
+    """Flower's ``run_superexec`` with the fork server as its executor (and, with
+    ``bells``, its poll's sleep ended by the SuperNode's ring)."""
     from flwr.supercore.superexec import run_superexec as module
 
     _name(TASK_LOOP_NAME)
     module.get_executor = lambda *_, **__: ForkServerExecutor(request_fd)  # type: ignore[attr-defined]
+    if bells is not None:  # its own interval (FLWR_SUPEREXEC_TASK_POLL_INTERVAL) as before
+        handoff.sleep_until_rung(module, bells.task, math.inf)
     sys.argv[0] = "flower-superexec"
     module.run_superexec(runtime_api_address=runtime_api_address, insecure=insecure,
                          root_certificates_path=root_certificates_path,
@@ -302,8 +315,9 @@ def _run_task_loop(request_fd: int, supernode: int, runtime_api_address: str,
                          runtime_dependency_install=runtime_dependency_install)
 
 
-def _run_task(launch: Launch, note: Path) -> None:
-    """Flower's ``run_clientapp`` for one token, as ``flwr-clientapp`` would run it.
+def _run_task(launch: Launch, note: Path, bells: handoff.Bells | None = None) -> None:
+    """Flower's ``run_clientapp`` for one token, as ``flwr-clientapp`` would run it;
+    with ``bells``, it rings the SuperNode once its reply is pushed.
 
     The message it pulls is also written (without its content) to ``note``: the SuperNode
     hands a message out once, so if this process dies the reporter needs it to reply."""
@@ -313,16 +327,21 @@ def _run_task(launch: Launch, note: Path) -> None:
     from flwr.supernode.runtime import run_clientapp as runtime
 
     _name(TASK_NAME)
+    hop_trace.mark("child-start")
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1`: its stacks
     pull = runtime.pull_task_input
 
     def pull_and_note(client: Any) -> Any:
         message, context, run, fab = pull(client)
+        hop_trace.mark("child-pulled", group=message.metadata.group_id,
+                       dst=message.metadata.dst_node_id)
         proto = message_to_proto(remove_content_from_message(message))
         note.write_bytes(proto.SerializeToString())
         return message, context, run, fab
 
     runtime.pull_task_input = pull_and_note  # type: ignore[assignment]
+    runtime.push_message = handoff.ring_after(  # type: ignore[assignment]
+        runtime.push_message, bells.reply if bells else None, "child-pushed")
     prompt_pulls.apply(runtime)
     sys.argv[0] = "flwr-clientapp"  # Flower's exit handling recognises its ClientApp by it
     runtime.run_clientapp(runtime_api_address=launch.runtime_api_address,
@@ -333,7 +352,8 @@ def _run_task(launch: Launch, note: Path) -> None:
                           runtime_dependency_install=launch.runtime_dependency_install)
 
 
-def _report_death(launch: Launch, note: Path, reason: str) -> None:
+def _report_death(launch: Launch, note: Path, reason: str,
+                  bells: handoff.Bells | None = None) -> None:
     """Reply to the dead task's message (from its ``note``) with an error naming what
     happened, and mark the task failed, with the task's own token."""
     from flwr.app import Error, Message
@@ -364,6 +384,8 @@ def _report_death(launch: Launch, note: Path, reason: str) -> None:
             push_message(client, reply, _Ids(node_id=message.metadata.dst_node_id,
                                              run_id=message.metadata.run_id))
         push_task_output(client, None, SubStatus.FAILED, reason)
+        if bells is not None:  # the SuperNode sends the error reply without a poll's wait
+            bells.reply.ring()
     finally:
         client.close()
         note.unlink(missing_ok=True)
@@ -418,12 +440,17 @@ def preload(backend: object) -> None:
     from fedq.common import numpy_learner  # noqa: F401
 
     if backend == "torch":
+        # torch.optim imports torch._dynamo when the first optimizer is built: ~0.9 s
+        # that every forked child paid again (measured), unless imported here
+        import torch._dynamo  # noqa: F401
+
         from fedq.common import dqn  # noqa: F401
 
 
-def start_for_supernode() -> int:
+def start_for_supernode(bells: handoff.Bells | None = None) -> int:
     """Parse this ``fedq-supernode``'s (Flower SuperNode) arguments, switch it to
-    process isolation, preload and fork the fork server; returns its pid."""
+    process isolation, preload and fork the fork server (ringing ``bells``); returns its
+    pid."""
     sys.argv[1:] = process_isolation(sys.argv[1:])
     from flwr.supercore.address import resolve_bind_address
     # the package exports a function of the module's name: import the module itself
@@ -439,4 +466,4 @@ def start_for_supernode() -> int:
     address = resolve_bind_address(f"{host}:{config.port}")
     return start(address, config.runtime_certificates is None,
                  config.runtime_root_certificates_path, config.superexec_auth_secret,
-                 config.runtime_dependency_install, config.node_config.get("backend"))
+                 config.runtime_dependency_install, config.node_config.get("backend"), bells)

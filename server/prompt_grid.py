@@ -21,7 +21,7 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 from flwr.superlink.grid import http_grid
 
-from fedq.common import prompt_pulls
+from fedq.common import hop_trace, prompt_pulls
 
 FIRST_POLL_S = 0.05
 MAX_POLL_S = 0.1
@@ -42,12 +42,22 @@ class PromptGrid:
                          timeout: float | None = None) -> list[Message]:
         """Push ``messages``, then pull replies until each has one or ``timeout`` (s)
         passes (None: wait for all), as Flower's own method does."""
+        tracing = hop_trace.enabled()  # the deployment benchmark's per-hop timestamps
+        if tracing:
+            messages = list(messages)
+            hop_trace.mark("server-push", group=messages[0].metadata.group_id
+                           if messages else "")
         pending = set(self._grid.push_messages(messages))
+        if tracing:
+            hop_trace.mark("server-pushed")
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
         interval = FIRST_POLL_S
         while pending:
             arrived = list(self._grid.pull_messages(pending))
+            for reply in arrived if tracing else ():
+                hop_trace.mark("server-reply", src=reply.metadata.src_node_id,
+                               group=reply.metadata.group_id)
             replies += arrived
             pending -= {msg.metadata.reply_to_message_id for msg in arrived}
             if not pending or (deadline is not None and time.monotonic() >= deadline):

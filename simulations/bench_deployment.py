@@ -64,6 +64,8 @@ from collections import defaultdict
 from pathlib import Path
 
 from fedq.client.warm_executor import FORK_SERVER_NAME, TASK_LOOP_NAME, TASK_NAME
+from fedq.common import hop_trace
+from fedq.simulations import hop_breakdown
 from fedq.simulations.compose_topology import (
     COMPOSE,
     compose_topology,
@@ -226,6 +228,7 @@ def main() -> None:
                                          result["median-rounds-2-on"]))]
     round_table = markdown_table(round_rows, ["setup", "rounds", *ROUND_COLUMNS])
     phase_table = markdown_table(round_rows, ["setup", "rounds", *PHASE_COLUMNS])
+    hop_table = _hop_table(results)
     curves = [{"setup": key, **{f"round {r['round']}": r["eval-return-mean"]
                                 for r in result["per-round"]},
                "aggregation order": " ".join(result["aggregation-order"])}
@@ -242,6 +245,9 @@ def main() -> None:
             f"train-seconds / round-seconds (median of rounds 2-{args.rounds}).\n\n"
             f"{round_table}\n\nWhere the round goes, from per-phase timestamps (seconds, the "
             f"device that trained longest; see the module docstring):\n\n{phase_table}\n\n"
+            f"Hop by hop (fused setups; seconds, median of rounds 2-{args.rounds}, the device "
+            f"whose reply reached the ServerApp last; per-process timestamps of "
+            f"common/hop_trace.py, simulations/hop_breakdown.py):\n\n{hop_table}\n\n"
             f"Federated evaluation (eval-return-mean) per round, and the order in which the "
             f"server sums the devices' updates (by node id, which the SuperLink draws at "
             f"random):\n\n{curve_table}\n\n"
@@ -280,13 +286,20 @@ def measure(workdir: Path, backend: str, rounds: int, local_steps: int | None, *
     # the audit directory is each device's own setting: a run config cannot choose it
     # the backend also in each node's config: a device names its own backend, and the
     # warm executor preloads torch only for a node whose config says torch
-    with compose_topology(workdir, node_extra={"message-audit-dir": str(audit_dir),
-                                               "backend": backend},
-                          supernode_program=supernode) as topology:
-        roots = {name: node.process.pid for name, node in topology.nodes.items()}
-        ids = {node.wait_registered(): name for name, node in topology.nodes.items()}
-        with MemorySampler(roots) as memory:
-            code = topology.submit(run_dir, overrides, log_name="submit.log", timeout=3600)
+    trace_dir = workdir / "trace"
+    trace_dir.mkdir()
+    os.environ[hop_trace.TRACE_DIR_ENV] = str(trace_dir)  # every process of the topology
+    try:
+        with compose_topology(workdir, node_extra={"message-audit-dir": str(audit_dir),
+                                                   "backend": backend},
+                              supernode_program=supernode) as topology:
+            roots = {name: node.process.pid for name, node in topology.nodes.items()}
+            ids = {node.wait_registered(): name for name, node in topology.nodes.items()}
+            with MemorySampler(roots) as memory:
+                code = topology.submit(run_dir, overrides, log_name="submit.log",
+                                       timeout=3600)
+    finally:
+        del os.environ[hop_trace.TRACE_DIR_ENV]
     if code != 0:
         raise SystemExit(f"the {backend} run failed; see {workdir / 'submit.log'}")
 
@@ -336,13 +349,37 @@ def measure(workdir: Path, backend: str, rounds: int, local_steps: int | None, *
                 **{f"peak {k} MiB": memory.peak_by_kind[name].get(k, 0) / 1024
                    for k in PROCESS_KINDS}}
                for name in topology.nodes]
+    # fused: the ServerApp's k-th push is round k's message to every device
+    per_cycle = hop_breakdown.cycles(hop_trace.read(trace_dir)) if protocol == "fused" else []
+    for cycle in per_cycle:
+        cycle["critical"] = ids.get(int(cycle["critical"]), str(cycle["critical"]))
     return {"protocol": protocol, "supernode": supernode,
+            "hops-per-round": per_cycle,
+            "hops-median-rounds-2-on": hop_breakdown.median_hops(per_cycle[1:rounds]),
             # real devices have no partition id: replies are summed in device-key order
             # (common/device_key.py), node id only breaking ties
             "aggregation-order": [ids[node] for _, node in sorted(
                 {(c.get("device-key", 0), c["node-id"]) for c in clients if c["node-id"] in ids})],
             "round-1": per_round[0],
             "median-rounds-2-on": summary, "per-round": per_round, "devices": devices}
+
+
+def _hop_table(results: dict[str, dict]) -> str:
+    """Rows: the hops of :mod:`simulations.hop_breakdown`; columns: seconds and share
+    of the round for each fused setup."""
+    fused = {key: r["hops-median-rounds-2-on"] for key, r in results.items()
+             if r["hops-median-rounds-2-on"]}
+    if not fused:
+        return "(no fused setup measured)"
+    rows = []
+    for name in [*(hop for hop, _, _ in hop_breakdown.HOPS), "cycle"]:
+        row: dict[str, object] = {"hop": name if name != "cycle" else "round (push to push)"}
+        for key, hops in fused.items():
+            seconds = hops.get(name, math.nan)
+            row[f"{key} s"] = seconds
+            row[f"{key} share"] = f"{seconds / hops['cycle']:.0%}" if hops.get("cycle") else ""
+        rows.append(row)
+    return markdown_table(rows, list(rows[0]))
 
 
 def _process_seconds_by_round(windows: dict[int, list[float]], protocol: str, rounds: int

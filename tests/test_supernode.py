@@ -18,10 +18,13 @@ from pathlib import Path
 import pytest
 
 from fedq.client.clientapp_launcher import write_launcher
+from fedq.client.handoff import BellSleepTime
 from fedq.client.supernode import (
+    FAST_POLL_ENV,
+    FAST_WINDOW_ENV,
     POLL_ENV,
     SUPEREXEC_POLL_ENV,
-    CappedSleepTime,
+    burst,
     poll_interval,
     use_clientapp_launcher,
 )
@@ -54,7 +57,7 @@ def test_a_real_fedq_supernode_polls_the_superlink_every_fifth_of_a_second(
 
 
 def test_capped_sleep_caps_only_sleep():
-    capped = CappedSleepTime(0.01)
+    capped = BellSleepTime(0.01)
     started = time.monotonic()
     capped.sleep(3)
     assert time.monotonic() - started < 1.0
@@ -70,6 +73,22 @@ def test_poll_interval_reads_the_environment(raw, expected):
 def test_a_bad_poll_interval_is_refused_naming_the_variable(raw):
     with pytest.raises(ValueError, match=POLL_ENV):
         poll_interval({POLL_ENV: raw})
+
+
+def test_the_polling_burst_after_a_reply_is_configurable_and_can_be_turned_off():
+    default = burst({})
+    assert (default.fast_s, default.window_s) == (0.02, 1.0)
+    chosen = burst({FAST_POLL_ENV: "0.05", FAST_WINDOW_ENV: "2.5"})
+    assert (chosen.fast_s, chosen.window_s) == (0.05, 2.5)
+    assert burst({FAST_WINDOW_ENV: "0"}) is None
+
+
+@pytest.mark.parametrize(("name", "raw"), [(FAST_POLL_ENV, "0"), (FAST_POLL_ENV, "soon"),
+                                           (FAST_WINDOW_ENV, "-1"), (FAST_WINDOW_ENV, "nan"),
+                                           (FAST_WINDOW_ENV, "600")])
+def test_a_bad_burst_setting_is_refused_naming_the_variable(name, raw):
+    with pytest.raises(ValueError, match=name):
+        burst({name: raw})
 
 
 def test_the_clientapp_launcher_runs_flowers_clientapp_without_the_supernode_imports(
