@@ -38,6 +38,7 @@ from typing import Any
 import yaml
 
 from fedq.simulations.compose_check import (
+    IMAGE,
     PI_SERVICE,
     SUBMIT_SERVICE,
     Compose,
@@ -61,7 +62,6 @@ from fedq.simulations.docker_engine import (
 )
 from fedq.simulations.results_io import markdown_table, results_name, write_results
 
-IMAGE = "fedq:latest"
 REFERENCE_SERVICE = "supernode-1"
 BACKENDS = ("numpy", "torch")
 
