@@ -51,20 +51,23 @@ from fedq.server.update_validation import WEIGHT_KEY, Screening, screen_replies
 NO_PARTITION = -1
 
 
+def _identity_metric(msg: Message, name: str, missing: int) -> int:
+    """An int identity metric (``Device.identity_metrics``) a reply carries, or
+    ``missing`` for a failed or empty reply and a reply without it."""
+    if msg.has_error() or not msg.has_content():
+        return missing
+    metrics = next(iter(msg.content.metric_records.values()), None)
+    return missing if metrics is None else int(metrics.get(name, missing))
+
+
 def reply_partition(msg: Message) -> int:
     """The simulation partition id a reply says it comes from (-1: none given)."""
-    if msg.has_error() or not msg.has_content():
-        return NO_PARTITION
-    metrics = next(iter(msg.content.metric_records.values()), None)
-    return NO_PARTITION if metrics is None else int(metrics.get("partition-id", NO_PARTITION))
+    return _identity_metric(msg, "partition-id", NO_PARTITION)
 
 
 def reply_device_key(msg: Message) -> int:
     """The device key a reply carries (:mod:`common.device_key`; 0: none given)."""
-    if msg.has_error() or not msg.has_content():
-        return NO_KEY
-    metrics = next(iter(msg.content.metric_records.values()), None)
-    return NO_KEY if metrics is None else int(metrics.get(DEVICE_KEY, NO_KEY))
+    return _identity_metric(msg, DEVICE_KEY, NO_KEY)
 
 
 @dataclass
