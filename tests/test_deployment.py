@@ -20,6 +20,7 @@ import time
 import pytest
 
 from fedq.common.certs import make_supernode_auth_keys, make_tls_files
+from fedq.common.device_key import DEVICE_KEY
 from fedq.simulations.compose_topology import TINY_RUN, compose_topology
 from fedq.simulations.flower_runtime import kill_serverapp, start_supernode
 
@@ -162,12 +163,14 @@ def test_node_without_registered_key_is_refused(secured):
     assert "Failed to activate SuperNode" in log and "SuperNode ID" not in log
 
 
-def test_tls_and_node_auth_federation_chains_real_supernodes_in_node_order(secured):
+def test_tls_and_node_auth_federation_chains_real_supernodes_in_device_order(secured):
     """Registered nodes train over TLS with node authentication, here with the sequential
     strategy (one run for both: FedAvg's deployed rounds are the plain topology's tests).
     Real devices have no partition id: the server queries them, then visits them in
-    node-id order, each starting from the model the previous one trained (with the
-    federation clock, its epsilon starts at the env steps already in that model)."""
+    device-key order (node id only breaks ties; node ids are drawn at random, so sorting
+    by them alone made this test pass or fail by chance), each starting from the model
+    the previous one trained (with the federation clock, its epsilon starts at the env
+    steps already in that model)."""
     run_dir = secured.workdir / "run-sequential"
     steps = RUN["local-steps"]
     code = secured.submit(run_dir, {**RUN, "num-server-rounds": 2, "round-timeout": 120,
@@ -180,8 +183,8 @@ def test_tls_and_node_auth_federation_chains_real_supernodes_in_node_order(secur
     assert all(r["train"]["clients"] == 3 for r in rows)
     assert "insecure" not in secured.link.log_path.read_text().lower()
     assert [r["env-steps-federation-total"] for r in rows] == [3 * steps, 6 * steps]
-    trained = sorted((r["round"], r["node-id"], r["epsilon"])
+    trained = sorted((r["round"], r[DEVICE_KEY], r["node-id"], r["epsilon"])
                      for r in _rows(run_dir / "clients.jsonl") if r["phase"] == "train")
     assert len(trained) == 6
-    for visit, (_, _, epsilon) in enumerate(trained):  # rounds, then node ids, in order
+    for visit, (*_, epsilon) in enumerate(trained):  # rounds, then the visiting order
         assert epsilon == pytest.approx(1.0 - 0.98 * (visit + 1) * steps / 4000)
