@@ -378,7 +378,7 @@ def check(args: argparse.Namespace) -> dict[str, Any]:
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {
-        "command": "python -m fedq.simulations.compose_check " + shlex.join(sys.argv[1:]),
+        "command": "python -m fedq.simulations.compose_check " + shlex.join(args.argv),
         "started-utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "checks": {}, "passed": False}
     started = time.monotonic()
@@ -458,6 +458,8 @@ def main(argv_: list[str] | None = None) -> int:
                         "https://download.pytorch.org/whl/cpu\" where pip's configuration "
                         "does not find torch's +cpu wheel")
     args = parser.parse_args(argv_)
+    # the report names this check's own arguments, also when a test calls main()
+    args.argv = sys.argv[1:] if argv_ is None else list(argv_)
     if args.fault_rounds < 5:
         parser.error("--fault-rounds: at least 5 (a node is killed in round 2, the "
                      "SuperLink in round 4)")
