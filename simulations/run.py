@@ -19,6 +19,7 @@ import json
 import math
 import re
 import shlex
+import signal
 import sys
 import tempfile
 import time
@@ -209,6 +210,19 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill PID``), raised where the run waits so that it ends the way Ctrl-C
+    does: Flower's processes torn down and the resume command printed. Python's default
+    SIGTERM action ends the process at once, leaving the sweep to the watchdog and the user
+    without the command that resumes the run."""
+
+    signum = signal.SIGTERM
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     started = time.monotonic()
@@ -251,6 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     (run_dir / SIMULATION_FILE).write_text(json.dumps(
         {"clients": clients, "attack": None if attack is None else attack.to_json()}) + "\n")
     submitted = time.time()
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         for attempt in range(1, RAY_START_ATTEMPTS + 1):
             result = simulate(run_config, clients, cpus_per_client=args.cpus_per_client,
@@ -262,13 +277,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                   file=sys.stderr, flush=True)
             if RunDirectory(run_dir).read_metrics() or attempt == RAY_START_ATTEMPTS:
                 break  # a round already ran (or no attempts left): no blind retry
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         saved = RunDirectory(run_dir).latest_round()
         print(f"\nfedq-simulate: interrupted; every Flower process it started is stopped. "
               f"Rounds 1-{saved} are saved in {run_dir}. Resume with:\n"
               f"  fedq-simulate --run-dir {shlex.quote(str(run_dir))} --resume",
               file=sys.stderr)
-        return 130
+        return 128 + (stop.signum if isinstance(stop, Terminated) else signal.SIGINT)
     if not result.ok and ray_start_failed(result.output):
         print("fedq-simulate: Ray, which hosts the simulated devices, did not start in time "
               "on this busy machine. Stop other heavy programs or use fewer --clients, then "

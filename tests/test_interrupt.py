@@ -1,7 +1,8 @@
 """Ctrl-C in ``fedq-simulate`` stops the run cleanly: every Flower and Ray process it
 started ends, the rounds already done stay saved, and it prints the command that resumes
 the run (not a KeyboardInterrupt traceback). Runs the real command in its own process
-group and sends SIGINT to the group, as a terminal does.
+group and sends SIGINT to the group, as a terminal does; ``kill PID`` (SIGTERM to the
+command alone) must end it the same way, with exit code 143.
 
 A terminal's shell starts a foreground job with SIGINT at its default action; the test does
 the same, whatever the test runner's own disposition. Without that, the command inherits
@@ -50,8 +51,19 @@ def _processes_mentioning(text: str) -> list[int]:
     return found
 
 
+def _ctrl_c(process: subprocess.Popen[str]) -> None:
+    os.killpg(process.pid, signal.SIGINT)  # a terminal signals the whole foreground group
+
+
+def _kill_pid(process: subprocess.Popen[str]) -> None:
+    process.send_signal(signal.SIGTERM)  # `kill PID`: only fedq-simulate itself
+
+
 @pytest.mark.slow
-def test_ctrl_c_stops_every_process_keeps_the_rounds_and_prints_the_resume_command(tmp_path):
+@pytest.mark.parametrize(("stop", "code"), [(_ctrl_c, 130), (_kill_pid, 143)],
+                         ids=["ctrl-c", "kill-pid"])
+def test_ctrl_c_stops_every_process_keeps_the_rounds_and_prints_the_resume_command(
+        tmp_path, stop, code):
     # every temp dir of the run (SuperLink home, Ray) goes here; short, since Ray's socket
     # paths under it must stay within 107 bytes
     scratch = Path(tempfile.mkdtemp(prefix="fq-int-", dir="/tmp"))
@@ -74,13 +86,13 @@ def test_ctrl_c_stops_every_process_keeps_the_rounds_and_prints_the_resume_comma
             if line.startswith(f"[fedq] round 2/{ROUNDS}"):
                 break
         assert any(line.startswith(f"[fedq] round 2/{ROUNDS}") for line in lines), "".join(lines)
-        os.killpg(process.pid, signal.SIGINT)
+        stop(process)
         rest, _ = process.communicate(timeout=120)
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
     output = "".join(lines) + rest
-    assert process.returncode == 130, output[-3000:]
+    assert process.returncode == code, output[-3000:]
     assert "Traceback" not in output and "KeyboardInterrupt" not in output
     assert re.search(rf"fedq-simulate --run-dir {re.escape(str(run_dir))} --resume", output)
     # the rounds done are kept (rotation may have dropped round 1's file by now)
