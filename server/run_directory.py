@@ -39,12 +39,13 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import IO, Any
-
-import torch
+from typing import IO, TYPE_CHECKING, Any
 
 from fedq.common.atomic import atomic_open, atomic_write_text
 from fedq.common.config import RESUME_CHANGEABLE_KEYS, FedqConfig
+
+if TYPE_CHECKING:
+    import torch
 
 _KEEP_CHECKPOINTS = 3
 _CHECKPOINT = re.compile(r"round-(\d{4,9})\.pt")
@@ -220,6 +221,8 @@ class RunDirectory:
         """Write the checkpoint, then its digest, then ``LATEST``; then drop complete
         checkpoints of earlier rounds beyond the newest few (never this one, never a
         damaged one, never a later round)."""
+        import torch  # here, not at the top: see _torch_load
+
         path = self._checkpoint_path(server_round)
         with atomic_open(path) as fh:
             torch.save({"round": server_round, "state_dict": state_dict, **extra}, fh)
@@ -248,7 +251,7 @@ class RunDirectory:
         server_round = self.latest_round() if server_round is None else server_round
         path = self._checkpoint_path(server_round)
         try:
-            return torch.load(path, weights_only=True)
+            return _torch_load(path)
         except Exception as err:  # torch raises many types for torn or foreign files
             raise RunDirectoryError(f"checkpoint '{path}' cannot be loaded: "
                                     f"{type(err).__name__}: {str(err)[:300]}") from None
@@ -279,7 +282,7 @@ class RunDirectory:
                 return f"{digest.name} unreadable: {err}"
             return None if digest_of(path) == expected else "does not match its digest"
         try:
-            payload = torch.load(path, weights_only=True)
+            payload = _torch_load(path)
         except Exception as err:  # torch raises many types for torn or foreign files
             return f"cannot be loaded: {type(err).__name__}"
         if not isinstance(payload, dict) or payload.get("round") != server_round:
@@ -297,6 +300,15 @@ class RunDirectory:
         if text != f"round-{chosen:04d}.pt":
             return f"checkpoints/LATEST names {text}"
         return None
+
+
+def _torch_load(path: Path) -> Any:
+    """``torch.load`` of a checkpoint, importing torch only when one is read or written:
+    ``fedq-simulate``'s driver process uses this module for the run directory's files and
+    never touches a checkpoint's tensors, and importing torch cost it ~3 s of start-up."""
+    import torch
+
+    return torch.load(path, weights_only=True)
 
 
 def digest_path(path: Path) -> Path:

@@ -183,3 +183,14 @@ def test_a_second_server_app_cannot_write_a_run_directory_in_use(tmp_path):
     assert _snapshot(tmp_path) == before
     run_dir.close()  # released: the next ServerApp may resume it
     assert RunDirectory(tmp_path).start(_config(tmp_path, resume=True)) == 2
+
+
+def test_the_simulate_driver_starts_without_importing_torch():
+    """``fedq-simulate``'s own process only reads the run directory's files; importing
+    torch there (via the checkpoint code) cost ~3 s before the first progress line and
+    widened the window in which Ctrl-C printed a traceback."""
+    probe = ("import sys, fedq.simulations.run; "
+             "assert 'torch' not in sys.modules, 'torch imported'")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
