@@ -348,6 +348,25 @@ def main(grid: Grid, context: Context) -> None:
         run_dir.close()  # the run-dir's lock, taken by start()
 
 
+def warn_if_learning_stops(config: FedqConfig) -> None:
+    """Say when the learning-rate schedule ends before the run does.
+
+    The default schedule decays to 0 over a device's first 150k env steps (CartPole's
+    budget, where full steps late in training lose what was learnt). A longer run with
+    that default trains the rest of its rounds with learning rate 0, which looks like a
+    plateau, not like a setting; the warning names the round where learning ends."""
+    decay, final = config.learning_rate_decay_steps, config.learning_rate_final
+    planned = config.num_server_rounds * config.local_steps
+    if not decay or final > 0 or planned <= decay:
+        return
+    log(logging.WARNING, "[fedq] learning-rate decays to 0 over a device's first %d env "
+        "steps (learning-rate-decay-steps) and this run plans up to %d per device "
+        "(num-server-rounds x local-steps): a device that trains every round learns "
+        "nothing after round %d. Raise learning-rate-decay-steps or set "
+        "learning-rate-final > 0 to keep learning.", decay, planned,
+        math.ceil(decay / config.local_steps))
+
+
 def run_in(run_dir: RunDirectory, grid: Grid, config: FedqConfig) -> None:
     """The run, in its run directory (locked by ``start`` so no other ServerApp writes it)."""
     last_round = run_dir.start(config)
@@ -360,6 +379,7 @@ def run_in(run_dir: RunDirectory, grid: Grid, config: FedqConfig) -> None:
             "every device decays epsilon over its own %d env steps although the model it "
             "trains has learnt from all devices' steps; exploration-clock 'federation' "
             "decays it with the model's experience", config.strategy, config.exploration_steps)
+    warn_if_learning_stops(config)
     if checkpoint is not None:
         log(logging.INFO, "[fedq] resuming %s after round %d", run_dir.root, last_round)
         resume_strategy(strategy, config, checkpoint)

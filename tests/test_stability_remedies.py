@@ -4,6 +4,7 @@ backends (tests/test_numpy_backend.py holds the two backends' updates together);
 is on by default wherever the env's reward range is known (``td-target-clip = "auto"``)."""
 
 import dataclasses
+import logging
 
 import numpy as np
 import pytest
@@ -137,3 +138,21 @@ def test_bad_settings_are_refused_naming_the_field():
         FedqConfig.from_mapping({"learning-rate-final": 1e-2, "learning-rate-decay-steps": 10})
     with pytest.raises(ConfigError, match="'learning-rate-decay-steps'"):
         FedqConfig.from_mapping({"learning-rate-decay-steps": -1})
+
+
+@pytest.mark.parametrize(("overrides", "warned"), [
+    ({"num-server-rounds": 40, "local-steps": 5000}, True),  # 200k > the default 150k
+    ({"num-server-rounds": 30, "local-steps": 5000}, False),  # exactly the schedule
+    ({"num-server-rounds": 40, "local-steps": 5000, "learning-rate-final": 1e-5}, False),
+    ({"num-server-rounds": 40, "local-steps": 5000, "learning-rate-decay-steps": 0}, False),
+])
+def test_a_run_longer_than_the_learning_rate_schedule_is_told_where_learning_ends(
+        overrides, warned, caplog):
+    """With the default decay to 0 over 150k steps, a longer run learns nothing in its
+    last rounds; the ServerApp says so (and in which round) instead of leaving a plateau
+    to be read as convergence."""
+    from fedq.server.server_app import warn_if_learning_stops
+
+    with caplog.at_level(logging.WARNING):
+        warn_if_learning_stops(FedqConfig.from_mapping(overrides))
+    assert ("learns nothing after round 30" in caplog.text) is warned
