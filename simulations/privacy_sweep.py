@@ -270,3 +270,9 @@ register_benchmark(Benchmark(
     "device (the 2026-11-25 settings, before the stable-learning defaults)",
     defaults={**_SWEEP_2026_11, "noise": "2.0", "clip": "3.0", "rounds": 20}, quick=_QUICK,
     cells=cells, summarise=summarise, plot_name="privacy_utility.png"))
+register_benchmark(Benchmark(
+    "privacy_sweep_b256", "the privacy sweep's lever of fewer, larger updates: batch 256 every "
+    "4 env steps (its own non-private baseline), noise 1.2 (epsilon 7.8)",
+    defaults={**_SWEEP, "noise": "1.2", "batch-size": 256,
+              "learner": "backend=numpy,train-frequency=4"}, quick=_QUICK,
+    cells=cells, summarise=summarise, plot_name="privacy_utility.png"))
