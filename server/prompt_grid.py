@@ -11,7 +11,8 @@ after a round's slowest device had sent it, in a round of ~2.5 s.) The replies' 
 are pulled without Flower's 1 s first retry wait (:mod:`common.prompt_pulls`).
 
 It is also the ServerApp's end of the flat wire format (:mod:`common.flat_wire`): every
-message it pushes carries its weights as one flat array, and every reply it pulls is
+message it pushes carries its weights as one flat array (unless the run config's
+``flat-wire`` is false: devices then answer tensor by tensor), and every reply it pulls is
 unpacked before the round loop sees it. A reply whose layout does not fit its array
 becomes an error reply (code :data:`WIRE_FORMAT_ERROR_CODE`, the reason naming the
 device and the field), which aggregation leaves out like any failed device.
@@ -41,8 +42,9 @@ class PromptGrid:
     """A :class:`Grid` whose ``send_and_receive`` polls promptly; every other attribute
     is the wrapped grid's."""
 
-    def __init__(self, grid: Grid) -> None:
+    def __init__(self, grid: Grid, *, flat_wire: bool = True) -> None:
         self._grid = grid
+        self._flat_wire = flat_wire  # pack what it pushes (run config flat-wire)
         prompt_pulls.apply(http_grid)  # a reply's objects, pulled as soon as they are stored
 
     def __getattr__(self, name: str) -> Any:
@@ -52,7 +54,7 @@ class PromptGrid:
         """Push ``messages``, each with its content packed in place (the message object
         is what was sent, so it holds what crossed the wire)."""
         messages = list(messages)
-        for msg in messages:
+        for msg in messages if self._flat_wire else ():
             if msg.has_content():
                 msg.content = flat_wire.pack(msg.content)
         return self._grid.push_messages(messages)

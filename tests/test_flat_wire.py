@@ -166,3 +166,12 @@ def test_the_server_sends_packed_and_refuses_a_reply_whose_layout_does_not_fit()
     assert "'arrays.dtype'" in by_node[2].error.reason
     assert by_node[2].metadata.reply_to_message_id == "i2"  # still answers its message
 
+
+
+def test_with_flat_wire_off_the_server_sends_tensor_by_tensor():
+    """Run config ``flat-wire = false``: for devices whose fedq cannot unpack."""
+    link = _Link([])
+    train = instruction(0, "train", RecordDict({"arrays": _weights()}))
+    PromptGrid(link, flat_wire=False).push_messages([train])
+    assert not flat_wire.is_packed(link.pushed[0].content)
+    assert _bits(link.pushed[0].content["arrays"]) == _bits(_weights())
