@@ -351,7 +351,8 @@ def measure(workdir: Path, backend: str, rounds: int, local_steps: int | None,
             "process-outside-handler-seconds": process - slowest["handler-seconds"],
             "handler-outside-training-seconds": slowest["handler-seconds"]
             - slowest["train-seconds"],
-            "local-training-share-of-process": slowest["train-seconds"] / process,
+            "local-training-share-of-process": slowest["train-seconds"] / process
+            if process else math.nan,  # no process sampled in the round (50 ms period)
             "eval-return-mean": row["eval"].get("eval-return-mean")})
     later = per_round[1:]
     summary = {key: statistics.median(r[key] for r in later) for key in later[0]
