@@ -59,6 +59,7 @@ from flwr.supercore import log
 
 from fedq.client.central_dp import central_dp_clipping_mod
 from fedq.client.device import Device, device_from_context
+from fedq.client.flat_wire_mod import flat_wire_mod
 from fedq.client.message_audit import message_audit_mod
 from fedq.client.metric_release import release
 from fedq.client.personalize import personalized_returns
@@ -352,8 +353,10 @@ def build_client_app(train_mods: Sequence[Mod] = ()) -> ClientApp:
     its own (simulations/attacks.py) without the product knowing of them. SecAgg+
     (:mod:`client.secure_aggregation`) is outside both: it masks what they return. The
     audit mod is outermost: it sees each reply as it leaves, after clipping and masking;
-    the round watch (:mod:`client.round_watch`) ends a message whose round is over."""
-    client_app = ClientApp(mods=[message_audit_mod, round_watch_mod])
+    the round watch (:mod:`client.round_watch`) ends a message whose round is over. The
+    flat wire mod (:mod:`client.flat_wire_mod`) just inside the audit unpacks the
+    weights as they arrive and packs the reply's, so the audit records the packed reply."""
+    client_app = ClientApp(mods=[message_audit_mod, flat_wire_mod, round_watch_mod])
     client_app.train(mods=[secure_aggregation_mod, central_dp_clipping_mod, *train_mods])(train)
     client_app.evaluate()(evaluate)
     client_app.query()(identify)

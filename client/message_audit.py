@@ -8,7 +8,10 @@ each record its kind and content: array names with shapes and dtypes (never thei
 values), every metric (they are scalars or short lists by design), config keys with
 their value types. It is the
 outermost mod, so it sees the message exactly as it leaves, after every other mod (e.g.
-central DP clipping). ``tests/test_privacy_federation.py`` uses it to check that only
+central DP clipping, the flat wire format's packing: :mod:`client.flat_wire_mod`). A
+packed ArrayRecord travels as one flat array; the audit lists the tensors its layout
+says it carries (names, shapes, dtype: what the server can read from it) and the flat
+array itself under ``packed-as``. ``tests/test_privacy_federation.py`` uses it to check that only
 Q-network weights and scalar metrics ever leave a device, with and without DP; an
 operator can use it to audit a real device. A deployed device ignores the run config's
 ``message-audit-dir``: the server would otherwise pick where the device writes on its own
@@ -26,6 +29,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
+from fedq.common import flat_wire
 from fedq.common.atomic import atomic_write_text
 
 CONFIG_KEY = "message-audit-dir"
@@ -67,12 +71,19 @@ def summarise(message: Message) -> dict[str, Any]:
     if message.has_error():
         return {"error": {"code": message.error.code, "reason": message.error.reason},
                 "records": {}}
+    content = message.content
+    packed = flat_wire.packed_tensors(content) if flat_wire.is_packed(content) else {}
     records: dict[str, Any] = {}
-    for name, record in message.content.items():
-        if isinstance(record, ArrayRecord):
-            records[name] = {"kind": "arrays", "arrays": {
-                key: {"shape": list(array.shape), "dtype": array.dtype}
-                for key, array in record.items()}}
+    for name, record in content.items():
+        if name == flat_wire.LAYOUT_RECORD:
+            records[name] = {"kind": "flat-layout", "packs": sorted(packed)}
+        elif isinstance(record, ArrayRecord):
+            described = {key: {"shape": list(array.shape), "dtype": array.dtype}
+                         for key, array in record.items()}
+            records[name] = {"kind": "arrays", "arrays": described} if name not in packed \
+                else {"kind": "arrays", "packed-as": described, "arrays": {
+                    key: {"shape": list(tensor.shape), "dtype": str(tensor.dtype)}
+                    for key, tensor in packed[name].items()}}
         elif isinstance(record, MetricRecord):
             records[name] = {"kind": "metrics", "metrics": dict(record)}
         elif isinstance(record, ConfigRecord):

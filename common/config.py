@@ -196,6 +196,10 @@ class FedqConfig:
         "message); strategies and sampling that need two messages use the latter "
         "(server/round_protocol.py)",
         _check(lambda v: v in ROUND_PROTOCOLS, f"one of {ROUND_PROTOCOLS}"))
+    flat_wire: bool = _opt(
+        True, "send each message's Q-network weights as one flat array with a layout "
+        "record (common/flat_wire.py): a deployed hop moves 7 Flower objects instead of 16; "
+        "false sends one array per tensor, for devices whose fedq predates it")
     min_available_clients: int = _opt(
         1, "clients that must be connected before a round starts", _at_least_one
     )

@@ -9,34 +9,59 @@ second, and only while a phase waits for replies. (A 0.5 s cap, measured in
 bench_deployment's per-call timestamps, let a reply wait up to 0.5 s in the SuperLink
 after a round's slowest device had sent it, in a round of ~2.5 s.) The replies' objects
 are pulled without Flower's 1 s first retry wait (:mod:`common.prompt_pulls`).
+
+It is also the ServerApp's end of the flat wire format (:mod:`common.flat_wire`): every
+message it pushes carries its weights as one flat array (unless the run config's
+``flat-wire`` is false: devices then answer tensor by tensor), and every reply it pulls is
+unpacked before the round loop sees it. A reply whose layout does not fit its array
+becomes an error reply (code :data:`WIRE_FORMAT_ERROR_CODE`, the reason naming the
+device and the field), which aggregation leaves out like any failed device.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable
 from typing import Any
 
-from flwr.app import Message
+from flwr.app import Error, Message
+from flwr.app.message.message import make_message
 from flwr.serverapp import Grid
+from flwr.supercore import log
 from flwr.superlink.grid import http_grid
 
-from fedq.common import hop_trace, prompt_pulls
+from fedq.common import flat_wire, hop_trace, prompt_pulls
 
 FIRST_POLL_S = 0.05
 MAX_POLL_S = 0.1
+WIRE_FORMAT_ERROR_CODE = 1010  # a device's reply whose flat layout does not fit
 
 
 class PromptGrid:
     """A :class:`Grid` whose ``send_and_receive`` polls promptly; every other attribute
     is the wrapped grid's."""
 
-    def __init__(self, grid: Grid) -> None:
+    def __init__(self, grid: Grid, *, flat_wire: bool = True) -> None:
         self._grid = grid
+        self._flat_wire = flat_wire  # pack what it pushes (run config flat-wire)
         prompt_pulls.apply(http_grid)  # a reply's objects, pulled as soon as they are stored
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Push ``messages``, each with its content packed in place (the message object
+        is what was sent, so it holds what crossed the wire)."""
+        messages = list(messages)
+        for msg in messages if self._flat_wire else ():
+            if msg.has_content():
+                msg.content = flat_wire.pack(msg.content)
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        """The replies that arrived, unpacked."""
+        return [_unpacked(reply) for reply in self._grid.pull_messages(message_ids)]
 
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> list[Message]:
@@ -47,14 +72,14 @@ class PromptGrid:
             messages = list(messages)
             hop_trace.mark("server-push", group=messages[0].metadata.group_id
                            if messages else "")
-        pending = set(self._grid.push_messages(messages))
+        pending = set(self.push_messages(messages))
         if tracing:
             hop_trace.mark("server-pushed")
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
         interval = FIRST_POLL_S
         while pending:
-            arrived = list(self._grid.pull_messages(pending))
+            arrived = self.pull_messages(pending)
             for reply in arrived if tracing else ():
                 hop_trace.mark("server-reply", src=reply.metadata.src_node_id,
                                group=reply.metadata.group_id)
@@ -66,3 +91,17 @@ class PromptGrid:
             time.sleep(max(wait, 0.0))
             interval = min(interval * 1.5, MAX_POLL_S)
         return replies
+
+
+def _unpacked(reply: Message) -> Message:
+    """``reply`` with its flat records restored, or an error reply saying why not."""
+    if reply.has_error() or not reply.has_content() or not flat_wire.is_packed(reply.content):
+        return reply
+    try:
+        reply.content = flat_wire.unpack(reply.content)
+    except flat_wire.WireFormatError as err:
+        reason = f"device {reply.metadata.src_node_id}: {err}"
+        log(logging.WARNING, "[fedq] reply refused: %s", reason)
+        return make_message(metadata=reply.metadata,
+                            error=Error(code=WIRE_FORMAT_ERROR_CODE, reason=reason))
+    return reply

@@ -385,7 +385,7 @@ def run_in(run_dir: RunDirectory, grid: Grid, config: FedqConfig) -> None:
         resume_strategy(strategy, config, checkpoint)
     recorder = RoundRecorder(run_dir)
     try:
-        run_rounds(PromptGrid(grid), strategy, config, run_dir,
+        run_rounds(PromptGrid(grid, flat_wire=config.flat_wire), strategy, config, run_dir,
                    ArrayRecord(net.state_dict()), first_round=last_round + 1,
                    recorder=recorder)
     finally:

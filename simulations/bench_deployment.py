@@ -47,6 +47,12 @@ and RSS counts a shared page in every process that maps it, so the summed RSS
 overcounts a forked tree; PSS splits each shared page among its sharers and sums to the
 memory the device really uses.
 
+``--per-tensor`` also runs each backend fused with ``flat-wire = false`` (each
+message's weights one array per tensor, 16 Flower objects, as before
+:mod:`common.flat_wire`), the A/B of the flat wire format in one script run;
+``--hidden-sizes`` changes the Q-network, so the bytes per message change while the
+object count does not.
+
     python -m fedq.simulations.bench_deployment --rounds 5 --local-steps 2000 --baseline
 """
 
@@ -196,6 +202,12 @@ def main() -> None:
     parser.add_argument("--baseline", action="store_true",
                         help="also run each backend as rounds were deployed before: "
                         "round-protocol train-then-evaluate, flower-supernode (3 s polling)")
+    parser.add_argument("--per-tensor", action="store_true",
+                        help="also run each backend fused with flat-wire = false (one "
+                        "array per tensor on the wire: the flat wire format's A/B)")
+    parser.add_argument("--hidden-sizes", default=None,
+                        help="override the Q-network's hidden-sizes (e.g. 256,256: more "
+                        "bytes per message, the same number of Flower objects)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="federations per backend and setup (default 1)")
     parser.add_argument("--results-name", default="deployment",
@@ -208,15 +220,18 @@ def main() -> None:
         parser.error(f"--backends: unknown {unknown}; known: {list(BACKENDS)}")
     shutil.rmtree(WORKDIR, ignore_errors=True)
     compose_run = submit_overrides(load_compose(COMPOSE))
-    setups = {name: SETUPS[name] for name in (("fused", "baseline") if args.baseline
-                                              else ("fused",))}
+    chosen = ["fused", *(["per-tensor"] if args.per_tensor else []),
+              *(["baseline"] if args.baseline else [])]
+    setups = {name: SETUPS[name] for name in chosen}
     load_before = os.getloadavg()[0]
     results = {f"{backend} {name}{f' #{i}' if args.repeats > 1 else ''}": measure(
-        WORKDIR / f"{backend}-{name}-{i}", backend, args.rounds, args.local_steps, **setup)
+        WORKDIR / f"{backend}-{name}-{i}", backend, args.rounds, args.local_steps,
+        args.hidden_sizes, **setup)
         for backend in backends for name, setup in setups.items()
         for i in range(1, args.repeats + 1)}
     local_steps = args.local_steps or compose_run["local-steps"]
     payload = {"rounds": args.rounds, "local-steps": local_steps, "run-config": compose_run,
+               "hidden-sizes": args.hidden_sizes or compose_run.get("hidden-sizes"),
                "setups": setups, "cpu-affinity": sorted(os.sched_getaffinity(0)),
                # other work on the machine skews every number here: say how much there was
                "load-average-1min": {"before": load_before, "after": os.getloadavg()[0]},
@@ -262,8 +277,12 @@ CLIENTAPP_KINDS = ("flwr-clientapp", TASK_NAME)  # one process per message, eith
 PROCESS_KINDS = ("flower-supernode", "flower-superexec", "flwr-clientapp", *WARM_KINDS)
 PSS_EVERY = 4  # PSS sampled every 4th period (0.2 s)
 # How a round is deployed: round protocol and the SuperNode program
-SETUPS = {"fused": {"protocol": "fused", "supernode": "fedq-supernode"},
-          "baseline": {"protocol": "train-then-evaluate", "supernode": "flower-supernode"}}
+# and whether the weights travel as one flat array (common/flat_wire.py)
+SETUPS = {"fused": {"protocol": "fused", "supernode": "fedq-supernode", "flat_wire": True},
+          "per-tensor": {"protocol": "fused", "supernode": "fedq-supernode",
+                         "flat_wire": False},
+          "baseline": {"protocol": "train-then-evaluate", "supernode": "flower-supernode",
+                       "flat_wire": False}}
 ROUND_COLUMNS = ["round-seconds", "local-training-seconds", "local-training-share",
                  "everything-else-seconds", "train-phase-seconds", "eval-phase-seconds",
                  "client-handler-overhead-seconds"]
@@ -272,17 +291,21 @@ PHASE_COLUMNS = ["round-seconds", "outside-device-seconds", "clientapp-process-s
                  "local-training-seconds", "local-training-share-of-process"]
 
 
-def measure(workdir: Path, backend: str, rounds: int, local_steps: int | None, *,
-            protocol: str, supernode: str) -> dict[str, object]:
+def measure(workdir: Path, backend: str, rounds: int, local_steps: int | None,
+            hidden_sizes: str | None, *, protocol: str, supernode: str,
+            flat_wire: bool) -> dict[str, object]:
     """One compose federation whose devices all use ``backend``, deployed with
-    ``protocol`` and ``supernode``: per-round timings, reply sizes, each device's peak
-    memory."""
+    ``protocol``, ``supernode`` and ``flat_wire``: per-round timings, reply sizes, each
+    device's peak memory."""
     workdir.mkdir(parents=True)
     workdir = workdir.resolve()
     run_dir, audit_dir = workdir / "run", workdir / "audit"
-    overrides = {"num-server-rounds": rounds, "backend": backend, "round-protocol": protocol}
+    overrides = {"num-server-rounds": rounds, "backend": backend, "round-protocol": protocol,
+                 "flat-wire": flat_wire}
     if local_steps:
         overrides["local-steps"] = local_steps
+    if hidden_sizes:
+        overrides["hidden-sizes"] = hidden_sizes
     # the audit directory is each device's own setting: a run config cannot choose it
     # the backend also in each node's config: a device names its own backend, and the
     # warm executor preloads torch only for a node whose config says torch
@@ -328,7 +351,8 @@ def measure(workdir: Path, backend: str, rounds: int, local_steps: int | None, *
             "process-outside-handler-seconds": process - slowest["handler-seconds"],
             "handler-outside-training-seconds": slowest["handler-seconds"]
             - slowest["train-seconds"],
-            "local-training-share-of-process": slowest["train-seconds"] / process,
+            "local-training-share-of-process": slowest["train-seconds"] / process
+            if process else math.nan,  # no process sampled in the round (50 ms period)
             "eval-return-mean": row["eval"].get("eval-return-mean")})
     later = per_round[1:]
     summary = {key: statistics.median(r[key] for r in later) for key in later[0]
@@ -353,7 +377,7 @@ def measure(workdir: Path, backend: str, rounds: int, local_steps: int | None, *
     per_cycle = hop_breakdown.cycles(hop_trace.read(trace_dir)) if protocol == "fused" else []
     for cycle in per_cycle:
         cycle["critical"] = ids.get(int(cycle["critical"]), str(cycle["critical"]))
-    return {"protocol": protocol, "supernode": supernode,
+    return {"protocol": protocol, "supernode": supernode, "flat-wire": flat_wire,
             "hops-per-round": per_cycle,
             "hops-median-rounds-2-on": hop_breakdown.median_hops(per_cycle[1:rounds]),
             # real devices have no partition id: replies are summed in device-key order

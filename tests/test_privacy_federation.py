@@ -77,8 +77,9 @@ def _audited(audit_dir: Path) -> list[dict]:
 
 
 def _assert_only_weights_and_scalars(messages: list[dict]) -> None:
-    """Every train reply: the Q-network's arrays (names and shapes of its state dict) and
-    one MetricRecord (two in a fused round); every evaluate reply: one MetricRecord;
+    """Every train reply: the Q-network's arrays (names and shapes of its state dict,
+    packed as one flat float32 array with its layout: common/flat_wire.py) and one
+    MetricRecord (two in a fused round); every evaluate reply: one MetricRecord;
     metrics are scalars or short lists of scalars; an error carries only its code and
     reason."""
     expected = {k: list(v.shape) for k, v in QNetwork(4, 2, (16, 16)).state_dict().items()}
@@ -90,11 +91,16 @@ def _assert_only_weights_and_scalars(messages: list[dict]) -> None:
         kinds = {name: r["kind"] for name, r in records.items()}
         if message["message-type"] == "train":  # a fused reply also carries its
             # evaluation of the model it received (server/round_protocol.py)
-            assert kinds in ({"arrays": "arrays", "metrics": "metrics"},
-                             {"arrays": "arrays", "metrics": "metrics", "evaluation": "metrics"})
+            layout = {"fedq.flat-layout": "flat-layout"}
+            assert kinds in ({"arrays": "arrays", "metrics": "metrics", **layout},
+                             {"arrays": "arrays", "metrics": "metrics", "evaluation": "metrics",
+                              **layout})
             arrays = records["arrays"]["arrays"]
             assert {k: a["shape"] for k, a in arrays.items()} == expected
             assert {a["dtype"] for a in arrays.values()} == {"float32"}
+            size = sum(math.prod(shape) for shape in expected.values())
+            assert records["arrays"]["packed-as"] == {"flat": {"shape": [size],
+                                                               "dtype": "float32"}}
         else:
             assert message["message-type"] == "evaluate"
             assert kinds == {"metrics": "metrics"}

@@ -8,6 +8,11 @@ from types import SimpleNamespace
 from fedq.server.prompt_grid import MAX_POLL_S, PromptGrid
 
 
+def _messages(n):
+    """``n`` messages without content (nothing for the grid to pack)."""
+    return [SimpleNamespace(has_content=lambda: False) for _ in range(n)]
+
+
 class _SlowNodes:
     """A grid whose replies arrive ``delays`` seconds after the push, one per message."""
 
@@ -22,7 +27,8 @@ class _SlowNodes:
     def pull_messages(self, ids):
         self.pulls += 1
         now = time.monotonic() - self.pushed_at
-        return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=f"m{i}"))
+        return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=f"m{i}"),
+                                has_error=lambda: True)  # nothing for the grid to unpack
                 for i, delay in enumerate(self.delays) if f"m{i}" in ids and now >= delay]
 
     def get_node_ids(self):
@@ -32,7 +38,7 @@ class _SlowNodes:
 def test_replies_are_collected_within_a_poll_of_arriving():
     nodes = _SlowNodes([0.2, 0.4])
     started = time.monotonic()
-    replies = PromptGrid(nodes).send_and_receive(["a", "b"], timeout=10)
+    replies = PromptGrid(nodes).send_and_receive(_messages(2), timeout=10)
     waited = time.monotonic() - started
     assert sorted(r.metadata.reply_to_message_id for r in replies) == ["m0", "m1"]
     assert waited < 0.4 + MAX_POLL_S + 0.2  # Flower's own loop would take 3 s here
@@ -42,6 +48,6 @@ def test_replies_are_collected_within_a_poll_of_arriving():
 def test_the_phase_timeout_still_ends_the_wait_with_the_replies_so_far():
     nodes = _SlowNodes([0.0, 60.0])
     started = time.monotonic()
-    replies = PromptGrid(nodes).send_and_receive(["a", "b"], timeout=0.5)
+    replies = PromptGrid(nodes).send_and_receive(_messages(2), timeout=0.5)
     assert time.monotonic() - started < 0.5 + 0.2
     assert [r.metadata.reply_to_message_id for r in replies] == ["m0"]
