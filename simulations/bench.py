@@ -82,7 +82,9 @@ SCRIPTS = (
         "python -m fedq.simulations.bench_deployment --rounds 5 --local-steps 2000 --backends "
         "numpy --baseline --repeats 2 --results-name deployment_repeats",
         "python -m fedq.simulations.bench_deployment --rounds 5 --local-steps 2000 "
-        "--per-tensor --repeats 2 --results-name deployment_flat_wire"), 0.8,
+        "--per-tensor --repeats 2 --results-name deployment_flat_wire",
+        "python -m fedq.simulations.bench_deployment --rounds 5 --local-steps 2000 "
+        "--repeats 3 --results-name deployment_quiet"), 0.9,
            "process-level: real SuperLink and SuperNodes"),
     Script("fault_drill", ("python -m fedq.simulations.fault_drill --faults 120 --minutes 13 "
                            "--seed 17 --out simulations/results/fault_drill/drill-seed17.json",
