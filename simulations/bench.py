@@ -23,6 +23,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from fedq.common.config import parse_assignment
 from fedq.simulations.harness import BENCHMARKS, HarnessError, run_benchmark
@@ -124,7 +125,8 @@ def _command(name: str, args: argparse.Namespace) -> str:
     it was made; under ``all`` it is that benchmark's share of the run."""
     flags = [name] + [flag for flag, on in (("--quick", args.quick), ("--fresh", args.fresh),
                                             ("--report", args.report)) if on] + \
-        ["--workers", str(args.workers)] + [f"--set={item}" for item in args.overrides]
+        ["--workers", str(args.workers)] + [f"--set={item}" for item in args.overrides] + \
+        (["--results-root", str(args.results_root)] if args.results_root else [])
     return "python -m fedq.simulations.bench " + shlex.join(flags)
 
 
@@ -161,6 +163,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="cells run at once (benchmarks that time things: always 1)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="PARAM=VALUE", help="a benchmark parameter (TOML scalar)")
+    parser.add_argument("--results-root", type=Path, default=None, metavar="DIR",
+                        help="write results to DIR/<name>/ instead of the committed "
+                             "simulations/results/ (a trial run that must not overwrite them)")
     args = parser.parse_args(argv)
     if args.name == "list":
         for b in BENCHMARKS.values():
@@ -174,6 +179,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unknown benchmark {args.name!r}; one of: all, list, {', '.join(known)}")
     if args.workers < 1:
         parser.error("--workers must be >= 1")
+    if args.results_root and args.name in scripts:
+        parser.error(f"--results-root: {args.name} is a script benchmark and writes its own "
+                     "results (its commands say where)")
     if args.overrides and args.name == "all":
         parser.error("--set applies to one benchmark, not to all")
     try:
@@ -184,15 +192,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     failed = []
     for name in names:
         if name in scripts:
-            if args.quick:
-                print(f"[bench] {name}: script benchmark, no --quick variant: skipped")
+            if args.quick or args.results_root:
+                print(f"[bench] {name}: script benchmark, no --quick variant or --results-root:"
+                      " skipped")
             elif not _run_script(scripts[name], args.report):
                 failed.append(name)
             continue
         try:
             run_benchmark(BENCHMARKS[name], overrides=overrides, quick=args.quick,
                           fresh=args.fresh, report=args.report, workers=args.workers,
-                          command=_command(name, args))
+                          command=_command(name, args), results_root=args.results_root)
         except (HarnessError, ValueError) as err:
             if args.name != "all":
                 print(f"python -m fedq.simulations.bench: {err}", file=sys.stderr)

@@ -24,6 +24,7 @@ from fedq.simulations.harness import (
     resolve_params,
     run_benchmark,
 )
+from fedq.simulations.results_io import RESULTS_ROOT
 
 PROBE = textwrap.dedent('''
     """A probe benchmark: cells that log each run and can be told to die mid-cell."""
@@ -228,6 +229,28 @@ def test_results_stamp_every_flag_the_command_ran_with(probe, tmp_path, monkeypa
     assert stamped == ("python -m fedq.simulations.bench probe --quick --report --workers 1 "
                        f"--set=scale=5 '--set={log}'")
     assert _runs(tmp_path) == ["0"]  # the report ran nothing; the stamp still says --report
+
+
+def test_results_root_keeps_a_trial_run_off_the_committed_results(probe, tmp_path,
+                                                                   monkeypatch):
+    """A full-size trial with other parameters (--set) must be able to write somewhere
+    else than simulations/results/, and its stamp says where, so it reproduces."""
+    module, _, overrides = probe
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(BENCHMARKS, "probe", module.BENCHMARK)
+    trial = tmp_path / "trial"
+    log = 'log="' + overrides["log"] + '"'
+    assert bench.main(["probe", "--set", "scale=5", "--set", log,
+                       "--results-root", str(trial)]) == 0
+    record = json.loads((trial / "probe" / "results.json").read_text())
+    assert record["command"].endswith(f"--results-root {trial}")
+    assert not (RESULTS_ROOT / "probe").exists()
+
+
+def test_results_root_is_refused_for_a_script_benchmark(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["deployment", "--results-root", "/tmp/x"])
+    assert "--results-root: deployment is a script benchmark" in capsys.readouterr().err
 
 
 def test_bench_refuses_unknown_names_and_parameters(capsys):
