@@ -265,6 +265,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     (run_dir / SIMULATION_FILE).write_text(json.dumps(
         {"clients": clients, "attack": None if attack is None else attack.to_json()}) + "\n")
     submitted = time.time()
+    # from here on a signal stops a run (fedq-simulate's entry point answered it until now;
+    # a background job's ignored SIGINT stays ignored)
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         for attempt in range(1, RAY_START_ATTEMPTS + 1):
@@ -279,8 +283,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 break  # a round already ran (or no attempts left): no blind retry
     except KeyboardInterrupt as stop:
         saved = RunDirectory(run_dir).latest_round()
+        kept = f"Rounds 1-{saved} are saved" if saved else "No round had finished yet"
         print(f"\nfedq-simulate: interrupted; every Flower process it started is stopped. "
-              f"Rounds 1-{saved} are saved in {run_dir}. Resume with:\n"
+              f"{kept} in {run_dir}. Resume with:\n"
               f"  fedq-simulate --run-dir {shlex.quote(str(run_dir))} --resume",
               file=sys.stderr)
         return 128 + (stop.signum if isinstance(stop, Terminated) else signal.SIGINT)

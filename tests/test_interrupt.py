@@ -102,3 +102,40 @@ def test_ctrl_c_stops_every_process_keeps_the_rounds_and_prints_the_resume_comma
         time.sleep(1)
     assert _processes_mentioning(str(scratch)) == []
     shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _catches_sigterm(pid: int) -> bool:
+    """Whether ``pid`` has a handler for SIGTERM (``SigCgt`` in its /proc status): Python
+    catches SIGINT from its start, SIGTERM only once fedq installs a handler."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
+    return False
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)],
+                         ids=["ctrl-c", "kill-pid"])
+def test_a_signal_while_the_driver_still_imports_ends_it_with_one_line(tmp_path, signum,
+                                                                       code):
+    """The console script answers Ctrl-C / ``kill PID`` from its first instant: in the
+    second or so that importing Flower takes, before any run is submitted, a signal ends
+    it with one line and exit code 130 / 143, not a KeyboardInterrupt traceback (Ctrl-C) or
+    a silent death (kill). Without the entry point's handler, SIGTERM is not caught until
+    the run is about to start, so this test would signal a starting run instead."""
+    script = Path(sys.executable).with_name("fedq-simulate")
+    process = subprocess.Popen([str(script), "--run-dir", str(tmp_path / "run"), *TINY],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True,
+                               preexec_fn=_sigint_as_in_a_foreground_job)
+    try:
+        deadline = time.monotonic() + 60
+        while not _catches_sigterm(process.pid) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        process.send_signal(signum)
+        output, _ = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == code, output[-3000:]
+    assert output.strip() == ("fedq-simulate: interrupted before the run was submitted; "
+                              "nothing ran, nothing to resume.")
