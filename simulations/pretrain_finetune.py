@@ -124,8 +124,12 @@ def federated_finetune(params: Mapping[str, Any], weights: Mapping[str, np.ndarr
 
 
 def run_cell(params: Mapping[str, Any], workdir: Path) -> dict[str, Any]:
-    """Pretrain (public, this seed) into ``workdir``, then fine-tune federated."""
-    pretraining = run_pretrain(params, workdir)
+    """Pretrain (public, this seed) into ``workdir``, then fine-tune federated. The
+    pretraining selects its weights on ``pretrain-eval-episodes`` greedy episodes spread
+    over its selection physics (free: public simulator), more than each fine-tuning round
+    spends on the devices."""
+    pretraining = run_pretrain({**params, "eval-episodes": params["pretrain-eval-episodes"]},
+                               workdir)
     with np.load(workdir / WEIGHTS) as data:
         weights = {k: data[k] for k in data.files}
     return {"pretraining": pretraining, **federated_finetune(params, weights)}

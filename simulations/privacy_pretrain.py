@@ -46,7 +46,8 @@ from fedq.simulations.privacy_plan import noise_for_epsilon
 UTILITY_SHARE = 0.9  # the issue's target: >= 90 % of the non-private return
 EPSILON_TARGET = 8.0
 
-_CELL_PARAMS = ("env-id", "hidden-sizes", "eval-episodes", "goal", "pretrain-steps",
+_CELL_PARAMS = ("env-id", "hidden-sizes", "eval-episodes", "pretrain-eval-episodes",
+                "goal", "pretrain-steps",
                 "pretrain-lr", "pretrain-eval-every", "pretrain-physics", "physics",
                 "federated", "rounds", "local-steps", "lr", "batch-size", "train-frequency",
                 "learning-starts", "buffer-size", "target-update-interval", "tau", "explore",
@@ -221,8 +222,9 @@ def summarise(params: Mapping[str, Any], done: Done) -> Summary:
     text = "\n\n".join([
         f"Pretraining (public, no device data): default physics, the stable learner's "
         f"defaults at lr {params['pretrain-lr']:g}, up to {params['pretrain-steps']:,} env "
-        f"steps, greedy evaluation every {params['pretrain-eval-every']:,} on the default "
-        f"physics and {params['pretrain-physics']} public physics draws, best weights kept. "
+        f"steps, greedy evaluation ({params['pretrain-eval-episodes']} episodes) every "
+        f"{params['pretrain-eval-every']:,} on the default physics and "
+        f"{params['pretrain-physics']} public physics draws, best weights kept. "
         f"Devices' physics: {params['physics']}. Fine-tuning: {mode}, {params['rounds']} "
         f"rounds x {params['local-steps']:,} env steps per device, lr {params['lr']:g} "
         f"decaying linearly to 0 over the {budget:,} steps, batch {params['batch-size']} every "
@@ -256,13 +258,15 @@ _PHYSICS = json.dumps([{"length": 1.0, "masscart": 2.0, "force_mag": 10.0},
                        {"length": 1.1, "masscart": 1.5, "force_mag": 12.0}])
 _DEFAULTS: dict[str, Any] = {
     "env-id": "CartPole-v1", "hidden-sizes": "64,64", "seeds": 5, "eval-episodes": 5,
-    "goal": 500.0, "pretrain-steps": 150000, "pretrain-lr": 0.0005,
+    "pretrain-eval-episodes": 20, "goal": 500.0, "pretrain-steps": 150000,
+    "pretrain-lr": 0.0005,
     "pretrain-eval-every": 5000, "pretrain-physics": 4, "physics": _PHYSICS,
     "federated": True, "rounds": 24, "local-steps": 2500, "lr": 0.0001, "batch-size": 64,
     "train-frequency": 1, "learning-starts": 5000, "buffer-size": 50000,
     "target-update-interval": 1, "tau": 0.005, "explore": 0.05, "clip": 1.0,
-    "delta": 1e-5, "solve-at": 475.0, "epsilons": "8,4"}
-_QUICK = {"seeds": 1, "eval-episodes": 1, "pretrain-steps": 600, "pretrain-eval-every": 300,
+    "delta": 1e-5, "solve-at": 475.0, "epsilons": "8,4,2"}
+_QUICK = {"seeds": 1, "eval-episodes": 1, "pretrain-eval-episodes": 1, "pretrain-steps": 600,
+          "pretrain-eval-every": 300,
           "rounds": 2, "local-steps": 150, "batch-size": 16, "learning-starts": 100,
           "buffer-size": 300, "epsilons": "8"}
 
