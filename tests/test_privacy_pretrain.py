@@ -1,0 +1,59 @@
+"""The privacy_pretrain benchmark at a tiny budget: "solved" is the goal on 3 rounds in a
+row (not the first round at it), the noise the accountant plans lands each device's own
+ledger at the target epsilon, every cell of a seed fine-tunes the same pretrained net,
+and FedAvg leaves every device starting a round from one global net."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from fedq.common.trainer import LocalTrainer
+from fedq.simulations import privacy_pretrain
+from fedq.simulations.harness import run_benchmark
+from fedq.simulations.pretrain_finetune import device_physics, federated_finetune, solved_at
+from fedq.simulations.public_pretrain import run_config
+
+
+def test_solved_needs_three_rounds_in_a_row_at_the_goal() -> None:
+    curve = [(1, 480.0), (2, 490.0), (3, 100.0), (4, 475.0), (5, 500.0), (6, 476.0)]
+    assert solved_at(curve, 475.0) == 4  # the first round of the run of three
+    assert solved_at(curve[:5], 475.0) is None
+
+
+def test_physics_must_be_a_list_naming_the_field() -> None:
+    with pytest.raises(ValueError, match="physics"):
+        device_physics({"physics": json.dumps({"length": 1.0})})
+
+
+def test_quick_run_plans_noise_to_the_target_and_shares_the_pretrained_net(tmp_path) -> None:
+    benchmark = privacy_pretrain.BENCHMARK
+    report = run_benchmark(benchmark, quick=True, cache_root=tmp_path / "cache",
+                           results_root=tmp_path / "results", log=lambda _: None)
+    assert report.missing == 0
+    payload = json.loads((report.folder / "results.json").read_text())
+    rows = {r["setting"]: r for r in payload["summary"]}
+    assert list(rows) == ["pretrained only", "no-dp", "DP-SGD epsilon 8"]
+    assert rows["pretrained only"]["epsilon max"] == 0
+    assert rows["no-dp"]["epsilon max"] is None  # inf: no guarantee
+    # the planned noise spends the budget: the devices' own ledgers end just below 8
+    assert 7.0 < rows["DP-SGD epsilon 8"]["epsilon max"] <= 8.0
+    assert "identical across a seed's cells: yes" in (report.folder / "results.md").read_text()
+    assert (report.folder / benchmark.plot_name).stat().st_size > 0
+
+
+def test_fedavg_fine_tuning_scores_every_device_after_every_round() -> None:
+    params = {**privacy_pretrain.BENCHMARK.defaults, **privacy_pretrain.BENCHMARK.quick,
+              "seed": 0, "noise": None}
+    config = run_config(params, seed=0)
+    start = LocalTrainer(config, seed=0).learner.online_arrays()
+    start = {k: v.copy() for k, v in start.items()}
+    result = federated_finetune(params, start)
+    n_devices = len(device_physics(params))
+    assert len(result["curve"]) == params["rounds"]
+    assert all(len(r) == n_devices for r in result["per-device"])
+    assert result["updates"] == [params["rounds"] * params["local-steps"]
+                                 - params["learning-starts"]] * n_devices
+    assert np.isinf(result["epsilons"]).all()
