@@ -328,6 +328,11 @@ class FedqConfig:
         _check(lambda v: v.strip() != "", "must not be empty"),
     )
     resume: bool = _opt(False, "continue from the run directory's last checkpoint")
+    initial_weights: str = _opt(
+        "", "start round 1 from the Q-network in this fedq checkpoint (e.g. another run's "
+        "checkpoints/best.pt, pretrained on a public simulator), read by the ServerApp, "
+        "instead of a fresh seeded one; empty: fresh. A resumed run continues from its own "
+        "checkpoint")
     state_dir: str = _opt(
         "", "device state directory (empty: <run-dir>/devices/<partition-id>)"
     )

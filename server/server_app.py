@@ -37,6 +37,7 @@ from fedq.common.secure_aggregation import DISTRIBUTED_DP
 from fedq.common.strategy_registry import PARALLEL, SEQUENTIAL, strategy_spec
 from fedq.server.best_model import BestModel, round_score
 from fedq.server.central_dp import central_dp_report, with_central_dp
+from fedq.server.initial_weights import load_initial_weights
 from fedq.server.observability import RoundRecorder
 from fedq.server.outcome import (
     REJECTED_CODE,
@@ -78,12 +79,15 @@ def build_strategy(config: FedqConfig) -> Strategy:
 
 
 def initial_model(config: FedqConfig, checkpoint: dict[str, Any] | None) -> torch.nn.Module:
-    """A seeded fresh Q-network, or the one in ``checkpoint`` when resuming."""
+    """The one in ``checkpoint`` when resuming, else the ``initial-weights`` file's, else
+    a seeded fresh Q-network."""
     spec = run_env_spec(config)
     torch.manual_seed(config.seed)
     net = build_network(config, spec.observation_space, spec.n_actions, "torch")
     if checkpoint is not None:
         net.load_state_dict(checkpoint["state_dict"])
+    elif config.initial_weights:
+        load_initial_weights(config.initial_weights, net)
     return net
 
 
@@ -369,9 +373,12 @@ def warn_if_learning_stops(config: FedqConfig) -> None:
 
 def run_in(run_dir: RunDirectory, grid: Grid, config: FedqConfig) -> None:
     """The run, in its run directory (locked by ``start`` so no other ServerApp writes it)."""
+    # a fresh run's first model (initial-weights checked) before the run directory is written
+    net = None if config.resume else initial_model(config, None)
     last_round = run_dir.start(config)
     checkpoint = run_dir.load_checkpoint(last_round) if last_round else None
-    net = initial_model(config, checkpoint)
+    if net is None or checkpoint is not None:
+        net = initial_model(config, checkpoint)
     strategy = build_strategy(config)
     if strategy_spec(config.strategy).train_phase == SEQUENTIAL and \
             config.exploration_clock == "device":

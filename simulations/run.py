@@ -106,7 +106,13 @@ def resolve_run_config(overrides: dict[str, ConfigScalar], clients: int,
     if not config.resume and (run_dir / "metrics.jsonl").exists():
         raise ConfigError("run-dir", f"'{run_dir}' already holds a run; pass --resume "
                           "to continue it or choose another --run-dir")
-    return config, {**overrides, "run-dir": str(run_dir)}
+    absolute: dict[str, ConfigScalar] = {"run-dir": str(run_dir)}
+    if config.initial_weights:  # read by the ServerApp, whose working directory is not ours
+        weights = Path(config.initial_weights).expanduser().resolve()
+        if not config.resume and not weights.is_file():
+            raise ConfigError("initial-weights", f"no checkpoint file '{weights}'")
+        absolute["initial-weights"] = str(weights)
+    return config, {**overrides, **absolute}
 
 
 def _saved_config(run_dir: Path) -> dict[str, ConfigScalar]:
