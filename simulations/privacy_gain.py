@@ -262,7 +262,8 @@ _DEFAULTS: dict[str, Any] = {
     "target-update-interval": 500, "explore": 0.05, "clip": 1.0, "noise": "0.5,1,2,4",
     "devices": 100, "device-rate": 0.1, "rounds": 20, "local-steps": 500, "fed-lr": 0.00001,
     "fed-clip": 0.002, "fed-noise": "0.7,1,2", "eval-devices": 10}
-_QUICK = {"seeds": 1, "eval-episodes": 1, "pretrain-steps": 600, "pretrain-eval-every": 300,
+_QUICK = {"seeds": 1, "eval-episodes": 1, "pretrain-physics": 0, "pretrain-steps": 600,
+          "pretrain-eval-every": 300,
           "steps": 300, "batch-size": 32, "train-frequency": 4, "noise": "1.0",
           "devices": 4, "device-rate": 0.5, "rounds": 2, "local-steps": 100,
           "fed-noise": "1.0", "eval-devices": 1}

@@ -265,8 +265,8 @@ _DEFAULTS: dict[str, Any] = {
     "train-frequency": 1, "learning-starts": 5000, "buffer-size": 50000,
     "target-update-interval": 1, "tau": 0.005, "explore": 0.05, "clip": 1.0,
     "delta": 1e-5, "solve-at": 475.0, "epsilons": "8,4,2"}
-_QUICK = {"seeds": 1, "eval-episodes": 1, "pretrain-eval-episodes": 1, "pretrain-steps": 600,
-          "pretrain-eval-every": 300,
+_QUICK = {"seeds": 1, "eval-episodes": 1, "pretrain-eval-episodes": 1, "pretrain-physics": 0,
+          "pretrain-steps": 600, "pretrain-eval-every": 300,
           "rounds": 2, "local-steps": 150, "batch-size": 16, "learning-starts": 100,
           "buffer-size": 300, "epsilons": "8"}
 

@@ -65,7 +65,11 @@ def run_pretrain(params: Mapping[str, Any], workdir: Path) -> dict[str, Any]:
     curve, best, best_weights = [], -math.inf, None
     selection = [{}] + [sample_physics(PUBLIC_PHYSICS_BASE, j)
                         for j in range(params["pretrain-physics"])]
-    per = max(1, params["eval-episodes"] // len(selection))
+    per, rest = divmod(params["eval-episodes"], len(selection))
+    if per < 1 or rest:  # a silent 1-episode selection once spoilt a whole sweep
+        raise ValueError(f"eval-episodes = {params['eval-episodes']} must be a positive "
+                         f"multiple of the {len(selection)} selection physics (the default "
+                         "and pretrain-physics public draws): each gets an equal share")
     for _ in range(params["pretrain-steps"] // params["pretrain-eval-every"]):
         trainer.train(params["pretrain-eval-every"])
         score = statistics.fmean(

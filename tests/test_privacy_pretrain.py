@@ -57,3 +57,16 @@ def test_fedavg_fine_tuning_scores_every_device_after_every_round() -> None:
     assert result["updates"] == [params["rounds"] * params["local-steps"]
                                  - params["learning-starts"]] * n_devices
     assert np.isinf(result["epsilons"]).all()
+
+
+def test_a_selection_that_would_give_a_physics_no_episode_is_refused(tmp_path):
+    """eval-episodes is split evenly over the default and public physics draws; a number
+    that does not split (the 1-episode-per-physics selection that once spoilt a sweep)
+    fails naming the parameter instead of rounding silently."""
+    from fedq.simulations.public_pretrain import run_pretrain
+
+    with pytest.raises(ValueError, match="eval-episodes = 3 must be a positive multiple"):
+        run_pretrain({"eval-episodes": 3, "pretrain-physics": 4, "env-id": "CartPole-v1",
+                      "hidden-sizes": "16,16", "pretrain-lr": 1e-3, "seed": 0,
+                      "pretrain-steps": 100, "pretrain-eval-every": 100, "goal": 500.0},
+                     tmp_path)
