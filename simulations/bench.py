@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedq.common.config import parse_assignment
-from fedq.simulations.harness import BENCHMARKS, HarnessError, run_benchmark
+from fedq.simulations.harness import BENCHMARKS, HarnessError, run_benchmark, staleness
 
 PORTED = ("bench_dp_cost", "bench_speed", "bench_backend", "bench_export",
           "bench_robustness", "bench_communication", "privacy_sweep", "bench_scale",
@@ -152,7 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     scripts = {s.name: s for s in SCRIPTS}
     parser = argparse.ArgumentParser(prog="python -m fedq.simulations.bench",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("name", help="a benchmark, 'all', or 'list'")
+    parser.add_argument("name", help="a benchmark, 'all', 'list', or 'stale' (which "
+                        "committed results today's code would not reproduce)")
     parser.add_argument("--quick", action="store_true",
                         help="tiny cells; results under runs/harness/quick/ (scripts skipped)")
     parser.add_argument("--fresh", action="store_true",
@@ -167,6 +168,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="write results to DIR/<name>/ instead of the committed "
                              "simulations/results/ (a trial run that must not overwrite them)")
     args = parser.parse_args(argv)
+    if args.name == "stale":
+        for b in BENCHMARKS.values():
+            print(f"{b.name:20} {staleness(b)}")
+        for script in SCRIPTS:
+            print(f"{script.name:20} script: not tracked (run its commands to regenerate)")
+        return 0
     if args.name == "list":
         for b in BENCHMARKS.values():
             print(f"{b.name:20} harness  {b.doc}\n{'':29}parameters: {dict(b.defaults)}")
@@ -176,7 +183,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     known = [*BENCHMARKS, *scripts]
     if args.name != "all" and args.name not in known:
-        parser.error(f"unknown benchmark {args.name!r}; one of: all, list, {', '.join(known)}")
+        parser.error(f"unknown benchmark {args.name!r}; one of: all, list, stale, "
+                     f"{', '.join(known)}")
     if args.workers < 1:
         parser.error("--workers must be >= 1")
     if args.results_root and args.name in scripts:

@@ -176,6 +176,34 @@ def fingerprint(cell: Cell, code_hashes: dict[tuple[str, ...], str] | None = Non
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def staleness(benchmark: Benchmark, results_root: Path = RESULTS_ROOT) -> str:
+    """Whether ``benchmark``'s committed results are what today's code would produce.
+
+    Each results file records its parameters and every cell's fingerprint (kind,
+    parameters, source of the code the kind declares); a cell whose fingerprint today's
+    code no longer gives was made by other code. ``current`` means every cell matches,
+    so a rerun would only reuse the cache; anything else says how many cells a rerun
+    would run again."""
+    path = results_root / benchmark.name / "results.json"
+    if not path.exists():
+        return "no committed results"
+    record = json.loads(path.read_text())
+    if "params" not in record or "cells" not in record:
+        return "stale: written before the harness recorded parameters and cell fingerprints"
+    try:
+        cells = benchmark.cells({**benchmark.defaults, **record["params"]})
+    except (KeyError, TypeError, ValueError) as err:
+        return f"stale: its parameters predate the benchmark's ({type(err).__name__}: {err})"
+    hashes: dict[tuple[str, ...], str] = {}
+    recorded = {c["fingerprint"] for c in record["cells"]}
+    unique = {fingerprint(c, hashes) for c in cells}
+    changed = len(unique - recorded)
+    partial = f", {record['missing-cells']} never ran" if record.get("missing-cells") else ""
+    if not changed:
+        return f"current ({len(unique)} cells{partial})"
+    return f"stale: {changed} of {len(unique)} cells ran on other code{partial}"
+
+
 def workdir_of(cell: Cell, beside: Path) -> Path:
     """The kept scratch folder of a finished ``cell`` in the cache that holds ``beside``
     (the asking cell's own workdir): how a cell reads an earlier cell's files, e.g. a

@@ -23,6 +23,7 @@ from fedq.simulations.harness import (
     fingerprint,
     resolve_params,
     run_benchmark,
+    staleness,
 )
 from fedq.simulations.results_io import RESULTS_ROOT
 
@@ -103,6 +104,18 @@ def test_a_cell_is_reused_until_its_parameters_or_code_change(probe, tmp_path):
     assert (recoded.ran, recoded.cached) == (3, 0)
     fresh = _run(module.BENCHMARK, tmp_path, overrides={**overrides, "scale": 3}, fresh=True)
     assert (fresh.ran, fresh.cached) == (3, 0)
+
+
+def test_stale_says_whether_todays_code_reproduces_the_committed_results(probe, tmp_path):
+    """``bench stale``: results are current while every recorded cell fingerprint is what
+    today's code and the recorded parameters give, stale once the code changes."""
+    module, path, overrides = probe
+    _run(module.BENCHMARK, tmp_path, overrides=overrides)
+    assert staleness(module.BENCHMARK, tmp_path / "results") == "current (3 cells)"
+    path.write_text(PROBE.replace("VERSION = 1", "VERSION = 2"))
+    assert staleness(module.BENCHMARK, tmp_path / "results") == \
+        "stale: 3 of 3 cells ran on other code"
+    assert staleness(module.BENCHMARK, tmp_path / "elsewhere") == "no committed results"
 
 
 def test_a_killed_benchmark_resumes_with_its_unfinished_cells(probe, tmp_path):
