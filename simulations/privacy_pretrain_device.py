@@ -147,8 +147,9 @@ def plot(rows: list[dict[str, Any]], transition: list[dict[str, Any]], path: Pat
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
-    fig, ax = plt.subplots(figsize=(7.2, 4.8))
+    fig, ax = plt.subplots(figsize=(7.6, 5.4))
     units = (("transition-level DP-SGD (privacy_pretrain, 4 devices)", transition,
               "no-dp", "tab:blue"),
              ("device-level DP-FedAvg (this, virtual devices)", rows, "no-dp FedAvg",
@@ -172,11 +173,15 @@ def plot(rows: list[dict[str, Any]], transition: list[dict[str, Any]], path: Pat
         ax.axhline(pre["final mean"], color="tab:green", ls="-.", lw=1.5,
                    label="pretrained only (epsilon 0)")
     ax.axvline(EPSILON_TARGET, color="tab:red", ls=":", lw=1, label="epsilon = 8")
+    ax.set_xscale("log")
+    ax.set_xticks([2, 4, 8, 16, 32])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.set_xlabel("epsilon (delta 1e-5); device-level: with amplification by sampling")
     ax.set_ylabel("greedy return on privacy_pretrain's 4 device physics")
-    ax.set_ylim(0, 520)
+    ax.set_ylim(0, 700)
     ax.set_title(title, fontsize=8)
-    ax.legend(fontsize=6, loc="lower right")
+    ax.legend(fontsize=6, loc="upper center", ncol=2)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -195,7 +200,7 @@ def summarise(params: Mapping[str, Any], done: Done) -> Summary:
     same = all(len(v) == 1 for v in pretrained.values())
     line = verdict(rows)
     title = (f"{params['env-id']}: public pretraining, then fine-tuning on the devices' "
-             f"physics, {params['seeds']} seeds; device-level: DP-FedAvg, "
+             f"physics, {params['seeds']} seeds;\ndevice-level: DP-FedAvg, "
              f"{params['devices']} devices, rate {params['device-rate']:g}, "
              f"{params['rounds']} rounds x {params['local-steps']:,} steps")
     text = "\n\n".join([
