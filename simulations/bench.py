@@ -32,7 +32,7 @@ PORTED = ("bench_dp_cost", "bench_speed", "bench_backend", "bench_export",
           "bench_robustness", "bench_communication", "privacy_sweep", "bench_scale",
           "privacy_gain", "bench_learning", "bench_federation",
           "bench_federation_levers", "bench_federation_pays", "bench_carracing_speed",
-          "bench_federation_n4", "privacy_pretrain")
+          "bench_federation_n4", "privacy_pretrain", "privacy_pretrain_device")
 """Modules whose import registers their harness benchmarks."""
 
 
