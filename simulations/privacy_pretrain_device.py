@@ -251,7 +251,8 @@ _DEFAULTS: dict[str, Any] = {
     "fed-clip": 0.3, "delta": 1e-5, "solve-at": 475.0, "epsilons": "32,8,4"}
 _QUICK = {"seeds": 1, "eval-episodes": 1, "pretrain-eval-episodes": 1, "pretrain-steps": 600,
           "pretrain-eval-every": 300, "devices": 8, "device-rate": 0.5, "rounds": 2,
-          "local-steps": 100, "batch-size": 16, "learning-starts": 32, "epsilons": "8"}
+          "local-steps": 100, "batch-size": 16, "learning-starts": 32, "epsilons": "8",
+          "pretrain-physics": 0}
 
 BENCHMARK = register_benchmark(Benchmark(
     "privacy_pretrain_device", "privacy_pretrain's pretraining and device physics with "
