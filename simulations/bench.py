@@ -85,7 +85,9 @@ SCRIPTS = (
         "python -m fedq.simulations.bench_deployment --rounds 5 --local-steps 2000 "
         "--per-tensor --repeats 2 --results-name deployment_flat_wire",
         "python -m fedq.simulations.bench_deployment --rounds 5 --local-steps 2000 "
-        "--repeats 3 --results-name deployment_quiet"), 0.9,
+        "--repeats 3 --results-name deployment_quiet",
+        "python -m fedq.simulations.bench_deployment --rounds 5 --local-steps 4000 "
+        "--backends numpy --repeats 2 --results-name deployment_numpy_4000"), 0.95,
            "process-level: real SuperLink and SuperNodes"),
     Script("fault_drill", ("python -m fedq.simulations.fault_drill --faults 120 --minutes 13 "
                            "--seed 17 --out simulations/results/fault_drill/drill-seed17.json",
