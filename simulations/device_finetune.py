@@ -38,13 +38,11 @@ import numpy as np
 from fedq.common.privacy import epsilon_of
 from fedq.common.trainer import LocalTrainer
 from fedq.simulations.harness import CellKind
-from fedq.simulations.pretrain_finetune import device_physics, solved_at
+from fedq.simulations.pretrain_finetune import device_physics, pretrain, solved_at
 from fedq.simulations.public_pretrain import (
     EVAL_SEED,
-    WEIGHTS,
     greedy_return,
     run_config,
-    run_pretrain,
 )
 
 POPULATION_STREAM = 7927  # the population's physics draws: fixed across seeds
@@ -177,10 +175,7 @@ def dp_fedavg(params: Mapping[str, Any], weights: Mapping[str, np.ndarray]
 def run_cell(params: Mapping[str, Any], workdir: Path) -> dict[str, Any]:
     """Pretrain (public, this seed, as privacy_pretrain does) into ``workdir``, then
     (DP-)FedAvg over the virtual devices."""
-    pretraining = run_pretrain({**params, "eval-episodes": params["pretrain-eval-episodes"]},
-                               workdir)
-    with np.load(workdir / WEIGHTS) as data:
-        weights = {k: data[k] for k in data.files}
+    pretraining, weights = pretrain(params, workdir)
     return {"pretraining": pretraining, **dp_fedavg(params, weights)}
 
 

@@ -123,15 +123,21 @@ def federated_finetune(params: Mapping[str, Any], weights: Mapping[str, np.ndarr
             "updates": [t.counters.updates for t in trainers]}
 
 
-def run_cell(params: Mapping[str, Any], workdir: Path) -> dict[str, Any]:
-    """Pretrain (public, this seed) into ``workdir``, then fine-tune federated. The
-    pretraining selects its weights on ``pretrain-eval-episodes`` greedy episodes spread
+def pretrain(params: Mapping[str, Any], workdir: Path
+             ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Pretrain (public, this seed) into ``workdir``: the pretraining's record and the
+    weights it kept. It selects them on ``pretrain-eval-episodes`` greedy episodes spread
     over its selection physics (free: public simulator), more than each fine-tuning round
     spends on the devices."""
     pretraining = run_pretrain({**params, "eval-episodes": params["pretrain-eval-episodes"]},
                                workdir)
     with np.load(workdir / WEIGHTS) as data:
-        weights = {k: data[k] for k in data.files}
+        return pretraining, {k: data[k] for k in data.files}
+
+
+def run_cell(params: Mapping[str, Any], workdir: Path) -> dict[str, Any]:
+    """Pretrain, then fine-tune federated."""
+    pretraining, weights = pretrain(params, workdir)
     return {"pretraining": pretraining, **federated_finetune(params, weights)}
 
 

@@ -48,15 +48,9 @@ from fedq.simulations.harness import (
     register_benchmark,
     results_by_cell,
 )
+from fedq.simulations.privacy_plan import EPSILON_TARGET, UTILITY_SHARE, floats
 from fedq.simulations.private_finetune import DEVICE, FEDERATION
 from fedq.simulations.public_pretrain import SHARED_PARAMS, pretrain_cell
-
-UTILITY_SHARE = 0.9  # the target: >= 90 % of the non-private return
-EPSILON_TARGET = 8.0
-
-
-def _floats(text: Any) -> list[float]:
-    return [float(v) for v in str(text).split(",") if v.strip()]
 
 
 def _device_params(params: Mapping[str, Any], seed: int, noise: float | None,
@@ -93,11 +87,11 @@ def plan(params: Mapping[str, Any]) -> list[tuple[Row, Cell]]:
     for seed in range(params["seeds"]):
         base = {**params, "seed": seed}
         out.append((("public", "pretrained", None), pretrain_cell(base)))
-        for noise in [None, *_floats(params["noise"])]:
+        for noise in [None, *floats(params["noise"])]:
             name = "no-dp" if noise is None else f"noise {noise:g}"
             out.append((("transition", name, noise),
                         Cell(DEVICE, _device_params(params, seed, noise, params["steps"]))))
-        for noise in [None, *_floats(params["fed-noise"])]:
+        for noise in [None, *floats(params["fed-noise"])]:
             name = "no-dp" if noise is None else f"noise {noise:g}"
             out.append((("device", name, noise),
                         Cell(FEDERATION, _federation_params(params, seed, noise))))

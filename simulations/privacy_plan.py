@@ -11,12 +11,21 @@ ledgers reached, and a test holds the plan to a real device's ledger.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from fedq.common.config import FedqConfig
 from fedq.common.privacy import Segment, epsilon_of, extend, sample_rate
 
 _BISECTION_STEPS = 40
+UTILITY_SHARE = 0.9  # issue 20's target: >= 90 % of the non-private return ...
+EPSILON_TARGET = 8.0  # ... at epsilon <= 8 per device
+
+
+def floats(text: Any) -> list[float]:
+    """A comma-separated sweep parameter (``"0.8,1.1"``) as floats."""
+    return [float(v) for v in str(text).split(",") if v.strip()]
 
 
 def planned_history(noise: float, config: FedqConfig, env_steps: int) -> list[Segment]:

@@ -41,10 +41,12 @@ from fedq.simulations.harness import (
     results_by_cell,
 )
 from fedq.simulations.pretrain_finetune import FINETUNE, device_config
-from fedq.simulations.privacy_plan import noise_for_epsilon
-
-UTILITY_SHARE = 0.9  # the issue's target: >= 90 % of the non-private return
-EPSILON_TARGET = 8.0
+from fedq.simulations.privacy_plan import (
+    EPSILON_TARGET,
+    UTILITY_SHARE,
+    floats,
+    noise_for_epsilon,
+)
 
 _CELL_PARAMS = ("env-id", "hidden-sizes", "eval-episodes", "pretrain-eval-episodes",
                 "goal", "pretrain-steps",
@@ -52,10 +54,6 @@ _CELL_PARAMS = ("env-id", "hidden-sizes", "eval-episodes", "pretrain-eval-episod
                 "federated", "rounds", "local-steps", "lr", "batch-size", "train-frequency",
                 "learning-starts", "buffer-size", "target-update-interval", "tau", "explore",
                 "clip", "delta", "solve-at")
-
-
-def _floats(text: Any) -> list[float]:
-    return [float(v) for v in str(text).split(",") if v.strip()]
 
 
 @functools.lru_cache(maxsize=32)
@@ -80,7 +78,7 @@ Row = tuple[str, float | None]  # (setting name, target epsilon or None)
 def plan(params: Mapping[str, Any]) -> list[tuple[Row, Cell]]:
     """Per seed: the non-private baseline, then one DP cell per target epsilon."""
     base = {k: params[k] for k in _CELL_PARAMS}
-    targets = _floats(params["epsilons"])
+    targets = floats(params["epsilons"])
     noises = {e: round(planned_noise(e, params), 3) for e in targets}
     out: list[tuple[Row, Cell]] = []
     for seed in range(params["seeds"]):

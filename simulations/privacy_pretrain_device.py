@@ -35,7 +35,8 @@ from fedq.simulations.harness import (
     register_benchmark,
     results_by_cell,
 )
-from fedq.simulations.privacy_pretrain import _PHYSICS, EPSILON_TARGET, UTILITY_SHARE, _row
+from fedq.simulations.privacy_plan import EPSILON_TARGET, UTILITY_SHARE, floats
+from fedq.simulations.privacy_pretrain import _PHYSICS, _row
 from fedq.simulations.results_io import RESULTS_ROOT
 
 TRANSITION_RESULTS = RESULTS_ROOT / "privacy_pretrain" / "results.json"
@@ -45,10 +46,6 @@ _CELL_PARAMS = ("env-id", "hidden-sizes", "eval-episodes", "pretrain-eval-episod
                 "pretrain-physics", "physics", "devices", "device-rate", "rounds",
                 "local-steps", "lr", "batch-size", "train-frequency", "learning-starts",
                 "target-update-interval", "tau", "explore", "fed-clip", "delta", "solve-at")
-
-
-def _floats(text: Any) -> list[float]:
-    return [float(v) for v in str(text).split(",") if v.strip()]
 
 
 def planned_noise(epsilon: float, params: Mapping[str, Any]) -> float:
@@ -66,7 +63,7 @@ Row = tuple[str, float | None]
 def plan(params: Mapping[str, Any]) -> list[tuple[Row, Cell]]:
     """Per seed: the non-private FedAvg baseline, then DP-FedAvg per target epsilon."""
     base = {k: params[k] for k in _CELL_PARAMS}
-    noises = {e: planned_noise(e, params) for e in _floats(params["epsilons"])}
+    noises = {e: planned_noise(e, params) for e in floats(params["epsilons"])}
     out: list[tuple[Row, Cell]] = []
     for seed in range(params["seeds"]):
         out.append((("no-dp FedAvg", None), Cell(DP_FEDAVG, {**base, "seed": seed,

@@ -43,11 +43,15 @@ from fedq.simulations.harness import (
     register_benchmark,
     results_by_cell,
 )
-from fedq.simulations.privacy_plan import noise_for_epsilon, planned_epsilon
+from fedq.simulations.privacy_plan import (
+    UTILITY_SHARE,
+    floats,
+    noise_for_epsilon,
+    planned_epsilon,
+)
 from fedq.simulations.results_io import curve_summary
 from fedq.simulations.run import resolve_run_config
 
-UTILITY_SHARE = 0.9  # the issue's target: >= 90 % of the non-private return
 GOAL = 475.0  # CartPole-v1: solved at 3 rounds in a row at or above it
 PLANNED_EPSILONS = (8.0, 4.0, 2.0)  # the text names the noise that reaches each
 
@@ -92,8 +96,8 @@ def overrides_of(setting: Setting, seed: int, params: Mapping[str, Any]
 
 def settings(params: Mapping[str, Any]) -> list[Setting]:
     """The non-private baseline, then every (noise, clip) of the grid."""
-    return [Setting(None, None)] + [Setting(n, c) for c in _floats(params["clip"])
-                                    for n in _floats(params["noise"])]
+    return [Setting(None, None)] + [Setting(n, c) for c in floats(params["clip"])
+                                    for n in floats(params["noise"])]
 
 
 def _plan(params: Mapping[str, Any]) -> list[tuple[Setting, int, Cell]]:
@@ -193,10 +197,6 @@ def plot(rows: list[dict[str, Any]], baseline: dict[str, Any], path: Path,
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def _floats(text: Any) -> list[float]:
-    return [float(v) for v in str(text).split(",") if v.strip()]
 
 
 def summarise(params: Mapping[str, Any], done: Done) -> Summary:
