@@ -11,10 +11,25 @@ estimate: ``docs/benchmarks.md`` lists each part).
     python -m fedq.simulations.bench robustness --set seeds=2 --workers 2
     python -m fedq.simulations.bench all --quick      # every ported benchmark, tiny cells
     python -m fedq.simulations.bench privacy_sweep --report   # tabulate what is cached
+
+Run as a command, it gives numpy's OpenBLAS one thread unless ``OPENBLAS_NUM_THREADS`` is
+already set (the results record it): a cell's matrices are small, and with ``--workers 2``
+on 2 cores each worker's OpenBLAS pool of 2 spinning threads made numpy-backend cells
+(LunarLander-v3 learning runs) about 5x slower than one thread each (beside two busy
+cells, a 128x256 @ 256x256 product and its transpose pair took 1.06 ms with OpenBLAS's
+default threads, 0.53 ms with one). It must be set before
+numpy is imported, hence here, before any fedq import, and only when run as ``__main__``
+(importing this module, as the tests do, leaves the process's environment alone).
 """
 
 from __future__ import annotations
 
+import os
+
+if __name__ == "__main__":
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+# The imports below come after the OpenBLAS setting: fedq.common.config imports numpy.
 import argparse
 import importlib
 import shlex

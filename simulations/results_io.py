@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
+import os
 import platform
 import re
 import shlex
@@ -39,7 +40,8 @@ def environment() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             versions[name] = "absent"
     return {"python": platform.python_version(), **versions, "machine": platform.machine(),
-            "cpu": _cpu_model()}
+            "cpu": _cpu_model(),
+            "openblas-threads": os.environ.get("OPENBLAS_NUM_THREADS", "unset: one per core")}
 
 
 def _cpu_model() -> str:

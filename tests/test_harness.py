@@ -25,7 +25,7 @@ from fedq.simulations.harness import (
     run_benchmark,
     staleness,
 )
-from fedq.simulations.results_io import RESULTS_ROOT
+from fedq.simulations.results_io import RESULTS_ROOT, environment
 
 PROBE = textwrap.dedent('''
     """A probe benchmark: cells that log each run and can be told to die mid-cell."""
@@ -340,3 +340,23 @@ def test_a_cell_declared_twice_runs_once_and_is_reported_twice(tmp_path):
     assert (report.ran, report.missing, runs) == (1, 0, [5])
     assert json.loads((report.folder / "results.json").read_text())["summary"] == [
         {"steps": 5}, {"steps": 5}]
+
+
+@pytest.mark.slow
+def test_bench_run_as_a_command_gives_openblas_one_thread_and_records_it(tmp_path):
+    """Two cells side by side on 2 cores, each with OpenBLAS's default pool of 2 spinning
+    threads, ran numpy-backend learning about 5x slower: ``python -m fedq.simulations.bench``
+    sets one thread before numpy loads (a user's own setting wins), and the results say so."""
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    subprocess.run([sys.executable, "-m", "fedq.simulations.bench", "dp_cost", "--quick"],
+                   cwd=tmp_path, env=env, check=True, capture_output=True, timeout=300)
+    record = json.loads((tmp_path / "runs" / "harness" / "quick" / "dp_cost" /
+                         "results.json").read_text())
+    assert record["environment"]["openblas-threads"] == "1"
+
+
+def test_results_record_the_users_own_openblas_setting(monkeypatch):
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "4")
+    assert environment()["openblas-threads"] == "4"
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS")
+    assert environment()["openblas-threads"] == "unset: one per core"
