@@ -136,7 +136,7 @@ def summarise(params: Mapping[str, Any], done: Done) -> Summary:
 
 BENCHMARK = register_benchmark(Benchmark(
     "communication", "int8 / fp16 update deltas with error feedback vs fp32 weights, 5 "
-    "CartPole devices", defaults={"seeds": 3, "rounds": 12, "local-steps": 2500,
+    "CartPole devices", defaults={"seeds": 5, "rounds": 12, "local-steps": 2500,
                                   "eval-episodes": 5, "modes": "none,int8"},
     quick={"seeds": 1, "rounds": 1, "local-steps": 100, "eval-episodes": 1},
     cells=cells, summarise=summarise, plot_name="communication.png"))
