@@ -4,10 +4,11 @@ Ray vendors psutil and colorama in ``ray/thirdparty_files``, inserts that direct
 ``sys.path[0]`` and imports them at once. Flower's app lookup (``object_ref.validate``)
 inserts the app directory at ``sys.path[0]`` and removes it again; if the removal lands
 while another thread's import walks ``sys.path``, the walk skips the entry after the
-removed one. A CI run on 2 pytest workers once failed that way, ``No module named
-'psutil'`` inside the simulation engine. The ``sim`` extra therefore installs both packages
-in site-packages too. These tests replay the skip deterministically, in a fresh interpreter,
-by hiding ``thirdparty_files`` from the import system."""
+removed one. A CI run on 2 pytest workers once failed with ``No module named 'psutil'``
+inside the simulation engine, which such a skip explains (which thread removed the entry
+there is not confirmed). The ``sim`` extra therefore installs both packages in site-packages
+too. This test replays the skip deterministically, in a fresh interpreter, by hiding
+``thirdparty_files`` from the import system."""
 
 import subprocess
 import sys
