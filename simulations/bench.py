@@ -47,7 +47,8 @@ PORTED = ("bench_dp_cost", "bench_speed", "bench_backend", "bench_export",
           "bench_robustness", "bench_communication", "privacy_sweep", "bench_scale",
           "privacy_gain", "bench_learning", "bench_federation",
           "bench_federation_levers", "bench_federation_pays", "bench_carracing_speed",
-          "bench_federation_n4", "privacy_pretrain", "privacy_pretrain_device")
+          "bench_federation_n4", "privacy_pretrain", "privacy_pretrain_device", "bench_cnn",
+          "bench_secagg")
 """Modules whose import registers their harness benchmarks."""
 
 
@@ -63,8 +64,6 @@ class Script:
 
 
 SCRIPTS = (
-    Script("cnn", ("python -m fedq.simulations.bench_cnn",), 0.1,
-           "needs the [pixels] extra; times torch CNN updates and the CarRacing loop"),
     Script("carracing", ("python -m fedq.simulations.carracing_learning --decisions 100000 "
                          "--eval-every 4000",), 2.0,
            "one long checkpointed run: run it again to resume; needs the [pixels] extra"),
@@ -74,8 +73,6 @@ SCRIPTS = (
         "python -m fedq.simulations.carracing_federated --run-dir runs/carracing_fed "
         "--results-name carracing_federated"), 1.5,
         "a federated run in the simulation engine (add --resume to continue it), then its report"),
-    Script("secagg", ("python -m fedq.simulations.bench_secagg",), 0.2,
-           "rounds in Flower's simulation engine with and without SecAgg+"),
     Script("stability", (
         # the first two ran when old-defaults were fedq's defaults (labelled "defaults",
         # "eps0", ... in their committed results)

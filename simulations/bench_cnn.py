@@ -9,23 +9,25 @@ on 4 x 84 x 84 uint8 frames read from a filled :class:`common.frame_buffer.Frame
 the two alternate in blocks so drift on a shared machine hits both alike, and each row is
 the median over every timed update. Decision: ``learner.policy.act`` on one stacked
 observation. Loop: ``LocalTrainer.train`` on discrete CarRacing (grayscale, 84 x 84, 4
-frames, an update every 4 env steps after ``--learning-starts``) against the same env
+frames, an update every 4 env steps after ``learning-starts``) against the same env
 stepped with random actions alone, in alternating blocks. Export:
 ``common.export.cnn_export.export_cnn`` of each network (untrained: size and latency do not
 depend on the weights), agreement with torch on 100 random frames, onnxruntime with one
 thread.
 
-    OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 python -m fedq.simulations.bench_cnn
+One cell per network, pinned to one core with one torch thread; the networks run one after
+the other (a timing benchmark: cells never share the CPU).
+
+    python -m fedq.simulations.bench cnn
 """
 
 from __future__ import annotations
 
-import argparse
-import os
 import statistics
-import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
@@ -34,11 +36,22 @@ import torch
 from fedq.common.config import FedqConfig
 from fedq.common.dqn import DQNLearner, PrivateDQNLearner
 from fedq.common.envs import ImageObs, make_env
+from fedq.common.export.onnx_export import onnx_available
 from fedq.common.frame_buffer import FrameReplayBuffer
 from fedq.common.network_registry import build_network
 from fedq.common.privacy import DevicePrivacy
 from fedq.common.trainer import LocalTrainer
-from fedq.simulations.results_io import markdown_table, write_results
+from fedq.simulations.harness import (
+    PRODUCT_CODE,
+    Benchmark,
+    Cell,
+    CellKind,
+    Done,
+    Summary,
+    one_core,
+    register_benchmark,
+)
+from fedq.simulations.results_io import markdown_table
 
 STACK, SIDE, N_ACTIONS = 4, 84, 5  # CarRacing-v3 discrete, grayscale 84x84, 4 frames
 CAR = {"env-id": "CarRacing-v3", "env-kwargs": '{"continuous": false}', "obs-grayscale": True,
@@ -130,41 +143,58 @@ def time_export(network: str, out: Path) -> list[dict]:
     return [{"network": network, "format": name, **entry} for name, entry in entries.items()]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--blocks", type=int, default=3)
-    parser.add_argument("--per-block", type=int, default=5)
-    parser.add_argument("--loop-steps", type=int, default=400)
-    parser.add_argument("--learning-starts", type=int, default=100)
-    parser.add_argument("--networks", default="edge-cnn,nature-cnn")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    load_before = os.getloadavg()[0]  # a shared machine's load inflates every time alike
-    networks = [n.strip() for n in args.networks.split(",") if n.strip()]
-    updates = [time_updates(n, args.batch, args.blocks, args.per_block) for n in networks]
-    loops = [time_loop(n, args.loop_steps, args.learning_starts) for n in networks]
-    with tempfile.TemporaryDirectory() as tmp:
-        exports = [row for n in networks for row in time_export(n, Path(tmp))]
-    tables = (markdown_table(updates, ["network", "batch", "parameters", "fp32_bytes",
-                                       "plain_update_ms", "dp_update_ms", "dp_over_plain",
-                                       "decision_ms"])
-              + "\n\n" + markdown_table(loops, ["network", "env_steps", "updates",
-                                                 "env_only_steps_per_s", "loop_steps_per_s",
-                                                 "loop_over_env_only"])
-              + "\n\n" + markdown_table(exports, ["network", "format", "bytes", "agreement",
-                                                   "decision_ms"]))
-    print(tables)
-    load = {"before": load_before, "after": os.getloadavg()[0], "cpus": os.cpu_count()}
-    print(f"load average (1 min) before {load['before']:.1f}, after {load['after']:.1f} on "
-          f"{load['cpus']} CPUs")
-    folder = write_results("cnn", {"settings": vars(args), "load_average": load,
-                                   "updates": updates, "loop": loops, "export": exports},
-                           tables + f"\n\nLoad average (1 min): {load['before']:.1f} before, "
-                           f"{load['after']:.1f} after, on {load['cpus']} CPUs.")
-    print(f"wrote {folder}")
-    return 0
+def run_network(params: Mapping[str, Any], workdir: Path) -> dict[str, Any]:
+    """One network: its updates and decision, the training loop against the env alone,
+    and its exported ONNX formats (written under the cell's scratch folder; none without
+    the ``export`` extra, as ``bench export`` does)."""
+    network = params["network"]
+    with one_core():
+        updates = time_updates(network, params["batch"], params["blocks"],
+                               params["per-block"])
+        loop = time_loop(network, params["loop-steps"], params["learning-starts"])
+        exports = time_export(network, workdir) if onnx_available() else []
+    return {"updates": updates, "loop": loop, "export": exports}
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+CNN_NETWORK = CellKind("cnn-network", run_network,
+                       (*PRODUCT_CODE, "fedq.simulations.bench_cnn"))
+
+
+def _networks(params: Mapping[str, Any]) -> list[str]:
+    return [n.strip() for n in str(params["networks"]).split(",") if n.strip()]
+
+
+def cells(params: Mapping[str, Any]) -> list[Cell]:
+    return [Cell(CNN_NETWORK, {"network": network, **{k: params[k] for k in (
+        "batch", "blocks", "per-block", "loop-steps", "learning-starts")}})
+            for network in _networks(params)]
+
+
+def summarise(params: Mapping[str, Any], done: Done) -> Summary:
+    updates = [result["updates"] for _, result in done]
+    loops = [result["loop"] for _, result in done]
+    exports = [row for _, result in done for row in result["export"]]
+    text = ("One core, one torch thread, 4 x 84 x 84 frames. Updates: medians over "
+            f"{params['blocks']} alternating blocks of {params['per-block']} plain and DP-SGD "
+            "updates. The CarRacing training loop (an update every 4 env steps after "
+            f"{params['learning-starts']}) against the env alone, in alternating blocks:\n\n"
+            + markdown_table(loops, ["network", "env_steps", "updates", "env_only_steps_per_s",
+                                     "loop_steps_per_s", "loop_over_env_only"])
+            + "\n\nExported ONNX formats of each (untrained) network: size, greedy-action "
+            "agreement with torch on 100 random frames, onnxruntime with one thread:\n\n"
+            + (markdown_table(exports, ["network", "format", "bytes", "agreement",
+                                        "decision_ms"]) if exports else
+               "none: the export extra (onnx, onnxscript, onnxruntime) is not installed."))
+    return Summary(updates, ["network", "batch", "parameters", "fp32_bytes", "plain_update_ms",
+                             "dp_update_ms", "dp_over_plain", "decision_ms"], text,
+                   payload={"loop": loops, "export": exports})
+
+
+register_benchmark(Benchmark(
+    "cnn", "what the CNN Q-networks cost on this CPU: DP-SGD vs plain update, a greedy "
+    "decision, the CarRacing loop, exported ONNX formats",
+    defaults={"networks": "edge-cnn,nature-cnn", "batch": 32, "blocks": 3, "per-block": 5,
+              "loop-steps": 400, "learning-starts": 100},
+    quick={"networks": "edge-cnn", "batch": 8, "blocks": 1, "per-block": 1, "loop-steps": 40,
+           "learning-starts": 20},
+    cells=cells, summarise=summarise, parallel=False))

@@ -1,15 +1,16 @@
 """What does secure aggregation cost per round? The same federated run with and without SecAgg+.
 
 Runs of the same FedAvg federation (CartPole-v1, default 4-64-64-2 Q-network,
-``--clients`` devices in Flower's simulation engine, ``--rounds`` rounds of
-``--local-steps`` env steps) in three modes: plain (``secure-aggregation = false``),
+``clients`` devices in Flower's simulation engine, ``rounds`` rounds of
+``local-steps`` env steps) in three modes: plain (``secure-aggregation = false``),
 SecAgg+ (``secure-aggregation = true``) and SecAgg+ with distributed DP (``central-dp =
 "distributed"``, noise multiplier 1, clip norm 1). All set ``validate-updates = false``
 (SecAgg+ requires it), so they differ only in how updates reach the server. By default
-``--learning-starts`` is above the run's env steps, so no gradient update runs: a round
+``learning-starts`` is above the run's env steps, so no gradient update runs: a round
 is its env steps, its messages and, with SecAgg+, the protocol, which is what is
-measured (with training the protocol's share only shrinks). The modes alternate
-``--repeats`` times so that load drift on a shared machine hits them alike.
+measured (with training the protocol's share only shrinks). Each run is one cell; the
+cells are declared repeat by repeat, the modes alternating within each, and run one at a
+time in that order, so that load drift on a shared machine hits the modes alike.
 
 Per round, from ``metrics.jsonl``: the train phase's wall time (sampling, local steps and,
 with SecAgg+, the protocol's four message exchanges) and the whole round's, median over
@@ -18,19 +19,27 @@ Bytes: every train reply a device sent, serialized as its SuperNode pushes it
 (``message-audit-dir``, :mod:`client.message_audit`), summed per device and round:
 device-to-server only.
 
-    OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 python -m fedq.simulations.bench_secagg
+    python -m fedq.simulations.bench secagg
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
-import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from fedq.simulations.results_io import markdown_table, write_results
+from fedq.simulations.harness import (
+    PRODUCT_CODE,
+    Benchmark,
+    Cell,
+    CellKind,
+    Done,
+    HarnessError,
+    Summary,
+    register_benchmark,
+)
 from fedq.simulations.run import resolve_run_config, simulate
 
 MODES: dict[str, dict[str, Any]] = {
@@ -42,21 +51,21 @@ MODES: dict[str, dict[str, Any]] = {
 }
 
 
-def run_mode(mode: str, args: argparse.Namespace, root: Path) -> dict[str, Any]:
-    """One run of ``mode``; its per-round timings and per-device train bytes."""
-    run_dir = Path(tempfile.mkdtemp(prefix=mode.replace(" ", "-").replace("+", "plus"),
-                                    dir=root))
-    overrides = {"num-server-rounds": args.rounds, "local-steps": args.local_steps,
-                 "learning-starts": args.learning_starts,
-                 "eval-episodes": 1, "min-available-clients": args.clients,
-                 "validate-updates": False, "seed": args.seed, "run-dir": str(run_dir),
+def run_mode(params: Mapping[str, Any], workdir: Path) -> dict[str, Any]:
+    """One run of ``params["mode"]``; its per-round timings and per-device train bytes."""
+    clients, mode = params["clients"], params["mode"]
+    run_dir = workdir / "run"
+    overrides = {"num-server-rounds": params["rounds"], "local-steps": params["local-steps"],
+                 "learning-starts": params["learning-starts"],
+                 "eval-episodes": 1, "min-available-clients": clients,
+                 "validate-updates": False, "seed": params["seed"], "run-dir": str(run_dir),
                  "message-audit-dir": str(run_dir / "audit"), **MODES[mode]}
     if "central-dp" in overrides:
-        overrides["central-dp-clients"] = args.clients
-    _, run_config = resolve_run_config(overrides, clients=args.clients)
-    result = simulate(run_config, args.clients, stream=False, timeout=3600)
+        overrides["central-dp-clients"] = clients
+    _, run_config = resolve_run_config(overrides, clients=clients)
+    result = simulate(run_config, clients, stream=False, timeout=3600)
     if not result.ok:
-        raise SystemExit(f"{mode}: the run failed:\n{result.output[-3000:]}")
+        raise HarnessError(f"secagg {mode}: the run failed:\n{result.output[-3000:]}")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     sent = [json.loads(p.read_text()) for p in (run_dir / "audit").glob("*.json")]
     train = [m for m in sent if m["message-type"] == "train"]
@@ -66,10 +75,16 @@ def run_mode(mode: str, args: argparse.Namespace, root: Path) -> dict[str, Any]:
         "train-phase-seconds": [r["train-phase-seconds"] for r in rows],
         "round-seconds": [r["round-seconds"] for r in rows],
         "train-bytes-per-device-round": sum(m["serialized-bytes"] for m in train)
-        / (args.clients * rounds),
-        "train-messages-per-device-round": len(train) / (args.clients * rounds),
+        / (clients * rounds),
+        "train-messages-per-device-round": len(train) / (clients * rounds),
         "central-dp": rows[-1].get("central-dp"),
     }
+
+
+SECAGG_RUN = CellKind("secagg-run", run_mode, (
+    *PRODUCT_CODE, "fedq.simulations.bench_secagg", "fedq.simulations.run",
+    "fedq.simulations.attacks", "fedq.simulations.flower_runtime",
+    "fedq.simulations.scenario"))
 
 
 def summary(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -105,43 +120,35 @@ def summary(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return table
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--clients", type=int, default=4)
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--local-steps", type=int, default=100)
-    parser.add_argument("--learning-starts", type=int, default=10**9,
-                        help="default: no gradient updates (the protocol's cost alone)")
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="fedq-bench-secagg-") as tmp:
-        runs = []
-        for _ in range(args.repeats):
-            for mode in MODES:
-                runs.append(run_mode(mode, args, Path(tmp)))
-            print(json.dumps({k: v for k, v in runs[-1].items() if k != "central-dp"}),
-                  flush=True)
+def cells(params: Mapping[str, Any]) -> list[Cell]:
+    """Repeat by repeat, every mode in turn (the order the cells run in)."""
+    shared = {k: params[k] for k in ("clients", "rounds", "local-steps", "learning-starts",
+                                     "seed")}
+    return [Cell(SECAGG_RUN, {"mode": mode, "repeat": repeat, **shared})
+            for repeat in range(params["repeats"]) for mode in MODES]
+
+
+def summarise(params: Mapping[str, Any], done: Done) -> Summary:
+    runs = [result for _, result in done]
     table = summary(runs)
-    columns = list(table[0])
-    markdown = markdown_table(table, columns)
-    print(markdown)
-    folder = write_results(
-        "secagg",
-        {"clients": args.clients, "rounds": args.rounds, "local-steps": args.local_steps,
-         "learning-starts": args.learning_starts, "repeats": args.repeats, "seed": args.seed,
-         "summary": table, "runs": runs},
-        f"{markdown}\n\nCartPole-v1, {args.clients} devices in Flower's simulation engine, "
-        f"FedAvg, {args.rounds} rounds x {args.local_steps} local env steps, learning-starts "
-        f"{args.learning_starts} (no gradient updates unless below the run's steps), "
-        f"{args.repeats} alternating repeats per mode, default 4-64-64-2 Q-network (4,610 "
+    return Summary(
+        table, list(table[0]),
+        f"CartPole-v1, {params['clients']} devices in Flower's simulation engine, FedAvg, "
+        f"{params['rounds']} rounds x {params['local-steps']} local env steps, learning-starts "
+        f"{params['learning-starts']} (no gradient updates unless below the run's steps), "
+        f"{params['repeats']} alternating repeats per mode, default 4-64-64-2 Q-network (4,610 "
         "weights), validate-updates = false in every run. Times: medians over the rounds of "
         "all repeats of metrics.jsonl's train-phase-seconds and round-seconds. Bytes: every "
         "train reply a device sent (SecAgg+: its public keys, encrypted key shares, masked "
         "vector with metrics, and key shares for unmasking), serialized, device-to-server "
-        "only. Distributed DP: noise multiplier 1, clip norm 1.\n")
-    print(f"results in {folder}")
+        "only. Distributed DP: noise multiplier 1, clip norm 1.",
+        payload={"runs": runs})
 
 
-if __name__ == "__main__":
-    main()
+register_benchmark(Benchmark(
+    "secagg", "a round with SecAgg+ (and with distributed DP) vs the same round without, "
+    "in Flower's simulation engine",
+    defaults={"clients": 4, "rounds": 10, "local-steps": 100, "learning-starts": 10**9,
+              "repeats": 2, "seed": 0},
+    quick={"clients": 2, "rounds": 2, "local-steps": 20, "repeats": 1},
+    cells=cells, summarise=summarise, parallel=False))
