@@ -48,7 +48,7 @@ PORTED = ("bench_dp_cost", "bench_speed", "bench_backend", "bench_export",
           "privacy_gain", "bench_learning", "bench_federation",
           "bench_federation_levers", "bench_federation_pays", "bench_carracing_speed",
           "bench_federation_n4", "privacy_pretrain", "privacy_pretrain_device", "bench_cnn",
-          "bench_secagg")
+          "bench_secagg", "bench_deployment")
 """Modules whose import registers their harness benchmarks."""
 
 
@@ -90,17 +90,6 @@ SCRIPTS = (
         "defaults,old-defaults --seeds 3 --budget-scale 0.3 --workers 3 "
         "--results-name stability_sweep_acrobot_quick"), 2.5,
            "its own parallel workers and cell cache (runs/sweep_stability/)"),
-    Script("deployment", (
-        "python -m fedq.simulations.bench_deployment --rounds 5 --local-steps 2000 --baseline",
-        "python -m fedq.simulations.bench_deployment --rounds 5 --local-steps 2000 --backends "
-        "numpy --baseline --repeats 2 --results-name deployment_repeats",
-        "python -m fedq.simulations.bench_deployment --rounds 5 --local-steps 2000 "
-        "--per-tensor --repeats 2 --results-name deployment_flat_wire",
-        "python -m fedq.simulations.bench_deployment --rounds 5 --local-steps 2000 "
-        "--repeats 3 --results-name deployment_quiet",
-        "python -m fedq.simulations.bench_deployment --rounds 5 --local-steps 4000 "
-        "--backends numpy --repeats 2 --results-name deployment_numpy_4000"), 0.95,
-           "process-level: real SuperLink and SuperNodes"),
     Script("fault_drill", ("python -m fedq.simulations.fault_drill --faults 120 --minutes 13 "
                            "--seed 17 --out simulations/results/fault_drill/drill-seed17.json",
                            # the new kinds (docs/durability.md); the --resume session

@@ -3,7 +3,7 @@
 The docker-compose.yml federation as local processes (:mod:`simulations.compose_topology`):
 a SuperLink, its three CartPole SuperNodes with their node configs, the run submitted
 with the submit service's command line and run config (``local-steps`` 2000, ...), for
-``--rounds`` rounds. Per round (round 1, the warm-up that installs the app and fills no
+``rounds`` rounds. Per round (round 1, the warm-up that installs the app and fills no
 buffer yet, reported apart; the median over the others):
 
 * **local training**: the slowest device's ``train-seconds`` (its env steps and DQN
@@ -13,15 +13,15 @@ buffer yet, reported apart; the median over the others):
   weights through the SuperLink, collecting the replies (50-100 ms polling:
   server/prompt_grid.py), aggregation, federated evaluation, metrics and checkpoint.
 
-It runs one federation per learner backend (``--backends torch,numpy``): the torch
+It runs one federation per learner backend (``backends``, torch and numpy): the torch
 backend's ClientApp processes import torch (and opacus with DP), the numpy backend's
 import neither, so the two show what a device's imports cost per round. Each runs as the
 compose file deploys it (``round-protocol = "fused"``: one message per device and round;
 ``fedq-supernode``: 0.2 s polling and the warm executor, one fork server per device
-whose forked child runs each message with the imports already done); ``--baseline``
-also runs each backend the way a round was deployed before (``train-then-evaluate``: a
+whose forked child runs each message with the imports already done); the ``baseline``
+setup runs each backend the way a round was deployed before (``train-then-evaluate``: a
 train and an evaluate message per device and round, Flower's ``flower-supernode``: 3 s
-polling), in the same script run.
+polling), in the same benchmark run.
 
 Where the rest of a round goes, from per-phase timestamps: the sampler also records when
 each device's ``flwr-clientapp`` processes (one per message) start and end (50 ms
@@ -47,27 +47,32 @@ and RSS counts a shared page in every process that maps it, so the summed RSS
 overcounts a forked tree; PSS splits each shared page among its sharers and sums to the
 memory the device really uses.
 
-``--per-tensor`` also runs each backend fused with ``flat-wire = false`` (each
+The ``per-tensor`` setup runs each backend fused with ``flat-wire = false`` (each
 message's weights one array per tensor, 16 Flower objects, as before
-:mod:`common.flat_wire`), the A/B of the flat wire format in one script run;
-``--hidden-sizes`` changes the Q-network, so the bytes per message change while the
+:mod:`common.flat_wire`), the A/B of the flat wire format in one benchmark run;
+``hidden-sizes`` changes the Q-network, so the bytes per message change while the
 object count does not.
 
-    python -m fedq.simulations.bench_deployment --rounds 5 --local-steps 2000 --baseline
+One cell per (backend, setup, repeat): one federation, its processes started and stopped
+inside the cell, cells one at a time (a timing benchmark). The variants registered below
+are the committed result folders (``deployment``, ``deployment_repeats``, ...):
+
+    python -m fedq.simulations.bench deployment
+    python -m fedq.simulations.bench deployment_quiet
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import shutil
 import statistics
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from fedq.client.warm_executor import FORK_SERVER_NAME, TASK_LOOP_NAME, TASK_NAME
 from fedq.common import hop_trace
@@ -78,9 +83,17 @@ from fedq.simulations.compose_topology import (
     load_compose,
     submit_overrides,
 )
-from fedq.simulations.results_io import markdown_table, write_results
-
-WORKDIR = Path("runs") / "bench_deployment"
+from fedq.simulations.harness import (
+    PRODUCT_CODE,
+    Benchmark,
+    Cell,
+    CellKind,
+    Done,
+    HarnessError,
+    Summary,
+    register_benchmark,
+)
+from fedq.simulations.results_io import markdown_table
 
 
 class MemorySampler:
@@ -191,86 +204,6 @@ def _kind(pid: int) -> str:
     return names[0] if names else "unknown"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--local-steps", type=int, default=None,
-                        help="override the compose file's local-steps")
-    parser.add_argument("--backends", default="torch,numpy",
-                        help="devices' learner backends to measure, one federation each, "
-                        "in this order (default torch,numpy)")
-    parser.add_argument("--baseline", action="store_true",
-                        help="also run each backend as rounds were deployed before: "
-                        "round-protocol train-then-evaluate, flower-supernode (3 s polling)")
-    parser.add_argument("--per-tensor", action="store_true",
-                        help="also run each backend fused with flat-wire = false (one "
-                        "array per tensor on the wire: the flat wire format's A/B)")
-    parser.add_argument("--hidden-sizes", default=None,
-                        help="override the Q-network's hidden-sizes (e.g. 256,256: more "
-                        "bytes per message, the same number of Flower objects)")
-    parser.add_argument("--repeats", type=int, default=1,
-                        help="federations per backend and setup (default 1)")
-    parser.add_argument("--results-name", default="deployment",
-                        help="folder under simulations/results/ (default deployment)")
-    args = parser.parse_args()
-    if args.rounds < 3:
-        parser.error("--rounds must be >= 3 (round 1 is reported apart)")
-    backends = args.backends.split(",")
-    if unknown := sorted(set(backends) - set(BACKENDS)):
-        parser.error(f"--backends: unknown {unknown}; known: {list(BACKENDS)}")
-    shutil.rmtree(WORKDIR, ignore_errors=True)
-    compose_run = submit_overrides(load_compose(COMPOSE))
-    chosen = ["fused", *(["per-tensor"] if args.per_tensor else []),
-              *(["baseline"] if args.baseline else [])]
-    setups = {name: SETUPS[name] for name in chosen}
-    load_before = os.getloadavg()[0]
-    results = {f"{backend} {name}{f' #{i}' if args.repeats > 1 else ''}": measure(
-        WORKDIR / f"{backend}-{name}-{i}", backend, args.rounds, args.local_steps,
-        args.hidden_sizes, **setup)
-        for backend in backends for name, setup in setups.items()
-        for i in range(1, args.repeats + 1)}
-    local_steps = args.local_steps or compose_run["local-steps"]
-    payload = {"rounds": args.rounds, "local-steps": local_steps, "run-config": compose_run,
-               "hidden-sizes": args.hidden_sizes or compose_run.get("hidden-sizes"),
-               "setups": setups, "cpu-affinity": sorted(os.sched_getaffinity(0)),
-               # other work on the machine skews every number here: say how much there was
-               "load-average-1min": {"before": load_before, "after": os.getloadavg()[0]},
-               "results": results}
-    round_rows = [{"setup": key, "rounds": label, **values}
-                  for key, result in results.items()
-                  for label, values in (("1 (warm-up)", result["round-1"]),
-                                        (f"2-{args.rounds} median",
-                                         result["median-rounds-2-on"]))]
-    round_table = markdown_table(round_rows, ["setup", "rounds", *ROUND_COLUMNS])
-    phase_table = markdown_table(round_rows, ["setup", "rounds", *PHASE_COLUMNS])
-    hop_table = _hop_table(results)
-    curves = [{"setup": key, **{f"round {r['round']}": r["eval-return-mean"]
-                                for r in result["per-round"]},
-               "aggregation order": " ".join(result["aggregation-order"])}
-              for key, result in results.items()]
-    curve_table = markdown_table(curves, list(curves[0]))
-    devices = [{"setup": key, **device} for key, result in results.items()
-               for device in result["devices"]]
-    device_table = markdown_table(devices, list(devices[0]))
-    text = (f"Deployed round on loopback: 3 SuperNodes (docker-compose.yml node configs), "
-            f"CartPole, local-steps {local_steps}, one federation per backend and setup "
-            f"({'; '.join(f'{k}: {v}' for k, v in setups.items())}), CPUs "
-            f"{payload['cpu-affinity']}, load average {load_before:.1f} before / "
-            f"{os.getloadavg()[0]:.1f} after. Local-training share = the slowest device's "
-            f"train-seconds / round-seconds (median of rounds 2-{args.rounds}).\n\n"
-            f"{round_table}\n\nWhere the round goes, from per-phase timestamps (seconds, the "
-            f"device that trained longest; see the module docstring):\n\n{phase_table}\n\n"
-            f"Hop by hop (fused setups; seconds, median of rounds 2-{args.rounds}, the device "
-            f"whose reply reached the ServerApp last; per-process timestamps of "
-            f"common/hop_trace.py, simulations/hop_breakdown.py):\n\n{hop_table}\n\n"
-            f"Federated evaluation (eval-return-mean) per round, and the order in which the "
-            f"server sums the devices' updates (by node id, which the SuperLink draws at "
-            f"random):\n\n{curve_table}\n\n"
-            f"{device_table}")
-    print(text)
-    write_results(args.results_name, payload, text)
-
-
 BACKENDS = ("torch", "numpy")
 WARM_KINDS = (FORK_SERVER_NAME, TASK_LOOP_NAME, TASK_NAME)
 CLIENTAPP_KINDS = ("flwr-clientapp", TASK_NAME)  # one process per message, either way
@@ -324,7 +257,7 @@ def measure(workdir: Path, backend: str, rounds: int, local_steps: int | None,
     finally:
         del os.environ[hop_trace.TRACE_DIR_ENV]
     if code != 0:
-        raise SystemExit(f"the {backend} run failed; see {workdir / 'submit.log'}")
+        raise HarnessError(f"the {backend} run failed; see {workdir / 'submit.log'}")
 
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
     clients = [json.loads(line) for line in (run_dir / "clients.jsonl").open()]
@@ -422,5 +355,106 @@ def _process_seconds_by_round(windows: dict[int, list[float]], protocol: str, ro
     return dict(by_round)
 
 
-if __name__ == "__main__":
-    main()
+def run_federation(params: Mapping[str, Any], workdir: Path) -> dict[str, Any]:
+    """One cell: a federation of ``params["backend"]`` devices deployed as
+    ``params["setup"]``, with the machine's load around it (other work skews every
+    number here: the result says how much there was)."""
+    load_before = os.getloadavg()[0]
+    result = measure(workdir / "federation", params["backend"], params["rounds"],
+                     params["local-steps"] or None, params["hidden-sizes"] or None,
+                     **SETUPS[params["setup"]])
+    return {**result, "load-average-1min": {"before": load_before,
+                                            "after": os.getloadavg()[0]},
+            "cpu-affinity": sorted(os.sched_getaffinity(0))}
+
+
+DEPLOYED_FEDERATION = CellKind("deployment-federation", run_federation, (
+    *PRODUCT_CODE, "fedq.simulations.bench_deployment", "fedq.simulations.compose_topology",
+    "fedq.simulations.flower_runtime", "fedq.simulations.hop_breakdown"))
+
+
+def _names(params: Mapping[str, Any], key: str, known: Mapping[str, Any] | tuple[str, ...]
+           ) -> list[str]:
+    names = [n.strip() for n in str(params[key]).split(",") if n.strip()]
+    unknown = sorted(set(names) - set(known))
+    if unknown or not names:
+        raise HarnessError(f"{key}: unknown {unknown or params[key]!r}; known: "
+                           f"{', '.join(known)}")
+    return names
+
+
+def _key(cell: Cell, repeats: int) -> str:
+    """The row label of a cell's federation: backend and setup (and repeat)."""
+    p = cell.params
+    return f"{p['backend']} {p['setup']}" + (f" #{p['repeat'] + 1}" if repeats > 1 else "")
+
+
+def cells(params: Mapping[str, Any]) -> list[Cell]:
+    if params["rounds"] < 3:
+        raise HarnessError(f"rounds: must be >= 3 (round 1 is reported apart), got "
+                           f"{params['rounds']}")
+    shared = {k: params[k] for k in ("rounds", "local-steps", "hidden-sizes")}
+    return [Cell(DEPLOYED_FEDERATION, {"backend": backend, "setup": setup, "repeat": repeat,
+                                       **shared})
+            for backend in _names(params, "backends", BACKENDS)
+            for setup in _names(params, "setups", SETUPS)
+            for repeat in range(params["repeats"])]
+
+
+def summarise(params: Mapping[str, Any], done: Done) -> Summary:
+    results = {_key(cell, params["repeats"]): result for cell, result in done}
+    compose_run = submit_overrides(load_compose(COMPOSE))
+    local_steps = params["local-steps"] or compose_run["local-steps"]
+    rounds = params["rounds"]
+    loads = [r["load-average-1min"][when] for r in results.values()
+             for when in ("before", "after")]
+    round_rows = [{"setup": key, "rounds": label, **values}
+                  for key, result in results.items()
+                  for label, values in (("1 (warm-up)", result["round-1"]),
+                                        (f"2-{rounds} median", result["median-rounds-2-on"]))]
+    phase_table = markdown_table(round_rows, ["setup", "rounds", *PHASE_COLUMNS])
+    curves = [{"setup": key, **{f"round {r['round']}": r["eval-return-mean"]
+                                for r in result["per-round"]},
+               "aggregation order": " ".join(result["aggregation-order"])}
+              for key, result in results.items()]
+    devices = [{"setup": key, **device} for key, result in results.items()
+               for device in result["devices"]]
+    setups = {name: SETUPS[name] for name in _names(params, "setups", SETUPS)}
+    text = (f"Deployed round on loopback: 3 SuperNodes (docker-compose.yml node configs), "
+            f"CartPole, local-steps {local_steps}, one federation per backend and setup "
+            f"({'; '.join(f'{k}: {v}' for k, v in setups.items())}), one at a time, CPUs "
+            f"{results[next(iter(results))]['cpu-affinity']}, load average "
+            f"{min(loads):.1f}-{max(loads):.1f} around the federations. Local-training share "
+            f"= the slowest device's train-seconds / round-seconds (median of rounds "
+            f"2-{rounds}).\n\nWhere the round goes, from per-phase timestamps (seconds, the "
+            f"device that trained longest; see the module docstring):\n\n{phase_table}\n\n"
+            f"Hop by hop (fused setups; seconds, median of rounds 2-{rounds}, the device "
+            f"whose reply reached the ServerApp last; per-process timestamps of "
+            f"common/hop_trace.py, simulations/hop_breakdown.py):\n\n{_hop_table(results)}"
+            f"\n\nFederated evaluation (eval-return-mean) per round, and the order in which "
+            f"the server sums the devices' updates (by node id, which the SuperLink draws at "
+            f"random):\n\n{markdown_table(curves, list(curves[0]))}\n\n"
+            f"{markdown_table(devices, list(devices[0]))}")
+    return Summary(round_rows, ["setup", "rounds", *ROUND_COLUMNS], text,
+                   payload={"run-config": compose_run, "setups": setups,
+                            "results": results})
+
+
+_DEPLOYMENT = {"backends": "torch,numpy", "setups": "fused,baseline", "rounds": 5,
+               "local-steps": 2000, "hidden-sizes": "", "repeats": 1}
+_QUICK = {"backends": "numpy", "setups": "fused", "rounds": 3, "local-steps": 50}
+for _name, _doc, _defaults in (
+        ("deployment", "a deployed round on loopback, 3 SuperNodes, torch vs numpy devices, "
+         "fused with fedq-supernode vs train-then-evaluate with flower-supernode", {}),
+        ("deployment_repeats", "the numpy devices' deployed round, fused vs baseline, twice "
+         "each", {"backends": "numpy", "repeats": 2}),
+        ("deployment_flat_wire", "the flat wire format's A/B: fused rounds with the weights "
+         "as one flat array vs one array per tensor", {"setups": "fused,per-tensor",
+                                                        "repeats": 2}),
+        ("deployment_quiet", "the fused deployed round, torch and numpy devices, three "
+         "federations each", {"setups": "fused", "repeats": 3}),
+        ("deployment_numpy_4000", "the numpy devices' fused round at 4,000 local steps",
+         {"backends": "numpy", "setups": "fused", "local-steps": 4000, "repeats": 2})):
+    register_benchmark(Benchmark(_name, _doc, defaults={**_DEPLOYMENT, **_defaults},
+                                 quick=_QUICK, cells=cells, summarise=summarise,
+                                 parallel=False))

@@ -65,3 +65,23 @@ def test_secagg_table_pools_the_repeats_of_each_mode_against_plain():
     assert rows["secagg+"]["round vs plain"] == 1.5
     assert rows["secagg+"]["bytes vs plain"] == 2.1  # median of 200 and 220
     assert rows["secagg+"]["train replies per device per round"] == 4.0
+
+
+def test_deployment_variants_share_their_federations_and_refuse_bad_parameters():
+    from fedq.simulations.bench_deployment import DEPLOYED_FEDERATION
+    from fedq.simulations.bench_deployment import cells as deployment_cells
+    from fedq.simulations.harness import HarnessError, cell_key
+
+    def keys(name, **overrides):
+        params = resolve_params(BENCHMARKS[name], overrides, quick=False)
+        return {cell_key(c) for c in deployment_cells(params)}
+
+    main, quiet = keys("deployment"), keys("deployment_quiet")
+    assert len(main) == 4 and len(quiet) == 6
+    assert len(main & quiet) == 2  # the fused federations of repeat 0 run once for both
+    params = resolve_params(BENCHMARKS["deployment"], {}, quick=True)
+    assert [c.kind for c in deployment_cells(params)] == [DEPLOYED_FEDERATION]
+    with pytest.raises(HarnessError, match="rounds: must be >= 3"):
+        deployment_cells({**params, "rounds": 2})
+    with pytest.raises(HarnessError, match="setups: unknown \\['fusd'\\]"):
+        deployment_cells({**params, "setups": "fusd"})
