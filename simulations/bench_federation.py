@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from fedq.common.config import ConfigScalar, FedqConfig
+from fedq.common.strategy_registry import strategy_names
 from fedq.simulations.federated_cell import curve, federated_cell
 from fedq.simulations.harness import (
     Benchmark,
@@ -44,6 +45,7 @@ from fedq.simulations.harness import (
     HarnessError,
     Summary,
     cell_key,
+    name_list,
     register_benchmark,
     results_by_cell,
 )
@@ -66,7 +68,7 @@ def _ints(params: Mapping[str, Any], name: str) -> list[int]:
 
 
 def _strategies(params: Mapping[str, Any]) -> list[str]:
-    return [s.strip() for s in str(params["strategies"]).split(",") if s.strip()]
+    return name_list(params, "strategies", strategy_names())
 
 
 def strategy_settings(strategy: str) -> dict[str, ConfigScalar]:

@@ -28,6 +28,7 @@ from fedq.simulations.harness import (
     Done,
     HarnessError,
     Summary,
+    name_list,
     register_benchmark,
 )
 from fedq.simulations.levers_cell import (
@@ -41,14 +42,7 @@ from fedq.simulations.results_io import spread
 
 
 def _levers(params: Mapping[str, Any]) -> list[str]:
-    text = str(params["levers"])
-    names = list(LEVERS) if text == "all" else [n.strip() for n in text.split(",")
-                                                 if n.strip()]
-    unknown = [n for n in names if n not in LEVERS]
-    if unknown or not names:
-        raise HarnessError(f"levers: unknown {unknown or text!r}; 'all' or from "
-                           f"{', '.join(LEVERS)}")
-    return names
+    return name_list(params, "levers", list(LEVERS), everything="all")
 
 
 def clients_param(params: Mapping[str, Any]) -> list[int]:

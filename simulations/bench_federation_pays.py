@@ -48,9 +48,9 @@ from fedq.simulations.harness import (
     Benchmark,
     Cell,
     Done,
-    HarnessError,
     Summary,
     cell_key,
+    name_list,
     register_benchmark,
     results_by_cell,
 )
@@ -62,13 +62,7 @@ METHODS = ("federated", "personalised", "independent", "independent-longer", "ce
 
 
 def _scenarios(params: Mapping[str, Any]) -> list[str]:
-    names = [s.strip() for s in str(params["scenarios"]).split(",") if s.strip()]
-    unknown = [s for s in names if not (SCENARIOS_DIR / f"{s}.toml").exists()]
-    if unknown or not names:
-        known = sorted(p.stem for p in SCENARIOS_DIR.glob("*.toml"))
-        raise HarnessError(f"scenarios: no scenario {unknown or params['scenarios']!r} "
-                           f"(known: {', '.join(known)})")
-    return names
+    return name_list(params, "scenarios", sorted(p.stem for p in SCENARIOS_DIR.glob("*.toml")))
 
 
 def _seeds(params: Mapping[str, Any]) -> list[int]:

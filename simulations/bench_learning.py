@@ -29,6 +29,7 @@ from fedq.simulations.harness import (
     Done,
     HarnessError,
     Summary,
+    name_list,
     register_benchmark,
 )
 from fedq.simulations.learning_cell import LEARNING_RUN
@@ -39,12 +40,7 @@ MIN_EVAL_EPISODES = 10  # fewer make a greedy return too noisy to call a task so
 
 
 def _envs(params: Mapping[str, Any]) -> list[str]:
-    envs = [e.strip() for e in str(params["envs"]).split(",") if e.strip()]
-    unknown = [e for e in envs if e not in TASKS]
-    if unknown:
-        raise HarnessError(f"envs: no learning task {', '.join(unknown)} (known: "
-                           f"{', '.join(TASKS)})")
-    return envs
+    return name_list(params, "envs", list(TASKS))
 
 
 def cells(params: Mapping[str, Any]) -> list[Cell]:

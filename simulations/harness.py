@@ -216,6 +216,23 @@ def workdir_of(cell: Cell, beside: Path) -> Path:
     return path.with_suffix(".work")
 
 
+def name_list(params: Params, key: str, known: Sequence[str], *,
+              everything: str | None = None) -> list[str]:
+    """The comma-separated names of parameter ``key``, each one of ``known`` (or the word
+    ``everything``, e.g. ``"all"``: every known name). One parser for every benchmark's
+    list parameters, so ``--set envs=CartPol-v1`` fails at once, naming the parameter
+    and what it may hold, instead of hours later or not at all."""
+    text = str(params[key])
+    if everything is not None and text.strip() == everything:
+        return list(known)
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        choices = ", ".join(known) + (f" (or {everything!r} for all)" if everything else "")
+        raise HarnessError(f"{key}: unknown {unknown or text!r}; known: {choices}")
+    return names
+
+
 def resolve_params(benchmark: Benchmark, overrides: Params, quick: bool) -> dict[str, Any]:
     """The defaults, then the quick variant, then ``overrides``; unknown names refused."""
     unknown = sorted(set(overrides) - set(benchmark.defaults))

@@ -109,7 +109,7 @@ def test_federation_pays_refuses_an_unknown_scenario_naming_it():
     from fedq.simulations.harness import HarnessError, resolve_params
 
     params = resolve_params(pays.BENCHMARK, {"scenarios": "hetero_cartpol"}, quick=False)
-    with pytest.raises(HarnessError, match=r"scenarios: no scenario.*hetero_cartpol"):
+    with pytest.raises(HarnessError, match=r"scenarios: unknown.*hetero_cartpol"):
         pays.cells(params)
 
 

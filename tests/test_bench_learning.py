@@ -64,7 +64,7 @@ def test_too_few_evaluation_episodes_or_an_unknown_env_are_refused(capsys):
     assert bench.main(["learning", "--set", "eval-episodes=5"]) == 2
     assert "eval-episodes must be >= 10" in capsys.readouterr().err
     assert bench.main(["learning", "--set", "envs=CartPole-v2"]) == 2
-    assert "no learning task CartPole-v2" in capsys.readouterr().err
+    assert "envs: unknown ['CartPole-v2']; known: CartPole-v1" in capsys.readouterr().err
 
 
 def test_a_cell_killed_after_an_evaluation_resumes_there_with_its_curve(

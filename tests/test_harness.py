@@ -362,3 +362,20 @@ def test_results_record_the_users_own_openblas_setting(monkeypatch):
     assert environment()["openblas-threads"] == "4"
     monkeypatch.delenv("OPENBLAS_NUM_THREADS")
     assert environment()["openblas-threads"] == "unset: one per core"
+
+
+def test_a_list_parameter_is_parsed_once_and_a_bad_name_fails_naming_the_parameter():
+    """Every benchmark's comma-separated parameters go through one parser: spaces and
+    empty items are forgiven, an unknown or empty list is refused naming the parameter and
+    what it may hold, and the 'everything' word expands to every known name."""
+    from fedq.simulations.harness import name_list
+
+    known = ["fedavg", "sequential", "fedprox"]
+    assert name_list({"strategies": " fedavg, sequential,"}, "strategies", known) == [
+        "fedavg", "sequential"]
+    assert name_list({"levers": "all"}, "levers", known, everything="all") == known
+    with pytest.raises(HarnessError, match=r"strategies: unknown \['fedavgg'\]; known: "
+                                           r"fedavg, sequential, fedprox"):
+        name_list({"strategies": "fedavgg,sequential"}, "strategies", known)
+    with pytest.raises(HarnessError, match=r"levers: unknown ' ,'.*\(or 'all' for all\)"):
+        name_list({"levers": " ,"}, "levers", known, everything="all")
