@@ -48,7 +48,7 @@ PORTED = ("bench_dp_cost", "bench_speed", "bench_backend", "bench_export",
           "privacy_gain", "bench_learning", "bench_federation",
           "bench_federation_levers", "bench_federation_pays", "bench_carracing_speed",
           "bench_federation_n4", "privacy_pretrain", "privacy_pretrain_device", "bench_cnn",
-          "bench_secagg", "bench_deployment")
+          "bench_secagg", "bench_deployment", "bench_stability")
 """Modules whose import registers their harness benchmarks."""
 
 
@@ -73,23 +73,6 @@ SCRIPTS = (
         "python -m fedq.simulations.carracing_federated --run-dir runs/carracing_fed "
         "--results-name carracing_federated"), 1.5,
         "a federated run in the simulation engine (add --resume to continue it), then its report"),
-    Script("stability", (
-        # the first two ran when old-defaults were fedq's defaults (labelled "defaults",
-        # "eps0", ... in their committed results)
-        "python -m fedq.simulations.sweep_stability --envs CartPole-v1 --variants "
-        "old-defaults,old-defaults+td-clip,old-defaults+eps0,old-defaults+td-clip+eps0,"
-        "old-defaults+lr-decay,old-defaults+td-clip+lr-decay --seeds 3 --eval-every 5000 "
-        "--results-name stability_sweep_quick",
-        "python -m fedq.simulations.sweep_stability --envs CartPole-v1 --variants "
-        "old-defaults,old-defaults+eps0,old-defaults+lr-decay,old-defaults+td-clip+lr-decay "
-        "--seeds 5 --eval-every 5000 --results-name stability_sweep_quick5",
-        "python -m fedq.simulations.sweep_stability --envs CartPole-v1 --variants "
-        "td-clip+lr-decay,td-clip+lr-decay-fast,td-clip+polyak+lr-const --seeds 5 --workers 2 "
-        "--results-name stability_sweep_cartpole5",
-        "python -m fedq.simulations.sweep_stability --envs Acrobot-v1 --variants "
-        "defaults,old-defaults --seeds 3 --budget-scale 0.3 --workers 3 "
-        "--results-name stability_sweep_acrobot_quick"), 2.5,
-           "its own parallel workers and cell cache (runs/sweep_stability/)"),
     Script("fault_drill", ("python -m fedq.simulations.fault_drill --faults 120 --minutes 13 "
                            "--seed 17 --out simulations/results/fault_drill/drill-seed17.json",
                            # the new kinds (docs/durability.md); the --resume session
@@ -173,9 +156,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.name == "stale":
         for b in BENCHMARKS.values():
-            print(f"{b.name:20} {staleness(b)}")
+            print(f"{b.name:30} {staleness(b)}")
         for script in SCRIPTS:
-            print(f"{script.name:20} script: not tracked (run its commands to regenerate)")
+            print(f"{script.name:30} script: not tracked (run its commands to regenerate)")
         return 0
     if args.name == "list":
         for b in BENCHMARKS.values():

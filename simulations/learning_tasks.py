@@ -1,5 +1,5 @@
 """The single-device learning tasks the benchmarks share: an env, its goal, its step
-budget and the settings it runs with (no torch, no flwr: the stability sweep imports it).
+budget and the settings it runs with.
 
 CartPole runs fedq's defaults; the other envs RL-Zoo-like settings (the whole difference
 between runs is these overrides: same code, same learner). Goals are the envs' usual
