@@ -48,7 +48,8 @@ PORTED = ("bench_dp_cost", "bench_speed", "bench_backend", "bench_export",
           "privacy_gain", "bench_learning", "bench_federation",
           "bench_federation_levers", "bench_federation_pays", "bench_carracing_speed",
           "bench_federation_n4", "privacy_pretrain", "privacy_pretrain_device", "bench_cnn",
-          "bench_secagg", "bench_deployment", "bench_stability")
+          "bench_secagg", "bench_deployment", "bench_stability",
+          "bench_fault_drill")
 """Modules whose import registers their harness benchmarks."""
 
 
@@ -73,20 +74,6 @@ SCRIPTS = (
         "python -m fedq.simulations.carracing_federated --run-dir runs/carracing_fed "
         "--results-name carracing_federated"), 1.5,
         "a federated run in the simulation engine (add --resume to continue it), then its report"),
-    Script("fault_drill", ("python -m fedq.simulations.fault_drill --faults 120 --minutes 13 "
-                           "--seed 17 --out simulations/results/fault_drill/drill-seed17.json",
-                           # the new kinds (docs/durability.md); the --resume session
-                           # adds status-file faults, which the first drew none of
-                           "python -m fedq.simulations.fault_drill --faults 30 --minutes 24 "
-                           "--seed 31 --no-real-disk --kinds ledger-file,residual-file,"
-                           "privacy-log,status-file,checkpoint-mid-save --workdir "
-                           "/tmp/drill2-run --out "
-                           "simulations/results/fault_drill/drill-58538c1-seed31.json",
-                           "python -m fedq.simulations.fault_drill --resume --faults 40 "
-                           "--minutes 6 --seed 31 --no-real-disk --kinds status-file,"
-                           "residual-file --workdir /tmp/drill2-run --out "
-                           "simulations/results/fault_drill/drill-58538c1-seed31.json"),
-           0.3, "process-level: kills real Flower processes"),
     Script("compose", (
         "python -m fedq.simulations.compose_check --out "
         "simulations/results/compose/compose_check.json",

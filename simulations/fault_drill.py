@@ -45,7 +45,7 @@ faults the drill sleeps a random 1-4 s, so faults land at random moments of a ro
 - ``checkpoint-mid-save``: wait for a checkpoint temp file (``checkpoints/*.tmp``) to
   appear, SIGKILL the ServerApp at once; the drill resumes the run
   The first three need DP on one device and ``update-compression = int8``: a drill whose
-  ``--kinds`` include one of them runs so (``PRIVATE_KINDS``).
+  ``kinds`` include one of them runs so (``PRIVATE_KINDS``).
 
 After each fault it checks:
 
@@ -63,20 +63,20 @@ After each fault it checks:
   exiting non-zero. A fault with no visible effect (a SIGSTOP that ended before anyone
   waited, a file superseded by a save before anyone read it, a full disk nobody wrote to)
   counts as "no effect" rather than unnamed.
-- **orphans**: a ``flwr-clientapp`` process older than ``--orphan-age`` seconds (the
+- **orphans**: a ``flwr-clientapp`` process older than ``orphan-age`` seconds (the
   round watch, client/round_watch.py, should have ended it).
 
-``--resume`` continues the drill in the same ``--workdir``: the run resumes, the faults of
-``--out`` are kept and new ones are added until ``--faults`` in all. SIGTERM or SIGINT ends
-the injection early; the drill still judges its faults and writes its results.
+A drill is one harness cell (:func:`run_drill`, :data:`FAULT_DRILL`) of one or more
+sessions: a later session starts a fresh SuperLink, resumes the run and adds faults of its
+own kinds (one an earlier session drew none of). The committed drills are benchmarks
+(:mod:`simulations.bench_fault_drill`)::
 
-    python -m fedq.simulations.fault_drill --faults 120 --minutes 45 --seed 17 \\
-        --workdir /tmp/dur-drill --out simulations/results/fault_drill/drill.json
+    python -m fedq.simulations.bench fault_drill
+    python -m fedq.simulations.bench fault_drill --set seed=5 --results-root runs/drills
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import errno
 import itertools
@@ -87,13 +87,11 @@ import re
 import resource
 import signal
 import subprocess
-import sys
-import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, fields
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +110,7 @@ from fedq.simulations.flower_runtime import (
     restart_superlink,
     signal_serverapp,
 )
+from fedq.simulations.harness import PRODUCT_CODE, CellKind, HarnessError
 
 #: Fault kinds and how often each is drawn: the ones that crash the ServerApp cost a
 #: resume (tens of seconds here), so they are drawn less often than device faults.
@@ -156,14 +155,8 @@ class Fault:
     lost: list[str] = field(default_factory=list)
     named: str = "unnamed"  # named | no effect | unnamed | not injected
     progressed: bool = False
-    slow: bool = False  # the resumed run needed longer than --settle for a round
-    session: int = 0  # which drill session (--resume) injected it
-
-    @classmethod
-    def from_record(cls, record: dict[str, Any]) -> Fault:
-        """A fault of an earlier session, from the JSON ``--out`` holds."""
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in record.items() if k in known})
+    slow: bool = False  # the resumed run needed longer than settle for a round
+    session: int = 0  # which of the drill's sessions injected it
 
 
 class Drill:
@@ -888,125 +881,125 @@ def table(faults: list[Fault]) -> list[dict[str, Any]]:
     return [*out, {"kind": "total", **totals}]
 
 
-def print_table(rows: list[dict[str, Any]], echo: Callable[[str], None] = print) -> None:
-    keys = list(rows[0])
-    echo("  ".join(f"{k:>18}" if i == 0 else f"{k:>9}" for i, k in enumerate(keys)))
-    for row in rows:
-        echo("  ".join(f"{row[k]:>18}" if i == 0 else f"{row[k]:>9}"
-                       for i, k in enumerate(keys)))
+def drill_sessions(params: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """A drill's sessions (``faults`` in all so far, ``minutes`` of injection, ``kinds``
+    drawn from), checked before anything starts; a bad one fails naming the parameter."""
+    sessions = params["sessions"]
+    if not isinstance(sessions, list) or not sessions:
+        raise HarnessError(f"sessions: a non-empty list of {{faults, minutes, kinds}}, got "
+                         f"{sessions!r}")
+    out, total = [], 0
+    for i, session in enumerate(sessions):
+        if not isinstance(session, Mapping) or set(session) != {"faults", "minutes", "kinds"}:
+            raise HarnessError(f"sessions[{i}]: needs exactly faults, minutes, kinds; got "
+                             f"{session!r}")
+        kinds = [k.strip() for k in str(session["kinds"]).split(",") if k.strip()]
+        if kinds == ["all"]:
+            kinds = list(KINDS)
+        if unknown := sorted(set(kinds) - set(KINDS)) or not kinds:
+            raise HarnessError(f"sessions[{i}].kinds: unknown {unknown or session['kinds']!r}; "
+                             f"known: {', '.join(KINDS)} (or 'all')")
+        if session["faults"] <= total or session["minutes"] <= 0:
+            raise HarnessError(f"sessions[{i}]: faults ({session['faults']}) must exceed the "
+                             f"earlier sessions' ({total}) and minutes must be > 0")
+        total = session["faults"]
+        out.append({"faults": session["faults"], "minutes": float(session["minutes"]),
+                    "kinds": kinds})
+    return out
 
 
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    keys = list(rows[0])
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(str(row[k]) for k in keys) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
+def run_drill(params: Mapping[str, Any], workdir: Path) -> dict[str, Any]:
+    """One drill, a harness cell: its sessions in turn on one run in ``workdir``. Each
+    session starts a fresh SuperLink (its database new) and resumes the run, then injects
+    faults drawn from its ``kinds`` until the drill has ``faults`` in all or ``minutes``
+    have passed; a later session adds kinds an earlier one drew none of. A drill whose
+    kinds include a :data:`PRIVATE_KINDS` one runs DP on :data:`PRIVATE_NODE` and int8
+    updates in every session. ``real-disk``: loop-mounted ext4 images for full disks (as
+    root), else the RLIMIT_FSIZE stand-in.
+
+    SIGTERM or SIGINT stops the injection, tears the topology down (no process left
+    behind) and raises, so an interrupted drill is never cached as a finished one."""
+    sessions = drill_sessions(params)
+    workdir = workdir.resolve()
+    real_disk = os.geteuid() == 0 and bool(params["real-disk"])
+    private = any(set(s["kinds"]) & set(PRIVATE_KINDS) for s in sessions)
+    finish = threading.Event()
+    handlers = {sig: signal.signal(sig, lambda *_: finish.set())
+                for sig in (signal.SIGTERM, signal.SIGINT)}
+    faults: list[Fault] = []
+    records: list[dict[str, Any]] = []
+    rounds = 0
+    try:
+        for index, session in enumerate(sessions):
+            if finish.is_set():
+                break
+            rounds, record = _run_session(workdir, params, session, index, faults, finish,
+                                          real_disk=real_disk, private=private)
+            records.append(record)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    if finish.is_set():
+        raise HarnessError(f"fault drill stopped by a signal after {len(faults)} faults; "
+                           f"its run is in {workdir}, its result not kept")
+    return {"sessions": records, "rounds": rounds,
+            "orphans": sum(len(r["orphans"]) for r in records), "table": table(faults),
+            "faults": [{k: v for k, v in vars(f).items() if k != "logs"} for f in faults]}
 
 
-def load_previous(out: Path) -> dict[str, Any]:
-    """What an earlier session wrote to ``out`` (``--resume``)."""
-    if not out.exists():
-        raise SystemExit(f"--resume: {out} does not exist; nothing to continue")
-    return json.loads(out.read_text())
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fault_drill", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--faults", type=int, default=120, help="faults in all (with --resume: "
-                        "including the earlier sessions')")
-    parser.add_argument("--minutes", type=float, default=45.0,
-                        help="stop injecting after this long (wall time of this session)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--settle", type=float, default=90.0,
-                        help="seconds to wait for a round after a fault that crashed the server")
-    parser.add_argument("--round-timeout", type=int, default=40)
-    parser.add_argument("--orphan-age", type=float, default=300.0,
-                        help="a flwr-clientapp older than this many seconds is an orphan")
-    parser.add_argument("--workdir", type=Path, help="default: a new temp dir (kept)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the drill of --workdir and --out")
-    parser.add_argument("--no-real-disk", action="store_true",
-                        help="the RLIMIT_FSIZE stand-in even as root")
-    parser.add_argument("--kinds", default=",".join(KINDS),
-                        help="comma-separated fault kinds to draw from (default: all)")
-    parser.add_argument("--out", type=Path,
-                        default=Path("simulations/results/fault_drill/drill.json"))
-    args = parser.parse_args(argv)
-    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
-    if unknown := sorted(set(kinds) - set(KINDS)):
-        parser.error(f"--kinds: unknown {unknown}; known: {', '.join(KINDS)}")
-    if args.resume and args.workdir is None:
-        parser.error("--resume needs the --workdir of the drill it continues")
-    previous = load_previous(args.out) if args.resume else {}
-    earlier = [Fault.from_record(f) for f in previous.get("faults", [])]
-    session = len(previous.get("sessions", []))
-    workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="fedq-drill-"))).resolve()
-    rng = random.Random(args.seed + 1000 * session)
+def _run_session(workdir: Path, params: Mapping[str, Any], session: dict[str, Any],
+                 index: int, faults: list[Fault], finish: threading.Event, *,
+                 real_disk: bool, private: bool) -> tuple[int, dict[str, Any]]:
+    """One session of :func:`run_drill`; appends its faults to ``faults``."""
+    rng = random.Random(params["seed"] + 1000 * index)
     started = time.monotonic()
-    real_disk = os.geteuid() == 0 and not args.no_real_disk
-    print(f"[drill] workdir {workdir}; session {session}; {len(earlier)} earlier faults; "
-          f"full disk: {'loop-mounted ext4' if real_disk else 'RLIMIT_FSIZE stand-in'}",
-          flush=True)
-    finish = threading.Event()  # SIGTERM / SIGINT: stop injecting, judge, write results
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: finish.set())
+    earlier = len(faults)
+    print(f"[drill] workdir {workdir}; session {index}; {earlier} earlier faults; full "
+          f"disk: {'loop-mounted ext4' if real_disk else 'RLIMIT_FSIZE stand-in'}", flush=True)
     database = workdir / "link" / "state.db"
     database.parent.mkdir(parents=True, exist_ok=True)
     database.unlink(missing_ok=True)  # a fresh SuperLink per session; the run dir persists
     run_dir = workdir / "run"
+    kinds = session["kinds"]
     with contextlib.ExitStack() as stack:
         disks: dict[str, Path] = {}
         if real_disk:
             disks = stack.enter_context(loop_disks(workdir, {
                 "run": run_dir, **compose_state_dirs(workdir)}))
-        private = bool(set(kinds) & set(PRIVATE_KINDS))
         topo = stack.enter_context(compose_topology(
             workdir, database=database,
             node_extras={PRIVATE_NODE: {"dp-enabled": True}} if private else None))
         if disks and {n: disks[n] for n in topo.state_dirs} != topo.state_dirs:
             raise RuntimeError("the topology's state dirs are not the mounted ones")
-        drill = Drill(topo, run_dir, rng, args.settle, args.round_timeout, disks=disks,
-                      resume=args.resume, session=session, orphan_age=args.orphan_age,
-                      private=private)
+        drill = Drill(topo, run_dir, rng, params["settle"], params["round-timeout"],
+                      disks=disks, resume=index > 0, session=index,
+                      orphan_age=params["orphan-age"], private=private)
         drill.start()
         try:
-            while (len(earlier) + len(drill.faults) < args.faults and not finish.is_set()
-                   and time.monotonic() - started < args.minutes * 60):
+            while (earlier + len(drill.faults) < session["faults"] and not finish.is_set()
+                   and time.monotonic() - started < session["minutes"] * 60):
                 time.sleep(rng.uniform(1, 4))
                 fault = drill.inject(rng.choices(kinds, weights=[WEIGHTS[k] for k in kinds])[0])
                 drill.check(fault, settle=fault.kind in CRASHES_SERVER)
-                print(f"[drill] {len(earlier) + len(drill.faults):3d} {fault.kind:<18} "
+                print(f"[drill] {earlier + len(drill.faults):3d} {fault.kind:<18} "
                       f"{fault.target:<12} {fault.detail[:60]:<60} round {fault.round_before}"
                       f" -> {drill.last_round()} lost {fault.lost or '-'}", flush=True)
             if not finish.is_set():
-                drill.wait_for_round(drill.last_round() + 1, args.settle)  # a last round
+                drill.wait_for_round(drill.last_round() + 1, params["settle"])  # a last round
             drill.find_orphans()
         finally:
             drill.stop()
         drill.judge_names()
         rounds = drill.last_round()  # before the run dir's disk is unmounted
-    faults = earlier + drill.faults
-    rows = table(faults)
-    print_table(rows)
-    sessions = [*previous.get("sessions", []), {
-        "command": "python -m fedq.simulations.fault_drill "
-                   + " ".join(sys.argv[1:] if argv is None else argv),
-        "seconds": round(time.monotonic() - started), "faults": len(drill.faults),
-        "rounds-at-end": rounds, "submissions": drill.submissions,
+    faults.extend(drill.faults)
+    return rounds, {
+        "faults": len(drill.faults), "kinds": kinds,
+        "seconds": round(time.monotonic() - started), "rounds-at-end": rounds,
+        "submissions": drill.submissions,
         "full-disk": "loop-mounted ext4" if real_disk else "RLIMIT_FSIZE",
         "private": f"dp-enabled on {PRIVATE_NODE}, update-compression int8" if private
                    else "no DP, no compression",
-        "orphans": list(drill.orphans.values())}]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
-        "workdir": str(workdir), "sessions": sessions, "rounds": rounds,
-        "orphans": sum(len(s["orphans"]) for s in sessions),
-        "table": rows,
-        "faults": [{k: v for k, v in vars(f).items() if k != "logs"} for f in faults]},
-        indent=1) + "\n")
-    args.out.with_suffix(".md").write_text(markdown_table(rows))
-    print(f"[drill] results in {args.out}; orphans {list(drill.orphans.values())}", flush=True)
-    return 0 if all(not f.lost for f in faults) else 1
+        "orphans": list(drill.orphans.values())}
 
 
 def compose_state_dirs(workdir: Path) -> dict[str, Path]:
@@ -1017,5 +1010,6 @@ def compose_state_dirs(workdir: Path) -> dict[str, Path]:
             for name, service in supernode_services(load_compose()).items()}
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+FAULT_DRILL = CellKind("fault-drill", run_drill, (
+    *PRODUCT_CODE, "fedq.simulations.fault_drill", "fedq.simulations.compose_topology",
+    "fedq.simulations.flower_runtime"))

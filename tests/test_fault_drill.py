@@ -1,6 +1,6 @@
 """The fault drill's own parts (simulations/fault_drill.py), fast: a real full disk, the
-verdicts it gives, and what --resume carries over. The drill itself runs for tens of
-minutes (docs/durability.md has its command and results)."""
+verdicts it gives, how a drill's sessions are checked and reported. The drill itself runs
+for tens of minutes (docs/durability.md has its command and results)."""
 
 import errno
 import json
@@ -64,18 +64,53 @@ def test_a_fault_is_named_only_by_its_own_node_or_file(tmp_path):
     assert stalled.lost == ["no round completed after it before the drill ended"]
 
 
-def test_resume_keeps_the_earlier_faults_and_counts_them(tmp_path):
-    earlier = [Fault("node-kill9", "supernode-1", "", 1.0, 2, named="named"),
-               Fault("device-file", "supernode-2", "not injected: no complete generation",
-                     2.0, 3, named="not injected")]
-    record = {"faults": [{k: v for k, v in vars(f).items() if k != "logs"} | {"extra": 1}
-                         for f in earlier]}
-    out = tmp_path / "drill.json"
-    out.write_text(json.dumps(record))
-    loaded = [Fault.from_record(f) for f in fault_drill.load_previous(out)["faults"]]
-    assert [(f.kind, f.named) for f in loaded] == [(f.kind, f.named) for f in earlier]
-    total = table(loaded)[-1]
-    assert total["injected"] == 1 and total["named"] == 1 and total["lost"] == 0
+@pytest.mark.parametrize(("sessions", "message"), [
+    ([], r"sessions: a non-empty list"),
+    ([{"faults": 3, "minutes": 1}], r"sessions\[0\]: needs exactly faults, minutes, kinds"),
+    ([{"faults": 3, "minutes": 1, "kinds": "node-kil9"}], r"sessions\[0\].kinds: unknown "
+                                                          r"\['node-kil9'\]"),
+    ([{"faults": 30, "minutes": 5, "kinds": "all"}, {"faults": 20, "minutes": 5,
+                                                     "kinds": "all"}],
+     r"sessions\[1\]: faults \(20\) must exceed the earlier sessions' \(30\)"),
+])
+def test_a_bad_drill_is_refused_naming_its_session_before_any_process_starts(
+        sessions, message):
+    from fedq.simulations import bench_fault_drill
+    from fedq.simulations.harness import BENCHMARKS, HarnessError, resolve_params
+
+    params = resolve_params(BENCHMARKS["fault_drill"], {"sessions": sessions}, quick=False)
+    with pytest.raises(HarnessError, match=message):
+        bench_fault_drill.cells(params)
+
+
+def test_the_drill_table_counts_every_session_and_lists_what_was_lost_or_unnamed():
+    """The results page of a drill of two sessions: kinds never injected are left out of
+    the table, the total counts both sessions, and a lost or unnamed fault is listed with
+    its details rather than hidden in the JSON."""
+    from fedq.simulations import bench_fault_drill
+    from fedq.simulations.harness import BENCHMARKS, Cell, resolve_params
+
+    faults = [Fault("node-kill9", "supernode-1", "", 1.0, 2, named="named", session=0),
+              Fault("device-file", "supernode-2", "truncate learner.pt", 2.0, 3,
+                    named="unnamed", session=0),
+              Fault("status-file", "server", "garbage status.json", 3.0, 5,
+                    lost=["metrics.jsonl lost round 4"], named="named", session=1)]
+    session = {"faults": 2, "kinds": ["node-kill9"], "seconds": 60, "rounds-at-end": 4,
+               "submissions": [1, None], "full-disk": "RLIMIT_FSIZE",
+               "private": "no DP, no compression", "orphans": []}
+    drill = {"sessions": [session, {**session, "faults": 1}], "rounds": 6, "orphans": 0,
+             "table": table(faults), "faults": [vars(f) for f in faults]}
+    params = resolve_params(BENCHMARKS["fault_drill"], {}, quick=False)
+    summary = bench_fault_drill.summarise(params, [(Cell(fault_drill.FAULT_DRILL, params),
+                                                    drill)])
+    assert [row["kind"] for row in summary.rows] == [
+        "node-kill9", "device-file", "status-file", "total"]
+    assert summary.rows[-1] == {"kind": "total", "injected": 3, "survived": 2, "lost": 1,
+                                "named": 2, "no effect": 0, "unnamed": 1}
+    assert "LOST status-file on server (garbage status.json): metrics.jsonl lost round 4" in (
+        summary.text)
+    assert "UNNAMED device-file on supernode-2 (truncate learner.pt)" in summary.text
+    assert "session 1: 1 faults" in summary.text
 
 
 @pytest.mark.parametrize("how", fault_drill.DAMAGE)

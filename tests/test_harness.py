@@ -264,8 +264,8 @@ def test_results_root_keeps_a_trial_run_off_the_committed_results(probe, tmp_pat
 
 def test_results_root_is_refused_for_a_script_benchmark(capsys):
     with pytest.raises(SystemExit):
-        bench.main(["fault_drill", "--results-root", "/tmp/x"])
-    assert "--results-root: fault_drill is a script benchmark" in capsys.readouterr().err
+        bench.main(["compose", "--results-root", "/tmp/x"])
+    assert "--results-root: compose is a script benchmark" in capsys.readouterr().err
 
 
 def test_bench_refuses_unknown_names_and_parameters(capsys):
