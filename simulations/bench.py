@@ -49,7 +49,7 @@ PORTED = ("bench_dp_cost", "bench_speed", "bench_backend", "bench_export",
           "bench_federation_levers", "bench_federation_pays", "bench_carracing_speed",
           "bench_federation_n4", "privacy_pretrain", "privacy_pretrain_device", "bench_cnn",
           "bench_secagg", "bench_deployment", "bench_stability",
-          "bench_fault_drill")
+          "bench_fault_drill", "bench_carracing")
 """Modules whose import registers their harness benchmarks."""
 
 
@@ -65,15 +65,6 @@ class Script:
 
 
 SCRIPTS = (
-    Script("carracing", ("python -m fedq.simulations.carracing_learning --decisions 100000 "
-                         "--eval-every 4000",), 2.0,
-           "one long checkpointed run: run it again to resume; needs the [pixels] extra"),
-    Script("carracing_federated", (
-        "python -m fedq.simulations.run --scenario simulations/scenarios/car_racing_learning.toml "
-        "--run-dir runs/carracing_fed",
-        "python -m fedq.simulations.carracing_federated --run-dir runs/carracing_fed "
-        "--results-name carracing_federated"), 1.5,
-        "a federated run in the simulation engine (add --resume to continue it), then its report"),
     Script("compose", (
         "python -m fedq.simulations.compose_check --out "
         "simulations/results/compose/compose_check.json",
