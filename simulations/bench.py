@@ -1,15 +1,14 @@
 """Run fedq's benchmarks: ``python -m fedq.simulations.bench <name>|all|list``.
 
-Benchmarks ported onto :mod:`simulations.harness` run here cell by cell, with the
-harness's cache, seeds, results and plots. The others are still their own scripts
-(:data:`SCRIPTS`): ``all`` runs each by the command that produced its committed results.
-``python -m fedq.simulations.bench all`` is the one command that regenerates every
-committed result under ``simulations/results/`` (about a day on a 2-core machine, an
-estimate: ``docs/benchmarks.md`` lists each part).
+Every benchmark is declared on :mod:`simulations.harness` and runs here cell by cell, with
+the harness's cache, seeds, results and plots. ``python -m fedq.simulations.bench all`` is
+the one command that regenerates every committed result under ``simulations/results/``
+(about a day on a 2-core machine, an estimate: ``docs/benchmarks.md`` lists each part;
+the Docker-level ``compose``, ``compose_pi1g`` and ``pi`` need root or a running engine).
 
     python -m fedq.simulations.bench list
     python -m fedq.simulations.bench robustness --set seeds=2 --workers 2
-    python -m fedq.simulations.bench all --quick      # every ported benchmark, tiny cells
+    python -m fedq.simulations.bench all --quick      # every benchmark, tiny cells
     python -m fedq.simulations.bench privacy_sweep --report   # tabulate what is cached
 
 Run as a command, it gives numpy's OpenBLAS one thread unless ``OPENBLAS_NUM_THREADS`` is
@@ -33,53 +32,26 @@ if __name__ == "__main__":
 import argparse
 import importlib
 import shlex
-import subprocess
 import sys
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from fedq.common.config import parse_assignment
 from fedq.simulations.harness import BENCHMARKS, HarnessError, run_benchmark, staleness
 
-PORTED = ("bench_dp_cost", "bench_speed", "bench_backend", "bench_export",
+BENCHMARK_MODULES = ("bench_dp_cost", "bench_speed", "bench_backend", "bench_export",
           "bench_robustness", "bench_communication", "privacy_sweep", "bench_scale",
           "privacy_gain", "bench_learning", "bench_federation",
           "bench_federation_levers", "bench_federation_pays", "bench_carracing_speed",
           "bench_federation_n4", "privacy_pretrain", "privacy_pretrain_device", "bench_cnn",
           "bench_secagg", "bench_deployment", "bench_stability",
-          "bench_fault_drill", "bench_carracing")
+          "bench_fault_drill", "bench_carracing", "bench_docker")
 """Modules whose import registers their harness benchmarks."""
 
 
-@dataclass(frozen=True)
-class Script:
-    """A benchmark not (yet) on the harness: the commands that regenerate its committed
-    results, run from the repository root, and an estimate of the hours they take here."""
-
-    name: str
-    commands: tuple[str, ...]
-    hours: float
-    why: str
-
-
-SCRIPTS = (
-    Script("compose", (
-        "python -m fedq.simulations.compose_check --out "
-        "simulations/results/compose/compose_check.json",
-        "python -m fedq.simulations.compose_check --skip-faults --pi-memory 1g --out "
-        "simulations/results/compose/compose_check_pi1g.json"), 0.2,
-        "process-level: needs a Docker engine"),
-    Script("pi", ("python -m fedq.simulations.pi_emulation --backends numpy,torch --rounds 5 "
-                  "--local-steps 2000",), 0.4,
-           "one SuperNode under Docker's --cpus 1 --memory 512m; needs a Docker engine"),
-)
-
-
 def load_benchmarks() -> None:
-    """Import the ported benchmark modules (each registers itself)."""
-    for module in PORTED:
+    """Import the benchmark modules (each registers itself)."""
+    for module in BENCHMARK_MODULES:
         importlib.import_module(f"fedq.simulations.{module}")
 
 
@@ -94,32 +66,14 @@ def _command(name: str, args: argparse.Namespace) -> str:
     return "python -m fedq.simulations.bench " + shlex.join(flags)
 
 
-def _run_script(script: Script, report: bool) -> bool:
-    """Run a script benchmark's commands; False if one failed."""
-    if report:
-        print(f"[bench] {script.name}: a script benchmark, nothing cached to report")
-        return True
-    ok = True
-    for command in script.commands:
-        print(f"[bench] {script.name}: {command}", flush=True)
-        argv = shlex.split(command.replace("python ", f"{shlex.quote(sys.executable)} ", 1))
-        started = time.perf_counter()
-        code = subprocess.call(argv)
-        print(f"[bench] {script.name}: exit {code} after {time.perf_counter() - started:.0f} s",
-              flush=True)
-        ok = ok and code == 0
-    return ok
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     load_benchmarks()
-    scripts = {s.name: s for s in SCRIPTS}
     parser = argparse.ArgumentParser(prog="python -m fedq.simulations.bench",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("name", help="a benchmark, 'all', 'list', or 'stale' (which "
                         "committed results today's code would not reproduce)")
     parser.add_argument("--quick", action="store_true",
-                        help="tiny cells; results under runs/harness/quick/ (scripts skipped)")
+                        help="tiny cells; results under runs/harness/quick/")
     parser.add_argument("--fresh", action="store_true",
                         help="run every cell again instead of reusing the cache")
     parser.add_argument("--report", action="store_true",
@@ -135,25 +89,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.name == "stale":
         for b in BENCHMARKS.values():
             print(f"{b.name:30} {staleness(b)}")
-        for script in SCRIPTS:
-            print(f"{script.name:30} script: not tracked (run its commands to regenerate)")
         return 0
     if args.name == "list":
         for b in BENCHMARKS.values():
-            print(f"{b.name:20} harness  {b.doc}\n{'':29}parameters: {dict(b.defaults)}")
-        for s in SCRIPTS:
-            print(f"{s.name:20} script   ~{s.hours:g} h (estimate), {len(s.commands)} command(s) "
-                  f"({s.why})")
+            print(f"{b.name:30} {b.doc}\n{'':31}parameters: {dict(b.defaults)}")
         return 0
-    known = [*BENCHMARKS, *scripts]
+    known = list(BENCHMARKS)
     if args.name != "all" and args.name not in known:
         parser.error(f"unknown benchmark {args.name!r}; one of: all, list, stale, "
                      f"{', '.join(known)}")
     if args.workers < 1:
         parser.error("--workers must be >= 1")
-    if args.results_root and args.name in scripts:
-        parser.error(f"--results-root: {args.name} is a script benchmark and writes its own "
-                     "results (its commands say where)")
     if args.overrides and args.name == "all":
         parser.error("--set applies to one benchmark, not to all")
     try:
@@ -163,13 +109,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     names = known if args.name == "all" else [args.name]
     failed = []
     for name in names:
-        if name in scripts:
-            if args.quick or args.results_root:
-                print(f"[bench] {name}: script benchmark, no --quick variant or --results-root:"
-                      " skipped")
-            elif not _run_script(scripts[name], args.report):
-                failed.append(name)
-            continue
         try:
             run_benchmark(BENCHMARKS[name], overrides=overrides, quick=args.quick,
                           fresh=args.fresh, report=args.report, workers=args.workers,

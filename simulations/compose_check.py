@@ -1,6 +1,6 @@
-"""``docker compose up`` of the project's docker-compose.yml, for real.
-
-    python -m fedq.simulations.compose_check [--work DIR] [--out FILE]
+"""``docker compose up`` of the project's docker-compose.yml, for real: the ``compose``
+harness cell (:data:`COMPOSE_CHECK`; the benchmarks ``compose`` and ``compose_pi1g``,
+:mod:`simulations.bench_docker`).
 
 Gets a Docker engine (starting one where none runs, see :mod:`simulations.docker_engine`),
 builds ``fedq:latest`` offline from the project's Dockerfile, and runs docker-compose.yml
@@ -18,23 +18,24 @@ with a short-run override (:func:`override`: tiny DQN, few rounds, the project n
    submit service resubmitted with ``FEDQ_RESUME=true`` finishes the run with every round
    exactly once in metrics.jsonl.
 
-Writes a JSON report (command, timings, every check's outcome). Everything it starts is
-removed again (``down -v``, and the engine if it started one). docs/compose.md explains it.
+Returns a report (timings, every check's outcome). Everything it starts is removed again
+(``down -v``, and the engine if it started one). The engine's data, the base image's
+root file system, the wheels and the build context live in :data:`ENGINE_WORK`, shared by
+every Docker cell and kept between them (a rebuild reuses the image's cached layers).
+docs/compose.md explains it.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
 import re
 import shlex
 import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,7 @@ from fedq.simulations.docker_engine import (
     log,
     run,
 )
+from fedq.simulations.harness import PRODUCT_CODE, CellKind
 
 PROJECT = "fedqcheck"
 IMAGE = "fedq:latest"
@@ -68,6 +70,8 @@ ROUND_TIMEOUT = 240
 #: Seconds any one compose phase may take on a loaded 2-core machine before it fails.
 PHASE_TIMEOUT = 1500.0
 _NODE_ID = re.compile(r"SuperNode ID: (\d+)")
+ENGINE_WORK = ROOT / "runs" / "compose-check"
+"""Engine data, base image root file system, wheels and build context of every Docker cell."""
 
 
 def override() -> dict[str, Any]:
@@ -373,12 +377,15 @@ def compose_project(compose: Compose) -> Iterator[None]:
         compose.run("down", "-v", "--remove-orphans", timeout=300, check=False)
 
 
-def check(args: argparse.Namespace) -> dict[str, Any]:
-    """Provide engine and image, run the four checks; the report (also on failure)."""
-    work = args.work.resolve()
+def check(params: Mapping[str, Any], work: Path = ENGINE_WORK) -> dict[str, Any]:
+    """Provide engine and image, run the checks; the report (also on failure).
+    ``params``: ``rounds``, ``fault-rounds``, ``skip-faults``, ``pi-cpus``, ``pi-memory``,
+    ``base-image`` ("": python:3.11-slim if present, else a debootstrapped Debian bookworm)
+    and ``pip-download-args`` (extra ``pip download`` arguments, e.g. an index where pip's
+    configuration does not find torch's +cpu wheel)."""
+    work = work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {
-        "command": "python -m fedq.simulations.compose_check " + shlex.join(args.argv),
         "started-utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "checks": {}, "passed": False}
     started = time.monotonic()
@@ -390,30 +397,30 @@ def check(args: argparse.Namespace) -> dict[str, Any]:
                                 "server-version": run(["docker", "version", "-f",
                                                        "{{.Server.Version}}"],
                                                       timeout=60).stdout.strip()}
-            base = ensure_base_image(work, args.base_image)
-            wheels = download_wheels(work, shlex.split(args.pip_download_args))
+            base = ensure_base_image(work, params["base-image"] or None)
+            wheels = download_wheels(work, shlex.split(params["pip-download-args"]))
             build_seconds = build_image(work, IMAGE, base, wheels)
             size = run(["docker", "image", "inspect", "-f", "{{.Size}}", IMAGE], timeout=60)
             report["image"] = {"base": base, "build-seconds": round(build_seconds, 1),
                                "size-mb": round(int(size.stdout) / 1e6)}
             short, pi_class = work / "compose.check.yml", work / "compose.pi.yml"
             report["override"] = override()
-            report["pi-override"] = pi_override(args.pi_cpus, args.pi_memory)
+            report["pi-override"] = pi_override(params["pi-cpus"], params["pi-memory"])
             short.write_text(yaml.safe_dump(report["override"], sort_keys=False))
             pi_class.write_text(yaml.safe_dump(report["pi-override"], sort_keys=False))
             compose = Compose(engine, short)
             runs: dict[str, Path] = {}
-            pi: dict[str, Any] = {"cpus": args.pi_cpus, "memory-limit": args.pi_memory}
+            pi: dict[str, Any] = {"cpus": params["pi-cpus"], "memory-limit": params["pi-memory"]}
             report["pi-class"] = pi
             with compose_project(compose):
                 _record(report, ["complete"],
                         lambda: check_complete(Compose(engine, short, pi_class), runs,
-                                               args.rounds, pi))
+                                               params["rounds"], pi))
                 _record(report, ["second-up"],
-                        lambda: check_second_up(compose, runs, args.rounds))
-                if not args.skip_faults:
+                        lambda: check_second_up(compose, runs, params["rounds"]))
+                if not params["skip-faults"]:
                     _record(report, ["node-rejoins", "resume"],
-                            lambda: check_faults(compose, runs, args.fault_rounds))
+                            lambda: check_faults(compose, runs, params["fault-rounds"]))
     except (EngineError, OSError) as error:
         report["error"] = str(error)
     report["wall-seconds"] = round(time.monotonic() - started, 1)
@@ -436,39 +443,11 @@ def _record(report: dict[str, Any], names: list[str],
         log(f"check {name}: {'passed' if report['checks'][name].get('passed') else 'FAILED'}")
 
 
-def main(argv_: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fedq.simulations.compose_check",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "compose-check",
-                        help="engine data, base image rootfs, wheels, build context")
-    parser.add_argument("--out", type=Path,
-                        default=ROOT / "simulations" / "results" / "compose"
-                        / "compose_check.json")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of the complete run")
-    parser.add_argument("--fault-rounds", type=int, default=5,
-                        help="rounds of the run with a node and the SuperLink killed (>= 5)")
-    parser.add_argument("--skip-faults", action="store_true")
-    parser.add_argument("--pi-cpus", type=float, default=1.0)
-    parser.add_argument("--pi-memory", default="512m")
-    parser.add_argument("--base-image", default=None,
-                        help="build on this local image (default: python:3.11-slim if "
-                        "present, else a debootstrapped Debian bookworm)")
-    parser.add_argument("--pip-download-args", default="",
-                        help="extra `pip download` arguments, e.g. \"--extra-index-url "
-                        "https://download.pytorch.org/whl/cpu\" where pip's configuration "
-                        "does not find torch's +cpu wheel")
-    args = parser.parse_args(argv_)
-    # the report names this check's own arguments, also when a test calls main()
-    args.argv = sys.argv[1:] if argv_ is None else list(argv_)
-    if args.fault_rounds < 5:
-        parser.error("--fault-rounds: at least 5 (a node is killed in round 2, the "
-                     "SuperLink in round 4)")
-    report = check(args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    log(f"{'PASSED' if report['passed'] else 'FAILED'}; report in {args.out}")
-    return 0 if report["passed"] else 1
+def run_compose_check(params: Mapping[str, Any], workdir: Path) -> dict[str, Any]:
+    """The harness cell: :func:`check` in the shared :data:`ENGINE_WORK`."""
+    return check(params)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+COMPOSE_CHECK = CellKind("compose-check", run_compose_check, (
+    *PRODUCT_CODE, "fedq.simulations.compose_check", "fedq.simulations.docker_engine",
+    "fedq.simulations.compose_topology"))

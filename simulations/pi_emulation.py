@@ -1,7 +1,5 @@
-"""A Raspberry-Pi-class SuperNode under Docker: its round time and memory, per backend.
-
-    python -m fedq.simulations.pi_emulation [--backends numpy,torch] [--rounds 5]
-        [--local-steps 2000] [--cpus 1] [--memory 512m] [--work DIR]
+"""A Raspberry-Pi-class SuperNode under Docker: its round time and memory, per backend (the
+``pi`` harness benchmark's cell, :data:`PI_RUN`; :mod:`simulations.bench_docker`).
 
 Runs the project's docker-compose.yml for real (engine, offline image build and compose
 project as :mod:`simulations.compose_check` provides them) with the compose file's own
@@ -20,24 +18,25 @@ counted once), OOM kills and the CPU throttling the limit caused. Medians are ov
 2 and on (round 1 includes starting the containers). The host's load average is sampled
 next to the timings: this machine's 2 cores are shared, a Pi's 4 are not.
 
-Writes ``simulations/results/<results-name>/results.json`` and ``results.md``.
+One cell is one backend's federation; the engine, base image, wheels and build context
+are :mod:`simulations.compose_check`'s (:data:`~simulations.compose_check.ENGINE_WORK`).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import statistics
-import sys
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from fedq.simulations.compose_check import (
+    ENGINE_WORK,
     IMAGE,
     PI_SERVICE,
     SUBMIT_SERVICE,
@@ -51,7 +50,6 @@ from fedq.simulations.compose_check import (
 )
 from fedq.simulations.compose_topology import COMPOSE, argv, load_compose, supernode_services
 from fedq.simulations.docker_engine import (
-    ROOT,
     EngineError,
     build_image,
     docker_engine,
@@ -60,7 +58,7 @@ from fedq.simulations.docker_engine import (
     log,
     run,
 )
-from fedq.simulations.results_io import markdown_table, results_name, write_results
+from fedq.simulations.harness import PRODUCT_CODE, CellKind
 
 REFERENCE_SERVICE = "supernode-1"
 BACKENDS = ("numpy", "torch")
@@ -178,10 +176,11 @@ def _median_from_2(by_round: dict[int, float]) -> float | None:
     return round(statistics.median(later), 2) if later else None
 
 
-def measure(engine: Any, work: Path, backend: str, args: argparse.Namespace) -> dict[str, Any]:
+def measure(engine: Any, work: Path, backend: str, params: Mapping[str, Any]) -> dict[str, Any]:
     """One federation: every device on ``backend``, the Pi node limited."""
-    files = {"run": run_override(backend, args.rounds, args.local_steps, args.round_timeout),
-             "pi": pi_override(args.cpus, args.memory)}
+    files = {"run": run_override(backend, params["rounds"], params["local-steps"],
+                                 params["round-timeout"]),
+             "pi": pi_override(params["cpus"], params["memory"])}
     paths = []
     for name, data in files.items():
         path = work / f"compose.{name}-{backend}.yml"
@@ -224,7 +223,26 @@ def measure(engine: Any, work: Path, backend: str, args: argparse.Namespace) -> 
     return out
 
 
-def table(results: dict[str, Any]) -> str:
+def run_pi(params: Mapping[str, Any], workdir: Path) -> dict[str, Any]:
+    """The harness cell: engine, image and one federation of ``params["backend"]``
+    devices; a failure is the result's ``error`` (the other backends still run)."""
+    work = ENGINE_WORK.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        with docker_engine(work) as engine:
+            base = ensure_base_image(work, None)
+            build_seconds = build_image(work, IMAGE, base, download_wheels(work))
+            image = {"base": base, "build-seconds": round(build_seconds, 1),
+                     "engine": run(["docker", "version", "-f", "{{.Server.Version}}"],
+                                   timeout=60).stdout.strip()}
+            log(f"pi emulation: {params['backend']} backend")
+            return {"image": image, **measure(engine, work, params["backend"], params)}
+    except (EngineError, OSError, KeyError, ValueError) as error:
+        return {"error": f"{type(error).__name__}: {error}"}
+
+
+def table(results: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One row per (backend, node): handler, training and round seconds, memory peaks."""
     rows_ = []
     for backend, r in results.items():
         if "error" in r:
@@ -244,63 +262,12 @@ def table(results: dict[str, Any]) -> str:
                 "CPU throttled s": mem["cpu-throttled-seconds"],
                 "load 1-min (median)": r["load-average-1min"]["median"],
                 "exit": r["exit-code"]})
-    columns = ["backend", "node", "handler s (med. r2+)", "training s (med. r2+)",
-               "round s (med. r2+)", "cgroup peak MiB", "working-set peak MiB",
-               "PSS peak MiB", "OOM kills", "CPU throttled s", "load 1-min (median)", "exit"]
-    return markdown_table(rows_, columns)
+    return rows_
 
 
-def main(argv_: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fedq.simulations.pi_emulation",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--backends", default="numpy,torch")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--local-steps", type=int, default=2000)
-    parser.add_argument("--round-timeout", type=int, default=600)
-    parser.add_argument("--cpus", type=float, default=1.0)
-    parser.add_argument("--memory", default="512m")
-    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "compose-check",
-                        help="engine data, base image rootfs, wheels, build context "
-                        "(shared with compose_check)")
-    parser.add_argument("--results-name", type=results_name, default="pi")
-    args = parser.parse_args(argv_)
-    backends = args.backends.split(",")
-    if unknown := sorted(set(backends) - set(BACKENDS)):
-        parser.error(f"--backends: unknown {unknown}; known: {list(BACKENDS)}")
-    if args.rounds < 2:
-        parser.error("--rounds: at least 2 (medians are over rounds 2 and on)")
-    work = args.work.resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {}
-    payload: dict[str, Any] = {"limits": {"service": PI_SERVICE, "cpus": args.cpus,
-                                          "memory": args.memory},
-                               "rounds": args.rounds, "local-steps": args.local_steps}
-    try:
-        with docker_engine(work) as engine:
-            base = ensure_base_image(work, None)
-            build_seconds = build_image(work, IMAGE, base, download_wheels(work))
-            payload["image"] = {"base": base, "build-seconds": round(build_seconds, 1),
-                                "engine": run(["docker", "version", "-f",
-                                               "{{.Server.Version}}"], timeout=60).stdout.strip()}
-            for backend in backends:
-                log(f"pi emulation: {backend} backend")
-                try:
-                    results[backend] = measure(engine, work, backend, args)
-                except (EngineError, OSError, KeyError, ValueError) as error:
-                    results[backend] = {"error": f"{type(error).__name__}: {error}"}
-    except (EngineError, OSError) as error:
-        payload["error"] = str(error)
-    payload["results"] = results
-    markdown = (f"One SuperNode ({PI_SERVICE}) limited to --cpus {args.cpus} --memory "
-                f"{args.memory} beside an unconstrained one ({REFERENCE_SERVICE}) in the same "
-                f"docker compose federation; {args.rounds} rounds, local-steps "
-                f"{args.local_steps}. Medians over rounds 2 and on.\n\n" + table(results))
-    folder = write_results(args.results_name, payload, markdown)
-    log(f"results in {folder}")
-    print(markdown)
-    ok = "error" not in payload and all(r.get("exit-code") == 0 for r in results.values())
-    return 0 if ok else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+TABLE_COLUMNS = ["backend", "node", "handler s (med. r2+)", "training s (med. r2+)",
+                 "round s (med. r2+)", "cgroup peak MiB", "working-set peak MiB",
+                 "PSS peak MiB", "OOM kills", "CPU throttled s", "load 1-min (median)", "exit"]
+PI_RUN = CellKind("pi-run", run_pi, (
+    *PRODUCT_CODE, "fedq.simulations.pi_emulation", "fedq.simulations.compose_check",
+    "fedq.simulations.docker_engine", "fedq.simulations.compose_topology"))

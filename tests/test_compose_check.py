@@ -1,4 +1,5 @@
-"""The real `docker compose up` check (simulations/compose_check.py).
+"""The real `docker compose up` check (simulations/compose_check.py, the `compose`
+benchmark of simulations/bench_docker.py).
 
 The full check needs a Docker engine and takes ~25 min on a loaded 2-core machine
 (docs/compose.md), so it runs only where ``docker info`` answers; the default CI starts
@@ -12,7 +13,8 @@ import pytest
 import yaml
 from _compose_v1 import assert_compose_v1_accepts
 
-from fedq.simulations.compose_check import PI_SERVICE, main, override, pi_override
+from fedq.simulations import bench, bench_docker
+from fedq.simulations.compose_check import PI_SERVICE, override, pi_override
 from fedq.simulations.compose_topology import (
     COMPOSE,
     ROOT,
@@ -21,6 +23,7 @@ from fedq.simulations.compose_topology import (
     submit_overrides,
 )
 from fedq.simulations.docker_engine import engine_answers, image_requirements
+from fedq.simulations.harness import BENCHMARKS, HarnessError, fingerprint, resolve_params
 
 CHECKS = {"complete", "second-up", "node-rejoins", "resume"}
 
@@ -57,24 +60,40 @@ def test_image_requirements_are_the_dockerfiles():
         dockerfile
 
 
-def test_fault_run_needs_enough_rounds_to_kill_twice(capsys):
-    with pytest.raises(SystemExit) as exited:
-        main(["--fault-rounds", "3"])
-    assert exited.value.code == 2
-    assert "--fault-rounds" in capsys.readouterr().err
+def test_fault_run_needs_enough_rounds_to_kill_twice():
+    bench.load_benchmarks()
+    params = resolve_params(BENCHMARKS["compose"], {"fault-rounds": 3}, quick=False)
+    with pytest.raises(HarnessError, match="fault-rounds: at least 5"):
+        bench_docker.compose_cells(params)
+    # without the fault checks the fault run's rounds do not matter
+    bench_docker.compose_cells({**params, "skip-faults": True})
+
+
+def test_editing_the_image_or_topology_files_runs_the_docker_cells_again(monkeypatch):
+    """The harness hashes Python sources; the image and the compose topology are made
+    from the Dockerfile, docker-compose.yml and pyproject.toml, so their digest is in
+    each Docker cell's parameters."""
+    bench.load_benchmarks()
+    params = resolve_params(BENCHMARKS["compose"], {}, quick=False)
+    (before,) = bench_docker.compose_cells(params)
+    monkeypatch.setattr(bench_docker, "IMAGE_FILES", ("Dockerfile", "docker-compose.yml"))
+    (after,) = bench_docker.compose_cells(params)
+    assert fingerprint(before) != fingerprint(after)
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not engine_answers(),
                     reason="no Docker engine answers `docker info`: the compose check needs "
-                    "one (as root, `python -m fedq.simulations.compose_check` installs and starts "
-                    "one itself; see docs/compose.md)")
-def test_compose_up_completes_survives_kills_and_resumes(tmp_path):
-    out = tmp_path / "compose_check.json"
-    code = main(["--out", str(out)])
-    report = json.loads(out.read_text())
+                    "one (as root, `python -m fedq.simulations.bench compose` installs and "
+                    "starts one itself; see docs/compose.md)")
+def test_compose_up_completes_survives_kills_and_resumes(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the harness cache; the engine's work dir is the checkout's
+    assert bench.main(["compose", "--results-root", str(tmp_path / "results")]) == 0
+    record = json.loads((tmp_path / "results" / "compose" / "results.json").read_text())
+    report = record["report"]
     failed = {name: c for name, c in report["checks"].items() if not c.get("passed")}
-    assert code == 0, json.dumps({"error": report.get("error"), "failed": failed}, indent=1)
+    assert report["passed"], json.dumps({"error": report.get("error"), "failed": failed},
+                                        indent=1)
     assert set(report["checks"]) == CHECKS
     assert report["checks"]["resume"]["rounds"] == [1, 2, 3, 4, 5]
     assert report["pi-class"]["memory"]["working-set-peak-mib"] > 0

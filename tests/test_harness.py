@@ -262,12 +262,6 @@ def test_results_root_keeps_a_trial_run_off_the_committed_results(probe, tmp_pat
     assert not (RESULTS_ROOT / "probe").exists()
 
 
-def test_results_root_is_refused_for_a_script_benchmark(capsys):
-    with pytest.raises(SystemExit):
-        bench.main(["compose", "--results-root", "/tmp/x"])
-    assert "--results-root: compose is a script benchmark" in capsys.readouterr().err
-
-
 def test_bench_refuses_unknown_names_and_parameters(capsys):
     with pytest.raises(SystemExit):
         bench.main(["robustnes"])
@@ -278,15 +272,11 @@ def test_bench_refuses_unknown_names_and_parameters(capsys):
 
 def test_every_committed_result_folder_is_regenerated_by_bench_all():
     """`bench all` is the one command: each folder under simulations/results/ is a
-    harness benchmark's or named by a script benchmark's commands."""
+    harness benchmark's, and every benchmark is on the harness."""
     bench.load_benchmarks()
     results = Path(bench.__file__).resolve().parent / "results"
-    commands = " ".join(c for s in bench.SCRIPTS for c in s.commands)
-    script_names = {s.name for s in bench.SCRIPTS}
-    for folder in sorted(p.name for p in results.iterdir() if p.is_dir()):
-        covered = (folder in BENCHMARKS or folder in script_names
-                   or f"--results-name {folder}" in commands)
-        assert covered, folder
+    folders = sorted(p.name for p in results.iterdir() if p.is_dir())
+    assert [folder for folder in folders if folder not in BENCHMARKS] == []
 
 
 def _train(params, workdir):

@@ -10,6 +10,7 @@ import pytest
 import yaml
 from _compose_v1 import assert_compose_v1_accepts
 
+from fedq.simulations import bench, bench_docker
 from fedq.simulations.compose_check import pi_override
 from fedq.simulations.compose_topology import (
     COMPOSE,
@@ -18,7 +19,8 @@ from fedq.simulations.compose_topology import (
     submit_overrides,
     supernode_services,
 )
-from fedq.simulations.pi_emulation import _median_from_2, main, run_override
+from fedq.simulations.harness import BENCHMARKS, HarnessError, resolve_params
+from fedq.simulations.pi_emulation import _median_from_2, run_override
 
 
 @pytest.mark.parametrize("backend", ["numpy", "torch"])
@@ -44,10 +46,45 @@ def test_medians_leave_out_round_one():
     assert _median_from_2({1: 90.0}) is None
 
 
-def test_bad_arguments_fail_naming_the_flag(capsys):
-    with pytest.raises(SystemExit):
-        main(["--backends", "numpy,jax"])
-    assert "--backends: unknown ['jax']" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["--rounds", "1"])
-    assert "--rounds: at least 2" in capsys.readouterr().err
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"backends": "numpy,jax"}, r"backends: unknown \['jax'\]"),
+    ({"rounds": 1}, "rounds: at least 2"),
+])
+def test_bad_parameters_fail_naming_the_parameter(overrides, message):
+    bench.load_benchmarks()
+    params = resolve_params(BENCHMARKS["pi"], overrides, quick=False)
+    with pytest.raises(HarnessError, match=message):
+        bench_docker.pi_cells(params)
+
+
+def test_one_cell_per_backend_each_with_the_pi_limits():
+    bench.load_benchmarks()
+    cells = bench_docker.pi_cells(resolve_params(BENCHMARKS["pi"], {}, quick=False))
+    assert [c.params["backend"] for c in cells] == ["numpy", "torch"]
+    assert {(c.params["cpus"], c.params["memory"]) for c in cells} == {(1.0, "512m")}
+
+
+def test_the_tables_read_the_reports_the_scripts_committed():
+    """The harness summaries read the report shapes the Docker runs produce: the committed
+    compose report (four checks passed) and the committed Pi emulation (two backends)."""
+    import json
+
+    from fedq.simulations.compose_check import COMPOSE_CHECK
+    from fedq.simulations.harness import Cell
+    from fedq.simulations.pi_emulation import PI_RUN
+    from fedq.simulations.results_io import RESULTS_ROOT
+
+    bench.load_benchmarks()
+    report = json.loads((RESULTS_ROOT / "compose" / "compose_check.json").read_text())
+    params = resolve_params(BENCHMARKS["compose"], {}, quick=False)
+    summary = bench_docker.summarise_compose(params, [(Cell(COMPOSE_CHECK, params), report)])
+    assert [(row["check"], row["passed"]) for row in summary.rows] == [
+        ("complete", True), ("second-up", True), ("node-rejoins", True), ("resume", True)]
+    assert summary.text.startswith("**All checks passed**")
+    results = json.loads((RESULTS_ROOT / "pi" / "results.json").read_text())["results"]
+    params = resolve_params(BENCHMARKS["pi"], {}, quick=False)
+    done = [(Cell(PI_RUN, {**params, "backend": b}), r) for b, r in results.items()]
+    rows = bench_docker.summarise_pi(params, done).rows
+    assert [(row["backend"], row["node"]) for row in rows] == [
+        ("numpy", "pi"), ("numpy", "unconstrained"), ("torch", "pi"), ("torch", "unconstrained")]
+    assert rows[0]["PSS peak MiB"] > 0
