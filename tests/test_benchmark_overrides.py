@@ -26,5 +26,5 @@ def test_an_unknown_strategy_of_the_federation_benchmark_fails_naming_it(
         monkeypatch, tmp_path, capsys):
     monkeypatch.chdir(tmp_path)
     assert bench.main(["federation", "--set", "strategies=sequential,fedavgg"]) == 2
-    assert "config field 'strategy'" in capsys.readouterr().err
+    assert "strategies: unknown ['fedavgg']; known: fedavg" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
