@@ -309,11 +309,18 @@ def check_faults(compose: Compose, runs: dict[str, Path], rounds: int) -> dict[s
     time.sleep(1.0)  # inside its local training
     run(["docker", "kill", victim], timeout=60)
     victim_round = max(metric_rounds(), default=0) + 1
-    counters = _counters(devices / "node-1")
+    state_dir = devices / "node-1"
+    counters = _counters(state_dir)
+    generation_at_kill = (state_dir / "CURRENT").read_text().strip()
     killed_at = _engine_time()
     run(["docker", "start", victim], timeout=120)
     new_id = wait_for(f"{VICTIM_SERVICE} to register again",
                       lambda: node_ids(victim, since=killed_at))[-1]
+    # its first save after the restart: one training on top of the state at the kill (a
+    # device that started afresh or fell back to an older generation saves other counters)
+    after_restart = wait_for(f"{VICTIM_SERVICE}'s first save after its restart",
+                             lambda: _counters_after(state_dir, generation_at_kill),
+                             interval=0.1)
 
     wait_for("round 3 of the fault run", lambda: 3 in metric_rounds())
     time.sleep(3.0)  # into round 4
@@ -331,11 +338,13 @@ def check_faults(compose: Compose, runs: dict[str, Path], rounds: int) -> dict[s
     first = replies[0] if replies else {}
     rejoined = {
         "passed": bool(replies)
-        and first.get("env-steps-total") == counters["env_steps"] + TINY_RUN["local-steps"]
-        and first.get("rounds-total") == counters["rounds"] + 1,
+        and after_restart["env_steps"] == counters["env_steps"] + TINY_RUN["local-steps"]
+        and after_restart["rounds"] == counters["rounds"] + 1,
         "killed-in-round": victim_round,
         "state-on-disk-at-kill": {"env-steps": counters["env_steps"],
                                   "rounds": counters["rounds"]},
+        "first-save-after-restart": {"env-steps": after_restart["env_steps"],
+                                     "rounds": after_restart["rounds"]},
         "first-reply-after-restart": {k: first.get(k) for k in
                                       ("round", "env-steps-total", "rounds-total")},
     }
@@ -365,6 +374,14 @@ def _logs(container: str, since: str) -> str:
 def _counters(state_dir: Path) -> dict[str, Any]:
     generation = (state_dir / "CURRENT").read_text().strip()
     return json.loads((state_dir / generation / "counters.json").read_text())
+
+
+def _counters_after(state_dir: Path, generation: str) -> dict[str, Any] | None:
+    """The device's counters once its current generation is no longer ``generation``."""
+    with contextlib.suppress(OSError, ValueError):
+        if (state_dir / "CURRENT").read_text().strip() != generation:
+            return _counters(state_dir)
+    return None
 
 
 @contextlib.contextmanager
