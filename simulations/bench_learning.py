@@ -27,16 +27,13 @@ from fedq.simulations.harness import (
     Benchmark,
     Cell,
     Done,
-    HarnessError,
     Summary,
     name_list,
     register_benchmark,
 )
 from fedq.simulations.learning_cell import LEARNING_RUN
-from fedq.simulations.learning_tasks import TASKS
+from fedq.simulations.learning_tasks import TASKS, check_eval_episodes
 from fedq.simulations.results_io import markdown_table, spread
-
-MIN_EVAL_EPISODES = 10  # fewer make a greedy return too noisy to call a task solved
 
 
 def _envs(params: Mapping[str, Any]) -> list[str]:
@@ -45,9 +42,7 @@ def _envs(params: Mapping[str, Any]) -> list[str]:
 
 def cells(params: Mapping[str, Any]) -> list[Cell]:
     """One cell per (env, seed), envs in the order given (CartPole's seeds first)."""
-    if params["eval-episodes"] < MIN_EVAL_EPISODES:
-        raise HarnessError(f"eval-episodes must be >= {MIN_EVAL_EPISODES}: fewer make a "
-                           "greedy return too noisy to call a task solved")
+    check_eval_episodes(params)
     out = []
     for env in _envs(params):
         task = TASKS[env]

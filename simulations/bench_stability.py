@@ -54,10 +54,8 @@ from fedq.simulations.harness import (
     results_by_cell,
 )
 from fedq.simulations.learning_cell import LEARNING_RUN
-from fedq.simulations.learning_tasks import TASKS, Task
+from fedq.simulations.learning_tasks import TASKS, Task, check_eval_episodes
 from fedq.simulations.results_io import markdown_table, spread
-
-MIN_EVAL_EPISODES = 10  # fewer make a greedy return too noisy to call a task solved
 
 Settings = dict[str, ConfigScalar]
 VariantFn = Callable[[Task, Settings], Settings]
@@ -112,9 +110,7 @@ def variant_settings(task: Task, variant: str) -> Settings:
 def plan(params: Mapping[str, Any]) -> tuple[list[tuple[str, str, Cell]], list[str]]:
     """(env, variant, cell) for every seed of every runnable (env, variant), and a note
     for each one left out. Bad parameters fail here, naming the parameter."""
-    if params["eval-episodes"] < MIN_EVAL_EPISODES:
-        raise HarnessError(f"eval-episodes must be >= {MIN_EVAL_EPISODES}: fewer make a "
-                           "greedy return too noisy to call a task solved")
+    check_eval_episodes(params)
     if params["seeds"] < 1:
         raise HarnessError(f"seeds: must be >= 1, got {params['seeds']}")
     if not 0 < params["budget-scale"] <= 1:

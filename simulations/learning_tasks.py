@@ -8,9 +8,12 @@ between runs is these overrides: same code, same learner). Goals are the envs' u
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from fedq.common.config import ConfigScalar
+from fedq.simulations.harness import HarnessError
 
 
 @dataclass(frozen=True)
@@ -50,3 +53,13 @@ TASKS = {
         "exploration-steps": 12_000, "exploration-final-eps": 0.1,
         "learning-rate-decay-steps": 500_000, "backend": "numpy"}, eval_every=10_000),
 }
+
+MIN_EVAL_EPISODES = 10  # fewer make a greedy return too noisy to call a task solved
+
+
+def check_eval_episodes(params: Mapping[str, Any]) -> None:
+    """Refuse a benchmark's ``eval-episodes`` below :data:`MIN_EVAL_EPISODES` (the one
+    rule of every single-device learning benchmark on these tasks)."""
+    if params["eval-episodes"] < MIN_EVAL_EPISODES:
+        raise HarnessError(f"eval-episodes must be >= {MIN_EVAL_EPISODES}: fewer make a "
+                           "greedy return too noisy to call a task solved")
