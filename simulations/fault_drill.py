@@ -507,13 +507,20 @@ class Drill:
 
     def _restore_after_device_refusal(self, fault: Fault, path: Path, data: bytes) -> None:
         """A DP device refuses a damaged ledger for good: restore it once the refusal is
-        logged (or the device saved past it), as its operator would from a backup."""
+        logged (or the device saved past it), as its operator would from a backup.
+
+        Only a refusal that names this generation counts, and only in rounds after the
+        fault: an earlier ledger fault's refusal, still in the recent rows, once made the
+        drill restore the file before the device had read it."""
         log, offset = fault.logs[-1]
+        refusal = f"{path.parent.name} is damaged"
         deadline = time.monotonic() + self.settle
         while time.monotonic() < deadline:
-            failures = json.dumps([f for r in self.rows()[-8:]
-                                   for f in r.get("device-failures", [])])
-            if "refuses to train" in _read_from(Path(log), offset) + failures:
+            errors = [f.get("error", "") for r in self.rows()[-8:]
+                      if r.get("round", 0) > fault.round_before
+                      for f in r.get("device-failures", [])]
+            if refused_by_name([*_read_from(Path(log), offset).splitlines(), *errors],
+                               refusal):
                 path.write_bytes(data)
                 fault.detail += f"; refused by name, {path.name} restored"
                 return
@@ -711,6 +718,12 @@ def judge(fault: Fault, rows: list[dict[str, Any]], final: int, ids: dict[str, l
         fault.named = "named" if failures else "no effect"
     else:
         fault.named = "named" if ours else "no effect"
+
+
+def refused_by_name(lines: list[str], refusal: str) -> bool:
+    """Whether one of ``lines`` (log lines, failures' errors) is a device's refusal to
+    train whose reason is ``refusal`` (``gen-000026 is damaged``)."""
+    return any(refusal in line and "refuses to train" in line for line in lines)
 
 
 def other_fault(failure: dict[str, Any]) -> bool:

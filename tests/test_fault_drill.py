@@ -186,6 +186,38 @@ def test_damaging_a_generation_file_breaks_that_generation_and_lowers_the_floor(
     assert missing.detail.startswith("not injected")
 
 
+def test_a_ledger_is_restored_only_after_its_own_refusal(tmp_path):
+    """An earlier ledger fault's refusal, still in the recent rows, is not this fault's:
+    the drill once restored a damaged ledger at once on it, then reported "refused by
+    name" for a device that never read the damage."""
+    state = tmp_path / "node-1"
+    _state_with_generations(state, [100, 200], [fault_drill.LEDGER_FILE])
+    log = tmp_path / "node.log"
+    log.write_text("")
+    old = ("device state '/s': gen-000001 is damaged (privacy.json has 3 bytes); falling back"
+           " to gen-000000 would forget the privacy budget spent since, so this device "
+           "refuses to train")
+    rows = [{"round": r, "device-failures": [{"node-id": 7, "error": old}]} for r in (4, 5)]
+    drill = fault_drill.Drill.__new__(fault_drill.Drill)
+    drill.topo = type("T", (), {"state_dirs": {"supernode-1": state},
+                                "nodes": {"supernode-1": type("N", (), {"log_path": log})()}})()
+    drill.rng, drill.device_floor, drill.settle = random.Random(1), {}, 1.0
+    drill.rows = lambda: rows
+    fault = Fault("ledger-file", "supernode-1", "", 0.0, 5)
+    path, data = drill._damage_generation_file(fault, "supernode-1", fault_drill.LEDGER_FILE)
+    drill._restore_after_device_refusal(fault, path, data)
+    assert fault.detail.endswith("no refusal within 1s, restored")
+    assert path.read_bytes() == data
+
+    again = Fault("ledger-file", "supernode-1", "", 0.0, 5)
+    path, data = drill._damage_generation_file(again, "supernode-1", fault_drill.LEDGER_FILE)
+    with log.open("a") as fh:
+        fh.write(old.replace("gen-000001", path.parent.name) + "\n")
+    drill._restore_after_device_refusal(again, path, data)
+    assert again.detail.endswith("refused by name, privacy.json restored")
+    assert path.read_bytes() == data
+
+
 def test_privacy_rows_moved_aside_are_kept_and_a_falling_epsilon_is_lost(tmp_path):
     """The drill's privacy checks: a privacy.jsonl row is lost only if it is in neither
     privacy.jsonl nor privacy.superseded.jsonl; the DP device's epsilon may not fall from
