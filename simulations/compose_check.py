@@ -60,7 +60,7 @@ from fedq.simulations.docker_engine import (
     log,
     run,
 )
-from fedq.simulations.harness import PRODUCT_CODE, CellKind
+from fedq.simulations.harness import PRODUCT_CODE, CellKind, HarnessError
 
 PROJECT = "fedqcheck"
 IMAGE = "fedq:latest"
@@ -395,7 +395,8 @@ def compose_project(compose: Compose) -> Iterator[None]:
 
 
 def check(params: Mapping[str, Any], work: Path = ENGINE_WORK) -> dict[str, Any]:
-    """Provide engine and image, run the checks; the report (also on failure).
+    """Provide engine and image, run the checks; the report (also when checks fail; no
+    engine, image or topology before any check raises :class:`HarnessError`).
     ``params``: ``rounds``, ``fault-rounds``, ``skip-faults``, ``pi-cpus``, ``pi-memory``,
     ``base-image`` ("": python:3.11-slim if present, else a debootstrapped Debian bookworm)
     and ``pip-download-args`` (extra ``pip download`` arguments, e.g. an index where pip's
@@ -439,6 +440,9 @@ def check(params: Mapping[str, Any], work: Path = ENGINE_WORK) -> dict[str, Any]
                     _record(report, ["node-rejoins", "resume"],
                             lambda: check_faults(compose, runs, params["fault-rounds"]))
     except (EngineError, OSError) as error:
+        if not report["checks"]:  # the machine's fault, not a finding: cache nothing
+            raise HarnessError(f"compose check: no Docker engine, image or topology, no "
+                               f"check ran (not cached): {error}") from error
         report["error"] = str(error)
     report["wall-seconds"] = round(time.monotonic() - started, 1)
     report["passed"] = bool(report["checks"]) and "error" not in report and all(

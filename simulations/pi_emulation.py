@@ -58,7 +58,7 @@ from fedq.simulations.docker_engine import (
     log,
     run,
 )
-from fedq.simulations.harness import PRODUCT_CODE, CellKind
+from fedq.simulations.harness import PRODUCT_CODE, CellKind, HarnessError
 
 REFERENCE_SERVICE = "supernode-1"
 BACKENDS = ("numpy", "torch")
@@ -225,9 +225,12 @@ def measure(engine: Any, work: Path, backend: str, params: Mapping[str, Any]) ->
 
 def run_pi(params: Mapping[str, Any], workdir: Path) -> dict[str, Any]:
     """The harness cell: engine, image and one federation of ``params["backend"]``
-    devices; a failure is the result's ``error`` (the other backends still run)."""
+    devices. A federation that fails is the result's ``error`` (a finding, kept); no
+    engine or no image raises :class:`HarnessError`, so nothing is cached and the next
+    run tries again."""
     work = ENGINE_WORK.resolve()
     work.mkdir(parents=True, exist_ok=True)
+    backend = params["backend"]
     try:
         with docker_engine(work) as engine:
             base = ensure_base_image(work, None)
@@ -235,10 +238,14 @@ def run_pi(params: Mapping[str, Any], workdir: Path) -> dict[str, Any]:
             image = {"base": base, "build-seconds": round(build_seconds, 1),
                      "engine": run(["docker", "version", "-f", "{{.Server.Version}}"],
                                    timeout=60).stdout.strip()}
-            log(f"pi emulation: {params['backend']} backend")
-            return {"image": image, **measure(engine, work, params["backend"], params)}
-    except (EngineError, OSError, KeyError, ValueError) as error:
-        return {"error": f"{type(error).__name__}: {error}"}
+            log(f"pi emulation: {backend} backend")
+            try:
+                return {"image": image, **measure(engine, work, backend, params)}
+            except (EngineError, OSError, KeyError, ValueError) as error:
+                return {"image": image, "error": f"{type(error).__name__}: {error}"}
+    except (EngineError, OSError) as error:
+        raise HarnessError(f"pi ({backend}): no Docker engine or image, nothing measured "
+                           f"(not cached): {type(error).__name__}: {error}") from error
 
 
 def table(results: Mapping[str, Any]) -> list[dict[str, Any]]:

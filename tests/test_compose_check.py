@@ -97,3 +97,32 @@ def test_compose_up_completes_survives_kills_and_resumes(tmp_path, monkeypatch):
     assert set(report["checks"]) == CHECKS
     assert report["checks"]["resume"]["rounds"] == [1, 2, 3, 4, 5]
     assert report["pi-class"]["memory"]["working-set-peak-mib"] > 0
+
+
+@pytest.mark.parametrize("name", ["compose", "pi"])
+def test_a_machine_without_an_engine_caches_no_docker_result(tmp_path, monkeypatch, name):
+    """No engine (or no image) says nothing about fedq: the cell raises, naming why, and
+    leaves no cache entry, so the next run on a machine with an engine runs it (a cached
+    error used to read as a finished result)."""
+    import contextlib
+
+    from fedq.simulations import compose_check, pi_emulation
+    from fedq.simulations.docker_engine import EngineError
+    from fedq.simulations.harness import run_benchmark
+
+    @contextlib.contextmanager
+    def no_engine(_work):
+        raise EngineError("no Docker engine runs and installing one needs root")
+        yield
+
+    for module in (compose_check, pi_emulation):
+        monkeypatch.setattr(module, "docker_engine", no_engine)
+    monkeypatch.setattr(compose_check, "ENGINE_WORK", tmp_path / "engine")
+    monkeypatch.setattr(pi_emulation, "ENGINE_WORK", tmp_path / "engine")
+    bench.load_benchmarks()
+    with pytest.raises(HarnessError, match=r"nothing measured|no check ran") as err:
+        run_benchmark(BENCHMARKS[name], cache_root=tmp_path / "cache",
+                      results_root=tmp_path / "results", log=lambda _line: None)
+    assert "installing one needs root" in str(err.value)
+    assert not list((tmp_path / "cache").rglob("*.json"))
+    assert not (tmp_path / "results").exists()
