@@ -43,7 +43,20 @@ from fedq.simulations.results_io import RESULTS_ROOT, environment, markdown_tabl
 
 CACHE_ROOT = Path("runs") / "harness"
 PRODUCT_CODE = ("fedq.common", "fedq.client", "fedq.server")
-"""What a cell's result depends on unless its kind says otherwise: fedq's product code."""
+"""What a cell's result depends on unless its kind says otherwise: fedq's product code,
+less :data:`DEPLOYMENT_ONLY`."""
+DEPLOYMENT_ONLY = ("fedq.client.supernode", "fedq.client.warm_executor",
+                   "fedq.client.clientapp_launcher", "fedq.client.handoff",
+                   "fedq.client.edge", "fedq.server.submit")
+"""Product modules that only a deployed device or server runs: ``fedq-supernode`` with its
+warm executor, ClientApp launcher and hand-offs, ``fedq-client``, ``fedq-submit``. Flower's
+simulation engine and the in-process learners never import them (tests/test_harness.py
+follows the imports), so a kind's code hashes them only when it names :data:`DEPLOYS`:
+a fix to how a device runs its ClientApps reruns the benchmarks that deploy, not every
+simulation."""
+DEPLOYS = "fedq.simulations.compose_topology"
+"""The module that starts the compose file's topology (``fedq-supernode``s, ``fedq-submit``),
+locally or in Docker: a kind whose code names it hashes :data:`DEPLOYMENT_ONLY` too."""
 
 Params = Mapping[str, Any]
 
@@ -148,21 +161,37 @@ def one_core() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def code_hash(modules: Sequence[str]) -> str:
-    """sha256 of the source of ``modules`` (packages: every ``.py`` beneath, by path)."""
-    digest = hashlib.sha256()
+def _source(name: str) -> tuple[Path, list[Path]]:
+    """(root, .py files) of module or package ``name``, the files by path."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.origin is None:
+        raise HarnessError(f"code module {name!r} not found")
+    if spec.submodule_search_locations:
+        root = Path(next(iter(spec.submodule_search_locations)))
+        return root, sorted(root.rglob("*.py"))
+    return Path(spec.origin).parent, [Path(spec.origin)]
+
+
+def hashed_files(modules: Sequence[str]) -> list[tuple[str, Path]]:
+    """(label, file) of each source ``modules`` stands for: packages give every ``.py``
+    beneath, by path, except the :data:`DEPLOYMENT_ONLY` modules unless ``modules`` names
+    :data:`DEPLOYS`."""
+    left_out = set() if DEPLOYS in modules else {
+        path for m in DEPLOYMENT_ONLY for path in _source(m)[1]}
+    out = []
     for name in modules:
-        spec = importlib.util.find_spec(name)
-        if spec is None or spec.origin is None:
-            raise HarnessError(f"code module {name!r} not found")
-        if spec.submodule_search_locations:
-            root = Path(next(iter(spec.submodule_search_locations)))
-            files = sorted(root.rglob("*.py"))
-        else:
-            root, files = Path(spec.origin).parent, [Path(spec.origin)]
-        for path in files:
-            digest.update(f"{name}/{path.relative_to(root).as_posix()}\n".encode())
-            digest.update(path.read_bytes())
+        root, files = _source(name)
+        out += [(f"{name}/{path.relative_to(root).as_posix()}", path) for path in files
+                if path not in left_out]
+    return out
+
+
+def code_hash(modules: Sequence[str]) -> str:
+    """sha256 of the source of ``modules`` (:func:`hashed_files`)."""
+    digest = hashlib.sha256()
+    for label, path in hashed_files(modules):
+        digest.update(f"{label}\n".encode())
+        digest.update(path.read_bytes())
     return digest.hexdigest()
 
 

@@ -369,3 +369,84 @@ def test_a_list_parameter_is_parsed_once_and_a_bad_name_fails_naming_the_paramet
         name_list({"strategies": "fedavgg,sequential"}, "strategies", known)
     with pytest.raises(HarnessError, match=r"levers: unknown ' ,'.*\(or 'all' for all\)"):
         name_list({"levers": " ,"}, "levers", known, everything="all")
+
+
+def _fedq_modules() -> dict[str, Path]:
+    """Every fedq module of this checkout: name -> file."""
+    root = Path(__file__).resolve().parent.parent
+    out = {}
+    for folder in ("common", "client", "server", "simulations"):
+        for path in (root / folder).rglob("*.py"):
+            parts = list(path.relative_to(root / folder).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            out[".".join(["fedq", folder, *parts])] = path
+    return out
+
+
+def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    """The fedq modules ``name`` imports anywhere in its source (a function's lazy imports
+    too), and, in product code, those a string names (``network_registry`` imports its
+    networks by name)."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found |= {node.module, *(f"{node.module}.{a.name}" for a in node.names)}
+        elif (isinstance(node, ast.Constant) and isinstance(node.value, str)
+              and node.value.startswith("fedq.") and not name.startswith("fedq.simulations")):
+            found.add(node.value.split(":")[0])
+    out = set()
+    for dotted in found:
+        while dotted and dotted not in modules:
+            dotted = dotted.rpartition(".")[0]
+        if dotted.startswith("fedq."):
+            out.add(dotted)
+    return out
+
+
+def _closure(start: str, modules: dict[str, Path], imports: dict[str, set[str]]) -> set[str]:
+    """Every fedq module ``start`` reaches by imports (``imports``: a cache)."""
+    seen, todo = set(), [start]
+    while todo:
+        name = todo.pop()
+        if name not in seen and name in modules:
+            seen.add(name)
+            if name not in imports:
+                imports[name] = _imports(name, modules[name], modules)
+            todo += imports[name]
+    return seen
+
+
+def test_simulations_never_import_the_deployment_only_code_they_do_not_hash():
+    """A simulation's cells hash the product less DEPLOYMENT_ONLY (fedq-supernode's warm
+    executor, fedq-submit, ...), so that fixing how a device runs its ClientApps reruns only
+    the benchmarks that deploy. Sound only while no other product module imports that code,
+    and while every kind that reaches it (a compose topology, a Docker image) names DEPLOYS,
+    whose kinds hash it."""
+    from fedq.simulations.harness import DEPLOYMENT_ONLY, DEPLOYS, PRODUCT_CODE, hashed_files
+
+    modules, imports = _fedq_modules(), {}
+    deployment = set(DEPLOYMENT_ONLY)
+    assert deployment <= set(modules)
+    for name in modules:
+        if name not in deployment and not name.startswith("fedq.simulations"):
+            assert not _closure(name, modules, imports) & deployment, name
+    bench.load_benchmarks()
+    kinds = {kind for name, module in list(sys.modules.items())
+             if name.startswith("fedq.simulations.")
+             for kind in vars(module).values() if isinstance(kind, CellKind)}
+    # bench_backend's in-process loops live in the module of its deployed cell
+    in_process = {"backend-loops", "backend-updates", "backend-device-memory"}
+    deploying = {k.name for k in kinds if k.name not in in_process
+                 and _closure(k.run.__module__, modules, imports) & deployment}
+    assert {"compose-check", "pi-run", "fault-drill", "deployment-federation",
+            "backend-deployed"} <= deploying
+    for kind in kinds:
+        assert (DEPLOYS in kind.code) == (kind.name in deploying), kind.name
+    simulated = {path for _, path in hashed_files(PRODUCT_CODE)}
+    deployed = {path for _, path in hashed_files((*PRODUCT_CODE, DEPLOYS))}
+    assert {modules[m] for m in deployment} == deployed - simulated - {modules[DEPLOYS]}
