@@ -31,19 +31,22 @@ fork server per device, imports paid once, a forked child per message; the hand-
 between the SuperNode, the task loop and that child are then rung, not polled
 (:mod:`client.handoff`).
 
+Either way its ClientApps give up a message whose objects have not arrived within
+``FEDQ_MESSAGE_PULL_LIMIT_S`` (default 300 s; :func:`client.clientapp_launcher.bound_message_pull`)
+instead of waiting up to Flower's 2 hours, unwatched, for a message of a stopped run.
+
     fedq-supernode --superlink 127.0.0.1:9092 --insecure --node-config "..."
 """
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from fedq.client import handoff, warm_executor
-from fedq.client.clientapp_launcher import write_launcher
+from fedq.client import env_settings, handoff, warm_executor
+from fedq.client.clientapp_launcher import message_pull_limit, write_launcher
 from fedq.common import hop_trace, prompt_pulls
 
 POLL_ENV = "FEDQ_SUPERNODE_POLL_S"
@@ -62,7 +65,7 @@ MAX_FAST_WINDOW_S = 60.0
 def poll_interval(environ: Mapping[str, str]) -> float:
     """``FEDQ_SUPERNODE_POLL_S`` in seconds (default 0.2); refuses anything but a number
     in [0.01, 3], naming the variable."""
-    return _seconds(environ, POLL_ENV, DEFAULT_POLL_S, 0.01, MAX_POLL_S)
+    return env_settings.seconds(environ, POLL_ENV, DEFAULT_POLL_S, 0.01, MAX_POLL_S)
 
 
 def burst(environ: Mapping[str, str]) -> handoff.Burst | None:
@@ -70,24 +73,10 @@ def burst(environ: Mapping[str, str]) -> handoff.Burst | None:
     every ``FEDQ_SUPERNODE_FAST_POLL_S`` (default 0.02, in [0.01, 3]) for
     ``FEDQ_SUPERNODE_FAST_POLL_WINDOW_S`` (default 1, in [0, 60]; 0 turns it off);
     refuses other values, naming the variable."""
-    window = _seconds(environ, FAST_WINDOW_ENV, DEFAULT_FAST_WINDOW_S, 0.0, MAX_FAST_WINDOW_S)
-    fast = _seconds(environ, FAST_POLL_ENV, DEFAULT_FAST_POLL_S, 0.01, MAX_POLL_S)
+    window = env_settings.seconds(environ, FAST_WINDOW_ENV, DEFAULT_FAST_WINDOW_S, 0.0,
+                                  MAX_FAST_WINDOW_S)
+    fast = env_settings.seconds(environ, FAST_POLL_ENV, DEFAULT_FAST_POLL_S, 0.01, MAX_POLL_S)
     return handoff.Burst(fast, window) if window > 0 else None
-
-
-def _seconds(environ: Mapping[str, str], name: str, default: float, low: float,
-             high: float) -> float:
-    raw = environ.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not low <= value <= high:  # also refuses nan
-        raise ValueError(f"{name}={raw!r}: must be a number of seconds in "
-                         f"[{low:g}, {high:g}]")
-    return value
 
 
 def cap_polling(cap: float, environ: dict[str, str] | os._Environ[str] = os.environ,
@@ -123,6 +112,7 @@ def main() -> None:
         cap = poll_interval(os.environ)
         fast = burst(os.environ)
         warm = warm_executor.enabled(os.environ)
+        message_pull_limit(os.environ)  # read again by each ClientApp
     except ValueError as err:
         sys.exit(f"fedq-supernode: error: {err}")
     if hop_trace.enabled():  # this device's processes say whose they are

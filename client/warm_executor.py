@@ -48,7 +48,8 @@ from pathlib import Path
 from typing import Any
 
 from fedq.client import handoff
-from fedq.common import hop_trace, prompt_pulls
+from fedq.client.clientapp_launcher import bound_message_pull
+from fedq.common import hop_trace
 
 # process names (/proc/PID/comm, what ps and the deployment benchmark show)
 FORK_SERVER_NAME, TASK_LOOP_NAME, TASK_NAME = "fedq-forkserver", "fedq-taskloop", "fedq-clientapp"
@@ -329,6 +330,7 @@ def _run_task(launch: Launch, note: Path, bells: handoff.Bells | None = None) ->
     _name(TASK_NAME)
     hop_trace.mark("child-start")
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1`: its stacks
+    bound_message_pull(runtime)
     pull = runtime.pull_task_input
 
     def pull_and_note(client: Any) -> Any:
@@ -342,7 +344,6 @@ def _run_task(launch: Launch, note: Path, bells: handoff.Bells | None = None) ->
     runtime.pull_task_input = pull_and_note  # type: ignore[assignment]
     runtime.push_message = handoff.ring_after(  # type: ignore[assignment]
         runtime.push_message, bells.reply if bells else None, "child-pushed")
-    prompt_pulls.apply(runtime)
     sys.argv[0] = "flwr-clientapp"  # Flower's exit handling recognises its ClientApp by it
     runtime.run_clientapp(runtime_api_address=launch.runtime_api_address,
                           token=launch.token, insecure=launch.insecure,

@@ -47,7 +47,7 @@ PRODUCT_CODE = ("fedq.common", "fedq.client", "fedq.server")
 less :data:`DEPLOYMENT_ONLY`."""
 DEPLOYMENT_ONLY = ("fedq.client.supernode", "fedq.client.warm_executor",
                    "fedq.client.clientapp_launcher", "fedq.client.handoff",
-                   "fedq.client.edge", "fedq.server.submit")
+                   "fedq.client.env_settings", "fedq.client.edge", "fedq.server.submit")
 """Product modules that only a deployed device or server runs: ``fedq-supernode`` with its
 warm executor, ClientApp launcher and hand-offs, ``fedq-client``, ``fedq-submit``. Flower's
 simulation engine and the in-process learners never import them (tests/test_harness.py

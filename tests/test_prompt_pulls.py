@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import threading
+import time
 import types
 
 import numpy as np
@@ -96,3 +97,53 @@ def test_servers_and_supernodes_pulls_retry_promptly_and_other_modules_are_refus
             module.pull_objects = pull
     with pytest.raises(RuntimeError, match="no longer pulls objects"):
         prompt_pulls.apply(importlib.import_module("json"))
+
+
+def test_a_clientapp_gives_up_a_message_whose_objects_never_arrive(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A message stored without its objects (a run stopped while the SuperNode received
+    it) once kept its ClientApp retrying for up to ~80 minutes before any fedq code ran;
+    bounded (client/clientapp_launcher.py), Flower's own pull raises after the limit and
+    the log says why."""
+    from flwr.supercore.inflatable.inflatable_utils import ObjectPullError
+
+    from fedq.client import clientapp_launcher
+
+    runtime = importlib.import_module("flwr.supernode.runtime.run_clientapp")
+    record = ArrayRecord([np.arange(10, dtype=np.float32)])
+
+    def never_stored(object_id: str) -> bytes:
+        raise ObjectUnavailableError(object_id)
+
+    def pull_task_input(_client: object) -> object:  # Flower's, reduced to its object pull
+        return runtime.pull_and_inflate_object_from_tree(
+            get_object_tree(record), never_stored, lambda _id: None, return_type=ArrayRecord)
+
+    monkeypatch.setattr(runtime, "pull_task_input", pull_task_input)
+    monkeypatch.setattr(runtime, "pull_and_inflate_object_from_tree",
+                        runtime.pull_and_inflate_object_from_tree)
+    monkeypatch.setattr(clientapp_launcher, "MESSAGE_PULL_RANGE_S", (0.1, 7200.0))  # fast
+    clientapp_launcher.bound_message_pull(
+        runtime, {clientapp_launcher.MESSAGE_PULL_ENV: "0.3"})
+    clientapp_launcher.bound_message_pull(runtime, {})  # idempotent: the first limit holds
+    assert runtime.pull_and_inflate_object_from_tree.keywords == {
+        "initial_backoff": prompt_pulls.INITIAL_BACKOFF_S, "max_time": 0.3}
+    started = time.monotonic()
+    with caplog.at_level("ERROR", logger="flwr"), pytest.raises(ObjectPullError):
+        runtime.pull_task_input(None)
+    assert time.monotonic() - started < 5  # Flower's default: up to 2 hours
+    assert clientapp_launcher.MESSAGE_PULL_ENV in caplog.text
+    assert "gives the task up" in caplog.text
+
+
+@pytest.mark.parametrize("raw", ["soon", "0", "-3", "nan", "9000"])
+def test_a_bad_message_pull_limit_is_refused_naming_the_variable(raw: str) -> None:
+    from fedq.client.clientapp_launcher import (
+        DEFAULT_MESSAGE_PULL_S,
+        MESSAGE_PULL_ENV,
+        message_pull_limit,
+    )
+
+    with pytest.raises(ValueError, match=rf"{MESSAGE_PULL_ENV}='{raw}'.*\[5, 7200\]"):
+        message_pull_limit({MESSAGE_PULL_ENV: raw})
+    assert message_pull_limit({}) == DEFAULT_MESSAGE_PULL_S

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from fedq.client.clientapp_launcher import write_launcher
+from fedq.client.clientapp_launcher import MESSAGE_PULL_ENV, write_launcher
 from fedq.client.handoff import BellSleepTime
 from fedq.client.supernode import (
     FAST_POLL_ENV,
@@ -111,3 +111,15 @@ def test_fedq_supernode_puts_the_launcher_first_on_path(tmp_path):
     assert environ["PATH"].split(os.pathsep) == [str(directory), "/usr/bin"]
     assert shutil.which("flwr-clientapp", path=environ["PATH"]) == \
         str(tmp_path / "fedq-bin" / "flwr-clientapp")
+
+
+def test_fedq_supernode_refuses_a_bad_message_pull_limit_before_it_starts(tmp_path):
+    """Its ClientApps read FEDQ_MESSAGE_PULL_LIMIT_S per message; a bad value stops the
+    device at start, naming the variable, not at its first round."""
+    program = Path(sys.executable).parent / "fedq-supernode"
+    done = subprocess.run([str(program), "--superlink", "127.0.0.1:9", "--insecure"],
+                          env={**os.environ, MESSAGE_PULL_ENV: "forever",
+                               "FLWR_HOME": str(tmp_path)},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert f"fedq-supernode: error: {MESSAGE_PULL_ENV}='forever'" in done.stderr
