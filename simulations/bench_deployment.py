@@ -91,6 +91,7 @@ from fedq.simulations.harness import (
     Done,
     HarnessError,
     Summary,
+    name_list,
     register_benchmark,
 )
 from fedq.simulations.results_io import markdown_table
@@ -373,16 +374,6 @@ DEPLOYED_FEDERATION = CellKind("deployment-federation", run_federation, (
     "fedq.simulations.flower_runtime", "fedq.simulations.hop_breakdown"))
 
 
-def _names(params: Mapping[str, Any], key: str, known: Mapping[str, Any] | tuple[str, ...]
-           ) -> list[str]:
-    names = [n.strip() for n in str(params[key]).split(",") if n.strip()]
-    unknown = sorted(set(names) - set(known))
-    if unknown or not names:
-        raise HarnessError(f"{key}: unknown {unknown or params[key]!r}; known: "
-                           f"{', '.join(known)}")
-    return names
-
-
 def _key(cell: Cell, repeats: int) -> str:
     """The row label of a cell's federation: backend and setup (and repeat)."""
     p = cell.params
@@ -396,8 +387,8 @@ def cells(params: Mapping[str, Any]) -> list[Cell]:
     shared = {k: params[k] for k in ("rounds", "local-steps", "hidden-sizes")}
     return [Cell(DEPLOYED_FEDERATION, {"backend": backend, "setup": setup, "repeat": repeat,
                                        **shared})
-            for backend in _names(params, "backends", BACKENDS)
-            for setup in _names(params, "setups", SETUPS)
+            for backend in name_list(params, "backends", BACKENDS)
+            for setup in name_list(params, "setups", list(SETUPS))
             for repeat in range(params["repeats"])]
 
 
@@ -419,7 +410,7 @@ def summarise(params: Mapping[str, Any], done: Done) -> Summary:
               for key, result in results.items()]
     devices = [{"setup": key, **device} for key, result in results.items()
                for device in result["devices"]]
-    setups = {name: SETUPS[name] for name in _names(params, "setups", SETUPS)}
+    setups = {name: SETUPS[name] for name in name_list(params, "setups", list(SETUPS))}
     text = (f"Deployed round on loopback: 3 SuperNodes (docker-compose.yml node configs), "
             f"CartPole, local-steps {local_steps}, one federation per backend and setup "
             f"({'; '.join(f'{k}: {v}' for k, v in setups.items())}), one at a time, CPUs "
