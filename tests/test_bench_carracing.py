@@ -61,7 +61,7 @@ def test_the_federated_benchmark_shares_the_single_devices_run():
     (alone,) = BENCHMARKS["carracing"].cells(single)
     beside, fed = BENCHMARKS["carracing_federated"].cells(federated)
     assert fingerprint(alone) == fingerprint(beside)
-    assert fed.params["clients"] == 4 and fed.params["overrides"]["num-server-rounds"] == 8
+    assert fed.params["clients"] == 4 and fed.params["overrides"]["num-server-rounds"] == 22
     assert fed.params["overrides"]["exploration-clock"] == "federation"  # the scenario's
 
 
