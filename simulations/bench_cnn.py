@@ -38,7 +38,7 @@ from fedq.common.dqn import DQNLearner, PrivateDQNLearner
 from fedq.common.envs import ImageObs, make_env
 from fedq.common.export.onnx_export import onnx_available
 from fedq.common.frame_buffer import FrameReplayBuffer
-from fedq.common.network_registry import build_network
+from fedq.common.network_registry import IMAGE, build_network, network_names, network_spec
 from fedq.common.privacy import DevicePrivacy
 from fedq.common.trainer import LocalTrainer
 from fedq.simulations.harness import (
@@ -48,6 +48,7 @@ from fedq.simulations.harness import (
     CellKind,
     Done,
     Summary,
+    name_list,
     one_core,
     register_benchmark,
 )
@@ -161,7 +162,10 @@ CNN_NETWORK = CellKind("cnn-network", run_network,
 
 
 def _networks(params: Mapping[str, Any]) -> list[str]:
-    return [n.strip() for n in str(params["networks"]).split(",") if n.strip()]
+    """The ``networks`` to measure, each a registered network that reads image frames (an
+    MLP or a typo fails here, naming the parameter, before any cell runs)."""
+    image_networks = [n for n in network_names() if IMAGE in network_spec(n).observations]
+    return name_list(params, "networks", image_networks)
 
 
 def cells(params: Mapping[str, Any]) -> list[Cell]:

@@ -85,3 +85,17 @@ def test_deployment_variants_share_their_federations_and_refuse_bad_parameters()
         deployment_cells({**params, "rounds": 2})
     with pytest.raises(HarnessError, match="setups: unknown \\['fusd'\\]"):
         deployment_cells({**params, "setups": "fusd"})
+
+
+def test_cnn_networks_are_checked_against_the_registrys_image_networks():
+    """A typo or an MLP in ``networks`` fails when the cells are declared, naming the
+    parameter and the networks it may hold, instead of inside a cell."""
+    from fedq.simulations.bench_cnn import cells as cnn_cells
+    from fedq.simulations.harness import HarnessError
+
+    params = resolve_params(BENCHMARKS["cnn"], {}, quick=False)
+    assert [c.params["network"] for c in cnn_cells(params)] == ["edge-cnn", "nature-cnn"]
+    for bad in ("edge-cn", "mlp"):
+        with pytest.raises(HarnessError, match=f"networks: unknown \\['{bad}'\\]; "
+                                               "known: nature-cnn, edge-cnn"):
+            cnn_cells({**params, "networks": bad})
