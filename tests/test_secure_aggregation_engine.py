@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from _probe_app import probe_app
+from _uniform import looks_uniform
 
 from fedq.common.privacy import epsilon_of
 from fedq.server.run_directory import RunDirectory
@@ -69,18 +70,6 @@ def _server_received(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "server-received.jsonl").read_text().splitlines()]
 
 
-def _looks_uniform(mean: float, std: float, size: int) -> bool:
-    """Mean and standard deviation of ``size`` draws (as shares of 2**32) within six
-    standard errors of a uniform's (1/2, sqrt(1/12)): a false alarm once in ~10**8
-    vectors. (The earlier fixed bound, mean within 0.05, was 3.4 standard errors at 387
-    draws and failed a correct run.) An unmasked update fails: its small values and their
-    wrapped negatives sit near 0 and 1, a standard deviation near 1/2."""
-    uniform_std = math.sqrt(1 / 12)
-    mean_error = uniform_std / math.sqrt(size)
-    std_error = math.sqrt((1 / 80 - 1 / 144) / (4 * (1 / 12) * size))  # of the sample std
-    return abs(mean - 0.5) < 6 * mean_error and abs(std - uniform_std) < 6 * std_error
-
-
 def test_secure_fedavg_in_the_engine_equals_fedavg_and_the_server_sees_no_update(tmp_path):
     row, out = _run(tmp_path, 3)
     assert row["train"]["clients"] == 3 and row["train"]["secagg-masked-devices"] == 3
@@ -96,7 +85,7 @@ def test_secure_fedavg_in_the_engine_equals_fedavg_and_the_server_sees_no_update
     assert len({r["error"] for r in received}) == 1  # no device failed
     # one masked vector per device (its weight and 386 coordinates), uniform mod 2**32
     assert [size for _, _, size in masked] == [1 + 386] * 3
-    assert all(_looks_uniform(mean, std, size) for mean, std, size in masked), masked
+    assert all(looks_uniform(mean, std, size) for mean, std, size in masked), masked
 
 
 def test_distributed_dp_in_the_engine_with_a_device_lost_mid_protocol(tmp_path):
