@@ -45,7 +45,7 @@ BENCHMARK_MODULES = ("bench_dp_cost", "bench_speed", "bench_backend", "bench_exp
           "bench_federation_levers", "bench_federation_pays", "bench_carracing_speed",
           "bench_federation_n4", "privacy_pretrain", "privacy_pretrain_device", "bench_cnn",
           "bench_secagg", "bench_deployment", "bench_stability",
-          "bench_fault_drill", "bench_carracing", "bench_docker")
+          "bench_fault_drill", "bench_carracing", "bench_docker", "bench_resume_wait")
 """Modules whose import registers their harness benchmarks."""
 
 
