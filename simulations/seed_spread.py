@@ -11,7 +11,8 @@ physics with the baseline), and how many seeds a 95 % interval of +-0.1 would ta
 
     python -m fedq.simulations.seed_spread simulations/results/privacy_pretrain/results.json
 
-No benchmark imports it: it reads results, so it re-stales nothing.
+``privacy_pretrain``'s report uses it too; no cell's code includes it, so a change here
+re-stales nothing.
 """
 
 from __future__ import annotations

@@ -31,12 +31,13 @@ def test_bimodal_finals_leave_the_share_unresolved():
     assert row.low < 0.6 and row.high > 1.2 and row.seeds_for_tenth > 50
 
 
-def test_the_committed_privacy_pretrain_share_at_epsilon_4_is_not_resolved_by_5_seeds():
+def test_the_committed_privacy_pretrain_shares_at_epsilon_8_and_4_are_not_resolved():
+    """Whatever the committed run's means say, its 5 seeds leave 90% inside the interval."""
     rows = {r.setting: r for r in spreads(json.loads(
         (RESULTS / "privacy_pretrain" / "results.json").read_text()))}
-    eps4 = rows["DP-SGD epsilon 4"]
-    assert eps4.seeds == 5 and eps4.share == pytest.approx(0.877, abs=0.001)
-    assert eps4.low < 0.9 < eps4.high
+    for setting in ("DP-SGD epsilon 8", "DP-SGD epsilon 4"):
+        assert rows[setting].seeds == 5
+        assert rows[setting].low < 0.9 < rows[setting].high, rows[setting]
 
 
 def test_bad_input_is_named(tmp_path, capsys):
