@@ -168,16 +168,18 @@ def share_of_baseline(rows: list[dict[str, Any]], setting: str, per_seed: str) -
                         np.random.default_rng(0))
 
 
-def share_intervals(rows: list[dict[str, Any]], setting: str) -> str:
+def share_intervals(rows: list[dict[str, Any]], setting: str) -> dict[str, ShareSpread]:
     """The paired bootstrap interval of ``setting``'s share of no-dp, on the final return
-    and on the last rounds' mean."""
-    parts = []
-    for key, label in (("per-seed final", "final"),
-                       (f"per-seed last-{TAIL_ROUNDS}", f"last-{TAIL_ROUNDS} mean")):
-        spread = share_of_baseline(rows, setting, key)
-        parts.append(f"{label} {spread.share:.0%} [{spread.low:.0%}, {spread.high:.0%}]")
+    and on the last rounds' mean, by label."""
+    return {label: share_of_baseline(rows, setting, key)
+            for key, label in (("per-seed final", "final"),
+                               (f"per-seed last-{TAIL_ROUNDS}", f"last-{TAIL_ROUNDS} mean"))}
+
+
+def intervals_text(setting: str, spreads: dict[str, ShareSpread]) -> str:
     return (f"{setting}'s share of no-dp, 95% paired bootstrap over seeds: "
-            + "; ".join(parts))
+            + "; ".join(f"{label} {s.share:.0%} [{s.low:.0%}, {s.high:.0%}]"
+                        for label, s in spreads.items()))
 
 
 def verdict(rows: list[dict[str, Any]], goal: float) -> str:
@@ -194,7 +196,8 @@ def verdict(rows: list[dict[str, Any]], goal: float) -> str:
     solves = n_solved == n
     # met only when the whole 95% interval is at the target: DP-SGD's noise does not follow
     # the seed, so a rerun of the same cells moves the mean share by tens of points
-    low = share_of_baseline(rows, best["setting"], "per-seed final").low if n > 1 else 0.0
+    spreads = share_intervals(rows, best["setting"]) if n > 1 else {}
+    low = spreads["final"].low if spreads else 0.0
     met = low >= UTILITY_SHARE and solves
     outcome = ("met" if met else "at the target on the mean only, not shown"
                if best["vs non-private"] >= UTILITY_SHARE and solves else "not met")
@@ -208,8 +211,8 @@ def verdict(rows: list[dict[str, Any]], goal: float) -> str:
     if pre is not None:
         text += (f". The pretrained net alone (epsilon 0) returns {pre['final mean']:.1f} "
                  f"({pre['vs non-private']:.0%})")
-    if n > 1:
-        text += ". " + share_intervals(rows, best["setting"])
+    if spreads:
+        text += ". " + intervals_text(best["setting"], spreads)
     return text
 
 

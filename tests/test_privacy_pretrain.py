@@ -87,7 +87,8 @@ def test_rows_report_the_last_rounds_mean_and_the_verdict_its_interval() -> None
     assert row["per-seed final"] == [20.0, 500.0]
     assert row[f"per-seed last-{k}"] == [pytest.approx((500.0 * (k - 1) + 20.0) / k), 500.0]
     base = privacy_pretrain._row("no-dp", [_run(500.0, [500.0] * k)] * 2, "-", 475.0)
-    text = privacy_pretrain.share_intervals([base, row], "DP")
+    text = privacy_pretrain.intervals_text(
+        "DP", privacy_pretrain.share_intervals([base, row], "DP"))
     assert text.startswith("DP's share of no-dp, 95% paired bootstrap over seeds: final 52% [")
     assert f"last-{k} mean 94% [88%, 100%]" in text
 
