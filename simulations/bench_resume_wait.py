@@ -26,7 +26,6 @@ combinations alternating within a repeat, so load drift hits them alike.
 
 from __future__ import annotations
 
-import json
 import re
 import statistics
 import threading
@@ -35,8 +34,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from fedq.simulations.compose_check import rows
 from fedq.simulations.compose_topology import TINY_RUN, compose_topology
-from fedq.simulations.flower_runtime import kill_serverapp, restart_superlink, run_tagged
+from fedq.simulations.flower_runtime import (
+    SuperLinkHandle,
+    kill_serverapp,
+    restart_superlink,
+    run_tagged,
+)
 from fedq.simulations.harness import (
     PRODUCT_CODE,
     Benchmark,
@@ -48,6 +53,7 @@ from fedq.simulations.harness import (
     name_list,
     register_benchmark,
 )
+from fedq.simulations.results_io import spread
 
 CRASHES = ("serverapp-kill", "superlink-restart")
 REMEDIES = ("resubmit", "stop-then-resubmit")
@@ -58,16 +64,24 @@ WAITED_S = 10.0
 crash caught a round's message half pushed, so the table counts the runs that waited."""
 
 
-def _rows(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
 def _wait_for(path: Path, alive: threading.Thread, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
         if not alive.is_alive() or time.monotonic() > deadline:
             raise HarnessError(f"resume_wait: {what} never appeared ({path})")
         time.sleep(0.1)
+
+
+def stop_started_run(link: SuperLinkHandle, submit_log: Path) -> str:
+    """``flwr stop`` the run that ``fedq-submit`` logged starting in ``submit_log`` (the
+    operator's recipe after a crash, docs/durability.md); returns its run id."""
+    found = _STARTED.search(submit_log.read_text())
+    if found is None:
+        raise HarnessError(f"{submit_log} names no run to stop")
+    stop = run_tagged(link, ["flwr", "stop", found.group(1), link.connection], timeout=60)
+    if stop.returncode != 0:
+        raise HarnessError(f"flwr stop {found.group(1)} failed: {stop.stdout!r}")
+    return found.group(1)
 
 
 def run_crash(params: Mapping[str, Any], workdir: Path) -> dict[str, Any]:
@@ -89,13 +103,7 @@ def run_crash(params: Mapping[str, Any], workdir: Path) -> dict[str, Any]:
         else:
             restart_superlink(topology.link, kill=True)
         if remedy == "stop-then-resubmit":
-            found = _STARTED.search((topology.workdir / "submit-1.log").read_text())
-            if found is None:
-                raise HarnessError("resume_wait: submit-1.log names no run to stop")
-            stop = run_tagged(topology.link, ["flwr", "stop", found.group(1),
-                                              topology.link.connection], timeout=60)
-            if stop.returncode != 0:
-                raise HarnessError(f"resume_wait: flwr stop failed: {stop.stdout!r}")
+            stop_started_run(topology.link, topology.workdir / "submit-1.log")
         resubmitted_at = time.monotonic()
         code = topology.submit(run_dir, {**run, "resume": True}, log_name="submit-2.log",
                                timeout=600)
@@ -104,18 +112,18 @@ def run_crash(params: Mapping[str, Any], workdir: Path) -> dict[str, Any]:
     if code != 0:
         raise HarnessError(f"resume_wait {crash}/{remedy}: the resumed run exited {code}; "
                            f"see {topology.workdir / 'submit-2.log'}")
-    rows = _rows(run_dir / "metrics.jsonl")
+    kept = rows(run_dir / "metrics.jsonl")
     return {"crash": crash, "remedy": remedy, "repeat": params["repeat"],
-            "rounds": [r["round"] for r in rows],
-            "round-seconds": [r["round-seconds"] for r in rows],
+            "rounds": [r["round"] for r in kept],
+            "round-seconds": [r["round-seconds"] for r in kept],
             "resubmission-seconds": done_at - resubmitted_at,
             "crash-to-done-seconds": done_at - crashed_at,
             "crashed-submit-exit": crashed.get("code")}
 
 
 RESUME_WAIT = CellKind("resume-wait", run_crash, (
-    *PRODUCT_CODE, "fedq.simulations.bench_resume_wait", "fedq.simulations.compose_topology",
-    "fedq.simulations.flower_runtime"))
+    *PRODUCT_CODE, "fedq.simulations.bench_resume_wait", "fedq.simulations.compose_check",
+    "fedq.simulations.compose_topology", "fedq.simulations.flower_runtime"))
 
 
 def cells(params: Mapping[str, Any]) -> list[Cell]:
@@ -133,10 +141,6 @@ def cells(params: Mapping[str, Any]) -> list[Cell]:
             for repeat in range(params["repeats"]) for crash in crashes for remedy in remedies]
 
 
-def _spread(values: list[float]) -> str:
-    return f"{statistics.median(values):.1f} [{min(values):.1f}, {max(values):.1f}]"
-
-
 def summary(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per crash and remedy; the wait as a ratio of the same crash's stopped runs."""
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
@@ -150,13 +154,13 @@ def summary(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         stopped = first_round.get((crash, "stop-then-resubmit"))
         table.append({
             "crash": crash, "remedy": remedy, "repeats": len(runs),
-            "resumed round 2 s": _spread([r["round-seconds"][1] for r in runs]),
+            "resumed round 2 s": spread([r["round-seconds"][1] for r in runs]),
             f"waited (round 2 > {WAITED_S:g} s)":
                 f"{sum(r['round-seconds'][1] > WAITED_S for r in runs)}/{len(runs)}",
             "vs stop-then-resubmit": first_round[(crash, remedy)] / stopped if stopped else None,
             "rounds 3+ s (median)": statistics.median(
                 s for r in runs for s in r["round-seconds"][2:]),
-            "resubmission s": _spread([r["resubmission-seconds"] for r in runs]),
+            "resubmission s": spread([r["resubmission-seconds"] for r in runs]),
             "every round once": all(r["rounds"] == list(range(1, rounds + 1)) for r in runs),
             "crashed run's fedq-submit exit": sorted({r["crashed-submit-exit"] for r in runs},
                                                     key=str),
