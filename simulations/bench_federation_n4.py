@@ -12,6 +12,14 @@ as torch's (tests/test_numpy_backend.py), about 5x faster per round here, which 
 lets 10 runs of 600k env steps each finish in an afternoon on 2 shared cores.
 
     python -m fedq.simulations.bench federation_n4 --workers 2
+
+The ``federation_n4_every500`` and ``_every250`` variants ask whether averaging more often
+keeps FedAvg's final model at the goal: the same 150k env steps per device in rounds of 500
+(300 rounds) or 250 (600 rounds), FedAvg only, evaluated after every round as above (so a
+"3 rounds in a row" there spans 1,500 or 750 steps per device, not 7,500: compare them on
+the final return, not on steps to solved).
+
+    python -m fedq.simulations.bench federation_n4_every500 --workers 2
 """
 
 from __future__ import annotations
@@ -19,12 +27,24 @@ from __future__ import annotations
 from fedq.simulations.bench_federation import cells, summarise
 from fedq.simulations.harness import Benchmark, register_benchmark
 
+DEFAULTS = {"strategies": "fedavg,sequential", "clients": "4", "seeds": 5, "first-seed": 0,
+            "local-steps": 2500, "max-rounds": 60, "eval-episodes-total": 24,
+            "learner": "backend=numpy"}
+QUICK = {"clients": "2", "seeds": 1, "local-steps": 50, "max-rounds": 2,
+         "eval-episodes-total": 2}
+BUDGET_PER_DEVICE = DEFAULTS["local-steps"] * DEFAULTS["max-rounds"]
+
 BENCHMARK = register_benchmark(Benchmark(
     "federation_n4", "issue 20's federated target: N=4 CartPole devices, FedAvg and "
     "sequential, 5 seeds, 150k env steps per device, solved (3 rounds in a row), final, best",
-    defaults={"strategies": "fedavg,sequential", "clients": "4", "seeds": 5,
-              "first-seed": 0, "local-steps": 2500, "max-rounds": 60,
-              "eval-episodes-total": 24, "learner": "backend=numpy"},
-    quick={"clients": "2", "seeds": 1, "local-steps": 50, "max-rounds": 2,
-           "eval-episodes-total": 2},
-    cells=cells, summarise=summarise, plot_name="curves.png"))
+    defaults=DEFAULTS, quick=QUICK, cells=cells, summarise=summarise,
+    plot_name="curves.png"))
+
+for _every in (500, 250):
+    register_benchmark(Benchmark(
+        f"federation_n4_every{_every}", f"federation_n4's FedAvg averaged every {_every} "
+        "local env steps instead of 2,500, the same 150k per device: does the final model "
+        "stay at the goal?",
+        defaults={**DEFAULTS, "strategies": "fedavg", "local-steps": _every,
+                  "max-rounds": BUDGET_PER_DEVICE // _every},
+        quick=QUICK, cells=cells, summarise=summarise, plot_name="curves.png"))
