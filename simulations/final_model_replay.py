@@ -81,21 +81,25 @@ def main(argv: Sequence[str] | None = None) -> None:
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("benchmarks", nargs="+", help="committed federation benchmarks")
     parser.add_argument("--episodes", type=int, default=100)
+    parser.add_argument("--results-root", type=Path, default=RESULTS,
+                        help="where the benchmarks' results are (bench's --results-root "
+                        "of a trial run); the replay is written there too")
     args = parser.parse_args(argv)
     if args.episodes < 1:
         parser.error(f"--episodes: >= 1, got {args.episodes}")
     for benchmark in args.benchmarks:
-        if not (RESULTS / benchmark / "results.json").is_file():
-            parser.error(f"{benchmark}: no committed results ({RESULTS / benchmark})")
-        rows = replay(benchmark, args.episodes)
+        if not (args.results_root / benchmark / "results.json").is_file():
+            parser.error(f"{benchmark}: no results.json in {args.results_root / benchmark}")
+        rows = replay(benchmark, args.episodes, results_root=args.results_root)
         if not any(r["checkpoint"] for r in rows):
             parser.error(f"{benchmark}: none of the runs behind its committed results has "
                          f"its work dir in {CACHE_ROOT} (they are kept only on the machine "
                          "that ran them)")
         table = summary(rows)
+        root = "" if args.results_root == RESULTS else f" --results-root {args.results_root}"
         command = ("python -m fedq.simulations.final_model_replay "
-                   f"{benchmark} --episodes {args.episodes}")
-        out = RESULTS / benchmark
+                   f"{benchmark} --episodes {args.episodes}{root}")
+        out = args.results_root / benchmark
         atomic_write_text(out / "final_model_replay.json", json.dumps(
             {"command": command, "episodes": args.episodes, "goal": GOAL, "runs": rows,
              "summary": table}, indent=1) + "\n")
