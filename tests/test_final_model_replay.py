@@ -60,3 +60,13 @@ def test_a_benchmark_without_cached_work_dirs_fails_naming_the_cache(tmp_path, m
     with pytest.raises(SystemExit):
         final_model_replay.main(["federation_n4_every500"])
     assert "its work dir in runs/harness" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("argv", "named"), [
+    (["federation_n4_every500", "--episodes", "0"], "--episodes: >= 1, got 0"),
+    (["no_such_benchmark"], "no_such_benchmark: no results.json in"),
+])
+def test_bad_arguments_fail_naming_the_argument(argv, named, capsys):
+    with pytest.raises(SystemExit):
+        final_model_replay.main(argv)
+    assert named in capsys.readouterr().err
