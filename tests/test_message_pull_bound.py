@@ -21,8 +21,9 @@ import time
 import pytest
 
 from fedq.client.clientapp_launcher import MESSAGE_PULL_ENV
+from fedq.simulations.bench_resume_wait import stop_started_run
 from fedq.simulations.compose_topology import TINY_RUN, compose_topology
-from fedq.simulations.flower_runtime import node_pids, run_tagged
+from fedq.simulations.flower_runtime import node_pids
 
 PULL_DELAY_S = 8.0  # the SuperNode's own pull of a message's objects, delayed
 LIMIT_S = 15  # the ClientApp's bound: above the delay, so a live run is not hurt by it
@@ -67,10 +68,7 @@ def test_a_clientapp_of_a_message_its_run_stopped_receiving_gives_up_and_ends(
         while "Receiving: train message" not in _text(logs):
             assert time.monotonic() < deadline, _text(logs)[-3000:]
             time.sleep(0.05)
-        run_id = re.search(r"\[RUN (\d+)\]", _text(logs)).group(1)
-        link = topology.link
-        stop = run_tagged(link, ["flwr", "stop", run_id, link.connection], timeout=60)
-        assert stop.returncode == 0, stop.stdout
+        stop_started_run(topology.link, topology.workdir / "submit.log")
         stopped = time.monotonic()
         while "gives the task up" not in _text(logs):
             # Flower's own limit is 2 hours; the bound's is LIMIT_S after the pull began
