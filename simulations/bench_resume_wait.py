@@ -26,6 +26,7 @@ combinations alternating within a repeat, so load drift hits them alike.
 
 from __future__ import annotations
 
+import json
 import re
 import statistics
 import threading
@@ -34,7 +35,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from fedq.simulations.compose_check import rows
 from fedq.simulations.compose_topology import TINY_RUN, compose_topology
 from fedq.simulations.flower_runtime import (
     SuperLinkHandle,
@@ -70,6 +70,22 @@ def _wait_for(path: Path, alive: threading.Thread, timeout: float, what: str) ->
         if not alive.is_alive() or time.monotonic() > deadline:
             raise HarnessError(f"resume_wait: {what} never appeared ({path})")
         time.sleep(0.1)
+
+
+def metrics_rows(path: Path) -> list[dict[str, Any]]:
+    """Every row of a run's ``metrics.jsonl``, strictly: a line that is not a JSON object
+    is a torn or garbled write the resume should never leave, so it fails the cell naming
+    the file and line instead of being skipped (a skipped line would hide a lost round)."""
+    kept = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if not isinstance(row, dict):
+            raise HarnessError(f"{path}:{number}: not a metrics row: {line[:80]!r}")
+        kept.append(row)
+    return kept
 
 
 def stop_started_run(link: SuperLinkHandle, submit_log: Path) -> str:
@@ -112,7 +128,7 @@ def run_crash(params: Mapping[str, Any], workdir: Path) -> dict[str, Any]:
     if code != 0:
         raise HarnessError(f"resume_wait {crash}/{remedy}: the resumed run exited {code}; "
                            f"see {topology.workdir / 'submit-2.log'}")
-    kept = rows(run_dir / "metrics.jsonl")
+    kept = metrics_rows(run_dir / "metrics.jsonl")
     return {"crash": crash, "remedy": remedy, "repeat": params["repeat"],
             "rounds": [r["round"] for r in kept],
             "round-seconds": [r["round-seconds"] for r in kept],
@@ -122,8 +138,8 @@ def run_crash(params: Mapping[str, Any], workdir: Path) -> dict[str, Any]:
 
 
 RESUME_WAIT = CellKind("resume-wait", run_crash, (
-    *PRODUCT_CODE, "fedq.simulations.bench_resume_wait", "fedq.simulations.compose_check",
-    "fedq.simulations.compose_topology", "fedq.simulations.flower_runtime"))
+    *PRODUCT_CODE, "fedq.simulations.bench_resume_wait", "fedq.simulations.compose_topology",
+    "fedq.simulations.flower_runtime"))
 
 
 def cells(params: Mapping[str, Any]) -> list[Cell]:

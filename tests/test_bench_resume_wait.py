@@ -5,7 +5,7 @@ and its table puts each wait against the same crash's stopped runs. The real cel
 
 import pytest
 
-from fedq.simulations.bench_resume_wait import cells, summary
+from fedq.simulations.bench_resume_wait import cells, metrics_rows, summary
 from fedq.simulations.harness import BENCHMARKS, HarnessError
 
 
@@ -53,3 +53,16 @@ def test_the_table_puts_each_wait_against_the_same_crashs_stopped_runs():
     assert by["stop-then-resubmit"]["vs stop-then-resubmit"] == pytest.approx(1.0)
     assert all(r["every round once"] and r["crashed run's fedq-submit exit"] == [1]
                for r in rows)
+
+
+
+def test_metrics_rows_are_read_strictly_a_torn_line_names_the_file_and_line(tmp_path):
+    """A resume that left a torn or garbled row fails the cell; skipping the line would
+    count the run as keeping every round."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"round": 1}\n{"round": 2}\n')
+    assert [r["round"] for r in metrics_rows(path)] == [1, 2]
+    for bad in ('{"round": 3, "ret', "[3]"):
+        path.write_text(f'{{"round": 1}}\n{{"round": 2}}\n{bad}\n')
+        with pytest.raises(HarnessError, match=r"metrics\.jsonl:3: not a metrics row"):
+            metrics_rows(path)
