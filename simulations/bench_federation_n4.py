@@ -29,6 +29,12 @@ decayed (docs/what-we-tried.md); a sequential model takes 4 devices' updates per
 at the same rate it moves 4 times as far.
 
     python -m fedq.simulations.bench federation_n4_decay100k --workers 2
+
+Five seeds cannot tell 5/5 from 2/5 apart with confidence, so the sequential rows of both
+schedules have five more seeds (5-9) each, in ``federation_n4_sequential_seeds5_9`` (the
+150k decay) and ``federation_n4_decay100k_sequential_seeds5_9``.
+
+    python -m fedq.simulations.bench federation_n4_sequential_seeds5_9 --workers 2
 """
 
 from __future__ import annotations
@@ -58,9 +64,18 @@ for _every, _strategies in ((500, "fedavg,sequential"), (250, "fedavg")):
                   "max-rounds": BUDGET_PER_DEVICE // _every},
         quick=QUICK, cells=cells, summarise=summarise, plot_name="curves.png"))
 
+DECAY_100K = {**DEFAULTS, "learner": "backend=numpy,learning-rate-decay-steps=100000"}
+
 register_benchmark(Benchmark(
     "federation_n4_decay100k", "federation_n4 with the learning rate decaying to 0 over 100k "
     "of each device's own env steps instead of 150k: does a model that stops learning "
     "before the budget ends stay at the goal?",
-    defaults={**DEFAULTS, "learner": "backend=numpy,learning-rate-decay-steps=100000"},
-    quick=QUICK, cells=cells, summarise=summarise, plot_name="curves.png"))
+    defaults=DECAY_100K, quick=QUICK, cells=cells, summarise=summarise,
+    plot_name="curves.png"))
+
+for _name, _base in (("federation_n4", DEFAULTS), ("federation_n4_decay100k", DECAY_100K)):
+    register_benchmark(Benchmark(
+        f"{_name}_sequential_seeds5_9", f"{_name}'s sequential rounds on seeds 5-9, five "
+        "more seeds for the final-return comparison of the two learning-rate schedules",
+        defaults={**_base, "strategies": "sequential", "first-seed": 5},
+        quick=QUICK, cells=cells, summarise=summarise, plot_name="curves.png"))
