@@ -85,6 +85,11 @@ VARIANTS: dict[str, VariantFn] = {
     "lr-decay-fast": lambda task, base: {
         "learning-rate-final": float(base.get("learning-rate", 5e-4)) / 10,
         "learning-rate-decay-steps": task.max_steps // 2},
+    # learning rate linearly to 0 over two thirds of the budget, then 0 (learning stops):
+    # what kept sequential federated rounds at the goal (bench federation_n4_decay100k)
+    "lr-decay-two-thirds": lambda task, base: {"learning-rate-final": 0.0,
+                                               "learning-rate-decay-steps":
+                                                   task.max_steps * 2 // 3},
     # half the task's learning rate
     "lr-half": lambda task, base: {"learning-rate": float(base.get("learning-rate", 5e-4))
                                    / 2},
@@ -262,6 +267,10 @@ _register("stability_sweep_quick5", "stability_sweep_quick's four leading varian
 _register("stability_sweep_cartpole5", "the remedies fedq adopted (TD-target clip + "
           "learning-rate decay) and two alternatives, CartPole, 5 seeds",
           variants="td-clip+lr-decay,td-clip+lr-decay-fast,td-clip+polyak+lr-const")
+_register("stability_sweep_decay_two_thirds", "a lone CartPole device with the learning rate "
+          "reaching 0 at 100k of its 150k steps (the schedule federation_n4_decay100k "
+          "tried) against fedq's defaults, 5 seeds",
+          variants="defaults,lr-decay-two-thirds")
 _register("stability_sweep_acrobot_quick", "fedq's defaults vs the defaults before issue 20 on "
           "Acrobot, 3 seeds, 0.3 of the budget",
           envs="Acrobot-v1", variants="defaults,old-defaults", seeds=3,

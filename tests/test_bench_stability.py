@@ -28,13 +28,15 @@ def _params(**overrides):
     return resolve_params(BENCHMARKS["stability_sweep_cartpole5"], overrides, quick=False)
 
 
-def test_four_committed_sweeps_are_registered_and_each_plans_its_cells():
+def test_five_committed_sweeps_are_registered_and_each_plans_its_cells():
     assert SWEEPS == ["stability_sweep_quick", "stability_sweep_quick5",
-                      "stability_sweep_cartpole5", "stability_sweep_acrobot_quick"]
+                      "stability_sweep_cartpole5", "stability_sweep_decay_two_thirds",
+                      "stability_sweep_acrobot_quick"]
     sizes = {name: len(BENCHMARKS[name].cells(resolve_params(BENCHMARKS[name], {}, False)))
              for name in SWEEPS}
     assert sizes == {"stability_sweep_quick": 18, "stability_sweep_quick5": 20,
-                     "stability_sweep_cartpole5": 15, "stability_sweep_acrobot_quick": 6}
+                     "stability_sweep_cartpole5": 15, "stability_sweep_decay_two_thirds": 10,
+                     "stability_sweep_acrobot_quick": 6}
 
 
 def test_variants_combine_left_to_right_into_the_settings_a_cell_runs():
@@ -42,6 +44,9 @@ def test_variants_combine_left_to_right_into_the_settings_a_cell_runs():
     assert settings["backend"] == "numpy"
     assert settings["td-target-clip"] is True  # td-clip overrides old-defaults' False
     assert settings["learning-rate-decay-steps"] == 150_000  # lr-decay over the budget
+    two_thirds = variant_settings(TASKS["CartPole-v1"], "lr-decay-two-thirds")
+    assert (two_thirds["learning-rate-decay-steps"], two_thirds["learning-rate-final"]) == (
+        100_000, 0.0)
     planned, skipped = plan(_params(variants="defaults,td-clip", seeds=2))
     assert not skipped
     assert [(env, variant, cell.params["seed"]) for env, variant, cell in planned] == [
