@@ -35,6 +35,12 @@ schedules have five more seeds (5-9) each, in ``federation_n4_sequential_seeds5_
 150k decay) and ``federation_n4_decay100k_sequential_seeds5_9``.
 
     python -m fedq.simulations.bench federation_n4_sequential_seeds5_9 --workers 2
+
+``federation_n4_fedavg_batch128`` asks whether FedAvg's final model, which the 100k
+schedule freezes wherever it is, gets better with half the gradient noise: FedAvg with
+batches of 128 instead of 64 (on the default schedule).
+
+    python -m fedq.simulations.bench federation_n4_fedavg_batch128 --workers 2
 """
 
 from __future__ import annotations
@@ -79,3 +85,9 @@ for _name, _base in (("federation_n4", DEFAULTS), ("federation_n4_decay100k", DE
         "more seeds for the final-return comparison of the two learning-rate schedules",
         defaults={**_base, "strategies": "sequential", "first-seed": 5},
         quick=QUICK, cells=cells, summarise=summarise, plot_name="curves.png"))
+
+register_benchmark(Benchmark(
+    "federation_n4_fedavg_batch128", "federation_n4's FedAvg with batches of 128 instead of "
+    "64: does less gradient noise keep the averaged model at the goal?",
+    defaults={**DEFAULTS, "strategies": "fedavg", "learner": "backend=numpy,batch-size=128"},
+    quick=QUICK, cells=cells, summarise=summarise, plot_name="curves.png"))
