@@ -55,7 +55,6 @@ def test_the_table_puts_each_wait_against_the_same_crashs_stopped_runs():
                for r in rows)
 
 
-
 def test_metrics_rows_are_read_strictly_a_torn_line_names_the_file_and_line(tmp_path):
     """A resume that left a torn or garbled row fails the cell; skipping the line would
     count the run as keeping every round."""

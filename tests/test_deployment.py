@@ -22,7 +22,7 @@ import pytest
 
 from fedq.common.certs import make_supernode_auth_keys, make_tls_files
 from fedq.common.device_key import DEVICE_KEY
-from fedq.simulations.bench_resume_wait import stop_started_run
+from fedq.simulations.bench_resume_wait import metrics_rows, stop_started_run
 from fedq.simulations.compose_topology import TINY_RUN, compose_topology
 from fedq.simulations.flower_runtime import kill_serverapp, start_supernode
 
@@ -34,12 +34,6 @@ pytestmark = pytest.mark.slow
 # torch devices behind real SuperNodes: tests/test_edge_recipe.py and
 # test_curious_server_deployed.py.
 RUN = {**TINY_RUN, "backend": "numpy"}
-
-
-def _rows(path):
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def _counters(state_dir):
@@ -73,7 +67,7 @@ def plain_run(plain):
         assert first.is_alive() and time.monotonic() < deadline, "round 1 never finished"
         time.sleep(0.2)
     killed = kill_serverapp(plain.link)
-    rows_after_crash = [r["round"] for r in _rows(run_dir / "metrics.jsonl")]
+    rows_after_crash = [r["round"] for r in metrics_rows(run_dir / "metrics.jsonl")]
     # the operator's recipe (docs/durability.md): stop the crashed run, then resubmit.
     # Flower marks it failed by itself only when the dead ServerApp's heartbeat expires
     # (~60 s), and until then each SuperNode keeps retrying the objects of the message the
@@ -88,7 +82,7 @@ def plain_run(plain):
 def test_compose_federation_trains_and_writes_checkpoints_and_metrics(plain_run):
     run_dir, _, outcome, _ = plain_run
     assert outcome["resumed"] == 0, "see submit-2.log"
-    rows = _rows(run_dir / "metrics.jsonl")
+    rows = metrics_rows(run_dir / "metrics.jsonl")
     assert [r["round"] for r in rows] == [1, 2, 3]
     for row in rows:
         assert row["train"]["clients"] == 3 and row["eval"]["clients"] == 3
@@ -103,13 +97,13 @@ def test_server_crash_then_resume_continues_at_the_next_round(plain_run):
     assert killed, "no flwr-serverapp process was running"
     assert outcome["first"] == 1, "fedq-submit must report the crashed run as not completed"
     assert rows_after_crash[0] == 1 and len(rows_after_crash) <= 2
-    rows = _rows(run_dir / "metrics.jsonl")
+    rows = metrics_rows(run_dir / "metrics.jsonl")
     assert [r["round"] for r in rows] == [1, 2, 3]  # no round lost or repeated
     # the crashed run stopped, no device waits for the message its ServerApp died sending
     assert rows[1]["round-seconds"] < 30, rows[1]["round-seconds"]
     steps = [r["env-steps-per-client-total"] for r in rows]
     assert steps == [200, 400, 600]
-    client_rounds = [(r["round"], r["phase"]) for r in _rows(run_dir / "clients.jsonl")]
+    client_rounds = [(r["round"], r["phase"]) for r in metrics_rows(run_dir / "clients.jsonl")]
     assert sorted(set(client_rounds)) == [(n, p) for n in (1, 2, 3)
                                           for p in ("evaluate", "train")]
     assert len(client_rounds) == 3 * 2 * 3  # every device once per round and phase
@@ -135,12 +129,12 @@ def test_device_killed_mid_round_does_not_stall_and_rejoins_with_its_state(plain
     run.join()
     assert outcome["code"] == 0, "see submit-3.log"
 
-    rows = _rows(run_dir / "metrics.jsonl")
+    rows = metrics_rows(run_dir / "metrics.jsonl")
     assert [r["round"] for r in rows] == [1, 2, 3, 4, 5]
     round4 = rows[3]["participation"]["train"]
     assert round4["sampled"] == 3 and round4["replied"] == 2  # went on without node 2
     assert rows[3]["train"]["clients"] == 2
-    replies = [r for r in _rows(run_dir / "clients.jsonl")
+    replies = [r for r in metrics_rows(run_dir / "clients.jsonl")
                if r["node-id"] == new_id and r["phase"] == "train"]
     assert [r["round"] for r in replies] == [5]
     # the restarted device loaded its replay buffer and counters from its state dir
@@ -185,13 +179,13 @@ def test_tls_and_node_auth_federation_chains_real_supernodes_in_device_order(sec
                                     "exploration-clock": "federation",
                                     "exploration-steps": 4000}, log_name="submit-seq.log")
     assert code == 0, "see submit-seq.log"
-    rows = _rows(run_dir / "metrics.jsonl")
+    rows = metrics_rows(run_dir / "metrics.jsonl")
     assert [r["round"] for r in rows] == [1, 2]
     assert all(r["train"]["clients"] == 3 for r in rows)
     assert "insecure" not in secured.link.log_path.read_text().lower()
     assert [r["env-steps-federation-total"] for r in rows] == [3 * steps, 6 * steps]
     trained = sorted((r["round"], r[DEVICE_KEY], r["node-id"], r["epsilon"])
-                     for r in _rows(run_dir / "clients.jsonl") if r["phase"] == "train")
+                     for r in metrics_rows(run_dir / "clients.jsonl") if r["phase"] == "train")
     assert len(trained) == 6
     for visit, (*_, epsilon) in enumerate(trained):  # rounds, then the visiting order
         assert epsilon == pytest.approx(1.0 - 0.98 * (visit + 1) * steps / 4000)
