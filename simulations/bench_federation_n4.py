@@ -41,6 +41,12 @@ schedule freezes wherever it is, gets better with half the gradient noise: FedAv
 batches of 128 instead of 64 (on the default schedule).
 
     python -m fedq.simulations.bench federation_n4_fedavg_batch128 --workers 2
+
+Five seeds cannot tell batch 128's 4/5 from batch 64's 2/5 either (Fisher p = 0.52), so
+both FedAvg rows have five more seeds (5-9): ``federation_n4_fedavg_seeds5_9`` (batch 64,
+the default) and ``federation_n4_fedavg_batch128_seeds5_9``.
+
+    python -m fedq.simulations.bench federation_n4_fedavg_batch128_seeds5_9 --workers 2
 """
 
 from __future__ import annotations
@@ -86,8 +92,17 @@ for _name, _base in (("federation_n4", DEFAULTS), ("federation_n4_decay100k", DE
         defaults={**_base, "strategies": "sequential", "first-seed": 5},
         quick=QUICK, cells=cells, summarise=summarise, plot_name="curves.png"))
 
+BATCH_128 = {**DEFAULTS, "strategies": "fedavg", "learner": "backend=numpy,batch-size=128"}
+
 register_benchmark(Benchmark(
     "federation_n4_fedavg_batch128", "federation_n4's FedAvg with batches of 128 instead of "
     "64: does less gradient noise keep the averaged model at the goal?",
-    defaults={**DEFAULTS, "strategies": "fedavg", "learner": "backend=numpy,batch-size=128"},
-    quick=QUICK, cells=cells, summarise=summarise, plot_name="curves.png"))
+    defaults=BATCH_128, quick=QUICK, cells=cells, summarise=summarise, plot_name="curves.png"))
+
+for _name, _base in (("federation_n4_fedavg", {**DEFAULTS, "strategies": "fedavg"}),
+                     ("federation_n4_fedavg_batch128", BATCH_128)):
+    register_benchmark(Benchmark(
+        f"{_name}_seeds5_9", f"{_name}'s FedAvg rounds on seeds 5-9, five more seeds for the "
+        "final-return comparison of batches of 64 and 128",
+        defaults={**_base, "first-seed": 5},
+        quick=QUICK, cells=cells, summarise=summarise, plot_name="curves.png"))
