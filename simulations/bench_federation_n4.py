@@ -43,8 +43,9 @@ batches of 128 instead of 64 (on the default schedule).
     python -m fedq.simulations.bench federation_n4_fedavg_batch128 --workers 2
 
 Five seeds cannot tell batch 128's 4/5 from batch 64's 2/5 either (Fisher p = 0.52), so
-both FedAvg rows have five more seeds (5-9): ``federation_n4_fedavg_seeds5_9`` (batch 64,
-the default) and ``federation_n4_fedavg_batch128_seeds5_9``.
+both FedAvg rows have ten more seeds, 5-9 and 10-14: ``federation_n4_fedavg_seeds5_9`` and
+``_seeds10_14`` (batch 64, the default), ``federation_n4_fedavg_batch128_seeds5_9`` and
+``_seeds10_14``.
 
     python -m fedq.simulations.bench federation_n4_fedavg_batch128_seeds5_9 --workers 2
 """
@@ -101,8 +102,10 @@ register_benchmark(Benchmark(
 
 for _name, _base in (("federation_n4_fedavg", {**DEFAULTS, "strategies": "fedavg"}),
                      ("federation_n4_fedavg_batch128", BATCH_128)):
-    register_benchmark(Benchmark(
-        f"{_name}_seeds5_9", f"{_name}'s FedAvg rounds on seeds 5-9, five more seeds for the "
-        "final-return comparison of batches of 64 and 128",
-        defaults={**_base, "first-seed": 5},
-        quick=QUICK, cells=cells, summarise=summarise, plot_name="curves.png"))
+    for _first in (5, 10):
+        register_benchmark(Benchmark(
+            f"{_name}_seeds{_first}_{_first + 4}", f"{_name}'s FedAvg rounds on seeds "
+            f"{_first}-{_first + 4}, five more seeds for the final-return comparison of "
+            "batches of 64 and 128",
+            defaults={**_base, "first-seed": _first},
+            quick=QUICK, cells=cells, summarise=summarise, plot_name="curves.png"))

@@ -28,15 +28,15 @@ def _params(**overrides):
     return resolve_params(BENCHMARKS["stability_sweep_cartpole5"], overrides, quick=False)
 
 
-def test_five_committed_sweeps_are_registered_and_each_plans_its_cells():
+def test_six_committed_sweeps_are_registered_and_each_plans_its_cells():
     assert SWEEPS == ["stability_sweep_quick", "stability_sweep_quick5",
                       "stability_sweep_cartpole5", "stability_sweep_decay_two_thirds",
-                      "stability_sweep_acrobot_quick"]
+                      "stability_sweep_batch128", "stability_sweep_acrobot_quick"]
     sizes = {name: len(BENCHMARKS[name].cells(resolve_params(BENCHMARKS[name], {}, False)))
              for name in SWEEPS}
     assert sizes == {"stability_sweep_quick": 18, "stability_sweep_quick5": 20,
                      "stability_sweep_cartpole5": 15, "stability_sweep_decay_two_thirds": 10,
-                     "stability_sweep_acrobot_quick": 6}
+                     "stability_sweep_batch128": 10, "stability_sweep_acrobot_quick": 6}
 
 
 def test_variants_combine_left_to_right_into_the_settings_a_cell_runs():
