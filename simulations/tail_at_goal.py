@@ -50,7 +50,8 @@ SOURCES = (
     "learning", "stability_sweep_cartpole5", "stability_sweep_decay_two_thirds",
     "stability_sweep_batch128",
     "federation_n4", "federation_n4_sequential_seeds5_9", "federation_n4_fedavg_seeds5_9",
-    "federation_n4_fedavg_batch128", "federation_n4_fedavg_batch128_seeds5_9",
+    "federation_n4_fedavg_seeds10_14", "federation_n4_fedavg_batch128",
+    "federation_n4_fedavg_batch128_seeds5_9", "federation_n4_fedavg_batch128_seeds10_14",
     "federation_n4_decay100k", "federation_n4_decay100k_sequential_seeds5_9",
     "federation_n4_every500", "federation_n4_every250",
 )
@@ -64,10 +65,12 @@ LAST_STEPS = 10_000
 # The same setting over two seed ranges, pooled: (label, ((source, group), ...)).
 POOLS = (
     ("FedAvg N=4, batch 64 (default)",
-     (("federation_n4", "fedavg"), ("federation_n4_fedavg_seeds5_9", "fedavg"))),
+     (("federation_n4", "fedavg"), ("federation_n4_fedavg_seeds5_9", "fedavg"),
+      ("federation_n4_fedavg_seeds10_14", "fedavg"))),
     ("FedAvg N=4, batch 128",
      (("federation_n4_fedavg_batch128", "fedavg"),
-      ("federation_n4_fedavg_batch128_seeds5_9", "fedavg"))),
+      ("federation_n4_fedavg_batch128_seeds5_9", "fedavg"),
+      ("federation_n4_fedavg_batch128_seeds10_14", "fedavg"))),
     ("sequential N=4, rate to 0 over 150k (default)",
      (("federation_n4", "sequential"), ("federation_n4_sequential_seeds5_9", "sequential"))),
     ("sequential N=4, rate to 0 over 100k",
