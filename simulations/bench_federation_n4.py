@@ -48,6 +48,13 @@ both FedAvg rows have ten more seeds, 5-9 and 10-14: ``federation_n4_fedavg_seed
 ``_seeds10_14``.
 
     python -m fedq.simulations.bench federation_n4_fedavg_batch128_seeds5_9 --workers 2
+
+``federation_n2_n8_sequential`` and ``federation_n2_n8_decay100k_sequential`` ask whether
+the sequential schedule generalises beyond four devices: the chain's model takes N
+devices' updates per round, so the rate at 0 from 100k own steps might be too late for
+N=8 or too early for N=2.
+
+    python -m fedq.simulations.bench federation_n2_n8_decay100k_sequential --workers 2
 """
 
 from __future__ import annotations
@@ -109,3 +116,13 @@ for _name, _base in (("federation_n4_fedavg", {**DEFAULTS, "strategies": "fedavg
             "batches of 64 and 128",
             defaults={**_base, "first-seed": _first},
             quick=QUICK, cells=cells, summarise=summarise, plot_name="curves.png"))
+
+for _name, _base in (("federation_n2_n8_sequential", DEFAULTS),
+                     ("federation_n2_n8_decay100k_sequential", DECAY_100K)):
+    register_benchmark(Benchmark(
+        _name, f"{'federation_n4_decay100k' if _base is DECAY_100K else 'federation_n4'}'s "
+        "sequential rounds with 2 and 8 devices instead of 4: does the schedule that kept "
+        "N=4's chain at the goal (the rate at 0 from two thirds of each device's budget) "
+        "hold for other chain lengths?",
+        defaults={**_base, "strategies": "sequential", "clients": "2,8"},
+        quick=QUICK, cells=cells, summarise=summarise, plot_name="curves.png"))
