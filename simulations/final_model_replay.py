@@ -56,7 +56,8 @@ def replay(benchmark: str, episodes: int, cache_root: Path = CACHE_ROOT,
             status, last = "cached from another run of the cell", None
         else:
             status = "scored"
-        rows.append({"strategy": overrides["strategy"], "seed": overrides["seed"],
+        rows.append({"strategy": overrides["strategy"],
+                     "clients": cell["params"].get("clients"), "seed": overrides["seed"],
                      "fingerprint": cell["fingerprint"], "status": status,
                      "checkpoint": last.name if last else None,
                      "final model return": _play(work, [last], episodes) if last else None})
@@ -64,12 +65,14 @@ def replay(benchmark: str, episodes: int, cache_root: Path = CACHE_ROOT,
 
 
 def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per strategy: the final models' returns over seeds and how many reach the goal."""
+    """Per strategy and number of devices: the final models' returns over seeds and how
+    many reach the goal."""
     table = []
-    for strategy in dict.fromkeys(r["strategy"] for r in rows):
-        runs = [r for r in rows if r["strategy"] == strategy]
+    for strategy, clients in dict.fromkeys((r["strategy"], r.get("clients")) for r in rows):
+        runs = [r for r in rows if (r["strategy"], r.get("clients")) == (strategy, clients)]
         scored = [r["final model return"] for r in runs if r["final model return"] is not None]
-        table.append({"strategy": strategy, "runs scored": f"{len(scored)}/{len(runs)}",
+        table.append({"strategy": strategy, "clients": clients,
+                      "runs scored": f"{len(scored)}/{len(runs)}",
                       "final model return": spread(scored),
                       "per seed": ", ".join(f"{v:.1f}" for v in scored),
                       f">= {GOAL:g}": f"{sum(v >= GOAL for v in scored)}/{len(scored)}"})

@@ -65,17 +65,18 @@ LAST_STEPS = 10_000
 # The same setting over two seed ranges, pooled: (label, ((source, group), ...)).
 POOLS = (
     ("FedAvg N=4, batch 64 (default)",
-     (("federation_n4", "fedavg"), ("federation_n4_fedavg_seeds5_9", "fedavg"),
-      ("federation_n4_fedavg_seeds10_14", "fedavg"))),
+     (("federation_n4", "fedavg N=4"), ("federation_n4_fedavg_seeds5_9", "fedavg N=4"),
+      ("federation_n4_fedavg_seeds10_14", "fedavg N=4"))),
     ("FedAvg N=4, batch 128",
-     (("federation_n4_fedavg_batch128", "fedavg"),
-      ("federation_n4_fedavg_batch128_seeds5_9", "fedavg"),
-      ("federation_n4_fedavg_batch128_seeds10_14", "fedavg"))),
+     (("federation_n4_fedavg_batch128", "fedavg N=4"),
+      ("federation_n4_fedavg_batch128_seeds5_9", "fedavg N=4"),
+      ("federation_n4_fedavg_batch128_seeds10_14", "fedavg N=4"))),
     ("sequential N=4, rate to 0 over 150k (default)",
-     (("federation_n4", "sequential"), ("federation_n4_sequential_seeds5_9", "sequential"))),
+     (("federation_n4", "sequential N=4"),
+      ("federation_n4_sequential_seeds5_9", "sequential N=4"))),
     ("sequential N=4, rate to 0 over 100k",
-     (("federation_n4_decay100k", "sequential"),
-      ("federation_n4_decay100k_sequential_seeds5_9", "sequential"))),
+     (("federation_n4_decay100k", "sequential N=4"),
+      ("federation_n4_decay100k_sequential_seeds5_9", "sequential N=4"))),
 )
 
 
@@ -88,22 +89,26 @@ def tail_share(curve: Sequence[Sequence[float | None]], after: float,
 
 
 def group_of(run: dict[str, Any]) -> str | None:
-    """A federated run's strategy, or a lone CartPole run's variant (None: another env)."""
+    """A federated run's strategy and size, or a lone CartPole run's variant (None: another
+    env)."""
     if "strategy" in run:
-        return str(run["strategy"])
+        return f"{run['strategy']} N={run['clients']}"
     if run["env"] != ENV:
         return None
     return str(run.get("variant", "defaults"))
 
 
 def _replays(folder: Path) -> dict[tuple[str, int], float]:
-    """(strategy, seed) -> the final model's return on fresh episodes, where scored."""
+    """(group, seed) -> the final model's return on fresh episodes, where scored. Replays
+    written before they recorded the number of devices come from one-size benchmarks."""
     path = folder / "final_model_replay.json"
     if not path.is_file():
         return {}
-    runs = json.loads(path.read_text())["runs"]
-    return {(r["strategy"], r["seed"]): r["final model return"] for r in runs
-            if r["final model return"] is not None}
+    sizes = {r["clients"] for r in json.loads((folder / "results.json").read_text())["runs"]}
+    return {(f"{r['strategy']} N={r.get('clients') or min(sizes)}", r["seed"]):
+            r["final model return"]
+            for r in json.loads(path.read_text())["runs"] if r["final model return"] is not None
+            and (r.get("clients") is not None or len(sizes) == 1)}
 
 
 def seed_rows(results: Path = RESULTS) -> list[dict[str, Any]]:

@@ -54,6 +54,15 @@ def test_the_latest_round_is_scored_and_uncached_or_other_runs_are_named(tmp_pat
     assert summary[">= 475"] == f"{int(balanced >= 475) + int(pushed >= 475)}/2"
 
 
+def test_runs_of_different_federation_sizes_are_summarised_apart():
+    rows = [{"strategy": "sequential", "clients": n, "seed": seed,
+             "final model return": 500.0 if n == 2 else 100.0}
+            for n in (2, 8) for seed in (0, 1)]
+    two, eight = final_model_replay.summary(rows)
+    assert (two["clients"], two[">= 475"], eight["clients"], eight[">= 475"]) == (
+        2, "2/2", 8, "0/2")
+
+
 def test_a_benchmark_without_cached_work_dirs_fails_naming_the_cache(tmp_path, monkeypatch,
                                                                      capsys):
     monkeypatch.chdir(tmp_path)  # the cache root is relative: nothing cached here
