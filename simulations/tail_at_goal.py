@@ -54,7 +54,7 @@ SOURCES = (
     "federation_n4_fedavg_batch128_seeds5_9", "federation_n4_fedavg_batch128_seeds10_14",
     "federation_n4_decay100k", "federation_n4_decay100k_sequential_seeds5_9",
     "federation_n4_every500", "federation_n4_every250",
-    "federation_n2_n8_decay100k_sequential",
+    "federation_n2_n8_sequential", "federation_n2_n8_decay100k_sequential",
 )
 # (source, group) whose runs are another row's again, left out so no seed counts twice: the
 # later sweeps' "defaults" are stability_sweep_cartpole5's td-clip+lr-decay (the same
