@@ -31,8 +31,9 @@ at the same rate it moves 4 times as far.
     python -m fedq.simulations.bench federation_n4_decay100k --workers 2
 
 Five seeds cannot tell 5/5 from 2/5 apart with confidence, so the sequential rows of both
-schedules have five more seeds (5-9) each, in ``federation_n4_sequential_seeds5_9`` (the
-150k decay) and ``federation_n4_decay100k_sequential_seeds5_9``.
+schedules have ten more seeds (5-9, 10-14) each, in ``federation_n4_sequential_seeds5_9``
+and ``_seeds10_14`` (the 150k decay) and ``federation_n4_decay100k_sequential_seeds5_9``
+and ``_seeds10_14``.
 
     python -m fedq.simulations.bench federation_n4_sequential_seeds5_9 --workers 2
 
@@ -94,11 +95,13 @@ register_benchmark(Benchmark(
     plot_name="curves.png"))
 
 for _name, _base in (("federation_n4", DEFAULTS), ("federation_n4_decay100k", DECAY_100K)):
-    register_benchmark(Benchmark(
-        f"{_name}_sequential_seeds5_9", f"{_name}'s sequential rounds on seeds 5-9, five "
-        "more seeds for the final-return comparison of the two learning-rate schedules",
-        defaults={**_base, "strategies": "sequential", "first-seed": 5},
-        quick=QUICK, cells=cells, summarise=summarise, plot_name="curves.png"))
+    for _first in (5, 10):
+        register_benchmark(Benchmark(
+            f"{_name}_sequential_seeds{_first}_{_first + 4}", f"{_name}'s sequential rounds "
+            f"on seeds {_first}-{_first + 4}, five more seeds for the final-return comparison "
+            "of the two learning-rate schedules",
+            defaults={**_base, "strategies": "sequential", "first-seed": _first},
+            quick=QUICK, cells=cells, summarise=summarise, plot_name="curves.png"))
 
 BATCH_128 = {**DEFAULTS, "strategies": "fedavg", "learner": "backend=numpy,batch-size=128"}
 
