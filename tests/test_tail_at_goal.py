@@ -33,9 +33,9 @@ def test_the_committed_table_is_what_the_committed_results_give():
     is rerun."""
     payload, text = report()
     folder = RESULTS / tail_at_goal.OUT
-    assert json.loads((folder / "results.json").read_text()) == json.loads(
+    assert json.loads((folder / "tail_at_goal.json").read_text()) == json.loads(
         json.dumps(payload))
-    assert (folder / "results.md").read_text() == text
+    assert (folder / "tail_at_goal.md").read_text() == text
 
 
 def test_every_committed_150k_federated_cartpole_result_is_a_source():
