@@ -31,9 +31,9 @@ at the same rate it moves 4 times as far.
     python -m fedq.simulations.bench federation_n4_decay100k --workers 2
 
 Five seeds cannot tell 5/5 from 2/5 apart with confidence, so the sequential rows of both
-schedules have ten more seeds (5-9, 10-14) each, in ``federation_n4_sequential_seeds5_9``
-and ``_seeds10_14`` (the 150k decay) and ``federation_n4_decay100k_sequential_seeds5_9``
-and ``_seeds10_14``.
+schedules have five more seeds (5-9) each, in ``federation_n4_sequential_seeds5_9`` (the
+150k decay) and ``federation_n4_decay100k_sequential_seeds5_9``; the 100k schedule has
+five more again (10-14) in ``federation_n4_decay100k_sequential_seeds10_14``.
 
     python -m fedq.simulations.bench federation_n4_sequential_seeds5_9 --workers 2
 
@@ -94,8 +94,9 @@ register_benchmark(Benchmark(
     defaults=DECAY_100K, quick=QUICK, cells=cells, summarise=summarise,
     plot_name="curves.png"))
 
-for _name, _base in (("federation_n4", DEFAULTS), ("federation_n4_decay100k", DECAY_100K)):
-    for _first in (5, 10):
+for _name, _base, _firsts in (("federation_n4", DEFAULTS, (5,)),
+                              ("federation_n4_decay100k", DECAY_100K, (5, 10))):
+    for _first in _firsts:
         register_benchmark(Benchmark(
             f"{_name}_sequential_seeds{_first}_{_first + 4}", f"{_name}'s sequential rounds "
             f"on seeds {_first}-{_first + 4}, five more seeds for the final-return comparison "

@@ -56,6 +56,7 @@ SOURCES = (
     "federation_n4_fedavg_seeds10_14", "federation_n4_fedavg_batch128",
     "federation_n4_fedavg_batch128_seeds5_9", "federation_n4_fedavg_batch128_seeds10_14",
     "federation_n4_decay100k", "federation_n4_decay100k_sequential_seeds5_9",
+    "federation_n4_decay100k_sequential_seeds10_14",
     "federation_n4_every500", "federation_n4_every250",
     "federation_n2_n8_sequential", "federation_n2_n8_decay100k_sequential",
 )
@@ -80,7 +81,8 @@ POOLS = (
       ("federation_n4_sequential_seeds5_9", "sequential N=4"))),
     ("sequential N=4, rate to 0 over 100k",
      (("federation_n4_decay100k", "sequential N=4"),
-      ("federation_n4_decay100k_sequential_seeds5_9", "sequential N=4"))),
+      ("federation_n4_decay100k_sequential_seeds5_9", "sequential N=4"),
+      ("federation_n4_decay100k_sequential_seeds10_14", "sequential N=4"))),
 )
 
 
