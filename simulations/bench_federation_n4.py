@@ -125,8 +125,8 @@ for _name, _base in (("federation_n2_n8_sequential", DEFAULTS),
                      ("federation_n2_n8_decay100k_sequential", DECAY_100K)):
     register_benchmark(Benchmark(
         _name, f"{'federation_n4_decay100k' if _base is DECAY_100K else 'federation_n4'}'s "
-        "sequential rounds with 2 and 8 devices instead of 4: does the schedule that kept "
-        "N=4's chain at the goal (the rate at 0 from two thirds of each device's budget) "
-        "hold for other chain lengths?",
+        "sequential rounds with 2 and 8 devices instead of 4: how does the schedule that "
+        "raised N=4's chain's final return (the rate at 0 from two thirds of each device's "
+        "budget) do at other chain lengths?",
         defaults={**_base, "strategies": "sequential", "clients": "2,8"},
         quick=QUICK, cells=cells, summarise=summarise, plot_name="curves.png"))
