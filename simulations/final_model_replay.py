@@ -68,8 +68,8 @@ def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per strategy and number of devices: the final models' returns over seeds and how
     many reach the goal."""
     table = []
-    for strategy, clients in dict.fromkeys((r["strategy"], r.get("clients")) for r in rows):
-        runs = [r for r in rows if (r["strategy"], r.get("clients")) == (strategy, clients)]
+    for strategy, clients in dict.fromkeys((r["strategy"], r["clients"]) for r in rows):
+        runs = [r for r in rows if (r["strategy"], r["clients"]) == (strategy, clients)]
         scored = [r["final model return"] for r in runs if r["final model return"] is not None]
         table.append({"strategy": strategy, "clients": clients,
                       "runs scored": f"{len(scored)}/{len(runs)}",

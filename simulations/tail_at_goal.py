@@ -104,17 +104,17 @@ def group_of(run: dict[str, Any]) -> str | None:
     return str(run.get("variant", "defaults"))
 
 
-def _replays(folder: Path) -> dict[tuple[str, int], float]:
+def _replays(folder: Path, runs: list[dict[str, Any]]) -> dict[tuple[str, int], float]:
     """(group, seed) -> the final model's return on fresh episodes, where scored. Replays
-    written before they recorded the number of devices come from one-size benchmarks."""
+    written before they recorded the number of devices belong to ``runs`` of one size."""
     path = folder / "final_model_replay.json"
     if not path.is_file():
         return {}
-    sizes = {r["clients"] for r in json.loads((folder / "results.json").read_text())["runs"]}
-    return {(f"{r['strategy']} N={r.get('clients') or min(sizes)}", r["seed"]):
+    (size, *others) = {r.get("clients") for r in runs}
+    return {(group_of({**r, "clients": r.get("clients") or size}), r["seed"]):
             r["final model return"]
             for r in json.loads(path.read_text())["runs"] if r["final model return"] is not None
-            and (r.get("clients") is not None or len(sizes) == 1)}
+            and (r.get("clients") is not None or not others)}
 
 
 def seed_rows(results: Path = RESULTS) -> list[dict[str, Any]]:
@@ -122,8 +122,9 @@ def seed_rows(results: Path = RESULTS) -> list[dict[str, Any]]:
     rows = []
     for source in SOURCES:
         folder = results / source
-        replays = _replays(folder)
-        for run in json.loads((folder / "results.json").read_text())["runs"]:
+        runs = json.loads((folder / "results.json").read_text())["runs"]
+        replays = _replays(folder, runs)
+        for run in runs:
             group = group_of(run)
             if group is None or (source, group) in REPEATS:
                 continue
@@ -166,7 +167,7 @@ def summarise(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[di
         for group in dict.fromkeys(r["group"] for r in mine):
             table.append(summary_row(f"{source}: {group}",
                                      [r for r in mine if r["group"] == group]))
-    pooled = [summary_row(label, [r for r in rows if (r["source"], r["group"]) in set(parts)])
+    pooled = [summary_row(label, [r for r in rows if (r["source"], r["group"]) in parts])
               for label, parts in POOLS]
     return table, pooled
 
@@ -185,7 +186,7 @@ def report(results: Path = RESULTS) -> tuple[dict[str, Any], str]:
             f"the goal\n\nCommand: `{COMMAND}` (reads the committed results of its sources; runs "
             f"nothing)\n\n{markdown_table(table, COLUMNS)}\n\nPooled over seed ranges:\n\n"
             f"{markdown_table(pooled, COLUMNS)}\n\nFinal: each source's last evaluation "
-            "(federated: 24 episodes over the 4 devices; lone device: 10 episodes). "
+            "(federated: 24 episodes split over the devices; lone device: 10 episodes). "
             "Last third / last 10k: the share of a run's evaluations after 100k / 140k env "
             "steps per device at >= 475 (federated: one per round; lone device: one every "
             "2,500 steps), mean over seeds (per seed). The final model's replay: "
